@@ -1,0 +1,66 @@
+# TeachCache — every target sets itself up first (make setup is a no-op once done).
+# Override on the command line: make distil FOLD=1 CONFIG=configs/my.yaml KD=none, make setup TORCH="torch==2.13.0"
+PYTHON ?= python3
+VENV   ?= .venv
+TORCH  ?= torch==2.13.0
+CONFIG ?= configs/demo.yaml
+FOLD   ?= 0
+KD     ?=
+ARGS   ?=
+
+BIN := $(VENV)/bin
+TC  := $(BIN)/teachcache
+STAMP := $(VENV)/.installed
+
+.PHONY: setup data preprocess teachers cache distil report demo test lint format clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet "$(TORCH)"
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	touch $@
+
+data: setup
+	$(TC) synth --config $(CONFIG)
+
+preprocess: data
+	$(TC) preprocess --config $(CONFIG)
+
+teachers: preprocess
+	$(TC) teachers --config $(CONFIG) --fold $(FOLD)
+
+cache: preprocess
+	$(TC) cache --config $(CONFIG) $(ARGS)
+
+distil: setup
+	$(TC) distil --config $(CONFIG) --fold $(FOLD) $(if $(KD),--kd $(KD)) $(ARGS)
+
+report: setup
+	$(TC) report --config $(CONFIG) --fold $(FOLD)
+
+# The whole chain on the embedded synthetic dataset, fold 0.
+demo: setup
+	$(TC) synth --config $(CONFIG)
+	$(TC) preprocess --config $(CONFIG)
+	$(TC) teachers --config $(CONFIG) --fold 0
+	$(MAKE) --no-print-directory cache CONFIG=$(CONFIG)
+	$(MAKE) --no-print-directory distil CONFIG=$(CONFIG) FOLD=0 KD=none
+	$(MAKE) --no-print-directory distil CONFIG=$(CONFIG) FOLD=0
+	$(TC) report --config $(CONFIG) --fold 0
+
+test: setup
+	$(BIN)/pytest -q
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: setup
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+clean:
+	rm -rf runs data

@@ -1,0 +1,103 @@
+"""Preprocess every case of the raw dataset once and write it into the store, with the fold splits."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from core.config import Config
+from core.data.layout import read_raw_dataset
+from core.data.preprocessing import build_preprocessing, foreground_locations, preprocess_case
+from core.data.splits import load_splits, make_splits, write_splits
+from core.errors import StoreError
+from core.experiment import splits_path
+from core.progress import track
+from core.store import TeacherStore
+
+__all__ = ["PreprocessSummary", "preprocess_dataset"]
+
+
+@dataclass(frozen=True)
+class PreprocessSummary:
+    cases: int
+    written: int
+    skipped: int
+    seconds: float
+    splits_file: str
+
+
+def _remove_store(path: Path) -> None:
+    """Delete a store for ``--overwrite``, refusing anything that is not a TeachCache store."""
+    TeacherStore.open(path)  # raises StoreError for a foreign folder
+    shutil.rmtree(path)
+
+
+def preprocess_dataset(cfg: Config, overwrite: bool = False, progress: bool = True) -> PreprocessSummary:
+    """Write every case of ``cfg.dataset.raw_dir`` into the store, preprocessed; skip cases already there.
+
+    The raw dataset is only read. Splits come from ``splits.file`` when set, else from an existing
+    ``splits_final.json`` in the runs folder, else are made (seeded) and written there.
+
+    Raises:
+        DatasetError: the raw dataset is malformed (the message names the file or case).
+        StoreError: the store path holds another store or something else (see ``--overwrite``).
+    """
+    started = time.perf_counter()
+    ds = read_raw_dataset(cfg.dataset.raw_dir)
+    case_ids = [c.case_id for c in ds.cases]
+    split_file = splits_path(cfg)
+    if cfg.splits.file is not None or split_file.is_file():
+        splits = load_splits(split_file, case_ids)
+    else:
+        splits = make_splits(case_ids, cfg.splits.num_folds, cfg.splits.seed)
+        write_splits(splits, split_file)
+
+    store_path = Path(cfg.store.path)
+    if overwrite and TeacherStore.exists(store_path):
+        _remove_store(store_path)
+    dataset_meta = {
+        "name": ds.name,
+        "raw_dir": str(ds.root),
+        "channel_names": list(ds.channel_names),
+        "class_names": ds.class_names,
+        "num_cases": len(ds.cases),
+        "manifest_hash": ds.manifest_hash(),
+    }
+    store = TeacherStore.create(
+        store_path,
+        dataset=dataset_meta,
+        preprocessing=cfg.preprocessing.model_dump(mode="json"),
+        preprocessing_hash=cfg.preprocessing_hash(),
+        splits=splits,
+        chunk_size=cfg.store.chunk_size,
+    )
+    pipeline = build_preprocessing(cfg.preprocessing, ds.channel_names)
+    written = 0
+    for index, case in enumerate(track(ds.cases, "preprocessing", enabled=progress)):
+        if store.has_case(case.case_id):
+            continue
+        pc = preprocess_case(pipeline, case, ds.num_classes)
+        store.write_case(
+            case.case_id,
+            pc.image,
+            pc.label,
+            foreground_locations(pc.label, seed=cfg.seed + index),
+            {
+                "affine": pc.affine.tolist(),
+                "original_affine": pc.original_affine.tolist(),
+                "original_shape": list(pc.original_shape),
+                "spacing": list(cfg.preprocessing.target_spacing),
+                "source_files": [str(p) for p in (*case.images, case.label)],
+            },
+        )
+        written += 1
+    seconds = round(time.perf_counter() - started, 2)
+    if written:
+        store.update_metadata(preprocess_seconds=seconds)
+    store.consolidate()
+    missing = sorted(set(case_ids) - set(store.case_ids()))
+    if missing:
+        raise StoreError(f"{store_path}: cases not written: {', '.join(missing[:5])}")
+    return PreprocessSummary(len(case_ids), written, len(case_ids) - written, seconds, str(split_file))

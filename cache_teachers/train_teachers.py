@@ -1,0 +1,85 @@
+"""Train the demo teachers for one fold (no pretrained weights can be downloaded here).
+
+Uses the same loop as students (``core.training.fit``) with the segmentation loss only. A real user skips this
+and points each teacher's ``checkpoint`` at their own trained weights.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from core.config import Config, DistillationConfig
+from core.data.patches import PatchDataset
+from core.experiment import fold_split, open_store_for, splits_path, teacher_dir
+from core.inference import check_window, resolve_device
+from core.losses import TeachFormerLoss
+from core.models import create_model, get_spec
+from core.training import FitResult, fit
+
+__all__ = ["train_teachers"]
+
+
+def train_teachers(
+    cfg: Config, fold: int, names: list[str] | None = None, progress: bool = True
+) -> list[FitResult]:
+    """Train each configured teacher (or those in ``names``) on ``fold``'s training cases.
+
+    Each checkpoint is written to the teacher's ``checkpoint`` path and records the architecture, its arguments,
+    the fold and the exact training cases (for the store's leakage check).
+
+    Raises:
+        StoreError: the store is missing or stale (run ``teachcache preprocess``).
+        ConfigError: an unknown teacher name, or window settings a network cannot use.
+    """
+    store = open_store_for(cfg)
+    train, val = fold_split(cfg, store, fold)
+    meta = store.metadata["dataset"]
+    in_channels, class_names = len(meta["channel_names"]), meta["class_names"]
+    teachers = [cfg.teacher(n) for n in names] if names else list(cfg.teachers)
+    results = []
+    for teacher in teachers:
+        spec = get_spec(teacher.arch)
+        inference = cfg.inference_for(teacher)
+        for case_id in val:
+            check_window(spec, inference, store.case_shape(case_id), teacher.args)
+        torch.manual_seed(teacher.training.seed)
+        model = create_model(teacher.arch, in_channels, len(class_names), teacher.args)
+        dataset = PatchDataset(
+            store.location,
+            train,
+            teacher.training.patch_size,
+            length=teacher.training.iterations_per_epoch * teacher.training.batch_size,
+            foreground_oversampling=teacher.training.foreground_oversampling,
+            seed=teacher.training.seed,
+        )
+        results.append(
+            fit(
+                name=f"teacher {teacher.name}",
+                model=model,
+                spec=spec,
+                args=teacher.args,
+                in_channels=in_channels,
+                num_classes=len(class_names),
+                dataset=dataset,
+                store=store,
+                val_cases=val,
+                cfg=teacher.training,
+                inference=inference,
+                loss_fn=TeachFormerLoss(DistillationConfig(kind="none"), teacher.training.focal_gamma),
+                out_dir=teacher_dir(cfg, teacher.name, fold),
+                checkpoint_path=teacher.checkpoint,
+                device=resolve_device(teacher.training.device),
+                meta={
+                    "role": "teacher",
+                    "teacher": teacher.name,
+                    "fold": fold,
+                    "train_cases": train,
+                    "val_cases": val,
+                    "class_names": class_names,
+                    "splits_file": str(splits_path(cfg)),
+                    "preprocessing_hash": cfg.preprocessing_hash(),
+                },
+                progress=progress,
+            )
+        )
+    return results

@@ -1,0 +1,284 @@
+"""Experiment configuration: one YAML file per experiment, validated on load.
+
+The schema is a tree of frozen pydantic models that reject unknown keys. :func:`load_config` turns every
+validation problem into a single :class:`~core.errors.ConfigError` naming the file and the dotted key, so a typo
+never reaches a traceback. Relative paths are resolved against the current working directory (the repository
+root when run through ``make``). ``docs/configuration.md`` documents every key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from core.errors import ConfigError
+
+__all__ = [
+    "AttentionConfig",
+    "Config",
+    "DatasetConfig",
+    "DistillationConfig",
+    "InferenceConfig",
+    "ModelConfig",
+    "OutputConfig",
+    "PreprocessingConfig",
+    "SplitsConfig",
+    "StoreConfig",
+    "SyntheticConfig",
+    "TeacherConfig",
+    "TrainingConfig",
+    "load_config",
+]
+
+Triple = tuple[int, int, int]
+FloatTriple = tuple[float, float, float]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SyntheticConfig(_Strict):
+    """How to generate the embedded synthetic dataset when ``dataset.raw_dir`` does not exist yet."""
+
+    kind: Literal["petct", "mri"] = "petct"
+    num_cases: int = Field(20, ge=2)
+    shape: Triple = (80, 80, 32)
+    spacing: FloatTriple = (1.6, 1.6, 4.0)
+    seed: int = 0
+
+
+class DatasetConfig(_Strict):
+    """Where the raw dataset (nnU-Net v2 raw layout) lives."""
+
+    raw_dir: Path
+    synthetic: SyntheticConfig | None = None
+
+
+class PreprocessingConfig(_Strict):
+    """MONAI preprocessing applied once before anything is cached.
+
+    Its hash (:meth:`Config.preprocessing_hash`) is stored with the cache so a stale store is detected.
+    """
+
+    target_spacing: FloatTriple = (2.0, 2.0, 2.0)
+    ct_window: tuple[float, float] = (-200.0, 300.0)
+    foreground_channel: int = Field(0, ge=0)
+    foreground_threshold: float = 0.0
+    crop_margin: int = Field(4, ge=0)
+    size_divisor: int = Field(32, ge=1)
+    min_size: Triple = (32, 32, 32)
+
+    @field_validator("target_spacing")
+    @classmethod
+    def _positive_spacing(cls, v: FloatTriple) -> FloatTriple:
+        if min(v) <= 0:
+            raise ValueError("every spacing must be > 0 mm")
+        return v
+
+    @field_validator("ct_window")
+    @classmethod
+    def _window_order(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if v[0] >= v[1]:
+            raise ValueError("ct_window must be [low, high] with low < high (Hounsfield units)")
+        return v
+
+
+class SplitsConfig(_Strict):
+    """Patient-level k-fold cross-validation splits (nnU-Net ``splits_final.json`` format)."""
+
+    num_folds: int = Field(5, ge=2)
+    seed: int = 12345
+    file: Path | None = None
+
+
+class StoreConfig(_Strict):
+    """The teacher store (a Zarr v3 group)."""
+
+    path: Path
+    chunk_size: Triple = (64, 64, 64)
+
+
+class ModelConfig(_Strict):
+    """A network from the model registry, by name and constructor arguments."""
+
+    arch: str
+    args: dict[str, Any] = Field(default_factory=dict)
+
+
+class TrainingConfig(_Strict):
+    """The training loop shared by demo teachers and students."""
+
+    epochs: int = Field(10, ge=1)
+    iterations_per_epoch: int = Field(25, ge=1)
+    batch_size: int = Field(2, ge=1)
+    patch_size: Triple = (32, 32, 32)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    foreground_oversampling: float = Field(0.33, ge=0, le=1)
+    val_every: int = Field(1, ge=1)
+    early_stopping_patience: int | None = Field(None, ge=1)
+    focal_gamma: float = Field(2.0, ge=0)
+    num_workers: int = Field(0, ge=0)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    amp: bool = True
+    seed: int = 0
+
+
+class InferenceConfig(_Strict):
+    """Sliding-window inference (MONAI) used for caching and validation."""
+
+    roi_size: Triple = (32, 32, 32)
+    overlap: float = Field(0.5, ge=0, lt=1)
+    sw_batch_size: int = Field(4, ge=1)
+    mode: Literal["gaussian", "constant"] = "gaussian"
+
+
+class TeacherConfig(ModelConfig):
+    """A teacher: registry architecture, its checkpoint, and (for demo teachers) how to train it."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    checkpoint: Path
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    inference: InferenceConfig | None = None
+
+
+class AttentionConfig(_Strict):
+    """Attention maps as in attention transfer: ``mean_c |F|^p``, then normalised."""
+
+    p: float = Field(2.0, gt=0)
+    norm: Literal["l1", "l2"] = "l2"
+
+
+class DistillationConfig(_Strict):
+    """Which distillation terms the student is trained with, and their weights."""
+
+    kind: Literal["teachformer", "none"] = "teachformer"
+    temperature: float = Field(2.0, gt=0)
+    lambda_pwd: float = Field(1.0, ge=0)
+    lambda_afs: float = Field(1.0, ge=0)
+    attention: AttentionConfig = Field(default_factory=AttentionConfig)
+    teachers: list[str] | None = None
+
+
+class OutputConfig(_Strict):
+    """Where checkpoints, metrics and reports are written."""
+
+    runs_dir: Path
+
+
+class Config(_Strict):
+    """A whole experiment. See ``configs/demo.yaml`` and ``docs/configuration.md``."""
+
+    experiment: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    seed: int = 0
+    dataset: DatasetConfig
+    preprocessing: PreprocessingConfig = Field(default_factory=PreprocessingConfig)
+    splits: SplitsConfig = Field(default_factory=SplitsConfig)
+    store: StoreConfig
+    teachers: list[TeacherConfig] = Field(default_factory=list)
+    inference: InferenceConfig = Field(default_factory=InferenceConfig)
+    student: ModelConfig
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    distillation: DistillationConfig = Field(default_factory=DistillationConfig)
+    output: OutputConfig
+
+    @model_validator(mode="after")
+    def _check_teachers(self) -> Config:
+        names = [t.name for t in self.teachers]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"teacher names must be unique; repeated: {', '.join(dupes)}")
+        for wanted in self.distillation.teachers or []:
+            if wanted not in names:
+                raise ValueError(
+                    f"distillation.teachers names '{wanted}', which is not in teachers ({', '.join(names)})"
+                )
+        return self
+
+    def preprocessing_hash(self) -> str:
+        """SHA-256 of the canonical JSON of ``preprocessing`` (everything that shapes the cached volumes)."""
+        payload = json.dumps(self.preprocessing.model_dump(mode="json"), sort_keys=True)
+        return hashlib.sha256(payload.encode()).hexdigest()
+
+    def teacher(self, name: str) -> TeacherConfig:
+        """The teacher called ``name``; raises :class:`ConfigError` listing the known names."""
+        for t in self.teachers:
+            if t.name == name:
+                return t
+        known = ", ".join(t.name for t in self.teachers) or "none"
+        raise ConfigError(f"no teacher named '{name}' in the config (teachers: {known})")
+
+    def inference_for(self, teacher: TeacherConfig) -> InferenceConfig:
+        """A teacher's own inference settings, falling back to the experiment's."""
+        return teacher.inference or self.inference
+
+    def distilled_teachers(self) -> list[TeacherConfig]:
+        """The teachers the student learns from (``distillation.teachers``, default all)."""
+        if self.distillation.teachers is None:
+            return list(self.teachers)
+        return [self.teacher(n) for n in self.distillation.teachers]
+
+
+def _format_location(loc: tuple[Any, ...], data: Any) -> str:
+    """Dotted key path, using teacher names instead of list indices where possible."""
+    parts: list[str] = []
+    node = data
+    for item in loc:
+        if isinstance(item, int):
+            name = node[item].get("name") if isinstance(node, list) and isinstance(node[item], dict) else None
+            parts[-1:] = [f"{parts[-1] if parts else ''}[{name or item}]"]
+        else:
+            parts.append(str(item))
+        try:
+            node = node[item]
+        except (KeyError, IndexError, TypeError):
+            node = None
+    return ".".join(parts) or "(top level)"
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Config:
+    """Load and validate an experiment YAML file.
+
+    Args:
+        path: the YAML file.
+        overrides: optional ``{"dotted.key": value}`` replacements applied before validation.
+
+    Returns:
+        The validated, frozen :class:`Config`.
+
+    Raises:
+        ConfigError: the file is missing or unreadable, is not YAML, or fails validation; the message names the
+            file and every offending key.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path} (pass an existing YAML, e.g. configs/demo.yaml)")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys, got {type(data).__name__}")
+    for dotted, value in (overrides or {}).items():
+        node = data
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            where = _format_location(tuple(err["loc"]), data)
+            msg = err["msg"].removeprefix("Value error, ")
+            if err["type"] == "extra_forbidden":
+                msg = "unknown key (check the spelling against docs/configuration.md)"
+            lines.append(f"  {where}: {msg}")
+        raise ConfigError(f"{path}: invalid configuration\n" + "\n".join(lines)) from None

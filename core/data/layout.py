@@ -1,0 +1,140 @@
+"""Reading a dataset in the nnU-Net v2 raw layout.
+
+``DATASET/dataset.json`` (``channel_names``, ``labels``, ``numTraining``, ``file_ending``),
+``DATASET/imagesTr/CASE_XXXX<ending>`` (one file per channel, 4-digit channel suffix) and
+``DATASET/labelsTr/CASE<ending>``. Every problem is reported with the file or case and the fix.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from core.errors import DatasetError
+
+__all__ = ["CaseFiles", "RawDataset", "read_raw_dataset"]
+
+
+@dataclass(frozen=True)
+class CaseFiles:
+    """The files of one case: images in channel order, and its label."""
+
+    case_id: str
+    images: tuple[Path, ...]
+    label: Path
+
+
+@dataclass(frozen=True)
+class RawDataset:
+    """A validated nnU-Net v2 raw dataset."""
+
+    root: Path
+    name: str
+    channel_names: tuple[str, ...]
+    labels: dict[str, int]
+    file_ending: str
+    cases: tuple[CaseFiles, ...] = field(repr=False)
+
+    @property
+    def num_channels(self) -> int:
+        return len(self.channel_names)
+
+    @property
+    def num_classes(self) -> int:
+        return max(self.labels.values()) + 1
+
+    @property
+    def class_names(self) -> list[str]:
+        by_value = {v: k for k, v in self.labels.items()}
+        return [by_value.get(i, f"class_{i}") for i in range(self.num_classes)]
+
+    def case(self, case_id: str) -> CaseFiles:
+        for c in self.cases:
+            if c.case_id == case_id:
+                return c
+        raise DatasetError(f"{self.root}: no case '{case_id}' in imagesTr")
+
+    def manifest_hash(self) -> str:
+        """SHA-256 over every case file's relative path and size, plus ``dataset.json``'s content.
+
+        Cheap enough for thousands of large volumes; changes when a case is added, removed or rewritten with a
+        different size, or when the dataset description changes.
+        """
+        h = hashlib.sha256((self.root / "dataset.json").read_bytes())
+        for case in self.cases:
+            for p in (*case.images, case.label):
+                h.update(f"{p.relative_to(self.root)}:{p.stat().st_size}\n".encode())
+        return h.hexdigest()
+
+
+def read_raw_dataset(root: str | Path) -> RawDataset:
+    """Validate and index an nnU-Net v2 raw dataset folder.
+
+    Raises:
+        DatasetError: the folder, ``dataset.json`` or a required key is missing; a case lacks a channel file or
+            its label; a label has no image. The message names the path and the fix.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DatasetError(
+            f"dataset folder not found: {root} (set dataset.raw_dir, or add dataset.synthetic to generate it)"
+        )
+    desc_path = root / "dataset.json"
+    if not desc_path.is_file():
+        raise DatasetError(
+            f"{root}: no dataset.json; an nnU-Net v2 raw dataset needs one with channel_names, labels, "
+            "numTraining and file_ending (an interrupted `teachcache synth` also leaves it out: run it again)"
+        )
+    try:
+        desc = json.loads(desc_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise DatasetError(f"{desc_path}: not valid JSON ({exc})") from None
+    missing = [k for k in ("channel_names", "labels", "file_ending") if k not in desc]
+    if missing:
+        raise DatasetError(f"{desc_path}: missing key(s) {', '.join(missing)}")
+    channels = desc["channel_names"]
+    try:
+        channel_names = tuple(channels[str(i)] for i in range(len(channels)))
+    except KeyError:
+        raise DatasetError(f"{desc_path}: channel_names keys must be '0', '1', ... in order") from None
+    labels = {str(k): int(v) for k, v in desc["labels"].items()}
+    if sorted(labels.values()) != list(range(len(labels))) or labels.get("background", 0) != 0:
+        raise DatasetError(f"{desc_path}: labels must map names to 0..N-1 with background = 0, got {labels}")
+    ending = desc["file_ending"]
+
+    images_dir, labels_dir = root / "imagesTr", root / "labelsTr"
+    for d in (images_dir, labels_dir):
+        if not d.is_dir():
+            raise DatasetError(f"{root}: missing folder {d.name}/")
+    by_case: dict[str, dict[int, Path]] = {}
+    for p in sorted(images_dir.glob(f"*{ending}")):
+        stem = p.name[: -len(ending)]
+        case_id, sep, channel = stem.rpartition("_")
+        if not sep or len(channel) != 4 or not channel.isdigit():
+            raise DatasetError(f"{p}: image names must be CASE_XXXX{ending} with a 4-digit channel number")
+        by_case.setdefault(case_id, {})[int(channel)] = p
+    if not by_case:
+        raise DatasetError(f"{images_dir}: no images ending in {ending}")
+    cases = []
+    for case_id, files in sorted(by_case.items()):
+        absent = [i for i in range(len(channel_names)) if i not in files]
+        if absent:
+            names = ", ".join(f"{case_id}_{i:04d}{ending} ({channel_names[i]})" for i in absent)
+            raise DatasetError(f"case '{case_id}' is missing modality file(s) {names} in {images_dir}")
+        label = labels_dir / f"{case_id}{ending}"
+        if not label.is_file():
+            raise DatasetError(f"case '{case_id}' has no label: expected {label}")
+        cases.append(CaseFiles(case_id, tuple(files[i] for i in range(len(channel_names))), label))
+    orphans = sorted({p.name[: -len(ending)] for p in labels_dir.glob(f"*{ending}")} - set(by_case))
+    if orphans:
+        raise DatasetError(f"{labels_dir}: label(s) without images: {', '.join(orphans[:5])}")
+    return RawDataset(
+        root=root,
+        name=str(desc.get("name", root.name)),
+        channel_names=channel_names,
+        labels=labels,
+        file_ending=ending,
+        cases=tuple(cases),
+    )

@@ -1,0 +1,199 @@
+"""Training patches read from the store, with every cached teacher map cut to the same view.
+
+A patch is chosen as a box on the case's preprocessed grid (a third of them centred near foreground, as nnU-Net
+does). Only that region of the image, label and teacher softmax is read from Zarr; each teacher's coarse and fine
+attention maps are resampled onto the teacher's own grid over that box. MONAI dictionary transforms then flip
+and rotate image, label and every map together, so the student sees exactly the view each teacher labelled.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from monai.data import MetaTensor
+from monai.transforms import Compose, RandFlipd, RandRotate90d
+from torch.utils.data import Dataset
+
+from core.errors import StoreError
+from core.losses import DistillationTargets
+from core.store import ATTENTION_KINDS, Box, TeacherStore
+
+__all__ = ["PatchDataset", "TargetRequest", "crop_map", "targets_from_batch"]
+
+
+@dataclass(frozen=True)
+class TargetRequest:
+    """Which cached teacher data each patch carries.
+
+    Attributes:
+        teachers: teacher names in the store.
+        temperature: the softmax is re-tempered to this T when read.
+        softmax: read teacher probabilities.
+        attention: read coarse and fine attention maps.
+    """
+
+    teachers: tuple[str, ...]
+    temperature: float = 1.0
+    softmax: bool = True
+    attention: bool = True
+
+
+def crop_map(
+    amap: np.ndarray, stride: Sequence[float], start: Sequence[int], size: Sequence[int]
+) -> torch.Tensor:
+    """Resample the part of a low-resolution map that covers a patch onto the map's own grid over that patch.
+
+    Map voxel ``u`` covers case voxels ``[u·s, (u+1)·s)``. The output has ``round(size / s)`` cells per axis,
+    each sampled (trilinearly) at its centre, so a patch whose start is a multiple of the stride gets the map's
+    voxels exactly.
+
+    Args:
+        amap: (x, y, z) map of the whole case.
+        stride: case voxels per map voxel, per axis.
+        start: the patch's first voxel on the case grid.
+        size: the patch size in case voxels.
+
+    Returns:
+        (1, n_x, n_y, n_z) float32.
+    """
+    cells = [max(1, round(p / s)) for p, s in zip(size, stride, strict=True)]
+    axes = []
+    for o, p, s, n, m in zip(start, size, stride, cells, amap.shape, strict=True):
+        centres = o + (np.arange(n) + 0.5) * (p / n)  # case-voxel coordinates of output cell centres
+        u = centres / s - 0.5  # map-voxel coordinates
+        axes.append(torch.as_tensor(2.0 * u / (m - 1) - 1.0 if m > 1 else np.zeros_like(u), dtype=torch.float32))
+    gx, gy, gz = torch.meshgrid(*axes, indexing="ij")
+    grid = torch.stack((gz, gy, gx), dim=-1)[None]  # grid_sample wants (W, H, D) order last
+    src = torch.as_tensor(amap, dtype=torch.float32)[None, None]
+    out = F.grid_sample(src, grid, mode="bilinear", padding_mode="border", align_corners=True)
+    return out[0]
+
+
+def targets_from_batch(batch: dict[str, torch.Tensor], request: TargetRequest, device: torch.device) -> DistillationTargets:
+    """Gather a collated batch's cached teacher data into the loss's target layout."""
+    targets: DistillationTargets = {}
+    kinds = (["softmax"] if request.softmax else []) + (list(ATTENTION_KINDS) if request.attention else [])
+    for kind in kinds:
+        targets[kind] = {t: batch[f"{kind}/{t}"].to(device, non_blocking=True) for t in request.teachers}
+    return targets
+
+
+class PatchDataset(Dataset):
+    """Random training patches of ``case_ids`` from a store, optionally with teacher targets.
+
+    Each item is a dict of tensors: ``image`` (C, P, P, P), ``label`` (1, P, P, P) long, and for each requested
+    teacher ``softmax/<t>`` (K, P, P, P), ``coarse/<t>`` and ``fine/<t>`` (1, n, n, n). The store is opened
+    lazily in each worker process (never shared across a fork).
+
+    Args:
+        store_path: the store's path or URL.
+        case_ids: cases to sample from.
+        patch_size: (P_x, P_y, P_z).
+        length: items per epoch.
+        foreground_oversampling: fraction of patches centred near a foreground voxel.
+        seed: base seed; an item depends on (seed, epoch, index) only.
+        targets: teacher data to attach, or ``None``.
+        augment: random flips on every axis and 90° rotations in the x-y plane, applied to all keys jointly.
+    """
+
+    def __init__(
+        self,
+        store_path: str | Path,
+        case_ids: Sequence[str],
+        patch_size: Sequence[int],
+        length: int,
+        foreground_oversampling: float = 0.33,
+        seed: int = 0,
+        targets: TargetRequest | None = None,
+        augment: bool = True,
+    ):
+        if not case_ids:
+            raise StoreError("no training cases to sample patches from")
+        self.store_path = str(store_path)
+        self.case_ids = list(case_ids)
+        self.patch_size = tuple(int(p) for p in patch_size)
+        self.length = length
+        self.fg = foreground_oversampling
+        self.seed = seed
+        self.targets = targets
+        self.augment = augment
+        self.epoch = 0
+        self._store: TeacherStore | None = None
+        self._maps: dict[tuple[str, str, str], tuple[np.ndarray, tuple[float, ...]]] = {}
+        keys = ["image", "label", *self._target_keys()]
+        transforms = [RandFlipd(keys=keys, prob=0.5, spatial_axis=axis) for axis in range(3)]
+        if self.patch_size[0] == self.patch_size[1]:
+            transforms.append(RandRotate90d(keys=keys, prob=0.5, spatial_axes=(0, 1)))
+        self._augment = Compose(transforms)
+
+    def _target_keys(self) -> list[str]:
+        if self.targets is None:
+            return []
+        kinds = (["softmax"] if self.targets.softmax else []) + (
+            list(ATTENTION_KINDS) if self.targets.attention else []
+        )
+        return [f"{k}/{t}" for k in kinds for t in self.targets.teachers]
+
+    def set_epoch(self, epoch: int) -> None:
+        """Draw a fresh set of patches for ``epoch`` (call before each epoch)."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.length
+
+    @property
+    def store(self) -> TeacherStore:
+        if self._store is None:
+            self._store = TeacherStore.open(self.store_path)
+        return self._store
+
+    def _box(self, rng: np.random.Generator, case_id: str) -> tuple[tuple[int, ...], Box]:
+        shape = self.store.case_shape(case_id)
+        if any(s < p for s, p in zip(shape, self.patch_size, strict=True)):
+            raise StoreError(
+                f"case '{case_id}' has grid {shape}, smaller than the patch {self.patch_size}; raise "
+                "preprocessing.min_size to the patch size and re-run preprocessing"
+            )
+        hi = [s - p for s, p in zip(shape, self.patch_size, strict=True)]
+        fg = self.store.read_foreground(case_id) if rng.random() < self.fg else np.empty((0, 4))
+        if len(fg):
+            point = fg[rng.integers(len(fg)), 1:]
+            jitter = rng.integers(-(np.array(self.patch_size) // 4), np.array(self.patch_size) // 4 + 1)
+            start = np.clip(point - np.array(self.patch_size) // 2 + jitter, 0, hi)
+        else:
+            start = np.array([rng.integers(0, h + 1) for h in hi])
+        start = tuple(int(s) for s in start)
+        return start, tuple(slice(s, s + p) for s, p in zip(start, self.patch_size, strict=True))  # type: ignore[return-value]
+
+    def _attention(self, teacher: str, case_id: str, kind: str) -> tuple[np.ndarray, tuple[float, ...]]:
+        key = (teacher, case_id, kind)
+        if key not in self._maps:  # maps are tiny; keep them per worker
+            self._maps[key] = self.store.read_attention(teacher, case_id, kind)
+        return self._maps[key]
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        rng = np.random.default_rng([self.seed, self.epoch, index])
+        case_id = self.case_ids[int(rng.integers(len(self.case_ids)))]
+        start, box = self._box(rng, case_id)
+        sample: dict[str, torch.Tensor] = {
+            "image": torch.from_numpy(np.ascontiguousarray(self.store.read_image(case_id, box))),
+            "label": torch.from_numpy(self.store.read_label(case_id, box).astype(np.int64))[None],
+        }
+        if self.targets is not None:
+            for t in self.targets.teachers:
+                if self.targets.softmax:
+                    probs = self.store.read_softmax(t, case_id, box, self.targets.temperature)
+                    sample[f"softmax/{t}"] = torch.from_numpy(probs)
+                if self.targets.attention:
+                    for kind in ATTENTION_KINDS:
+                        amap, stride = self._attention(t, case_id, kind)
+                        sample[f"{kind}/{t}"] = crop_map(amap, stride, start, self.patch_size)
+        if self.augment:
+            self._augment.set_random_state(seed=int(rng.integers(2**31)))
+            sample = self._augment(sample)
+        return {k: v.as_tensor() if isinstance(v, MetaTensor) else torch.as_tensor(v) for k, v in sample.items()}

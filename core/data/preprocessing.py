@@ -1,0 +1,162 @@
+"""The preprocessing pipeline, built from MONAI dictionary transforms.
+
+load → channel-first → orientation (RAS) → spacing → foreground crop → per-modality normalisation → pad to the
+minimum size → pad to a multiple of ``size_divisor``. Image and label go through every spatial step together.
+The result, with its final affine, is written once into the store; stage 2 never reads NIfTI.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from monai.config import KeysCollection
+from monai.transforms import (
+    Compose,
+    CropForegroundd,
+    DivisiblePadd,
+    EnsureChannelFirstd,
+    LoadImaged,
+    MapTransform,
+    NormalizeIntensity,
+    Orientationd,
+    ScaleIntensityRange,
+    Spacingd,
+    SpatialPadd,
+)
+
+from core.config import PreprocessingConfig
+from core.data.layout import CaseFiles
+from core.errors import DatasetError
+
+__all__ = [
+    "NormalizeModalitiesd",
+    "PreprocessedCase",
+    "build_preprocessing",
+    "foreground_locations",
+    "preprocess_case",
+]
+
+
+class NormalizeModalitiesd(MapTransform):
+    """Per-channel normalisation chosen by modality name, as nnU-Net does from ``channel_names``.
+
+    A channel named ``CT`` is clipped to the window and scaled to [0, 1]; every other channel (PET, MRI) is
+    z-scored over the whole volume.
+
+    Args:
+        keys: image keys, arrays shaped (C, X, Y, Z).
+        channel_names: one modality name per channel.
+        ct_window: (low, high) in Hounsfield units.
+    """
+
+    def __init__(self, keys: KeysCollection, channel_names: tuple[str, ...], ct_window: tuple[float, float]):
+        super().__init__(keys)
+        self.channel_names = channel_names
+        self.ct = ScaleIntensityRange(a_min=ct_window[0], a_max=ct_window[1], b_min=0.0, b_max=1.0, clip=True)
+        self.zscore = NormalizeIntensity()
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            img = d[key]
+            if img.shape[0] != len(self.channel_names):
+                raise ValueError(f"expected {len(self.channel_names)} channels, got {img.shape[0]}")
+            out = img.clone()
+            for c, name in enumerate(self.channel_names):
+                fn = self.ct if name.upper() == "CT" else self.zscore
+                out[c] = fn(img[c])
+            d[key] = out
+        return d
+
+
+def build_preprocessing(cfg: PreprocessingConfig, channel_names: tuple[str, ...]) -> Compose:
+    """The MONAI pipeline for one case dict ``{"image": [paths...], "label": path}``."""
+    keys = ["image", "label"]
+    threshold, channel = cfg.foreground_threshold, cfg.foreground_channel
+    return Compose(
+        [
+            LoadImaged(keys=keys, image_only=True),
+            EnsureChannelFirstd(keys=keys),
+            Orientationd(keys=keys, axcodes="RAS"),
+            Spacingd(keys=keys, pixdim=cfg.target_spacing, mode=("bilinear", "nearest")),
+            CropForegroundd(
+                keys=keys,
+                source_key="image",
+                select_fn=lambda x: x > threshold,
+                channel_indices=channel,
+                margin=cfg.crop_margin,
+                allow_smaller=True,
+            ),
+            NormalizeModalitiesd(keys="image", channel_names=channel_names, ct_window=cfg.ct_window),
+            SpatialPadd(keys="image", spatial_size=cfg.min_size, mode="replicate"),
+            SpatialPadd(keys="label", spatial_size=cfg.min_size, mode="constant"),
+            DivisiblePadd(keys="image", k=cfg.size_divisor, mode="replicate"),
+            DivisiblePadd(keys="label", k=cfg.size_divisor, mode="constant"),
+        ]
+    )
+
+
+@dataclass(frozen=True)
+class PreprocessedCase:
+    """One case after preprocessing.
+
+    Attributes:
+        image: (C, X, Y, Z) float32, RAS voxel order.
+        label: (X, Y, Z) uint8.
+        affine: 4×4 voxel-to-world affine of ``image`` (RAS, after resampling, cropping and padding).
+        original_affine: the first channel's affine as stored in its NIfTI file.
+        original_shape: the first channel's (X, Y, Z) shape as stored.
+    """
+
+    image: np.ndarray
+    label: np.ndarray
+    affine: np.ndarray
+    original_affine: np.ndarray
+    original_shape: tuple[int, int, int]
+
+
+def preprocess_case(pipeline: Compose, case: CaseFiles, num_classes: int) -> PreprocessedCase:
+    """Run ``pipeline`` on one case; a file that cannot be read or does not fit is a :class:`DatasetError`."""
+    import nibabel as nib
+
+    try:
+        first = nib.load(str(case.images[0]))
+        original_affine, original_shape = first.affine, tuple(int(s) for s in first.shape[:3])
+        shapes = {p.name: tuple(nib.load(str(p)).shape[:3]) for p in (*case.images, case.label)}
+    except Exception as exc:  # nibabel raises many types for a corrupt or foreign file
+        raise DatasetError(f"case '{case.case_id}': cannot read its NIfTI files ({exc})") from None
+    if len(set(shapes.values())) != 1:
+        listing = ", ".join(f"{k} {v}" for k, v in shapes.items())
+        raise DatasetError(
+            f"case '{case.case_id}': image and label grids differ ({listing}); resample them onto one grid first"
+        )
+    out = pipeline({"image": [str(p) for p in case.images], "label": str(case.label)})
+    image = np.asarray(out["image"].numpy(), dtype=np.float32)
+    label = np.asarray(out["label"].numpy()[0]).round().astype(np.uint8)
+    if label.max() >= num_classes:
+        raise DatasetError(
+            f"case '{case.case_id}': label value {int(label.max())} is not in dataset.json labels (0..{num_classes - 1})"
+        )
+    if not np.isfinite(image).all():
+        raise DatasetError(f"case '{case.case_id}': preprocessing produced NaN or Inf (check the image files)")
+    affine = np.asarray(out["image"].affine, dtype=np.float64)
+    return PreprocessedCase(image, label, affine, np.asarray(original_affine, dtype=np.float64), original_shape)
+
+
+def foreground_locations(label: np.ndarray, max_per_class: int = 10_000, seed: int = 0) -> np.ndarray:
+    """Up to ``max_per_class`` random voxels of each foreground class, for foreground-oversampled patches.
+
+    Returns:
+        (N, 4) int32 rows of (class, x, y, z).
+    """
+    rng = np.random.default_rng(seed)
+    rows = []
+    for cls in range(1, int(label.max()) + 1):
+        coords = np.argwhere(label == cls)
+        if len(coords) > max_per_class:
+            coords = coords[rng.choice(len(coords), max_per_class, replace=False)]
+        rows.append(np.concatenate([np.full((len(coords), 1), cls), coords], axis=1))
+    return np.concatenate(rows).astype(np.int32) if rows else np.empty((0, 4), np.int32)

@@ -1,0 +1,216 @@
+"""The embedded synthetic multimodal dataset, written as real NIfTI files in the nnU-Net v2 raw layout.
+
+Two variants, each built so that the task needs every modality:
+
+``petct`` (channels ``0000`` = CT in HU, ``0001`` = PET in SUV; label 1 = tumour)
+    Hot spots in PET come from tumours *and* from physiological uptake of equal intensity and size, so PET alone
+    cannot tell them apart. On CT, physiological uptake sits inside bright (contrast-enhanced) glands while
+    tumours are barely denser than soft tissue, so CT alone cannot find the tumours. Only the pair can.
+
+``mri`` (channels ``0000`` = T2W, ``0001`` = ADC, ``0002`` = DWI/HBV; label 1 = lesion)
+    A lesion is dark on T2W, low on ADC and bright on DWI. Each channel alone has a benign mimic: a T2-dark
+    scar (normal ADC/DWI), a cyst (bright T2, high ADC) and a T2 shine-through spot (bright DWI, normal ADC).
+
+Volumes are anisotropic (thick slices) with LPS-style affines and a random origin per case, so orientation and
+resampling in the preprocessing pipeline do real work. Everything is deterministic for a seed.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+from monai.transforms import GaussianSmooth
+
+from core.config import SyntheticConfig
+
+__all__ = ["CHANNELS", "LABELS", "generate_case", "write_synthetic_dataset"]
+
+CHANNELS: dict[str, dict[str, str]] = {
+    "petct": {"0": "CT", "1": "PET"},
+    "mri": {"0": "T2W", "1": "ADC", "2": "HBV"},
+}
+LABELS: dict[str, dict[str, int]] = {
+    "petct": {"background": 0, "tumour": 1},
+    "mri": {"background": 0, "lesion": 1},
+}
+
+
+@dataclass(frozen=True)
+class _Grid:
+    shape: tuple[int, int, int]
+    spacing: tuple[float, float, float]
+
+    def coords_mm(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Voxel-centre coordinates in mm, centred on the volume, each (X, Y, Z)."""
+        axes = [(np.arange(n) - (n - 1) / 2.0) * s for n, s in zip(self.shape, self.spacing, strict=True)]
+        return np.meshgrid(*axes, indexing="ij")
+
+
+def _ellipsoid(grid: tuple[np.ndarray, ...], centre: np.ndarray, radii: np.ndarray) -> np.ndarray:
+    x, y, z = grid
+    d = ((x - centre[0]) / radii[0]) ** 2 + ((y - centre[1]) / radii[1]) ** 2 + ((z - centre[2]) / radii[2]) ** 2
+    return d <= 1.0
+
+
+def _smooth(volume: np.ndarray, sigma_mm: float, spacing: tuple[float, float, float]) -> np.ndarray:
+    sigma = [sigma_mm / s for s in spacing]
+    out = GaussianSmooth(sigma=sigma)(torch.from_numpy(volume[None].astype(np.float32)))
+    return np.asarray(out[0], dtype=np.float32)
+
+
+def _place_blobs(
+    rng: np.random.Generator,
+    grid: tuple[np.ndarray, ...],
+    body_centre: np.ndarray,
+    body_radii: np.ndarray,
+    count: int,
+    radius_range: tuple[float, float],
+    taken: list[tuple[np.ndarray, float]],
+) -> list[np.ndarray]:
+    """Non-overlapping spheroids well inside the body; returns their masks."""
+    masks: list[np.ndarray] = []
+    for _ in range(count):
+        for _attempt in range(200):
+            r = rng.uniform(*radius_range)
+            centre = body_centre + rng.uniform(-0.75, 0.75, size=3) * np.maximum(body_radii - r, 0.0)
+            if all(np.linalg.norm(centre - c) > 1.2 * (r + rc) + 3.0 for c, rc in taken):
+                break
+        taken.append((centre, r))
+        radii = r * rng.uniform(0.8, 1.2, size=3)
+        masks.append(_ellipsoid(grid, centre, radii))
+    return masks
+
+
+def _petct_case(rng: np.random.Generator, g: _Grid) -> tuple[list[np.ndarray], np.ndarray]:
+    grid = g.coords_mm()
+    extent = np.array(g.shape) * np.array(g.spacing) / 2.0
+    body_c = rng.uniform(-0.05, 0.05, size=3) * extent
+    body_r = extent * rng.uniform([0.72, 0.62, 0.85], [0.85, 0.75, 0.95])
+    body = _ellipsoid(grid, body_c, body_r)
+
+    ct = np.full(g.shape, -1000.0, dtype=np.float32)
+    ct[body] = 40.0
+    pet = np.zeros(g.shape, dtype=np.float32)
+    pet[body] = 1.0
+    spine_c = body_c + np.array([0.0, -0.55 * body_r[1], 0.0])
+    spine = _ellipsoid(grid, spine_c, np.array([9.0, 9.0, 10 * body_r[2]])) & body
+    ct[spine] = 700.0
+    pet[spine] = 0.6
+
+    taken: list[tuple[np.ndarray, float]] = [(spine_c, 12.0)]
+    glands = _place_blobs(rng, grid, body_c, body_r, int(rng.integers(1, 4)), (6.0, 10.0), taken)
+    tumours = _place_blobs(rng, grid, body_c, body_r, int(rng.integers(1, 3)), (5.0, 10.0), taken)
+    label = np.zeros(g.shape, dtype=np.uint8)
+    for gland in glands:
+        ct[gland] = 130.0  # contrast-enhancing gland: obvious on CT
+        pet[gland] = rng.uniform(5.0, 11.0)  # physiological uptake: as hot as a tumour
+    for tumour in tumours:
+        ct[tumour] = 52.0  # 12 HU above soft tissue: hidden by CT noise
+        pet[tumour] = rng.uniform(5.0, 11.0)
+        label[tumour] = 1
+
+    ct = _smooth(ct, 1.0, g.spacing) + rng.normal(0.0, 18.0, g.shape).astype(np.float32)
+    pet = _smooth(pet, 3.0, g.spacing)  # PET's blur (about 7 mm FWHM)
+    pet = np.clip(pet + rng.normal(0.0, 0.25, g.shape) * np.sqrt(np.maximum(pet, 0.05)), 0.0, None)
+    return [ct.astype(np.float32), pet.astype(np.float32)], label
+
+
+def _mri_case(rng: np.random.Generator, g: _Grid) -> tuple[list[np.ndarray], np.ndarray]:
+    grid = g.coords_mm()
+    extent = np.array(g.shape) * np.array(g.spacing) / 2.0
+    body_c = rng.uniform(-0.05, 0.05, size=3) * extent
+    body_r = extent * rng.uniform([0.8, 0.7, 0.9], [0.9, 0.8, 0.98])
+    body = _ellipsoid(grid, body_c, body_r)
+    gland_r = body_r * rng.uniform(0.6, 0.7, size=3)
+    gland = _ellipsoid(grid, body_c, gland_r)
+
+    t2 = np.where(body, 300.0, 0.0).astype(np.float32)
+    adc = np.where(body, 1600.0, 0.0).astype(np.float32)
+    hbv = np.where(body, 40.0, 0.0).astype(np.float32)
+    t2[gland], adc[gland], hbv[gland] = 420.0, 1400.0, 55.0
+
+    taken: list[tuple[np.ndarray, float]] = []
+    lesions = _place_blobs(rng, grid, body_c, gland_r, int(rng.integers(1, 3)), (4.0, 7.0), taken)
+    mimics = _place_blobs(rng, grid, body_c, gland_r, 3, (4.0, 6.0), taken)
+    label = np.zeros(g.shape, dtype=np.uint8)
+    for lesion in lesions:
+        t2[lesion], adc[lesion], hbv[lesion] = 220.0, 750.0, 170.0
+        label[lesion] = 1
+    scar, cyst, shine = mimics
+    t2[scar] = 220.0  # T2-dark, normal diffusion
+    t2[cyst], adc[cyst], hbv[cyst] = 800.0, 2600.0, 70.0  # fluid
+    hbv[shine] = 170.0  # bright DWI with normal ADC (T2 shine-through)
+
+    out = []
+    for vol, sd, blur in ((t2, 20.0, 0.6), (adc, 90.0, 1.2), (hbv, 10.0, 1.5)):
+        vol = _smooth(vol, blur, g.spacing) + rng.normal(0.0, sd, g.shape).astype(np.float32) * body
+        out.append(np.clip(vol, 0.0, None).astype(np.float32))
+    return out, label
+
+
+def _affine(rng: np.random.Generator, g: _Grid) -> np.ndarray:
+    """LPS-style affine (first two axes flipped with respect to RAS) with a random origin."""
+    affine = np.diag([-g.spacing[0], -g.spacing[1], g.spacing[2], 1.0])
+    affine[:3, 3] = rng.uniform(-50.0, 50.0, size=3)
+    return affine
+
+
+def generate_case(cfg: SyntheticConfig, index: int) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
+    """One synthetic case.
+
+    Args:
+        cfg: generator settings (variant, shape, spacing, seed).
+        index: case number; the case depends only on ``(cfg.seed, index)``.
+
+    Returns:
+        ``(channels, label, affine)``: a list of (X, Y, Z) float32 volumes in the variant's channel order, the
+        (X, Y, Z) uint8 label, and the 4×4 voxel-to-world affine.
+    """
+    rng = np.random.default_rng([cfg.seed, index])
+    g = _Grid(tuple(cfg.shape), tuple(cfg.spacing))
+    channels, label = (_petct_case if cfg.kind == "petct" else _mri_case)(rng, g)
+    return channels, label, _affine(rng, g)
+
+
+def write_synthetic_dataset(cfg: SyntheticConfig, out_dir: Path, progress: bool = True) -> list[str]:
+    """Write the dataset to ``out_dir`` in the nnU-Net v2 raw layout.
+
+    Writes ``imagesTr/CASE_000c.nii.gz`` per channel, ``labelsTr/CASE.nii.gz`` and ``dataset.json``. The
+    ``dataset.json`` is written last, so a folder without it is an interrupted run.
+
+    Returns:
+        The case identifiers.
+    """
+    from core.progress import track
+
+    out_dir = Path(out_dir)
+    (out_dir / "imagesTr").mkdir(parents=True, exist_ok=True)
+    (out_dir / "labelsTr").mkdir(parents=True, exist_ok=True)
+    prefix = "SYNPETCT" if cfg.kind == "petct" else "SYNMRI"
+    case_ids = [f"{prefix}_{i:03d}" for i in range(cfg.num_cases)]
+    for i in track(range(cfg.num_cases), description=f"synthesising {cfg.kind}", enabled=progress):
+        channels, label, affine = generate_case(cfg, i)
+        for c, vol in enumerate(channels):
+            img = nib.Nifti1Image(vol, affine)
+            img.set_qform(affine, code=1)
+            img.set_sform(affine, code=1)
+            nib.save(img, out_dir / "imagesTr" / f"{case_ids[i]}_{c:04d}.nii.gz")
+        seg = nib.Nifti1Image(label, affine)
+        seg.set_qform(affine, code=1)
+        seg.set_sform(affine, code=1)
+        nib.save(seg, out_dir / "labelsTr" / f"{case_ids[i]}.nii.gz")
+    description = {
+        "name": f"TeachCacheSynthetic{cfg.kind.upper()}",
+        "description": f"TeachCache synthetic {cfg.kind} dataset (seed {cfg.seed}); see core/data/synthetic.py",
+        "channel_names": CHANNELS[cfg.kind],
+        "labels": LABELS[cfg.kind],
+        "numTraining": cfg.num_cases,
+        "file_ending": ".nii.gz",
+    }
+    (out_dir / "dataset.json").write_text(json.dumps(description, indent=2) + "\n")
+    return case_ids

@@ -1,0 +1,119 @@
+"""Sliding-window inference (MONAI, gaussian blending) that returns logits and both tap attention maps in one pass."""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from typing import Any
+
+import numpy as np
+import torch
+from monai.inferers import sliding_window_inference
+from torch import nn
+
+from core.config import InferenceConfig
+from core.errors import ConfigError
+from core.models.registry import ModelSpec
+from core.models.taps import TapRecorder, attention_map
+
+__all__ = ["autocast", "check_window", "predict_volume", "resolve_device"]
+
+
+def resolve_device(name: str) -> torch.device:
+    """``"auto"`` → CUDA when available, else CPU."""
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device 'cuda' requested but no CUDA device is visible; use device: auto or cpu")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def autocast(device: torch.device, enabled: bool = True) -> Any:
+    """Mixed precision on CUDA (bf16 where supported, else fp16); a no-op on CPU."""
+    if not enabled or device.type != "cuda":
+        return nullcontext()
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.autocast(device_type="cuda", dtype=dtype)
+
+
+def check_window(spec: ModelSpec, cfg: InferenceConfig, volume_shape: tuple[int, ...], args: dict[str, Any]) -> None:
+    """Refuse window settings that would put a tap's map off its grid or feed a network a size it rejects.
+
+    Raises:
+        ConfigError: naming the network, the setting and a value that works.
+    """
+    roi = cfg.roi_size
+    if spec.fixed_input:
+        img = args.get("img_size", 96)
+        img = tuple(img) if isinstance(img, (list, tuple)) else (img,) * 3
+        if tuple(roi) != img:
+            raise ConfigError(f"'{spec.name}' only accepts windows of its img_size {img}; set its inference.roi_size to it")
+    if any(r % spec.size_divisor for r in roi):
+        raise ConfigError(f"'{spec.name}' needs inference.roi_size divisible by {spec.size_divisor}, got {tuple(roi)}")
+    for name, tap in spec.taps.items():
+        step = [int(r * (1 - cfg.overlap)) for r in roi]
+        if any(s % tap.stride for s in step):
+            raise ConfigError(
+                f"'{spec.name}': windows of {tuple(roi)} with overlap {cfg.overlap} move {tuple(step)} voxels, "
+                f"not a multiple of its {name} tap stride {tap.stride}; use roi_size {2 * tap.stride} or larger "
+                "multiples with overlap 0.5"
+            )
+    if any(v < r for v, r in zip(volume_shape, roi, strict=True)):
+        raise ConfigError(
+            f"volume {tuple(volume_shape)} is smaller than inference.roi_size {tuple(roi)}; raise "
+            "preprocessing.min_size to at least the window"
+        )
+
+
+class _TappedPredictor(nn.Module):
+    def __init__(self, model: nn.Module, recorder: TapRecorder, p: float):
+        super().__init__()
+        self.model, self.recorder, self.p = model, recorder, p
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        logits = self.model(x)
+        feats = self.recorder.features
+        return {"logits": logits.float(), **{k: attention_map(feats[k], self.p) for k in ("coarse", "fine")}}
+
+
+@torch.no_grad()
+def predict_volume(
+    model: nn.Module,
+    image: np.ndarray | torch.Tensor,
+    cfg: InferenceConfig,
+    device: torch.device,
+    spec: ModelSpec | None = None,
+    p: float = 2.0,
+    amp: bool = True,
+) -> dict[str, np.ndarray]:
+    """Run ``model`` over a whole volume with overlapping windows.
+
+    Args:
+        model: network mapping (B, C, X, Y, Z) to (B, K, X, Y, Z) logits, already on ``device``.
+        image: (C, X, Y, Z) preprocessed volume.
+        cfg: window size, overlap, batch and blending mode.
+        device: where windows are evaluated; stitching happens on the CPU.
+        spec: when given, the coarse and fine taps are captured too and returned as attention maps.
+        p: attention-map power.
+        amp: mixed precision on CUDA.
+
+    Returns:
+        ``{"logits": (K, X, Y, Z)}`` float32, plus ``"coarse"`` and ``"fine"``: (x, y, z) float32 unnormalised
+        attention maps on each tap's grid (volume / stride), when ``spec`` is given.
+    """
+    x = torch.as_tensor(np.asarray(image), dtype=torch.float32)[None]
+    model.eval()
+    kwargs = dict(
+        roi_size=cfg.roi_size,
+        sw_batch_size=cfg.sw_batch_size,
+        overlap=cfg.overlap,
+        mode=cfg.mode,
+        sw_device=device,
+        device=torch.device("cpu"),
+    )
+    with autocast(device, amp):
+        if spec is None:
+            logits = sliding_window_inference(x, predictor=model, **kwargs)
+            return {"logits": logits[0].float().numpy()}
+        with TapRecorder(model, spec.taps) as recorder:
+            out = sliding_window_inference(x, predictor=_TappedPredictor(model, recorder, p), **kwargs)
+    return {k: v[0].float().numpy() if k == "logits" else v[0, 0].float().numpy() for k, v in out.items()}

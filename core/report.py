@@ -1,0 +1,71 @@
+"""The fold report: each teacher's and student's validation Dice and size, and the wall time of each stage."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from core.config import Config
+from core.errors import TeachCacheError
+from core.experiment import student_dir, teacher_dir
+from core.store import TeacherStore
+
+__all__ = ["build_report", "report_markdown"]
+
+
+def _summary(path: Path) -> dict[str, Any] | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def build_report(cfg: Config, fold: int) -> dict[str, Any]:
+    """Collect the summaries the stages wrote for ``fold``.
+
+    Raises:
+        TeachCacheError: nothing has been trained for this fold yet.
+    """
+    rows = []
+    for t in cfg.teachers:
+        s = _summary(teacher_dir(cfg, t.name, fold) / "summary.json")
+        if s:
+            rows.append({"model": f"teacher {t.name}", "arch": s["arch"], "dice": s["best_mean_dice"],
+                         "dice_per_class": s["best_dice_per_class"], "parameters": s["parameters"],
+                         "train_seconds": s["seconds"]})
+    for kind in ("none", "teachformer"):
+        s = _summary(student_dir(cfg, kind, fold) / "summary.json")
+        if s:
+            rows.append({"model": f"student kd-{kind}", "arch": s["arch"], "dice": s["best_mean_dice"],
+                         "dice_per_class": s["best_dice_per_class"], "parameters": s["parameters"],
+                         "train_seconds": s["seconds"]})
+    if not rows:
+        raise TeachCacheError(f"nothing trained for fold {fold} under {cfg.output.runs_dir}; run `make demo`")
+    stages: dict[str, float | None] = {"preprocess": None, "cache": None}
+    if TeacherStore.exists(cfg.store.path):
+        store = TeacherStore.open(cfg.store.path)
+        stages["preprocess"] = store.metadata.get("preprocess_seconds")
+        secs = [store.teacher_metadata(n).get("cache_seconds") for n in store.teacher_names()]
+        stages["cache"] = round(sum(s for s in secs if s), 2) if any(secs) else None
+    stages["train teachers"] = round(sum(r["train_seconds"] for r in rows if r["model"].startswith("teacher")), 2)
+    for r in rows:
+        if r["model"].startswith("student"):
+            stages[f"distil {r['model'].removeprefix('student ')}"] = r["train_seconds"]
+    report = {"experiment": cfg.experiment, "fold": fold, "models": rows, "stage_seconds": stages}
+    out = cfg.output.runs_dir / f"report_fold_{fold}"
+    out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+    out.with_suffix(".md").write_text(report_markdown(report))
+    return report
+
+
+def report_markdown(report: dict[str, Any]) -> str:
+    lines = [
+        f"# {report['experiment']}: fold {report['fold']}",
+        "",
+        "| model | arch | val Dice | params |",
+        "|---|---|---:|---:|",
+    ]
+    for r in report["models"]:
+        lines.append(f"| {r['model']} | {r['arch']} | {r['dice']:.4f} | {r['parameters']:,} |")
+    lines += ["", "| stage | wall time (s) |", "|---|---:|"]
+    for stage, secs in report["stage_seconds"].items():
+        lines.append(f"| {stage} | {'—' if secs is None else f'{secs:.1f}'} |")
+    return "\n".join(lines) + "\n"

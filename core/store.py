@@ -1,0 +1,406 @@
+"""The teacher store: the only code that reads or writes a TeachCache Zarr store.
+
+``docs/store-format.md`` is the specification this module implements; every group, array and attribute name
+below is spelled only here. A store is one Zarr v3 group holding the preprocessed cases (written by
+``teachcache preprocess``) and, per teacher, its cached outputs for every case (written by ``teachcache cache``):
+
+```
+<store>/                              attrs["teachcache"]: format, version, dataset, preprocessing, splits
+<store>/cases/<case>/image            (C, X, Y, Z) float32
+<store>/cases/<case>/label            (X, Y, Z) uint8
+<store>/cases/<case>/foreground       (N, 4) int32: class, x, y, z of sampled foreground voxels
+<store>/teachers/<teacher>/           attrs["teachcache"]: provenance
+<store>/teachers/<teacher>/<case>/softmax   (K, X, Y, Z) log-probabilities (see SOFTMAX_ENCODING)
+<store>/teachers/<teacher>/<case>/coarse    (x, y, z) attention map of the deepest encoder feature
+<store>/teachers/<teacher>/<case>/fine      (x, y, z) attention map of the second-to-last decoder feature
+```
+
+A case or (teacher, case) entry is visible only once its group's ``complete`` attribute is true; it is written
+after every array, so an interrupted write is never read.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+import zarr.errors
+from zarr.codecs import BloscCodec
+
+from core.errors import StoreError
+
+__all__ = [
+    "ATTENTION_KINDS",
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "SOFTMAX_ENCODING",
+    "ArrayInfo",
+    "Box",
+    "TeacherStore",
+]
+
+FORMAT_NAME = "teachcache-store"
+FORMAT_VERSION = "1.0"
+SOFTMAX_ENCODING = "logprob-float16"
+ATTENTION_KINDS = ("coarse", "fine")
+
+_ATTR = "teachcache"
+_SPATIAL = ("x", "y", "z")
+
+Box = tuple[slice, slice, slice]
+
+
+def _compressor(dtype: np.dtype) -> BloscCodec:
+    # bitshuffle suits low-entropy floats (smooth maps); byte shuffle suits wider types
+    shuffle = "bitshuffle" if np.dtype(dtype).itemsize <= 2 else "shuffle"
+    return BloscCodec(cname="zstd", clevel=5, shuffle=shuffle)
+
+
+def _chunks(shape: Sequence[int], spatial_chunk: Sequence[int]) -> tuple[int, ...]:
+    """Chunk shape: whole leading (channel) axes, ``spatial_chunk`` clipped to the array on spatial axes."""
+    lead = len(shape) - 3
+    return tuple(shape[:lead]) + tuple(min(s, c) for s, c in zip(shape[lead:], spatial_chunk, strict=True))
+
+
+@dataclass(frozen=True)
+class ArrayInfo:
+    """What ``teachcache inspect`` reports for one array."""
+
+    path: str
+    shape: tuple[int, ...]
+    dtype: str
+    chunks: tuple[int, ...]
+    codecs: str
+    stored_bytes: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "path": self.path,
+            "shape": list(self.shape),
+            "dtype": self.dtype,
+            "chunks": list(self.chunks),
+            "codecs": self.codecs,
+            "stored_bytes": self.stored_bytes,
+        }
+
+
+class TeacherStore:
+    """Typed access to one store. Open with :meth:`create` (stage 1) or :meth:`open`.
+
+    Args:
+        group: the root Zarr group.
+        location: the path or URL it was opened from, for messages.
+        chunk_size: spatial chunk shape for new arrays.
+    """
+
+    def __init__(self, group: zarr.Group, location: str, chunk_size: Sequence[int] = (64, 64, 64)):
+        self._root = group
+        self.location = location
+        self.chunk_size = tuple(chunk_size)
+        self._arrays: dict[str, zarr.Array] = {}
+
+    # ------------------------------------------------------------------ opening
+    @classmethod
+    def create(
+        cls,
+        path: str | Path,
+        *,
+        dataset: dict[str, Any],
+        preprocessing: dict[str, Any],
+        preprocessing_hash: str,
+        splits: list[dict[str, list[str]]],
+        chunk_size: Sequence[int] = (64, 64, 64),
+    ) -> TeacherStore:
+        """Create a new store, or reopen an existing one for writing when it was made with the same preprocessing.
+
+        Raises:
+            StoreError: the path holds a store made with other preprocessing (or another dataset), or something
+                that is not a TeachCache store.
+        """
+        location = str(path)
+        if cls.exists(path):
+            store = cls.open(path, mode="a", chunk_size=chunk_size)
+            meta = store.metadata
+            if meta["preprocessing_hash"] != preprocessing_hash:
+                raise StoreError(
+                    f"{location} was preprocessed with other settings (preprocessing hash "
+                    f"{meta['preprocessing_hash'][:12]} ≠ config's {preprocessing_hash[:12]}); "
+                    "pass --overwrite to rebuild it, or set store.path to a new location"
+                )
+            if meta["dataset"]["manifest_hash"] != dataset["manifest_hash"]:
+                raise StoreError(
+                    f"{location} was built from another version of the dataset (manifest hash differs); "
+                    "pass --overwrite to rebuild it, or set store.path to a new location"
+                )
+            return store
+        try:
+            group = zarr.open_group(location, mode="w-", zarr_format=3)
+        except (zarr.errors.ContainsGroupError, zarr.errors.ContainsArrayError, FileExistsError):
+            raise StoreError(
+                f"{location} exists but is not a TeachCache store; choose another store.path or remove it"
+            ) from None
+        except OSError as exc:
+            raise StoreError(f"cannot create a store at {location}: {exc.strerror or exc}") from None
+        group.attrs[_ATTR] = {
+            "format": FORMAT_NAME,
+            "format_version": FORMAT_VERSION,
+            "dataset": dataset,
+            "preprocessing": preprocessing,
+            "preprocessing_hash": preprocessing_hash,
+            "splits": splits,
+        }
+        group.require_group("cases")
+        group.require_group("teachers")
+        return cls(group, location, chunk_size)
+
+    @staticmethod
+    def exists(path: str | Path) -> bool:
+        """True when ``path`` holds a Zarr group (TeachCache's or not)."""
+        try:
+            zarr.open_group(str(path), mode="r", use_consolidated=False)
+        except (FileNotFoundError, zarr.errors.GroupNotFoundError, zarr.errors.NodeTypeValidationError):
+            return False
+        except (OSError, ValueError, json.JSONDecodeError):
+            return True
+        return True
+
+    @classmethod
+    def open(cls, path: str | Path, mode: str = "r", chunk_size: Sequence[int] = (64, 64, 64)) -> TeacherStore:
+        """Open an existing store, checking it is ours and of a readable version.
+
+        Raises:
+            StoreError: nothing at ``path`` (run ``make cache``), not a TeachCache store, or an unknown major
+                format version.
+        """
+        location = str(path)
+        try:
+            group = zarr.open_group(location, mode=mode, use_consolidated=False)
+        except (FileNotFoundError, zarr.errors.GroupNotFoundError):
+            raise StoreError(
+                f"no store at {location}: run `make cache` (teachcache preprocess, then teachcache cache) first"
+            ) from None
+        except (zarr.errors.NodeTypeValidationError, ValueError, json.JSONDecodeError) as exc:
+            raise StoreError(f"{location} is not a readable Zarr v3 group ({exc})") from None
+        meta = group.attrs.get(_ATTR)
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
+            raise StoreError(f"{location} is a Zarr group but not a TeachCache store (no '{_ATTR}' attributes)")
+        version = str(meta.get("format_version", "?"))
+        if version.split(".")[0] != FORMAT_VERSION.split(".")[0]:
+            raise StoreError(
+                f"{location} has store format {version}; this TeachCache reads format {FORMAT_VERSION.split('.')[0]}.x. "
+                "Rebuild the store with this version (`make cache` with --overwrite) or use a matching TeachCache"
+            )
+        return cls(group, location, chunk_size)
+
+    @property
+    def metadata(self) -> dict[str, Any]:
+        """The root attributes: format, dataset description, preprocessing and its hash, splits."""
+        return dict(self._root.attrs[_ATTR])
+
+    def update_metadata(self, **fields: Any) -> None:
+        meta = self.metadata
+        meta.update(fields)
+        self._root.attrs[_ATTR] = meta
+
+    def consolidate(self) -> None:
+        """Write consolidated metadata once, after every writer has finished."""
+        zarr.consolidate_metadata(self._root.store)
+
+    # ------------------------------------------------------------------ helpers
+    def _write_array(self, group: zarr.Group, name: str, data: np.ndarray, dims: Sequence[str]) -> None:
+        group.create_array(
+            name,
+            data=data,
+            chunks=_chunks(data.shape, self.chunk_size) if data.ndim >= 3 else data.shape,
+            compressors=_compressor(data.dtype),
+            dimension_names=list(dims),
+            overwrite=True,
+        )
+
+    def _array(self, path: str) -> zarr.Array:
+        arr = self._arrays.get(path)
+        if arr is None:
+            try:
+                arr = self._root[path]
+            except KeyError:
+                raise StoreError(f"{self.location}: missing array '{path}'") from None
+            self._arrays[path] = arr
+        return arr
+
+    def _complete(self, path: str) -> bool:
+        try:
+            return bool(self._root[path].attrs.get("complete", False))
+        except KeyError:
+            return False
+
+    # ------------------------------------------------------------------ cases
+    def case_ids(self) -> list[str]:
+        """Identifiers of complete cases, sorted."""
+        cases = self._root["cases"]
+        return sorted(k for k in cases.group_keys() if self._complete(f"cases/{k}"))
+
+    def has_case(self, case_id: str) -> bool:
+        return self._complete(f"cases/{case_id}")
+
+    def write_case(
+        self,
+        case_id: str,
+        image: np.ndarray,
+        label: np.ndarray,
+        foreground: np.ndarray,
+        attrs: dict[str, Any],
+    ) -> None:
+        """Write one preprocessed case; it becomes visible when its ``complete`` attribute is set, last.
+
+        Args:
+            image: (C, X, Y, Z) float32.
+            label: (X, Y, Z) uint8.
+            foreground: (N, 4) int32 rows of (class, x, y, z).
+            attrs: JSON-serialisable case metadata (affines, shapes, spacing).
+        """
+        group = self._root.require_group(f"cases/{case_id}")
+        group.attrs["complete"] = False
+        self._write_array(group, "image", image.astype(np.float32, copy=False), ("channel", *_SPATIAL))
+        self._write_array(group, "label", label.astype(np.uint8, copy=False), _SPATIAL)
+        self._write_array(group, "foreground", foreground.astype(np.int32, copy=False), ("point", "coord"))
+        group.attrs.update({**attrs, "shape": list(label.shape)})
+        group.attrs["complete"] = True
+
+    def case_attrs(self, case_id: str) -> dict[str, Any]:
+        if not self.has_case(case_id):
+            raise StoreError(f"{self.location}: case '{case_id}' is missing or incomplete; run `make cache`")
+        return dict(self._root[f"cases/{case_id}"].attrs)
+
+    def case_shape(self, case_id: str) -> tuple[int, int, int]:
+        return tuple(self._array(f"cases/{case_id}/label").shape)  # type: ignore[return-value]
+
+    def read_image(self, case_id: str, box: Box | None = None) -> np.ndarray:
+        """(C, X, Y, Z) float32, or the ``box`` region of it."""
+        arr = self._array(f"cases/{case_id}/image")
+        return arr[(slice(None), *box)] if box is not None else arr[...]
+
+    def read_label(self, case_id: str, box: Box | None = None) -> np.ndarray:
+        """(X, Y, Z) uint8, or the ``box`` region of it."""
+        arr = self._array(f"cases/{case_id}/label")
+        return arr[box] if box is not None else arr[...]
+
+    def read_foreground(self, case_id: str) -> np.ndarray:
+        """(N, 4) int32 rows of (class, x, y, z)."""
+        return self._array(f"cases/{case_id}/foreground")[...]
+
+    # ------------------------------------------------------------------ teachers
+    def teacher_names(self) -> list[str]:
+        return sorted(self._root["teachers"].group_keys())
+
+    def write_teacher_metadata(self, teacher: str, provenance: dict[str, Any]) -> None:
+        group = self._root.require_group(f"teachers/{teacher}")
+        group.attrs[_ATTR] = provenance
+
+    def teacher_metadata(self, teacher: str) -> dict[str, Any]:
+        try:
+            return dict(self._root[f"teachers/{teacher}"].attrs[_ATTR])
+        except KeyError:
+            known = ", ".join(self.teacher_names()) or "none"
+            raise StoreError(
+                f"{self.location}: teacher '{teacher}' is not cached (cached: {known}); run `make cache`"
+            ) from None
+
+    def has_entry(self, teacher: str, case_id: str) -> bool:
+        return self._complete(f"teachers/{teacher}/{case_id}")
+
+    def entry_attrs(self, teacher: str, case_id: str) -> dict[str, Any]:
+        return dict(self._root[f"teachers/{teacher}/{case_id}"].attrs)
+
+    def write_entry(
+        self,
+        teacher: str,
+        case_id: str,
+        logits: np.ndarray,
+        coarse: np.ndarray,
+        fine: np.ndarray,
+        **attrs: Any,
+    ) -> None:
+        """Write one teacher's outputs for one case, then mark the entry complete.
+
+        Args:
+            logits: (K, X, Y, Z) float32 teacher logits on the case's preprocessed grid.
+            coarse: (x, y, z) float32 coarse attention map on the teacher's En grid.
+            fine: (x, y, z) float32 fine attention map on the teacher's Dn-1 grid.
+            attrs: JSON-serialisable entry attributes (e.g. ``checkpoint_sha256``).
+        """
+        shape = self.case_shape(case_id)
+        if tuple(logits.shape[1:]) != shape:
+            raise ValueError(f"logits {logits.shape} do not match case '{case_id}' grid {shape}")
+        group = self._root.require_group(f"teachers/{teacher}/{case_id}")
+        group.attrs["complete"] = False
+        logp = logits - _logsumexp(logits, axis=0)
+        self._write_array(group, "softmax", logp.astype(np.float16), ("class", *_SPATIAL))
+        strides = {}
+        for kind, amap in zip(ATTENTION_KINDS, (coarse, fine), strict=True):
+            self._write_array(group, kind, amap.astype(np.float16), _SPATIAL)
+            strides[f"{kind}_stride"] = [s / m for s, m in zip(shape, amap.shape, strict=True)]
+        group.attrs.update({"softmax_encoding": SOFTMAX_ENCODING, **strides, **attrs})
+        group.attrs["complete"] = True
+
+    def _require_entry(self, teacher: str, case_id: str) -> None:
+        if not self.has_entry(teacher, case_id):
+            raise StoreError(
+                f"{self.location}: no complete cache entry for teacher '{teacher}', case '{case_id}'; "
+                "run `make cache` to (re)compute it"
+            )
+
+    def read_log_probs(self, teacher: str, case_id: str, box: Box | None = None) -> np.ndarray:
+        """(K, X, Y, Z) float32 log-probabilities at temperature 1, or the ``box`` region."""
+        arr = self._array(f"teachers/{teacher}/{case_id}/softmax")
+        data = arr[(slice(None), *box)] if box is not None else arr[...]
+        return data.astype(np.float32)
+
+    def read_softmax(
+        self, teacher: str, case_id: str, box: Box | None = None, temperature: float = 1.0
+    ) -> np.ndarray:
+        """(K, X, Y, Z) float32 teacher probabilities re-tempered to ``temperature``: softmax(log p / T)."""
+        return _softmax(self.read_log_probs(teacher, case_id, box) / temperature, axis=0)
+
+    def read_attention(self, teacher: str, case_id: str, kind: str) -> tuple[np.ndarray, tuple[float, ...]]:
+        """A whole attention map and its stride (voxels of the case per map voxel, per axis).
+
+        Returns:
+            ``(map, stride)`` with ``map`` (x, y, z) float32.
+        """
+        if kind not in ATTENTION_KINDS:
+            raise ValueError(f"attention kind must be one of {ATTENTION_KINDS}, got {kind!r}")
+        attrs = self._root[f"teachers/{teacher}/{case_id}"].attrs
+        amap = self._array(f"teachers/{teacher}/{case_id}/{kind}")[...].astype(np.float32)
+        return amap, tuple(attrs[f"{kind}_stride"])
+
+    # ------------------------------------------------------------------ inspection
+    def array_infos(self) -> list[ArrayInfo]:
+        """Every array in the store with its shape, dtype, chunks, codecs and stored bytes."""
+        infos = []
+        for path, arr in sorted(self._root.arrays(), key=lambda kv: kv[0]):
+            infos.append(_info(path, arr))
+        for gname, group in sorted(self._root.groups(), key=lambda kv: kv[0]):
+            for path, arr in sorted(group.members(max_depth=None), key=lambda kv: kv[0]):
+                if isinstance(arr, zarr.Array):
+                    infos.append(_info(f"{gname}/{path}", arr))
+        return infos
+
+
+def _info(path: str, arr: zarr.Array) -> ArrayInfo:
+    codecs = ", ".join(type(c).__name__.replace("Codec", "") for c in arr.compressors) or "none"
+    return ArrayInfo(path, tuple(arr.shape), str(arr.dtype), tuple(arr.chunks), codecs, int(arr.nbytes_stored()))
+
+
+def _logsumexp(x: np.ndarray, axis: int) -> np.ndarray:
+    m = x.max(axis=axis, keepdims=True)
+    return m + np.log(np.exp(x - m).sum(axis=axis, keepdims=True))
+
+
+def _softmax(x: np.ndarray, axis: int) -> np.ndarray:
+    e = np.exp(x - x.max(axis=axis, keepdims=True))
+    return e / e.sum(axis=axis, keepdims=True)

@@ -1,0 +1,259 @@
+"""The training loop shared by demo teachers (stage 1) and students (stage 2).
+
+It takes its data from a :class:`~core.data.patches.PatchDataset` and, when distilling, its targets from a
+*target source*: a callable turning a batch into :data:`~core.losses.DistillationTargets`. Today the source is
+the store (cached maps carried in the batch); an online source computing the same targets from teachers in
+memory plugs in behind the same callable.
+
+Each epoch: ``iterations_per_epoch`` steps of Adam with a polynomial learning-rate decay, then (every
+``val_every`` epochs) sliding-window validation on whole validation volumes, Dice per class. Outputs in
+``out_dir``: ``metrics.csv`` (one row per epoch), ``curves.png``, ``summary.json``, and the best checkpoint.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from core.config import InferenceConfig, TrainingConfig
+from core.data.patches import PatchDataset
+from core.inference import autocast, predict_volume
+from core.losses import DistillationTargets
+from core.metrics import dice_per_class
+from core.models.checkpoint import save_checkpoint
+from core.models.registry import ModelSpec
+from core.models.taps import TapRecorder
+from core.progress import ProgressBar
+from core.store import TeacherStore
+
+__all__ = ["FitResult", "count_parameters", "evaluate", "fit"]
+
+LossFn = Callable[..., dict[str, torch.Tensor]]
+TargetSource = Callable[[dict[str, torch.Tensor]], DistillationTargets]
+
+
+@dataclass(frozen=True)
+class FitResult:
+    """What a training run produced (also written as ``summary.json``)."""
+
+    name: str
+    arch: str
+    parameters: int
+    best_mean_dice: float
+    best_dice_per_class: list[float]
+    best_epoch: int
+    epochs_run: int
+    seconds: float
+    checkpoint: str
+    metrics_csv: str
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def evaluate(
+    model: nn.Module,
+    store: TeacherStore,
+    case_ids: list[str],
+    inference: InferenceConfig,
+    num_classes: int,
+    device: torch.device,
+    amp: bool = True,
+) -> np.ndarray:
+    """Dice per foreground class of each case, predicted with sliding windows over the whole volume.
+
+    Returns:
+        (N_cases, K-1) array.
+    """
+    scores = []
+    for case_id in case_ids:
+        logits = predict_volume(model, store.read_image(case_id), inference, device, amp=amp)["logits"]
+        scores.append(dice_per_class(logits.argmax(0), store.read_label(case_id), num_classes))
+    model.train()
+    return np.asarray(scores, dtype=np.float64)
+
+
+def _plot_curves(rows: list[dict[str, Any]], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [r["epoch"] for r in rows]
+    fig, (ax_loss, ax_dice) = plt.subplots(1, 2, figsize=(10, 4))
+    for key in rows[0]:
+        if key.startswith("loss_"):
+            ax_loss.plot(epochs, [r[key] for r in rows], label=key.removeprefix("loss_"))
+    ax_loss.set_xlabel("epoch")
+    ax_loss.set_ylabel("training loss")
+    ax_loss.legend()
+    val = [(r["epoch"], r["val_mean_dice"]) for r in rows if r.get("val_mean_dice") not in ("", None)]
+    if val:
+        ax_dice.plot(*zip(*val, strict=True), marker="o")
+    ax_dice.set_xlabel("epoch")
+    ax_dice.set_ylabel("validation mean Dice")
+    ax_dice.set_ylim(0, 1)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def fit(
+    *,
+    name: str,
+    model: nn.Module,
+    spec: ModelSpec,
+    args: dict[str, Any],
+    in_channels: int,
+    num_classes: int,
+    dataset: PatchDataset,
+    store: TeacherStore,
+    val_cases: list[str],
+    cfg: TrainingConfig,
+    inference: InferenceConfig,
+    loss_fn: LossFn,
+    out_dir: Path,
+    checkpoint_path: Path,
+    device: torch.device,
+    target_source: TargetSource | None = None,
+    capture_taps: bool = False,
+    meta: dict[str, Any] | None = None,
+    progress: bool = True,
+) -> FitResult:
+    """Train ``model`` and keep the checkpoint with the best validation mean Dice.
+
+    Args:
+        name: run name shown in the progress bar and summary.
+        model: the network (moved to ``device`` here).
+        spec: its registry entry (taps, name).
+        args: its constructor arguments, recorded in the checkpoint.
+        in_channels: input modalities, recorded in the checkpoint.
+        num_classes: K including background.
+        dataset: training patches.
+        store: the store holding the validation cases.
+        val_cases: validation case ids.
+        cfg: loop settings.
+        inference: sliding-window settings for validation.
+        loss_fn: ``loss_fn(logits, label, taps, targets) -> {"total": ..., term: ...}``.
+        out_dir: where metrics, curves and the summary go.
+        checkpoint_path: where the best checkpoint goes.
+        device: training device.
+        target_source: turns a batch into distillation targets; ``None`` when not distilling.
+        capture_taps: record the model's coarse and fine features for the loss.
+        meta: extra fields recorded in the checkpoint (fold, training cases, …).
+        progress: show a progress bar.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.PolynomialLR(optimizer, total_iters=cfg.epochs, power=0.9)
+    use_scaler = device.type == "cuda" and cfg.amp and not torch.cuda.is_bf16_supported()
+    scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
+    class_names = (meta or {}).get("class_names") or [f"class_{i}" for i in range(num_classes)]
+    fg_names = list(class_names[1:])
+
+    rows: list[dict[str, Any]] = []
+    best = (-1.0, [], 0)
+    stale = 0
+    started = time.perf_counter()
+    metrics_csv = out_dir / "metrics.csv"
+    recorder = TapRecorder(model, spec.taps) if capture_taps else None
+    total_steps = cfg.epochs * cfg.iterations_per_epoch
+    with ProgressBar(f"training {name}", total_steps, enabled=progress) as bar:
+        for epoch in range(cfg.epochs):
+            dataset.set_epoch(epoch)
+            loader = DataLoader(
+                dataset,
+                batch_size=cfg.batch_size,
+                num_workers=cfg.num_workers,
+                multiprocessing_context="spawn" if cfg.num_workers > 0 else None,
+                pin_memory=device.type == "cuda",
+            )
+            model.train()
+            sums: dict[str, float] = {}
+            epoch_start = time.perf_counter()
+            steps = 0
+            for batch in loader:
+                image = batch["image"].to(device, non_blocking=True)
+                label = batch["label"].to(device, non_blocking=True)
+                targets = target_source(batch) if target_source is not None else None
+                optimizer.zero_grad(set_to_none=True)
+                with autocast(device, cfg.amp):
+                    if recorder is not None:
+                        with recorder:
+                            logits = model(image)
+                        taps = dict(recorder.features)
+                    else:
+                        logits, taps = model(image), None
+                    terms = loss_fn(logits, label, taps, targets)
+                scaler.scale(terms["total"]).backward()
+                scaler.step(optimizer)
+                scaler.update()
+                for k, v in terms.items():
+                    sums[k] = sums.get(k, 0.0) + float(v.detach())
+                steps += 1
+                bar.advance(status=f"loss {float(terms['total'].detach()):.3f} best Dice {max(best[0], 0):.3f}")
+            scheduler.step()
+            row: dict[str, Any] = {
+                "epoch": epoch,
+                "seconds": round(time.perf_counter() - epoch_start, 3),
+                "lr": optimizer.param_groups[0]["lr"],
+                **{f"loss_{k}": v / max(steps, 1) for k, v in sums.items()},
+            }
+            validate = (epoch + 1) % cfg.val_every == 0 or epoch == cfg.epochs - 1
+            if validate:
+                scores = evaluate(model, store, val_cases, inference, num_classes, device, cfg.amp)
+                per_class = scores.mean(axis=0).tolist()
+                mean_dice = float(np.mean(per_class))
+                row.update({f"val_dice_{n}": d for n, d in zip(fg_names, per_class, strict=True)})
+                row["val_mean_dice"] = mean_dice
+                if mean_dice > best[0]:
+                    best, stale = (mean_dice, per_class, epoch), 0
+                    save_checkpoint(
+                        checkpoint_path,
+                        model,
+                        spec.name,
+                        in_channels,
+                        num_classes,
+                        args,
+                        {**(meta or {}), "epoch": epoch, "val_mean_dice": mean_dice, "val_dice": per_class},
+                    )
+                else:
+                    stale += 1
+            else:
+                row.update({f"val_dice_{n}": "" for n in fg_names})
+                row["val_mean_dice"] = ""
+            rows.append(row)
+            with open(metrics_csv, "w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+                writer.writeheader()
+                writer.writerows(rows)
+            if cfg.early_stopping_patience is not None and stale >= cfg.early_stopping_patience:
+                break
+    _plot_curves(rows, out_dir / "curves.png", name)
+    result = FitResult(
+        name=name,
+        arch=spec.name,
+        parameters=count_parameters(model),
+        best_mean_dice=best[0],
+        best_dice_per_class=list(best[1]),
+        best_epoch=best[2],
+        epochs_run=len(rows),
+        seconds=round(time.perf_counter() - started, 2),
+        checkpoint=str(checkpoint_path),
+        metrics_csv=str(metrics_csv),
+    )
+    (out_dir / "summary.json").write_text(json.dumps({**asdict(result), **(meta or {})}, indent=2) + "\n")
+    return result

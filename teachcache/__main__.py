@@ -1,0 +1,3 @@
+from teachcache.cli import main
+
+main()

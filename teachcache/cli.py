@@ -1,0 +1,230 @@
+"""The ``teachcache`` command: a thin Typer layer over the typed functions of ``core`` and the two stages.
+
+Every error a user can cause is printed as one message (no traceback) with exit code 2.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from collections.abc import Callable
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from core.errors import TeachCacheError
+
+app = typer.Typer(
+    name="teachcache",
+    help="Multi-teacher distillation for 3D medical segmentation through a Zarr cache of teacher outputs.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+out = Console()
+err = Console(stderr=True)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+ConfigOption = Annotated[
+    Path, typer.Option("--config", "-c", help="Experiment YAML (validated on load).", show_default=True)
+]
+FoldOption = Annotated[int, typer.Option("--fold", "-f", help="Cross-validation fold.", min=0)]
+QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
+DEFAULT_CONFIG = Path("configs/demo.yaml")
+
+
+class KDKind(str, Enum):
+    teachformer = "teachformer"
+    none = "none"
+
+
+def user_errors(fn: F) -> F:
+    """Turn a :class:`TeachCacheError` into one red line on stderr and its exit code."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except TeachCacheError as exc:
+            err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(code=exc.exit_code) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _load(config: Path):
+    from core.config import load_config
+
+    return load_config(config)
+
+
+@app.command()
+@user_errors
+def synth(config: ConfigOption = DEFAULT_CONFIG, quiet: QuietOption = False) -> None:
+    """Write the embedded synthetic dataset to dataset.raw_dir (skipped if it is already there)."""
+    from core.data.synthetic import write_synthetic_dataset
+
+    cfg = _load(config)
+    if cfg.dataset.synthetic is None:
+        raise TeachCacheError(f"{config}: dataset.synthetic is not set; nothing to generate")
+    if (cfg.dataset.raw_dir / "dataset.json").is_file():
+        out.print(f"dataset already at {cfg.dataset.raw_dir}")
+        return
+    ids = write_synthetic_dataset(cfg.dataset.synthetic, cfg.dataset.raw_dir, progress=not quiet)
+    out.print(f"wrote {len(ids)} {cfg.dataset.synthetic.kind} cases to {cfg.dataset.raw_dir}")
+
+
+@app.command()
+@user_errors
+def preprocess(
+    config: ConfigOption = DEFAULT_CONFIG,
+    overwrite: Annotated[bool, typer.Option(help="Rebuild the store from scratch.")] = False,
+    quiet: QuietOption = False,
+) -> None:
+    """Preprocess every case (MONAI) into the store and write the fold splits."""
+    from cache_teachers import preprocess_dataset
+
+    cfg = _load(config)
+    s = preprocess_dataset(cfg, overwrite=overwrite, progress=not quiet)
+    out.print(f"{s.written} case(s) preprocessed, {s.skipped} already in {cfg.store.path}; splits: {s.splits_file}")
+
+
+@app.command()
+@user_errors
+def teachers(
+    config: ConfigOption = DEFAULT_CONFIG,
+    fold: FoldOption = 0,
+    teacher: Annotated[list[str] | None, typer.Option("--teacher", "-t", help="Only this teacher (repeatable).")] = None,
+    quiet: QuietOption = False,
+) -> None:
+    """Train the demo teachers on one fold (real users point the config at their own checkpoints)."""
+    from cache_teachers import train_teachers
+
+    cfg = _load(config)
+    for r in train_teachers(cfg, fold, teacher, progress=not quiet):
+        out.print(f"{r.name}: best val Dice {r.best_mean_dice:.4f} (epoch {r.best_epoch}) → {r.checkpoint}")
+
+
+@app.command()
+@user_errors
+def cache(
+    config: ConfigOption = DEFAULT_CONFIG,
+    overwrite: Annotated[bool, typer.Option(help="Recompute entries that are already complete.")] = False,
+    teacher: Annotated[list[str] | None, typer.Option("--teacher", "-t", help="Only this teacher (repeatable).")] = None,
+    quiet: QuietOption = False,
+) -> None:
+    """Run each teacher once over every case and write its softmax and attention maps into the store."""
+    from cache_teachers import cache_teachers
+
+    cfg = _load(config)
+    s = cache_teachers(cfg, overwrite=overwrite, names=teacher, progress=not quiet)
+    for name in s.written:
+        out.print(f"{name}: {s.written[name]} written, {s.skipped[name]} already cached ({s.seconds[name]:.1f} s)")
+
+
+@app.command()
+@user_errors
+def distil(
+    config: ConfigOption = DEFAULT_CONFIG,
+    fold: FoldOption = 0,
+    kd: Annotated[KDKind | None, typer.Option(help="Override distillation.kind ('none' = no-KD baseline).")] = None,
+    quiet: QuietOption = False,
+) -> None:
+    """Train the student for one fold from the store (no teacher in memory)."""
+    from train_student import distil as run
+
+    cfg = _load(config)
+    r = run(cfg, fold, kd.value if kd else None, progress=not quiet)
+    out.print(f"{r.name}: best val Dice {r.best_mean_dice:.4f} (epoch {r.best_epoch}) → {r.checkpoint}")
+
+
+def _bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+@app.command()
+@user_errors
+def inspect(
+    store: Annotated[str, typer.Argument(help="Store path or URL.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
+) -> None:
+    """Show a store's teachers, cases and arrays (shapes, dtypes, chunks, codecs, stored bytes)."""
+    from core.inspection import describe_store
+    from core.store import TeacherStore
+
+    info = describe_store(TeacherStore.open(store))
+    if as_json:
+        sys.stdout.write(json.dumps(info, indent=2) + "\n")
+        return
+    ds = info["dataset"]
+    out.print(
+        f"[bold]{info['store']}[/] (format {info['format_version']}): {ds['name']}, {len(info['cases'])} cases, "
+        f"channels {', '.join(ds['channel_names'])}, classes {', '.join(ds['class_names'])}, "
+        f"{_bytes(info['stored_bytes'])} stored"
+    )
+    t = Table(title="teachers")
+    for col in ("teacher", "arch", "fold", "complete", "checkpoint sha256", "cache s"):
+        t.add_column(col)
+    for row in info["teachers"]:
+        t.add_row(row["name"], row["arch"], str(row["fold"]), f"{row['complete_cases']}/{row['total_cases']}",
+                  (row["checkpoint_sha256"] or "")[:12], str(row["cache_seconds"] or "—"))
+    out.print(t)
+    a = Table(title="arrays (first case of each kind shown per teacher; --json lists all)")
+    for col in ("path", "shape", "dtype", "chunks", "codecs", "stored"):
+        a.add_column(col)
+    seen: set[tuple[str, str]] = set()
+    first_case = info["cases"][0]["case_id"] if info["cases"] else None
+    for arr in info["arrays"]:
+        parts = arr["path"].split("/")
+        owner = parts[1] if parts[0] == "teachers" else "cases"
+        if first_case and first_case not in parts:
+            continue
+        key = (owner, parts[-1])
+        if key in seen:
+            continue
+        seen.add(key)
+        a.add_row(arr["path"], str(tuple(arr["shape"])), arr["dtype"], str(tuple(arr["chunks"])), arr["codecs"],
+                  _bytes(arr["stored_bytes"]))
+    out.print(a)
+
+
+@app.command()
+@user_errors
+def report(config: ConfigOption = DEFAULT_CONFIG, fold: FoldOption = 0) -> None:
+    """Print the fold's table: teachers and students (Dice, parameters) and each stage's wall time."""
+    from core.report import build_report
+
+    cfg = _load(config)
+    rep = build_report(cfg, fold)
+    t = Table(title=f"{rep['experiment']}: validation on fold {fold}")
+    for col in ("model", "arch", "val Dice", "params"):
+        t.add_column(col, justify="right" if col in ("val Dice", "params") else "left")
+    for r in rep["models"]:
+        t.add_row(r["model"], r["arch"], f"{r['dice']:.4f}", f"{r['parameters']:,}")
+    out.print(t)
+    s = Table(title="wall time per stage")
+    s.add_column("stage")
+    s.add_column("seconds", justify="right")
+    for stage, secs in rep["stage_seconds"].items():
+        s.add_row(stage, "—" if secs is None else f"{secs:.1f}")
+    out.print(s)
+    out.print(f"written to {cfg.output.runs_dir}/report_fold_{fold}.md and .json")
+
+
+def main() -> None:
+    """Console entry point."""
+    app()
+
+
+if __name__ == "__main__":
+    main()

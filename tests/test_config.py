@@ -1,0 +1,77 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from core.config import load_config
+from core.errors import ConfigError
+from teachcache.cli import app
+from tests.conftest import tiny_config_dict, write_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_demo_config_is_valid():
+    cfg = load_config(REPO / "configs" / "demo.yaml")
+    assert [t.name for t in cfg.teachers] == ["unetr", "swin_unetr", "dynunet"]
+    assert cfg.student.arch == "basic_unet"
+    assert len(cfg.preprocessing_hash()) == 64
+
+
+def test_unknown_key_is_named(tmp_path):
+    data = tiny_config_dict(tmp_path)
+    data["training"]["epochz"] = 3
+    with pytest.raises(ConfigError, match=r"training\.epochz: unknown key"):
+        load_config(write_config(tmp_path, data))
+
+
+def test_wrong_type_is_named_with_teacher_name(tmp_path):
+    data = tiny_config_dict(tmp_path)
+    data["teachers"][1]["training"] = {"epochs": "ten"}
+    with pytest.raises(ConfigError, match=r"teachers\[swin\]\.training\.epochs"):
+        load_config(write_config(tmp_path, data))
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("experiment: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+
+
+def test_duplicate_teacher_and_unknown_distilled_teacher(tmp_path):
+    data = tiny_config_dict(tmp_path)
+    data["teachers"][1]["name"] = "unetr"
+    with pytest.raises(ConfigError, match="repeated: unetr"):
+        load_config(write_config(tmp_path, data))
+    data = tiny_config_dict(tmp_path)
+    data["distillation"]["teachers"] = ["ghost"]
+    with pytest.raises(ConfigError, match="'ghost'"):
+        load_config(write_config(tmp_path, data))
+
+
+def test_preprocessing_hash_tracks_preprocessing_only(tmp_path):
+    a = load_config(write_config(tmp_path, tiny_config_dict(tmp_path)))
+    data = tiny_config_dict(tmp_path)
+    data["training"]["epochs"] = 9
+    b = load_config(write_config(tmp_path, data))
+    data["preprocessing"]["target_spacing"] = [1.0, 1.0, 1.0]
+    c = load_config(write_config(tmp_path, data))
+    assert a.preprocessing_hash() == b.preprocessing_hash() != c.preprocessing_hash()
+
+
+def test_cli_config_error_exits_2_without_traceback(tmp_path):
+    data = tiny_config_dict(tmp_path)
+    data["store"]["pathh"] = "x"
+    path = write_config(tmp_path, data)
+    result = CliRunner().invoke(app, ["preprocess", "--config", str(path)])
+    assert result.exit_code == 2
+    assert "store.pathh: unknown key" in result.output
+    assert "Traceback" not in result.output
+    assert yaml.safe_load(path.read_text())["store"]["pathh"] == "x"
+    assert not (tmp_path / "store.zarr").exists()

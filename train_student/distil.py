@@ -1,0 +1,121 @@
+"""Train the student for one fold from the store: segmentation loss plus the configured distillation terms."""
+
+from __future__ import annotations
+
+import torch
+
+from core.config import Config
+from core.data.patches import PatchDataset, TargetRequest, targets_from_batch
+from core.errors import ConfigError, StoreError
+from core.experiment import fold_split, open_store_for, splits_path, student_dir
+from core.inference import check_window, resolve_device
+from core.losses import TeachFormerLoss
+from core.models import create_model, get_spec
+from core.store import TeacherStore
+from core.training import FitResult, fit
+
+__all__ = ["distil"]
+
+
+def _check_teachers(store: TeacherStore, teachers: list[str], train: list[str], p: float) -> None:
+    """Every teacher must be cached for every training case, with attention maps made at the same power."""
+    for name in teachers:
+        prov = store.teacher_metadata(name)  # StoreError "not cached: run make cache"
+        missing = [c for c in train if not store.has_entry(name, c)]
+        if missing:
+            raise StoreError(
+                f"{store.location}: teacher '{name}' has no complete cache for {len(missing)} training case(s) "
+                f"({', '.join(missing[:3])}…); run `make cache` to finish it"
+            )
+        if float(prov.get("attention_p", p)) != float(p):
+            raise StoreError(
+                f"{store.location}: teacher '{name}' was cached with attention p={prov['attention_p']}, the config "
+                f"asks for p={p}; re-run `make cache --overwrite` or set distillation.attention.p"
+            )
+
+
+def distil(cfg: Config, fold: int, kd: str | None = None, progress: bool = True) -> FitResult:
+    """Train ``cfg.student`` on ``fold``'s training cases, reading only the store.
+
+    Args:
+        cfg: the experiment.
+        fold: cross-validation fold.
+        kd: override ``distillation.kind`` (``"none"`` trains the baseline without distillation).
+        progress: show a progress bar.
+
+    Returns:
+        The run's :class:`~core.training.FitResult`; files go to ``runs_dir/students/kd-<kind>/fold_<k>/``.
+
+    Raises:
+        StoreError: no store, a stale store, or teachers not (fully) cached — each says to run ``make cache``.
+    """
+    dcfg = cfg.distillation if kd is None else cfg.distillation.model_copy(update={"kind": kd})
+    store = open_store_for(cfg)
+    train, val = fold_split(cfg, store, fold)
+    meta = store.metadata["dataset"]
+    in_channels, class_names = len(meta["channel_names"]), meta["class_names"]
+    loss = TeachFormerLoss(dcfg, cfg.training.focal_gamma)
+    request = None
+    teachers: list[str] = []
+    if loss.uses_teachers:
+        teachers = [t.name for t in cfg.distilled_teachers()]
+        if not teachers:
+            raise ConfigError("distillation.kind is not 'none' but no teachers are configured")
+        if not store.teacher_names():
+            raise StoreError(f"{store.location} holds no teacher outputs yet; run `make cache` before `make distil`")
+        _check_teachers(store, teachers, train, dcfg.attention.p)
+        request = TargetRequest(
+            teachers=tuple(teachers),
+            temperature=dcfg.temperature,
+            softmax=dcfg.lambda_pwd > 0,
+            attention=dcfg.lambda_afs > 0,
+        )
+
+    spec = get_spec(cfg.student.arch)
+    for case_id in val:
+        check_window(spec, cfg.inference, store.case_shape(case_id), cfg.student.args)
+    torch.manual_seed(cfg.training.seed)
+    model = create_model(cfg.student.arch, in_channels, len(class_names), cfg.student.args)
+    dataset = PatchDataset(
+        store.location,
+        train,
+        cfg.training.patch_size,
+        length=cfg.training.iterations_per_epoch * cfg.training.batch_size,
+        foreground_oversampling=cfg.training.foreground_oversampling,
+        seed=cfg.training.seed,
+        targets=request,
+    )
+    device = resolve_device(cfg.training.device)
+    out_dir = student_dir(cfg, dcfg.kind, fold)
+    return fit(
+        name=f"student kd-{dcfg.kind}",
+        model=model,
+        spec=spec,
+        args=cfg.student.args,
+        in_channels=in_channels,
+        num_classes=len(class_names),
+        dataset=dataset,
+        store=store,
+        val_cases=val,
+        cfg=cfg.training,
+        inference=cfg.inference,
+        loss_fn=loss,
+        out_dir=out_dir,
+        checkpoint_path=out_dir / "checkpoint_best.pth",
+        device=device,
+        target_source=(lambda batch: targets_from_batch(batch, request, device)) if request else None,
+        capture_taps=request is not None and request.attention,
+        meta={
+            "role": "student",
+            "fold": fold,
+            "train_cases": train,
+            "val_cases": val,
+            "class_names": class_names,
+            "distillation": dcfg.model_dump(mode="json"),
+            "teachers": {t: store.teacher_metadata(t)["checkpoint_sha256"] for t in teachers},
+            "splits_file": str(splits_path(cfg)),
+            "store": store.location,
+            "preprocessing_hash": cfg.preprocessing_hash(),
+        },
+        progress=progress,
+    )
