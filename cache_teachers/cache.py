@@ -8,7 +8,6 @@ from dataclasses import dataclass, field
 from importlib.metadata import version
 
 import torch
-
 from torch import nn
 
 from core.config import Config, InferenceConfig, TeacherConfig
@@ -111,8 +110,12 @@ def cache_teachers(
             ):
                 skipped += 1
                 continue
-            out = predict_volume(model, store.read_image(case_id), inference, device, spec=spec, p=p, amp=cfg.training.amp)
-            store.write_entry(teacher.name, case_id, out["logits"], out["coarse"], out["fine"], checkpoint_sha256=sha)
+            out = predict_volume(
+                model, store.read_image(case_id), inference, device, spec=spec, p=p, amp=cfg.training.amp
+            )
+            store.write_entry(
+                teacher.name, case_id, out["logits"], out["coarse"], out["fine"], checkpoint_sha256=sha
+            )
             written += 1
         model.to("cpu")
         del model

@@ -35,7 +35,9 @@ def autocast(device: torch.device, enabled: bool = True) -> Any:
     return torch.autocast(device_type="cuda", dtype=dtype)
 
 
-def check_window(spec: ModelSpec, cfg: InferenceConfig, volume_shape: tuple[int, ...], args: dict[str, Any]) -> None:
+def check_window(
+    spec: ModelSpec, cfg: InferenceConfig, volume_shape: tuple[int, ...], args: dict[str, Any]
+) -> None:
     """Refuse window settings that would put a tap's map off its grid or feed a network a size it rejects.
 
     Raises:
@@ -46,9 +48,13 @@ def check_window(spec: ModelSpec, cfg: InferenceConfig, volume_shape: tuple[int,
         img = args.get("img_size", 96)
         img = tuple(img) if isinstance(img, (list, tuple)) else (img,) * 3
         if tuple(roi) != img:
-            raise ConfigError(f"'{spec.name}' only accepts windows of its img_size {img}; set its inference.roi_size to it")
+            raise ConfigError(
+                f"'{spec.name}' only accepts windows of its img_size {img}; set its inference.roi_size to it"
+            )
     if any(r % spec.size_divisor for r in roi):
-        raise ConfigError(f"'{spec.name}' needs inference.roi_size divisible by {spec.size_divisor}, got {tuple(roi)}")
+        raise ConfigError(
+            f"'{spec.name}' needs inference.roi_size divisible by {spec.size_divisor}, got {tuple(roi)}"
+        )
     for name, tap in spec.taps.items():
         step = [int(r * (1 - cfg.overlap)) for r in roi]
         if any(s % tap.stride for s in step):
@@ -65,14 +71,21 @@ def check_window(spec: ModelSpec, cfg: InferenceConfig, volume_shape: tuple[int,
 
 
 class _TappedPredictor(nn.Module):
+    """Returns ``(logits, fine map, coarse map)``: a tuple ordered from the finest grid to the coarsest.
+
+    MONAI's sliding window resizes its blending weights in place for each lower-resolution output and keeps
+    the resized weights for the outputs after it (and visits dict outputs in sorted key order), so outputs
+    must come finest first.
+    """
+
     def __init__(self, model: nn.Module, recorder: TapRecorder, p: float):
         super().__init__()
         self.model, self.recorder, self.p = model, recorder, p
 
-    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         logits = self.model(x)
         feats = self.recorder.features
-        return {"logits": logits.float(), **{k: attention_map(feats[k], self.p) for k in ("coarse", "fine")}}
+        return logits.float(), attention_map(feats["fine"], self.p), attention_map(feats["coarse"], self.p)
 
 
 @torch.no_grad()
@@ -115,5 +128,11 @@ def predict_volume(
             logits = sliding_window_inference(x, predictor=model, **kwargs)
             return {"logits": logits[0].float().numpy()}
         with TapRecorder(model, spec.taps) as recorder:
-            out = sliding_window_inference(x, predictor=_TappedPredictor(model, recorder, p), **kwargs)
-    return {k: v[0].float().numpy() if k == "logits" else v[0, 0].float().numpy() for k, v in out.items()}
+            logits, fine, coarse = sliding_window_inference(
+                x, predictor=_TappedPredictor(model, recorder, p), **kwargs
+            )
+    return {
+        "logits": logits[0].float().numpy(),
+        "coarse": coarse[0, 0].float().numpy(),
+        "fine": fine[0, 0].float().numpy(),
+    }

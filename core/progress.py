@@ -20,7 +20,9 @@ __all__ = ["ProgressBar", "track"]
 T = TypeVar("T")
 
 
-def track(items: Iterable[T], description: str, total: int | None = None, enabled: bool = True) -> Iterator[T]:
+def track(
+    items: Iterable[T], description: str, total: int | None = None, enabled: bool = True
+) -> Iterator[T]:
     """Iterate over ``items`` showing a bar with count, elapsed time and ETA on stderr.
 
     Args:

@@ -28,15 +28,29 @@ def build_report(cfg: Config, fold: int) -> dict[str, Any]:
     for t in cfg.teachers:
         s = _summary(teacher_dir(cfg, t.name, fold) / "summary.json")
         if s:
-            rows.append({"model": f"teacher {t.name}", "arch": s["arch"], "dice": s["best_mean_dice"],
-                         "dice_per_class": s["best_dice_per_class"], "parameters": s["parameters"],
-                         "train_seconds": s["seconds"]})
+            rows.append(
+                {
+                    "model": f"teacher {t.name}",
+                    "arch": s["arch"],
+                    "dice": s["best_mean_dice"],
+                    "dice_per_class": s["best_dice_per_class"],
+                    "parameters": s["parameters"],
+                    "train_seconds": s["seconds"],
+                }
+            )
     for kind in ("none", "teachformer"):
         s = _summary(student_dir(cfg, kind, fold) / "summary.json")
         if s:
-            rows.append({"model": f"student kd-{kind}", "arch": s["arch"], "dice": s["best_mean_dice"],
-                         "dice_per_class": s["best_dice_per_class"], "parameters": s["parameters"],
-                         "train_seconds": s["seconds"]})
+            rows.append(
+                {
+                    "model": f"student kd-{kind}",
+                    "arch": s["arch"],
+                    "dice": s["best_mean_dice"],
+                    "dice_per_class": s["best_dice_per_class"],
+                    "parameters": s["parameters"],
+                    "train_seconds": s["seconds"],
+                }
+            )
     if not rows:
         raise TeachCacheError(f"nothing trained for fold {fold} under {cfg.output.runs_dir}; run `make demo`")
     stages: dict[str, float | None] = {"preprocess": None, "cache": None}
@@ -45,7 +59,9 @@ def build_report(cfg: Config, fold: int) -> dict[str, Any]:
         stages["preprocess"] = store.metadata.get("preprocess_seconds")
         secs = [store.teacher_metadata(n).get("cache_seconds") for n in store.teacher_names()]
         stages["cache"] = round(sum(s for s in secs if s), 2) if any(secs) else None
-    stages["train teachers"] = round(sum(r["train_seconds"] for r in rows if r["model"].startswith("teacher")), 2)
+    stages["train teachers"] = round(
+        sum(r["train_seconds"] for r in rows if r["model"].startswith("teacher")), 2
+    )
     for r in rows:
         if r["model"].startswith("student"):
             stages[f"distil {r['model'].removeprefix('student ')}"] = r["train_seconds"]

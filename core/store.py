@@ -170,7 +170,9 @@ class TeacherStore:
         return True
 
     @classmethod
-    def open(cls, path: str | Path, mode: str = "r", chunk_size: Sequence[int] = (64, 64, 64)) -> TeacherStore:
+    def open(
+        cls, path: str | Path, mode: str = "r", chunk_size: Sequence[int] = (64, 64, 64)
+    ) -> TeacherStore:
         """Open an existing store, checking it is ours and of a readable version.
 
         Raises:
@@ -188,7 +190,9 @@ class TeacherStore:
             raise StoreError(f"{location} is not a readable Zarr v3 group ({exc})") from None
         meta = group.attrs.get(_ATTR)
         if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
-            raise StoreError(f"{location} is a Zarr group but not a TeachCache store (no '{_ATTR}' attributes)")
+            raise StoreError(
+                f"{location} is a Zarr group but not a TeachCache store (no '{_ATTR}' attributes)"
+            )
         version = str(meta.get("format_version", "?"))
         if version.split(".")[0] != FORMAT_VERSION.split(".")[0]:
             raise StoreError(
@@ -263,6 +267,10 @@ class TeacherStore:
             foreground: (N, 4) int32 rows of (class, x, y, z).
             attrs: JSON-serialisable case metadata (affines, shapes, spacing).
         """
+        if image.ndim != 4 or image.shape[1:] != label.shape:
+            raise ValueError(f"image {image.shape} must be (C, X, Y, Z) on the label's grid {label.shape}")
+        if foreground.ndim != 2 or foreground.shape[1] != 4:
+            raise ValueError(f"foreground must be (N, 4) rows of (class, x, y, z), got {foreground.shape}")
         group = self._root.require_group(f"cases/{case_id}")
         group.attrs["complete"] = False
         self._write_array(group, "image", image.astype(np.float32, copy=False), ("channel", *_SPATIAL))
@@ -329,8 +337,8 @@ class TeacherStore:
 
         Args:
             logits: (K, X, Y, Z) float32 teacher logits on the case's preprocessed grid.
-            coarse: (x, y, z) float32 coarse attention map on the teacher's En grid.
-            fine: (x, y, z) float32 fine attention map on the teacher's Dn-1 grid.
+            coarse: (x, y, z) float32 coarse attention map on the teacher's En grid (any scale).
+            fine: (x, y, z) float32 fine attention map on the teacher's Dn-1 grid (any scale).
             attrs: JSON-serialisable entry attributes (e.g. ``checkpoint_sha256``).
         """
         shape = self.case_shape(case_id)
@@ -342,7 +350,7 @@ class TeacherStore:
         self._write_array(group, "softmax", logp.astype(np.float16), ("class", *_SPATIAL))
         strides = {}
         for kind, amap in zip(ATTENTION_KINDS, (coarse, fine), strict=True):
-            self._write_array(group, kind, amap.astype(np.float16), _SPATIAL)
+            self._write_array(group, kind, _unit_rms(amap).astype(np.float16), _SPATIAL)
             strides[f"{kind}_stride"] = [s / m for s, m in zip(shape, amap.shape, strict=True)]
         group.attrs.update({"softmax_encoding": SOFTMAX_ENCODING, **strides, **attrs})
         group.attrs["complete"] = True
@@ -393,7 +401,16 @@ class TeacherStore:
 
 def _info(path: str, arr: zarr.Array) -> ArrayInfo:
     codecs = ", ".join(type(c).__name__.replace("Codec", "") for c in arr.compressors) or "none"
-    return ArrayInfo(path, tuple(arr.shape), str(arr.dtype), tuple(arr.chunks), codecs, int(arr.nbytes_stored()))
+    return ArrayInfo(
+        path, tuple(arr.shape), str(arr.dtype), tuple(arr.chunks), codecs, int(arr.nbytes_stored())
+    )
+
+
+def _unit_rms(amap: np.ndarray) -> np.ndarray:
+    """The L2-normalised map times √N (unit root-mean-square): same direction, float16-friendly at any size."""
+    amap = amap.astype(np.float64)
+    norm = np.linalg.norm(amap)
+    return (amap * (np.sqrt(amap.size) / norm) if norm > 0 else amap).astype(np.float32)
 
 
 def _logsumexp(x: np.ndarray, axis: int) -> np.ndarray:

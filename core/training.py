@@ -204,7 +204,9 @@ def fit(
                 for k, v in terms.items():
                     sums[k] = sums.get(k, 0.0) + float(v.detach())
                 steps += 1
-                bar.advance(status=f"loss {float(terms['total'].detach()):.3f} best Dice {max(best[0], 0):.3f}")
+                bar.advance(
+                    status=f"loss {float(terms['total'].detach()):.3f} best Dice {max(best[0], 0):.3f}"
+                )
             scheduler.step()
             row: dict[str, Any] = {
                 "epoch": epoch,

@@ -9,7 +9,7 @@ import functools
 import json
 import sys
 from collections.abc import Callable
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -39,7 +39,7 @@ QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="No progress ba
 DEFAULT_CONFIG = Path("configs/demo.yaml")
 
 
-class KDKind(str, Enum):
+class KDKind(StrEnum):
     teachformer = "teachformer"
     none = "none"
 
@@ -92,7 +92,9 @@ def preprocess(
 
     cfg = _load(config)
     s = preprocess_dataset(cfg, overwrite=overwrite, progress=not quiet)
-    out.print(f"{s.written} case(s) preprocessed, {s.skipped} already in {cfg.store.path}; splits: {s.splits_file}")
+    out.print(
+        f"{s.written} case(s) preprocessed, {s.skipped} already in {cfg.store.path}; splits: {s.splits_file}"
+    )
 
 
 @app.command()
@@ -100,7 +102,9 @@ def preprocess(
 def teachers(
     config: ConfigOption = DEFAULT_CONFIG,
     fold: FoldOption = 0,
-    teacher: Annotated[list[str] | None, typer.Option("--teacher", "-t", help="Only this teacher (repeatable).")] = None,
+    teacher: Annotated[
+        list[str] | None, typer.Option("--teacher", "-t", help="Only this teacher (repeatable).")
+    ] = None,
     quiet: QuietOption = False,
 ) -> None:
     """Train the demo teachers on one fold (real users point the config at their own checkpoints)."""
@@ -116,7 +120,9 @@ def teachers(
 def cache(
     config: ConfigOption = DEFAULT_CONFIG,
     overwrite: Annotated[bool, typer.Option(help="Recompute entries that are already complete.")] = False,
-    teacher: Annotated[list[str] | None, typer.Option("--teacher", "-t", help="Only this teacher (repeatable).")] = None,
+    teacher: Annotated[
+        list[str] | None, typer.Option("--teacher", "-t", help="Only this teacher (repeatable).")
+    ] = None,
     quiet: QuietOption = False,
 ) -> None:
     """Run each teacher once over every case and write its softmax and attention maps into the store."""
@@ -125,7 +131,9 @@ def cache(
     cfg = _load(config)
     s = cache_teachers(cfg, overwrite=overwrite, names=teacher, progress=not quiet)
     for name in s.written:
-        out.print(f"{name}: {s.written[name]} written, {s.skipped[name]} already cached ({s.seconds[name]:.1f} s)")
+        out.print(
+            f"{name}: {s.written[name]} written, {s.skipped[name]} already cached ({s.seconds[name]:.1f} s)"
+        )
 
 
 @app.command()
@@ -133,7 +141,9 @@ def cache(
 def distil(
     config: ConfigOption = DEFAULT_CONFIG,
     fold: FoldOption = 0,
-    kd: Annotated[KDKind | None, typer.Option(help="Override distillation.kind ('none' = no-KD baseline).")] = None,
+    kd: Annotated[
+        KDKind | None, typer.Option(help="Override distillation.kind ('none' = no-KD baseline).")
+    ] = None,
     quiet: QuietOption = False,
 ) -> None:
     """Train the student for one fold from the store (no teacher in memory)."""
@@ -176,8 +186,14 @@ def inspect(
     for col in ("teacher", "arch", "fold", "complete", "checkpoint sha256", "cache s"):
         t.add_column(col)
     for row in info["teachers"]:
-        t.add_row(row["name"], row["arch"], str(row["fold"]), f"{row['complete_cases']}/{row['total_cases']}",
-                  (row["checkpoint_sha256"] or "")[:12], str(row["cache_seconds"] or "—"))
+        t.add_row(
+            row["name"],
+            row["arch"],
+            str(row["fold"]),
+            f"{row['complete_cases']}/{row['total_cases']}",
+            (row["checkpoint_sha256"] or "")[:12],
+            str(row["cache_seconds"] or "—"),
+        )
     out.print(t)
     a = Table(title="arrays (first case of each kind shown per teacher; --json lists all)")
     for col in ("path", "shape", "dtype", "chunks", "codecs", "stored"):
@@ -193,8 +209,14 @@ def inspect(
         if key in seen:
             continue
         seen.add(key)
-        a.add_row(arr["path"], str(tuple(arr["shape"])), arr["dtype"], str(tuple(arr["chunks"])), arr["codecs"],
-                  _bytes(arr["stored_bytes"]))
+        a.add_row(
+            arr["path"],
+            str(tuple(arr["shape"])),
+            arr["dtype"],
+            str(tuple(arr["chunks"])),
+            arr["codecs"],
+            _bytes(arr["stored_bytes"]),
+        )
     out.print(a)
 
 

@@ -43,7 +43,12 @@ def tiny_config_dict(root: Path) -> dict[str, Any]:
             {
                 "name": "swin",
                 "arch": "swin_unetr",
-                "args": {"feature_size": 12, "depths": [1, 1, 1, 1], "num_heads": [3, 6, 12, 24], "norm_name": "batch"},
+                "args": {
+                    "feature_size": 12,
+                    "depths": [1, 1, 1, 1],
+                    "num_heads": [3, 6, 12, 24],
+                    "norm_name": "batch",
+                },
                 "checkpoint": str(root / "teachers" / "swin.pth"),
                 "training": TINY_TEACHER_TRAINING,
                 "inference": {"roi_size": [32, 32, 32], "overlap": 0.0, "sw_batch_size": 1},

@@ -62,7 +62,9 @@ def distil(cfg: Config, fold: int, kd: str | None = None, progress: bool = True)
         if not teachers:
             raise ConfigError("distillation.kind is not 'none' but no teachers are configured")
         if not store.teacher_names():
-            raise StoreError(f"{store.location} holds no teacher outputs yet; run `make cache` before `make distil`")
+            raise StoreError(
+                f"{store.location} holds no teacher outputs yet; run `make cache` before `make distil`"
+            )
         _check_teachers(store, teachers, train, dcfg.attention.p)
         request = TargetRequest(
             teachers=tuple(teachers),

@@ -107,7 +107,7 @@ def _petct_case(rng: np.random.Generator, g: _Grid) -> tuple[list[np.ndarray], n
     tumours = _place_blobs(rng, grid, body_c, body_r, int(rng.integers(1, 3)), (5.0, 10.0), taken)
     label = np.zeros(g.shape, dtype=np.uint8)
     for gland in glands:
-        ct[gland] = 130.0  # contrast-enhancing gland: obvious on CT
+        ct[gland] = 250.0  # contrast-enhancing gland: obvious on CT
         pet[gland] = rng.uniform(5.0, 11.0)  # physiological uptake: as hot as a tumour
     for tumour in tumours:
         ct[tumour] = 52.0  # 12 HU above soft tissue: hidden by CT noise

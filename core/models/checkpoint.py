@@ -139,7 +139,11 @@ def _mismatch_report(model: nn.Module, state: dict[str, torch.Tensor]) -> str:
         if k in state and tuple(state[k].shape) != tuple(v.shape)
     ]
     lines = []
-    for title, items in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes)):
+    for title, items in (
+        ("missing keys", missing),
+        ("unexpected keys", unexpected),
+        ("shape mismatches", shapes),
+    ):
         if items:
             shown = "; ".join(items[:6]) + (f"; … {len(items) - 6} more" if len(items) > 6 else "")
             lines.append(f"  {title} ({len(items)}): {shown}")
@@ -180,7 +184,9 @@ def build_from_checkpoint(
             )
         if _jsonable(ckpt.args) != _jsonable(args):
             diff = sorted(set(ckpt.args) ^ set(args))
-            changed = sorted(k for k in set(ckpt.args) & set(args) if _jsonable(ckpt.args[k]) != _jsonable(args[k]))
+            changed = sorted(
+                k for k in set(ckpt.args) & set(args) if _jsonable(ckpt.args[k]) != _jsonable(args[k])
+            )
             raise CheckpointError(
                 f"{path} was built with args {ckpt.args}, the config declares {args} "
                 f"(differing: {', '.join(diff + changed)}); copy the checkpoint's args into the config"

@@ -85,7 +85,9 @@ def list_models() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def create_model(name: str, in_channels: int, out_channels: int, args: dict[str, Any] | None = None) -> nn.Module:
+def create_model(
+    name: str, in_channels: int, out_channels: int, args: dict[str, Any] | None = None
+) -> nn.Module:
     """Build a registered network.
 
     Raises:

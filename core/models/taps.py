@@ -76,7 +76,9 @@ class TapRecorder:
         if isinstance(value, (tuple, list)):
             value = value[index]
         if not isinstance(value, torch.Tensor) or value.ndim != 5:
-            raise RuntimeError(f"tap '{name}' captured {type(value).__name__}, expected a (B, C, X, Y, Z) tensor")
+            raise RuntimeError(
+                f"tap '{name}' captured {type(value).__name__}, expected a (B, C, X, Y, Z) tensor"
+            )
         self.features[name] = value
 
     def _output_hook(self, name: str, index: int):

@@ -1,0 +1,80 @@
+"""Training patches: every cached teacher map follows the image and label through crop, flips and rotations."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from core.data.patches import PatchDataset, TargetRequest, crop_map
+from core.data.preprocessing import foreground_locations
+from core.store import TeacherStore
+
+
+def test_crop_map_is_exact_on_aligned_patches():
+    amap = np.arange(4 * 4 * 4, dtype=np.float32).reshape(4, 4, 4)
+    out = crop_map(amap, (8.0, 8.0, 8.0), start=(8, 0, 16), size=(16, 16, 16))
+    assert out.shape == (1, 2, 2, 2)
+    assert np.allclose(out[0].numpy(), amap[1:3, 0:2, 2:4], atol=1e-4)
+    half = crop_map(amap, (8.0, 8.0, 8.0), start=(4, 0, 0), size=(16, 16, 16))
+    assert half[0, 0, 0, 0].item() == pytest.approx((amap[0, 0, 0] + amap[1, 0, 0]) / 2)
+
+
+@pytest.fixture
+def labelled_store(tmp_path):
+    """A store whose teacher 'oracle' has softmax = one-hot(label) and maps = label pooled to its grid."""
+    rng = np.random.default_rng(0)
+    shape = (64, 64, 64)
+    label = np.zeros(shape, np.uint8)
+    label[10:30, 20:50, 5:25] = 1
+    label[40:60, 8:20, 30:60] = 1
+    image = np.stack([label + rng.normal(0, 0.1, shape), rng.normal(0, 1, shape)]).astype(np.float32)
+    store = TeacherStore.create(
+        tmp_path / "s.zarr",
+        dataset={"name": "t", "channel_names": ["A", "B"], "class_names": ["bg", "fg"], "manifest_hash": "m"},
+        preprocessing={},
+        preprocessing_hash="h",
+        splits=[],
+        chunk_size=(32, 32, 32),
+    )
+    store.write_case("c", image, label, foreground_locations(label), {})
+    logits = np.stack([(label == 0), (label == 1)]).astype(np.float32) * 30 - 15
+    pooled = label.reshape(4, 16, 4, 16, 4, 16).mean(axis=(1, 3, 5)).astype(np.float32)
+    fine = label.reshape(32, 2, 32, 2, 32, 2).mean(axis=(1, 3, 5)).astype(np.float32)
+    store.write_entry("oracle", "c", logits, pooled, fine)
+    return tmp_path / "s.zarr"
+
+
+def test_maps_follow_image_and_label_through_augmentation(labelled_store):
+    ds = PatchDataset(
+        labelled_store,
+        ["c"],
+        (32, 32, 32),
+        length=24,
+        foreground_oversampling=0.5,
+        seed=1,
+        targets=TargetRequest(("oracle",), temperature=2.0),
+    )
+    for i in range(len(ds)):
+        s = ds[i]
+        label = s["label"][0]
+        assert torch.equal(s["softmax/oracle"].argmax(0), label), "softmax cropped and flipped with the label"
+        assert torch.allclose(
+            s["softmax/oracle"].sum(0), torch.ones_like(label, dtype=torch.float32), atol=1e-4
+        )
+        assert torch.equal((s["image"][0] > 0.5).long(), label), "image stays aligned with the label"
+        fine = s["fine/oracle"][0]
+        pooled = label.float().reshape(16, 2, 16, 2, 16, 2).mean(dim=(1, 3, 5))
+        assert fine.shape == (16, 16, 16)
+        assert (fine - pooled).abs().max() < 0.51, (
+            "fine map matches the label on its grid (≤ half a voxel off)"
+        )
+        assert s["coarse/oracle"].shape == (1, 2, 2, 2)
+
+
+def test_patches_depend_only_on_seed_epoch_and_index(labelled_store):
+    a = PatchDataset(labelled_store, ["c"], (32, 32, 32), length=4, seed=5)
+    b = PatchDataset(labelled_store, ["c"], (32, 32, 32), length=4, seed=5)
+    assert torch.equal(a[2]["image"], b[2]["image"])
+    b.set_epoch(1)
+    assert not torch.equal(a[2]["image"], b[2]["image"])
