@@ -12,7 +12,7 @@ BIN := $(VENV)/bin
 TC  := $(BIN)/teachcache
 STAMP := $(VENV)/.installed
 
-.PHONY: setup data preprocess teachers cache distil report demo test lint format clean
+.PHONY: setup data preprocess teachers cache distil report demo bench-store test lint format clean
 
 setup: $(STAMP)
 
@@ -50,6 +50,10 @@ demo: setup
 	$(MAKE) --no-print-directory distil CONFIG=$(CONFIG) FOLD=0 KD=none
 	$(MAKE) --no-print-directory distil CONFIG=$(CONFIG) FOLD=0
 	$(TC) report --config $(CONFIG) --fold 0
+
+# Softmax encodings (B/voxel, KL at T = 1, 2, 4, MB/s) and patch read time, on the cached demo teachers.
+bench-store: setup
+	$(TC) bench-store --config $(CONFIG)
 
 test: setup
 	$(BIN)/pytest -q

@@ -1,24 +1,33 @@
-"""Run each teacher once over every case and write its softmax and attention maps into the store."""
+"""Run each teacher once over every case and write its softmax and attention maps into the store.
+
+The unit of work is one (teacher, case) entry, computed and written by :func:`compute_entry`. Entries run either
+in this process (one teacher in memory at a time) or as tasks on a dask.distributed cluster — a LocalCluster of
+``workers`` processes, or any scheduler address. Each entry owns its own arrays (its own chunk files), so
+workers never write to the same object; metadata is consolidated once, after every task has finished.
+"""
 
 from __future__ import annotations
 
+import logging
 import platform
 import time
 from dataclasses import dataclass, field
 from importlib.metadata import version
+from typing import Any
 
 import torch
 from torch import nn
 
-from core.config import Config, InferenceConfig, TeacherConfig
-from core.errors import ConfigError
+from core.config import Config, TeacherConfig
+from core.errors import ConfigError, StoreError
 from core.experiment import open_store_for
 from core.inference import check_window, predict_volume, resolve_device
-from core.models import ModelSpec, get_spec
+from core.models import get_spec
 from core.models.checkpoint import Checkpoint, build_from_checkpoint, file_sha256
 from core.progress import track
+from core.store import TeacherStore
 
-__all__ = ["CacheSummary", "cache_teachers"]
+__all__ = ["CacheSummary", "cache_teachers", "compute_entry"]
 
 
 @dataclass
@@ -37,8 +46,142 @@ def _software() -> dict[str, str]:
     }
 
 
+# Per-process state of entry tasks: the open store and the one teacher currently in memory.
+_PROCESS: dict[str, Any] = {}
+
+
+def _load_teacher(teacher: TeacherConfig, in_channels: int, num_classes: int) -> tuple[nn.Module, Checkpoint]:
+    return build_from_checkpoint(teacher.checkpoint, teacher.arch, in_channels, num_classes, teacher.args)
+
+
+def _process_model(cfg: Config, teacher: TeacherConfig, sha: str, device: torch.device) -> nn.Module:
+    key = (teacher.name, sha)
+    if _PROCESS.get("model_key") != key:
+        _PROCESS.pop("model", None)  # free the previous teacher first
+        meta = _process_store(cfg).metadata["dataset"]
+        model, _ = _load_teacher(teacher, len(meta["channel_names"]), len(meta["class_names"]))
+        _PROCESS["model"], _PROCESS["model_key"] = model.to(device), key
+    return _PROCESS["model"]
+
+
+def _process_store(cfg: Config) -> TeacherStore:
+    if _PROCESS.get("store_key") != cfg.store.path:
+        _PROCESS["store"] = TeacherStore.open(cfg.store.path, mode="a", chunk_size=cfg.store.chunk_size)
+        _PROCESS["store_key"] = cfg.store.path
+    return _PROCESS["store"]
+
+
+def release_process_state() -> None:
+    """Drop this process's teacher and store handles."""
+    _PROCESS.clear()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _entry_device(cfg: Config) -> torch.device:
+    device = resolve_device(cfg.training.device)
+    try:  # on a dask worker: one GPU per worker, one thread per worker
+        from distributed import get_worker
+
+        worker = get_worker()
+        torch.set_num_threads(max(1, worker.state.nthreads))
+        if device.type == "cuda":
+            index = int(str(worker.name).rsplit("-", 1)[-1]) if str(worker.name)[-1:].isdigit() else 0
+            device = torch.device("cuda", index % torch.cuda.device_count())
+    except (ImportError, ValueError):
+        pass
+    return device
+
+
+def compute_entry(cfg: Config, teacher_name: str, case_id: str, sha: str) -> str:
+    """Compute one teacher's outputs for one case and write them as a complete store entry.
+
+    Runs in the calling process or on a dask worker; either way it opens the store itself.
+
+    Returns:
+        ``case_id``, for progress reporting.
+
+    Raises:
+        StoreError: the store cannot be written (full disk, read-only destination); entries already complete
+            are untouched and this one stays incomplete, so re-running resumes.
+    """
+    teacher = cfg.teacher(teacher_name)
+    device = _entry_device(cfg)
+    store = _process_store(cfg)
+    model = _process_model(cfg, teacher, sha, device)
+    out = predict_volume(
+        model,
+        store.read_image(case_id),
+        cfg.inference_for(teacher),
+        device,
+        spec=get_spec(teacher.arch),
+        p=cfg.distillation.attention.p,
+        amp=cfg.training.amp,
+    )
+    try:
+        store.write_entry(
+            teacher.name, case_id, out["logits"], out["coarse"], out["fine"], checkpoint_sha256=sha
+        )
+    except OSError as exc:
+        raise StoreError(
+            f"cannot write teacher '{teacher.name}', case '{case_id}' to {cfg.store.path}: "
+            f"{exc.strerror or exc}. Free space or fix permissions, then re-run `make cache` to resume; "
+            "complete entries are kept"
+        ) from None
+    return case_id
+
+
+def _provenance(
+    cfg: Config, teacher: TeacherConfig, ckpt: Checkpoint, sha: str, store: TeacherStore
+) -> dict[str, Any]:
+    meta = store.metadata
+    spec = get_spec(teacher.arch)
+    return {
+        "arch": teacher.arch,
+        "args": teacher.args,
+        "in_channels": len(meta["dataset"]["channel_names"]),
+        "out_channels": len(meta["dataset"]["class_names"]),
+        "class_names": meta["dataset"]["class_names"],
+        "checkpoint_path": str(teacher.checkpoint),
+        "checkpoint_sha256": sha,
+        "fold": ckpt.meta.get("fold"),
+        "train_cases": ckpt.meta.get("train_cases"),
+        "splits_file": ckpt.meta.get("splits_file"),
+        "val_mean_dice": ckpt.meta.get("val_mean_dice"),
+        "taps": {k: {"module": t.module, "stride": t.stride} for k, t in spec.taps.items()},
+        "attention_p": cfg.distillation.attention.p,
+        "inference": cfg.inference_for(teacher).model_dump(mode="json"),
+        "preprocessing_hash": meta["preprocessing_hash"],
+        "dataset_manifest_hash": meta["dataset"]["manifest_hash"],
+        "software": _software(),
+    }
+
+
+def _client(workers: int | None, scheduler: str | None):
+    from distributed import Client, LocalCluster
+
+    if scheduler:
+        try:
+            return Client(scheduler, timeout="20s")
+        except OSError as exc:
+            raise ConfigError(f"cannot reach the dask scheduler at {scheduler}: {exc}") from None
+    cluster = LocalCluster(
+        n_workers=workers,
+        threads_per_worker=1,
+        processes=True,
+        dashboard_address=None,
+        silence_logs=logging.ERROR,
+    )
+    return Client(cluster)
+
+
 def cache_teachers(
-    cfg: Config, overwrite: bool = False, names: list[str] | None = None, progress: bool = True
+    cfg: Config,
+    overwrite: bool = False,
+    names: list[str] | None = None,
+    progress: bool = True,
+    workers: int | None = None,
+    scheduler: str | None = None,
 ) -> CacheSummary:
     """Cache every configured teacher (or those in ``names``) over every case of the store.
 
@@ -46,86 +189,81 @@ def cache_teachers(
     entry is skipped when it is complete and was computed from the same checkpoint bytes (sha256), unless
     ``overwrite``.
 
+    Args:
+        cfg: the experiment.
+        overwrite: recompute complete entries too.
+        names: only these teachers.
+        progress: show progress bars.
+        workers: run entries on a LocalCluster of this many worker processes (``None``: in this process).
+        scheduler: run entries on the dask.distributed cluster at this address instead.
+
     Raises:
-        StoreError: the store is missing or stale (run ``teachcache preprocess``).
+        StoreError: the store is missing, stale, or cannot be written.
         CheckpointError: a checkpoint is missing, unsafe, or does not fit its declared architecture.
-        ConfigError: no teachers configured, or window settings a network cannot use.
+        ConfigError: no teachers configured, window settings a network cannot use, or an unreachable scheduler.
     """
     store = open_store_for(cfg, mode="a")
     case_ids = store.case_ids()
     meta = store.metadata["dataset"]
-    in_channels, class_names = len(meta["channel_names"]), meta["class_names"]
+    in_channels, num_classes = len(meta["channel_names"]), len(meta["class_names"])
     teachers = [cfg.teacher(n) for n in names] if names else list(cfg.teachers)
     if not teachers:
-        raise ConfigError(f"no teachers in the config: add entries under 'teachers' (see {cfg.experiment})")
+        raise ConfigError("no teachers in the config: add entries under 'teachers'")
 
-    def load(teacher: TeacherConfig) -> tuple[ModelSpec, nn.Module, Checkpoint, InferenceConfig]:
-        spec = get_spec(teacher.arch)
-        model, ckpt = build_from_checkpoint(
-            teacher.checkpoint, teacher.arch, in_channels, len(class_names), teacher.args
-        )
-        inference = cfg.inference_for(teacher)
-        for case_id in case_ids:
-            check_window(spec, inference, store.case_shape(case_id), teacher.args)
-        return spec, model, ckpt, inference
-
+    plans = []
     for teacher in teachers:  # check every teacher before writing anything; keep none in memory
-        load(teacher)
-
-    device = resolve_device(cfg.training.device)
-    p = cfg.distillation.attention.p
-    summary = CacheSummary()
-    for teacher in teachers:  # one teacher in memory at a time
-        started = time.perf_counter()
-        spec, model, ckpt, inference = load(teacher)
+        spec = get_spec(teacher.arch)
+        _, ckpt = _load_teacher(teacher, in_channels, num_classes)
+        for case_id in case_ids:
+            check_window(spec, cfg.inference_for(teacher), store.case_shape(case_id), teacher.args)
         sha = file_sha256(teacher.checkpoint)
-        store.write_teacher_metadata(
-            teacher.name,
-            {
-                "arch": teacher.arch,
-                "args": teacher.args,
-                "in_channels": in_channels,
-                "out_channels": len(class_names),
-                "class_names": class_names,
-                "checkpoint_path": str(teacher.checkpoint),
-                "checkpoint_sha256": sha,
-                "fold": ckpt.meta.get("fold"),
-                "train_cases": ckpt.meta.get("train_cases"),
-                "val_mean_dice": ckpt.meta.get("val_mean_dice"),
-                "taps": {k: {"module": t.module, "stride": t.stride} for k, t in spec.taps.items()},
-                "attention_p": p,
-                "inference": inference.model_dump(mode="json"),
-                "preprocessing_hash": store.metadata["preprocessing_hash"],
-                "dataset_manifest_hash": meta["manifest_hash"],
-                "software": _software(),
-            },
-        )
-        model.to(device)
-        written = skipped = 0
-        for case_id in track(case_ids, f"caching {teacher.name}", enabled=progress):
-            if (
-                not overwrite
-                and store.has_entry(teacher.name, case_id)
-                and store.entry_attrs(teacher.name, case_id).get("checkpoint_sha256") == sha
-            ):
-                skipped += 1
-                continue
-            out = predict_volume(
-                model, store.read_image(case_id), inference, device, spec=spec, p=p, amp=cfg.training.amp
-            )
-            store.write_entry(
-                teacher.name, case_id, out["logits"], out["coarse"], out["fine"], checkpoint_sha256=sha
-            )
-            written += 1
-        model.to("cpu")
-        del model
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-        seconds = round(time.perf_counter() - started, 2)
-        summary.written[teacher.name], summary.skipped[teacher.name] = written, skipped
-        summary.seconds[teacher.name] = seconds
-        if written:
-            prov = store.teacher_metadata(teacher.name)
-            store.write_teacher_metadata(teacher.name, {**prov, "cache_seconds": seconds})
+        todo = [
+            c
+            for c in case_ids
+            if overwrite
+            or not store.has_entry(teacher.name, c)
+            or store.entry_attrs(teacher.name, c).get("checkpoint_sha256") != sha
+        ]
+        plans.append((teacher, ckpt.meta, sha, todo))
+        del ckpt
+
+    summary = CacheSummary()
+    client = _client(workers, scheduler) if (workers or scheduler) else None
+    try:
+        for teacher, ckpt_meta, sha, todo in plans:
+            started = time.perf_counter()
+            ckpt = Checkpoint(path=teacher.checkpoint, state_dict={}, meta=ckpt_meta)
+            store.write_teacher_metadata(teacher.name, _provenance(cfg, teacher, ckpt, sha, store))
+            label = f"caching {teacher.name}"
+            if client is None:
+                for case_id in track(todo, label, enabled=progress):
+                    compute_entry(cfg, teacher.name, case_id, sha)
+                release_process_state()
+            else:
+                from distributed import as_completed
+
+                futures = client.map(
+                    compute_entry,
+                    [cfg] * len(todo),
+                    [teacher.name] * len(todo),
+                    todo,
+                    [sha] * len(todo),
+                    pure=False,
+                )
+                for future in track(as_completed(futures), label, total=len(todo), enabled=progress):
+                    future.result()  # re-raises a worker's error here
+            seconds = round(time.perf_counter() - started, 2)
+            summary.written[teacher.name] = len(todo)
+            summary.skipped[teacher.name] = len(case_ids) - len(todo)
+            summary.seconds[teacher.name] = seconds
+            if todo:
+                prov = store.teacher_metadata(teacher.name)
+                store.write_teacher_metadata(teacher.name, {**prov, "cache_seconds": seconds})
+    finally:
+        if client is not None:
+            cluster = client.cluster
+            client.close()
+            if cluster is not None:
+                cluster.close()
     store.consolidate()
     return summary

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import shutil
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 from core.config import Config
 from core.data.layout import read_raw_dataset
@@ -28,12 +26,6 @@ class PreprocessSummary:
     splits_file: str
 
 
-def _remove_store(path: Path) -> None:
-    """Delete a store for ``--overwrite``, refusing anything that is not a TeachCache store."""
-    TeacherStore.open(path)  # raises StoreError for a foreign folder
-    shutil.rmtree(path)
-
-
 def preprocess_dataset(cfg: Config, overwrite: bool = False, progress: bool = True) -> PreprocessSummary:
     """Write every case of ``cfg.dataset.raw_dir`` into the store, preprocessed; skip cases already there.
 
@@ -54,9 +46,9 @@ def preprocess_dataset(cfg: Config, overwrite: bool = False, progress: bool = Tr
         splits = make_splits(case_ids, cfg.splits.num_folds, cfg.splits.seed)
         write_splits(splits, split_file)
 
-    store_path = Path(cfg.store.path)
+    store_path = cfg.store.path
     if overwrite and TeacherStore.exists(store_path):
-        _remove_store(store_path)
+        TeacherStore.delete(store_path)
     dataset_meta = {
         "name": ds.name,
         "raw_dir": str(ds.root),

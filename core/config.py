@@ -98,9 +98,9 @@ class SplitsConfig(_Strict):
 
 
 class StoreConfig(_Strict):
-    """The teacher store (a Zarr v3 group)."""
+    """The teacher store (a Zarr v3 group): a local path or an fsspec URL such as ``file:///data/store.zarr``."""
 
-    path: Path
+    path: str
     chunk_size: Triple = (64, 64, 64)
 
 

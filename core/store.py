@@ -10,7 +10,7 @@ below is spelled only here. A store is one Zarr v3 group holding the preprocesse
 <store>/cases/<case>/label            (X, Y, Z) uint8
 <store>/cases/<case>/foreground       (N, 4) int32: class, x, y, z of sampled foreground voxels
 <store>/teachers/<teacher>/           attrs["teachcache"]: provenance
-<store>/teachers/<teacher>/<case>/softmax   (K, X, Y, Z) log-probabilities (see SOFTMAX_ENCODING)
+<store>/teachers/<teacher>/<case>/softmax   the class distribution, encoded (core.encoding)
 <store>/teachers/<teacher>/<case>/coarse    (x, y, z) attention map of the deepest encoder feature
 <store>/teachers/<teacher>/<case>/fine      (x, y, z) attention map of the second-to-last decoder feature
 ```
@@ -32,21 +32,21 @@ import zarr
 import zarr.errors
 from zarr.codecs import BloscCodec
 
+from core.encoding import DEFAULT_ENCODING, SoftmaxEncoding, get_encoding
 from core.errors import StoreError
 
 __all__ = [
     "ATTENTION_KINDS",
     "FORMAT_NAME",
     "FORMAT_VERSION",
-    "SOFTMAX_ENCODING",
     "ArrayInfo",
     "Box",
     "TeacherStore",
+    "compressor_for",
 ]
 
 FORMAT_NAME = "teachcache-store"
-FORMAT_VERSION = "1.0"
-SOFTMAX_ENCODING = "logprob-float16"
+FORMAT_VERSION = "1.1"
 ATTENTION_KINDS = ("coarse", "fine")
 
 _ATTR = "teachcache"
@@ -55,7 +55,15 @@ _SPATIAL = ("x", "y", "z")
 Box = tuple[slice, slice, slice]
 
 
-def _compressor(dtype: np.dtype) -> BloscCodec:
+def _open_group(location: str, mode: str, **kwargs: Any) -> zarr.Group:
+    """``zarr.open_group`` for a path or an fsspec URL (``file://`` URLs create missing folders)."""
+    if location.startswith("file://"):
+        kwargs["storage_options"] = {"auto_mkdir": True}
+    return zarr.open_group(location, mode=mode, **kwargs)
+
+
+def compressor_for(dtype: np.dtype) -> BloscCodec:
+    """Blosc/zstd level 5; bit-shuffle for 1- and 2-byte types, byte-shuffle for wider ones."""
     # bitshuffle suits low-entropy floats (smooth maps); byte shuffle suits wider types
     shuffle = "bitshuffle" if np.dtype(dtype).itemsize <= 2 else "shuffle"
     return BloscCodec(cname="zstd", clevel=5, shuffle=shuffle)
@@ -98,11 +106,19 @@ class TeacherStore:
         chunk_size: spatial chunk shape for new arrays.
     """
 
-    def __init__(self, group: zarr.Group, location: str, chunk_size: Sequence[int] = (64, 64, 64)):
+    def __init__(
+        self,
+        group: zarr.Group,
+        location: str,
+        chunk_size: Sequence[int] = (64, 64, 64),
+        softmax_encoding: str = DEFAULT_ENCODING,
+    ):
         self._root = group
         self.location = location
         self.chunk_size = tuple(chunk_size)
+        self.encoding: SoftmaxEncoding = get_encoding(softmax_encoding)
         self._arrays: dict[str, zarr.Array] = {}
+        self._encodings: dict[tuple[str, str], SoftmaxEncoding] = {}
 
     # ------------------------------------------------------------------ opening
     @classmethod
@@ -139,7 +155,7 @@ class TeacherStore:
                 )
             return store
         try:
-            group = zarr.open_group(location, mode="w-", zarr_format=3)
+            group = _open_group(location, mode="w-", zarr_format=3)
         except (zarr.errors.ContainsGroupError, zarr.errors.ContainsArrayError, FileExistsError):
             raise StoreError(
                 f"{location} exists but is not a TeachCache store; choose another store.path or remove it"
@@ -162,7 +178,7 @@ class TeacherStore:
     def exists(path: str | Path) -> bool:
         """True when ``path`` holds a Zarr group (TeachCache's or not)."""
         try:
-            zarr.open_group(str(path), mode="r", use_consolidated=False)
+            _open_group(str(path), mode="r", use_consolidated=False)
         except (FileNotFoundError, zarr.errors.GroupNotFoundError, zarr.errors.NodeTypeValidationError):
             return False
         except (OSError, ValueError, json.JSONDecodeError):
@@ -181,7 +197,7 @@ class TeacherStore:
         """
         location = str(path)
         try:
-            group = zarr.open_group(location, mode=mode, use_consolidated=False)
+            group = _open_group(location, mode=mode, use_consolidated=False)
         except (FileNotFoundError, zarr.errors.GroupNotFoundError):
             raise StoreError(
                 f"no store at {location}: run `make cache` (teachcache preprocess, then teachcache cache) first"
@@ -201,6 +217,15 @@ class TeacherStore:
             )
         return cls(group, location, chunk_size)
 
+    @classmethod
+    def delete(cls, path: str | Path) -> None:
+        """Remove a store (for ``--overwrite``); refuses anything that is not a TeachCache store."""
+        import fsspec
+
+        cls.open(path)  # StoreError for a foreign or missing location
+        fs, root = fsspec.core.url_to_fs(str(path))
+        fs.rm(root, recursive=True)
+
     @property
     def metadata(self) -> dict[str, Any]:
         """The root attributes: format, dataset description, preprocessing and its hash, splits."""
@@ -213,7 +238,11 @@ class TeacherStore:
 
     def consolidate(self) -> None:
         """Write consolidated metadata once, after every writer has finished."""
-        zarr.consolidate_metadata(self._root.store)
+        import warnings
+
+        with warnings.catch_warnings():  # zarr notes that consolidation is not yet in the v3 spec
+            warnings.simplefilter("ignore")
+            zarr.consolidate_metadata(self._root.store)
 
     # ------------------------------------------------------------------ helpers
     def _write_array(self, group: zarr.Group, name: str, data: np.ndarray, dims: Sequence[str]) -> None:
@@ -221,7 +250,7 @@ class TeacherStore:
             name,
             data=data,
             chunks=_chunks(data.shape, self.chunk_size) if data.ndim >= 3 else data.shape,
-            compressors=_compressor(data.dtype),
+            compressors=compressor_for(data.dtype),
             dimension_names=list(dims),
             overwrite=True,
         )
@@ -346,13 +375,13 @@ class TeacherStore:
             raise ValueError(f"logits {logits.shape} do not match case '{case_id}' grid {shape}")
         group = self._root.require_group(f"teachers/{teacher}/{case_id}")
         group.attrs["complete"] = False
-        logp = logits - _logsumexp(logits, axis=0)
-        self._write_array(group, "softmax", logp.astype(np.float16), ("class", *_SPATIAL))
+        self._write_array(group, "softmax", self.encoding.encode(logits), ("class", *_SPATIAL))
+        group["softmax"].attrs.update(self.encoding.attrs())
         strides = {}
         for kind, amap in zip(ATTENTION_KINDS, (coarse, fine), strict=True):
             self._write_array(group, kind, _unit_rms(amap).astype(np.float16), _SPATIAL)
             strides[f"{kind}_stride"] = [s / m for s, m in zip(shape, amap.shape, strict=True)]
-        group.attrs.update({"softmax_encoding": SOFTMAX_ENCODING, **strides, **attrs})
+        group.attrs.update({"softmax_encoding": self.encoding.name, **strides, **attrs})
         group.attrs["complete"] = True
 
     def _require_entry(self, teacher: str, case_id: str) -> None:
@@ -362,17 +391,29 @@ class TeacherStore:
                 "run `make cache` to (re)compute it"
             )
 
-    def read_log_probs(self, teacher: str, case_id: str, box: Box | None = None) -> np.ndarray:
-        """(K, X, Y, Z) float32 log-probabilities at temperature 1, or the ``box`` region."""
+    def _entry_encoding(self, teacher: str, case_id: str) -> SoftmaxEncoding:
+        key = (teacher, case_id)
+        if key not in self._encodings:
+            self._require_entry(teacher, case_id)
+            name = self._root[f"teachers/{teacher}/{case_id}"].attrs["softmax_encoding"]
+            self._encodings[key] = get_encoding(name)
+        return self._encodings[key]
+
+    def _read_softmax_array(self, teacher: str, case_id: str, box: Box | None) -> np.ndarray:
         arr = self._array(f"teachers/{teacher}/{case_id}/softmax")
-        data = arr[(slice(None), *box)] if box is not None else arr[...]
-        return data.astype(np.float32)
+        return arr[(slice(None), *box)] if box is not None else arr[...]
+
+    def read_scores(self, teacher: str, case_id: str, box: Box | None = None) -> np.ndarray:
+        """(K, X, Y, Z) float32 scores equal to the teacher's logits up to a per-voxel constant."""
+        enc = self._entry_encoding(teacher, case_id)
+        return enc.log_scores(self._read_softmax_array(teacher, case_id, box))
 
     def read_softmax(
         self, teacher: str, case_id: str, box: Box | None = None, temperature: float = 1.0
     ) -> np.ndarray:
-        """(K, X, Y, Z) float32 teacher probabilities re-tempered to ``temperature``: softmax(log p / T)."""
-        return _softmax(self.read_log_probs(teacher, case_id, box) / temperature, axis=0)
+        """(K, X, Y, Z) float32 teacher probabilities re-tempered to ``temperature``: softmax(scores / T)."""
+        enc = self._entry_encoding(teacher, case_id)
+        return enc.decode(self._read_softmax_array(teacher, case_id, box), temperature)
 
     def read_attention(self, teacher: str, case_id: str, kind: str) -> tuple[np.ndarray, tuple[float, ...]]:
         """A whole attention map and its stride (voxels of the case per map voxel, per axis).
@@ -385,6 +426,23 @@ class TeacherStore:
         attrs = self._root[f"teachers/{teacher}/{case_id}"].attrs
         amap = self._array(f"teachers/{teacher}/{case_id}/{kind}")[...].astype(np.float32)
         return amap, tuple(attrs[f"{kind}_stride"])
+
+    # ------------------------------------------------------------------ lazy views
+    def lazy_maps(self, teacher: str, kind: str) -> dict[str, Any]:
+        """A lazy dask array per case of one teacher's ``kind`` (``"softmax"``, ``"coarse"`` or ``"fine"``).
+
+        Nothing is read until computed; used for statistics over a whole teacher. ``"softmax"`` arrays are the
+        stored (encoded) values; decode with :meth:`read_softmax` for probabilities.
+        """
+        import dask.array as da
+
+        if kind not in ("softmax", *ATTENTION_KINDS):
+            raise ValueError(f"kind must be softmax, coarse or fine, got {kind!r}")
+        return {
+            c: da.from_zarr(self._array(f"teachers/{teacher}/{c}/{kind}"))
+            for c in self.case_ids()
+            if self.has_entry(teacher, c)
+        }
 
     # ------------------------------------------------------------------ inspection
     def array_infos(self) -> list[ArrayInfo]:
@@ -411,13 +469,3 @@ def _unit_rms(amap: np.ndarray) -> np.ndarray:
     amap = amap.astype(np.float64)
     norm = np.linalg.norm(amap)
     return (amap * (np.sqrt(amap.size) / norm) if norm > 0 else amap).astype(np.float32)
-
-
-def _logsumexp(x: np.ndarray, axis: int) -> np.ndarray:
-    m = x.max(axis=axis, keepdims=True)
-    return m + np.log(np.exp(x - m).sum(axis=axis, keepdims=True))
-
-
-def _softmax(x: np.ndarray, axis: int) -> np.ndarray:
-    e = np.exp(x - x.max(axis=axis, keepdims=True))
-    return e / e.sum(axis=axis, keepdims=True)

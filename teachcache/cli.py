@@ -123,13 +123,22 @@ def cache(
     teacher: Annotated[
         list[str] | None, typer.Option("--teacher", "-t", help="Only this teacher (repeatable).")
     ] = None,
+    workers: Annotated[
+        int | None,
+        typer.Option(help="Spread entries over a local dask cluster of N worker processes.", min=1),
+    ] = None,
+    scheduler: Annotated[
+        str | None, typer.Option(help="Spread entries over the dask.distributed scheduler at this address.")
+    ] = None,
     quiet: QuietOption = False,
 ) -> None:
     """Run each teacher once over every case and write its softmax and attention maps into the store."""
     from cache_teachers import cache_teachers
 
     cfg = _load(config)
-    s = cache_teachers(cfg, overwrite=overwrite, names=teacher, progress=not quiet)
+    s = cache_teachers(
+        cfg, overwrite=overwrite, names=teacher, progress=not quiet, workers=workers, scheduler=scheduler
+    )
     for name in s.written:
         out.print(
             f"{name}: {s.written[name]} written, {s.skipped[name]} already cached ({s.seconds[name]:.1f} s)"
@@ -144,14 +153,46 @@ def distil(
     kd: Annotated[
         KDKind | None, typer.Option(help="Override distillation.kind ('none' = no-KD baseline).")
     ] = None,
+    allow_leakage: Annotated[
+        bool,
+        typer.Option(
+            help="Distil from teachers trained on this fold's validation cases (recorded in the run)."
+        ),
+    ] = False,
     quiet: QuietOption = False,
 ) -> None:
     """Train the student for one fold from the store (no teacher in memory)."""
     from train_student import distil as run
 
     cfg = _load(config)
-    r = run(cfg, fold, kd.value if kd else None, progress=not quiet)
+    r = run(cfg, fold, kd.value if kd else None, progress=not quiet, allow_leakage=allow_leakage)
     out.print(f"{r.name}: best val Dice {r.best_mean_dice:.4f} (epoch {r.best_epoch}) → {r.checkpoint}")
+
+
+@app.command()
+@user_errors
+def verify(
+    store: Annotated[str, typer.Argument(help="Store path or URL.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Check every case and teacher entry: complete, right shapes, finite, softmax sums to 1, provenance."""
+    from core.store import TeacherStore
+    from core.verify import verify_store
+
+    result = verify_store(TeacherStore.open(store))
+    if as_json:
+        sys.stdout.write(json.dumps(result, indent=2) + "\n")
+    elif result["ok"]:
+        out.print(
+            f"ok: {result['cases']} cases, {len(result['teachers'])} teacher(s), "
+            f"{result['entries_checked']} entries checked"
+        )
+    else:
+        for problem in result["problems"]:
+            err.print(f"[red]problem:[/] {problem}", highlight=False, soft_wrap=True)
+        err.print(f"{len(result['problems'])} problem(s) in {store}")
+    if not result["ok"]:
+        raise typer.Exit(code=1)
 
 
 def _bytes(n: int) -> str:
@@ -195,28 +236,18 @@ def inspect(
             str(row["cache_seconds"] or "—"),
         )
     out.print(t)
-    a = Table(title="arrays (first case of each kind shown per teacher; --json lists all)")
-    for col in ("path", "shape", "dtype", "chunks", "codecs", "stored"):
-        a.add_column(col)
-    seen: set[tuple[str, str]] = set()
-    first_case = info["cases"][0]["case_id"] if info["cases"] else None
+    case = info["cases"][0]["case_id"] if info["cases"] else None
+    a = Table(title=f"arrays of case {case} (--json lists every case)")
+    for col in ("owner", "array", "shape", "dtype", "chunks", "codecs", "stored"):
+        a.add_column(col, overflow="fold")
     for arr in info["arrays"]:
         parts = arr["path"].split("/")
-        owner = parts[1] if parts[0] == "teachers" else "cases"
-        if first_case and first_case not in parts:
+        if case not in parts:
             continue
-        key = (owner, parts[-1])
-        if key in seen:
-            continue
-        seen.add(key)
-        a.add_row(
-            arr["path"],
-            str(tuple(arr["shape"])),
-            arr["dtype"],
-            str(tuple(arr["chunks"])),
-            arr["codecs"],
-            _bytes(arr["stored_bytes"]),
-        )
+        owner = "case" if parts[0] == "cases" else parts[1]
+        shape = "×".join(map(str, arr["shape"]))
+        chunks = "×".join(map(str, arr["chunks"]))
+        a.add_row(owner, parts[-1], shape, arr["dtype"], chunks, arr["codecs"], _bytes(arr["stored_bytes"]))
     out.print(a)
 
 
@@ -241,6 +272,45 @@ def report(config: ConfigOption = DEFAULT_CONFIG, fold: FoldOption = 0) -> None:
         s.add_row(stage, "—" if secs is None else f"{secs:.1f}")
     out.print(s)
     out.print(f"written to {cfg.output.runs_dir}/report_fold_{fold}.md and .json")
+
+
+@app.command("bench-store")
+@user_errors
+def bench_store(
+    config: ConfigOption = DEFAULT_CONFIG,
+    cases: Annotated[int, typer.Option(help="Validation cases of fold 0 to encode.", min=1)] = 4,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
+) -> None:
+    """Measure every softmax encoding (B/voxel, KL at T=1,2,4, MB/s) and the time to read one training patch."""
+    from cache_teachers.bench_store import bench_encodings, bench_patch_read, results_table
+
+    cfg = _load(config)
+    results = results_table(bench_encodings(cfg, cases))
+    patch = bench_patch_read(cfg)
+    report = {"encodings": results, "patch_read": patch}
+    path = cfg.output.runs_dir / "bench_store.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    if as_json:
+        sys.stdout.write(json.dumps(report, indent=2) + "\n")
+        return
+    t = Table(title=f"softmax encodings on {len(cfg.teachers)} teacher(s) × {cases} case(s)")
+    for col in ("encoding", "B/voxel/teacher", "KL T=1", "KL T=2", "KL T=4", "write MB/s", "read MB/s"):
+        t.add_column(col, justify="left" if col == "encoding" else "right")
+    for r in results:
+        kl = r["kl"]
+        t.add_row(
+            r["encoding"],
+            f"{r['bytes_per_voxel']:.4f}",
+            *(f"{kl[k]:.2e}" for k in ("T=1", "T=2", "T=4")),
+            f"{r['write_mb_s']:.0f}",
+            f"{r['read_mb_s']:.0f}",
+        )
+    out.print(t)
+    out.print(
+        f"one training patch of {cfg.training.patch_size} with {patch['teachers']} teacher(s)' softmax and maps: "
+        f"{patch['mean_s'] * 1000:.1f} ms mean, {patch['p95_s'] * 1000:.1f} ms p95; written to {path}"
+    )
 
 
 def main() -> None:

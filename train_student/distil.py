@@ -11,14 +11,29 @@ from core.experiment import fold_split, open_store_for, splits_path, student_dir
 from core.inference import check_window, resolve_device
 from core.losses import TeachFormerLoss
 from core.models import create_model, get_spec
+from core.models.checkpoint import file_sha256
 from core.store import TeacherStore
 from core.training import FitResult, fit
 
 __all__ = ["distil"]
 
 
-def _check_teachers(store: TeacherStore, teachers: list[str], train: list[str], p: float) -> None:
-    """Every teacher must be cached for every training case, with attention maps made at the same power."""
+def _check_teachers(
+    cfg: Config,
+    store: TeacherStore,
+    teachers: list[str],
+    train: list[str],
+    val: list[str],
+    allow_leakage: bool,
+) -> dict[str, list[str] | None]:
+    """Refuse teachers that are not (fully) cached, stale, cached at another power, or trained on ``val``.
+
+    Returns:
+        Per teacher, the validation cases it was trained on (``None`` when its checkpoint did not record its
+        training cases, so leakage could not be checked).
+    """
+    p = cfg.distillation.attention.p
+    leakage: dict[str, list[str] | None] = {}
     for name in teachers:
         prov = store.teacher_metadata(name)  # StoreError "not cached: run make cache"
         missing = [c for c in train if not store.has_entry(name, c)]
@@ -27,14 +42,33 @@ def _check_teachers(store: TeacherStore, teachers: list[str], train: list[str], 
                 f"{store.location}: teacher '{name}' has no complete cache for {len(missing)} training case(s) "
                 f"({', '.join(missing[:3])}…); run `make cache` to finish it"
             )
+        checkpoint = cfg.teacher(name).checkpoint
+        if checkpoint.is_file() and file_sha256(checkpoint) != prov["checkpoint_sha256"]:
+            raise StoreError(
+                f"teacher '{name}': {checkpoint} changed since it was cached (sha256 "
+                f"{prov['checkpoint_sha256'][:12]}… in the store); the cache is stale — re-run `make cache`"
+            )
         if float(prov.get("attention_p", p)) != float(p):
             raise StoreError(
                 f"{store.location}: teacher '{name}' was cached with attention p={prov['attention_p']}, the config "
-                f"asks for p={p}; re-run `make cache --overwrite` or set distillation.attention.p"
+                f"asks for p={p}; re-run `make cache ARGS=--overwrite` or set distillation.attention.p"
             )
+        trained_on = prov.get("train_cases")
+        leaked = sorted(set(trained_on) & set(val)) if trained_on is not None else None
+        if leaked and not allow_leakage:
+            raise StoreError(
+                f"teacher '{name}' was trained on {len(leaked)} validation case(s) of this fold "
+                f"({', '.join(leaked[:3])}{'…' if len(leaked) > 3 else ''}): its targets would leak the validation "
+                "labels. Use teachers trained on this fold's training cases, or pass --allow-leakage (recorded in "
+                "the run's outputs)"
+            )
+        leakage[name] = leaked
+    return leakage
 
 
-def distil(cfg: Config, fold: int, kd: str | None = None, progress: bool = True) -> FitResult:
+def distil(
+    cfg: Config, fold: int, kd: str | None = None, progress: bool = True, allow_leakage: bool = False
+) -> FitResult:
     """Train ``cfg.student`` on ``fold``'s training cases, reading only the store.
 
     Args:
@@ -42,12 +76,15 @@ def distil(cfg: Config, fold: int, kd: str | None = None, progress: bool = True)
         fold: cross-validation fold.
         kd: override ``distillation.kind`` (``"none"`` trains the baseline without distillation).
         progress: show a progress bar.
+        allow_leakage: accept teachers whose training cases include this fold's validation cases; the leaked
+            cases are recorded in the checkpoint and ``summary.json``.
 
     Returns:
         The run's :class:`~core.training.FitResult`; files go to ``runs_dir/students/kd-<kind>/fold_<k>/``.
 
     Raises:
-        StoreError: no store, a stale store, or teachers not (fully) cached — each says to run ``make cache``.
+        StoreError: no store, a stale store or checkpoint, teachers not (fully) cached — each says to run
+            ``make cache`` — or teachers trained on validation cases (leakage) without ``allow_leakage``.
     """
     dcfg = cfg.distillation if kd is None else cfg.distillation.model_copy(update={"kind": kd})
     store = open_store_for(cfg)
@@ -57,6 +94,7 @@ def distil(cfg: Config, fold: int, kd: str | None = None, progress: bool = True)
     loss = TeachFormerLoss(dcfg, cfg.training.focal_gamma)
     request = None
     teachers: list[str] = []
+    leakage: dict[str, list[str] | None] = {}
     if loss.uses_teachers:
         teachers = [t.name for t in cfg.distilled_teachers()]
         if not teachers:
@@ -65,7 +103,7 @@ def distil(cfg: Config, fold: int, kd: str | None = None, progress: bool = True)
             raise StoreError(
                 f"{store.location} holds no teacher outputs yet; run `make cache` before `make distil`"
             )
-        _check_teachers(store, teachers, train, dcfg.attention.p)
+        leakage = _check_teachers(cfg, store, teachers, train, val, allow_leakage)
         request = TargetRequest(
             teachers=tuple(teachers),
             temperature=dcfg.temperature,
@@ -115,6 +153,8 @@ def distil(cfg: Config, fold: int, kd: str | None = None, progress: bool = True)
             "class_names": class_names,
             "distillation": dcfg.model_dump(mode="json"),
             "teachers": {t: store.teacher_metadata(t)["checkpoint_sha256"] for t in teachers},
+            "allow_leakage": allow_leakage,
+            "leaked_val_cases": leakage,
             "splits_file": str(splits_path(cfg)),
             "store": store.location,
             "preprocessing_hash": cfg.preprocessing_hash(),

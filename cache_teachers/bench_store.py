@@ -1,0 +1,131 @@
+"""``make bench-store``: measure every softmax encoding on real teacher outputs, and the patch read time.
+
+For each teacher and a few cases, the teacher's float32 logits are computed once; each encoding then writes them
+into a scratch Zarr store with the store's chunking and compressor, reads them back, decodes them at T = 1, 2
+and 4, and is compared with ``softmax(logits / T)``. Reported per encoding: stored bytes per voxel per teacher,
+mean KL per voxel at each T, and write and read throughput in MB/s of float32 logits.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import zarr
+
+from core.config import Config
+from core.data.patches import PatchDataset, TargetRequest
+from core.encoding import ENCODINGS, kl_per_voxel, softmax
+from core.experiment import fold_split, open_store_for
+from core.inference import predict_volume, resolve_device
+from core.models.checkpoint import build_from_checkpoint
+from core.store import compressor_for
+
+__all__ = ["EncodingResult", "bench_encodings", "bench_patch_read"]
+
+TEMPERATURES = (1.0, 2.0, 4.0)
+
+
+@dataclass(frozen=True)
+class EncodingResult:
+    encoding: str
+    bytes_per_voxel: float
+    kl: dict[str, float]
+    write_mb_s: float
+    read_mb_s: float
+
+
+def _teacher_logits(cfg: Config, cases: list[str]) -> list[np.ndarray]:
+    store = open_store_for(cfg)
+    meta = store.metadata["dataset"]
+    device = resolve_device(cfg.training.device)
+    out = []
+    for teacher in cfg.teachers:
+        model, _ = build_from_checkpoint(
+            teacher.checkpoint,
+            teacher.arch,
+            len(meta["channel_names"]),
+            len(meta["class_names"]),
+            teacher.args,
+        )
+        model.to(device)
+        inference = cfg.inference_for(teacher)
+        for case_id in cases:
+            out.append(
+                predict_volume(model, store.read_image(case_id), inference, device, amp=cfg.training.amp)[
+                    "logits"
+                ]
+            )
+        del model
+    return out
+
+
+def bench_encodings(cfg: Config, num_cases: int = 4) -> list[EncodingResult]:
+    """Measure every encoding in :data:`core.encoding.ENCODINGS` on the configured teachers' outputs."""
+    store = open_store_for(cfg)
+    _, val = fold_split(cfg, store, 0)
+    logits = _teacher_logits(cfg, val[:num_cases])
+    voxels = sum(int(np.prod(z.shape[1:])) for z in logits)
+    megabytes = sum(z.nbytes for z in logits) / 1e6
+    references = {t: [softmax(z / t) for z in logits] for t in TEMPERATURES}
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, enc in ENCODINGS.items():
+            root = zarr.open_group(str(Path(tmp) / f"{name}.zarr"), mode="w")
+            started = time.perf_counter()
+            for i, z in enumerate(logits):
+                data = enc.encode(z)
+                chunks = (
+                    data.shape[0],
+                    *(min(s, c) for s, c in zip(data.shape[1:], cfg.store.chunk_size, strict=True)),
+                )
+                root.create_array(str(i), data=data, chunks=chunks, compressors=compressor_for(data.dtype))
+            write_s = time.perf_counter() - started
+            stored = sum(int(root[str(i)].nbytes_stored()) for i in range(len(logits)))
+            started = time.perf_counter()
+            arrays = [root[str(i)][...] for i in range(len(logits))]
+            decoded = [enc.decode(a) for a in arrays]
+            read_s = time.perf_counter() - started
+            kl = {}
+            for t in TEMPERATURES:
+                decoded_t = decoded if t == 1.0 else [enc.decode(a, t) for a in arrays]
+                per_case = [
+                    kl_per_voxel(r, d) * r[0].size for r, d in zip(references[t], decoded_t, strict=True)
+                ]
+                kl[f"T={t:g}"] = sum(per_case) / voxels
+            results.append(EncodingResult(name, stored / voxels, kl, megabytes / write_s, megabytes / read_s))
+    return results
+
+
+def bench_patch_read(cfg: Config, repeats: int = 50) -> dict[str, float]:
+    """Mean and 95th-percentile seconds to read one training patch with every teacher's cached maps."""
+    store = open_store_for(cfg)
+    train, _ = fold_split(cfg, store, 0)
+    teachers = tuple(t.name for t in cfg.distilled_teachers())
+    ds = PatchDataset(
+        store.location,
+        train,
+        cfg.training.patch_size,
+        length=repeats,
+        foreground_oversampling=cfg.training.foreground_oversampling,
+        targets=TargetRequest(teachers, cfg.distillation.temperature),
+        augment=False,
+    )
+    ds[0]  # open the store and warm the per-worker map cache the way training does
+    times = []
+    for i in range(repeats):
+        started = time.perf_counter()
+        ds[i]
+        times.append(time.perf_counter() - started)
+    return {
+        "mean_s": float(np.mean(times)),
+        "p95_s": float(np.percentile(times, 95)),
+        "teachers": len(teachers),
+    }
+
+
+def results_table(results: list[EncodingResult]) -> list[dict[str, object]]:
+    return [asdict(r) for r in results]

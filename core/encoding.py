@@ -1,0 +1,122 @@
+"""Encodings of a teacher's softmax for the store, each able to re-temper: decode at any temperature T.
+
+Every encoding maps float32 logits (K, X, Y, Z) to an array to store plus JSON attributes, and decodes back to
+probabilities at temperature T. ``make bench-store`` measures each on real teacher outputs (bytes per voxel
+after compression, KL to the float32 softmax at T = 1, 2, 4, write/read speed); the store uses
+:data:`DEFAULT_ENCODING`, chosen from those numbers (``docs/store-format.md``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+__all__ = ["DEFAULT_ENCODING", "ENCODINGS", "SoftmaxEncoding", "get_encoding", "kl_per_voxel", "softmax"]
+
+
+def softmax(x: np.ndarray, axis: int = 0) -> np.ndarray:
+    e = np.exp(x - x.max(axis=axis, keepdims=True))
+    return e / e.sum(axis=axis, keepdims=True)
+
+
+def log_softmax(x: np.ndarray, axis: int = 0) -> np.ndarray:
+    m = x.max(axis=axis, keepdims=True)
+    return x - m - np.log(np.exp(x - m).sum(axis=axis, keepdims=True))
+
+
+def kl_per_voxel(p: np.ndarray, q: np.ndarray, eps: float = 1e-12) -> float:
+    """Mean over voxels of KL(p ‖ q) in nats; p, q are (K, ...) distributions."""
+    p = p.astype(np.float64)
+    q = q.astype(np.float64)
+    return float((p * (np.log(np.maximum(p, eps)) - np.log(np.maximum(q, eps)))).sum(axis=0).mean())
+
+
+@dataclass(frozen=True)
+class SoftmaxEncoding:
+    """One way of storing a teacher's class distribution.
+
+    Attributes:
+        name: the value of the ``softmax_encoding`` attribute.
+        kind: ``"logprob"`` (K channels of log-probabilities), ``"margin"`` (K-1 channels of
+            ``log p_k − log p_0``, clipped to ±``clip``) or ``"prob"`` (K channels of probabilities).
+        dtype: stored dtype.
+        clip: margin range for ``"margin"``.
+    """
+
+    name: str
+    kind: str
+    dtype: str
+    clip: float = 0.0
+
+    @property
+    def scale(self) -> float:
+        """Stored units per nat (quantised kinds)."""
+        if self.kind == "margin" and np.dtype(self.dtype).kind in "iu":
+            levels = np.iinfo(self.dtype).max - np.iinfo(self.dtype).min
+            return levels / (2.0 * self.clip)
+        if self.kind == "prob" and np.dtype(self.dtype).kind in "iu":
+            return float(np.iinfo(self.dtype).max)
+        return 1.0
+
+    def channels(self, num_classes: int) -> int:
+        return num_classes - 1 if self.kind == "margin" else num_classes
+
+    def encode(self, logits: np.ndarray) -> np.ndarray:
+        """(K, X, Y, Z) float32 logits → the array to store."""
+        logits = logits.astype(np.float32)
+        if self.kind == "logprob":
+            return log_softmax(logits).astype(self.dtype)
+        if self.kind == "prob":
+            p = softmax(logits)
+            if np.dtype(self.dtype).kind in "iu":
+                return np.rint(p * self.scale).astype(self.dtype)
+            return p.astype(self.dtype)
+        margin = np.clip(logits[1:] - logits[:1], -self.clip, self.clip)
+        if np.dtype(self.dtype).kind in "iu":
+            lo = np.iinfo(self.dtype).min
+            return np.rint((margin + self.clip) * self.scale + lo).astype(self.dtype)
+        return margin.astype(self.dtype)
+
+    def log_scores(self, stored: np.ndarray) -> np.ndarray:
+        """Stored array → (K, ...) float32 scores equal to the logits up to a per-voxel constant."""
+        data = stored.astype(np.float32)
+        if self.kind == "logprob":
+            return data
+        if self.kind == "prob":
+            p = data / self.scale if np.dtype(self.dtype).kind in "iu" else data
+            return np.log(np.maximum(p, 1e-12))
+        if np.dtype(self.dtype).kind in "iu":
+            data = (data - np.iinfo(self.dtype).min) / self.scale - self.clip
+        return np.concatenate([np.zeros_like(data[:1]), data], axis=0)
+
+    def decode(self, stored: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+        """Stored array → (K, ...) float32 probabilities at ``temperature``: softmax(scores / T)."""
+        return softmax(self.log_scores(stored) / temperature).astype(np.float32)
+
+    def attrs(self) -> dict[str, Any]:
+        """What a plain-zarr reader needs to decode the array (stored on the array)."""
+        return {"softmax_encoding": self.name, "kind": self.kind, "clip": self.clip, "scale": self.scale}
+
+
+ENCODINGS: dict[str, SoftmaxEncoding] = {
+    e.name: e
+    for e in (
+        SoftmaxEncoding("prob-uint8", "prob", "uint8"),
+        SoftmaxEncoding("prob-float16", "prob", "float16"),
+        SoftmaxEncoding("logprob-float16", "logprob", "float16"),
+        SoftmaxEncoding("margin-float16", "margin", "float16", clip=30.0),
+        SoftmaxEncoding("margin-int16-c20", "margin", "int16", clip=20.0),
+        SoftmaxEncoding("margin-uint8-c12", "margin", "uint8", clip=12.0),
+        SoftmaxEncoding("margin-uint8-c16", "margin", "uint8", clip=16.0),
+    )
+}
+DEFAULT_ENCODING = "logprob-float16"
+
+
+def get_encoding(name: str) -> SoftmaxEncoding:
+    try:
+        return ENCODINGS[name]
+    except KeyError:
+        raise ValueError(f"unknown softmax encoding '{name}'; known: {', '.join(ENCODINGS)}") from None

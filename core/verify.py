@@ -1,0 +1,94 @@
+"""``teachcache verify``: check that a store is complete, consistent and finite, in parallel with dask."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import dask
+import numpy as np
+
+from core.store import ATTENTION_KINDS, TeacherStore
+
+__all__ = ["verify_store"]
+
+
+def _check_case(store: TeacherStore, case_id: str) -> list[str]:
+    problems = []
+    image = store.read_image(case_id)
+    label = store.read_label(case_id)
+    if image.shape[1:] != label.shape:
+        problems.append(f"case {case_id}: image grid {image.shape[1:]} differs from label grid {label.shape}")
+    if not np.isfinite(image).all():
+        problems.append(f"case {case_id}: image contains NaN or Inf")
+    return problems
+
+
+def _check_entry(store: TeacherStore, teacher: str, case_id: str, prov: dict[str, Any]) -> list[str]:
+    where = f"teacher {teacher}, case {case_id}"
+    if not store.has_entry(teacher, case_id):
+        return [f"{where}: missing or incomplete (run `make cache` to finish it)"]
+    problems = []
+    attrs = store.entry_attrs(teacher, case_id)
+    shape = store.case_shape(case_id)
+    probs = store.read_softmax(teacher, case_id)
+    if probs.shape != (len(prov["class_names"]), *shape):
+        problems.append(
+            f"{where}: softmax decodes to {probs.shape}, expected {(len(prov['class_names']), *shape)}"
+        )
+    if not np.isfinite(probs).all():
+        problems.append(f"{where}: softmax contains NaN or Inf")
+    elif np.abs(probs.sum(axis=0) - 1.0).max() > 1e-3:
+        problems.append(
+            f"{where}: softmax does not sum to 1 (max error {np.abs(probs.sum(0) - 1).max():.2e})"
+        )
+    for kind in ATTENTION_KINDS:
+        amap, stride = store.read_attention(teacher, case_id, kind)
+        declared = prov["taps"][kind]["stride"]
+        expected = tuple(s // declared for s in shape)
+        if amap.shape != expected or any(s != declared for s in stride):
+            problems.append(
+                f"{where}: {kind} map {amap.shape} (stride {stride}), expected {expected} at stride {declared}"
+            )
+        if not np.isfinite(amap).all():
+            problems.append(f"{where}: {kind} map contains NaN or Inf")
+    if attrs.get("checkpoint_sha256") != prov.get("checkpoint_sha256"):
+        problems.append(
+            f"{where}: computed from another checkpoint than the teacher's provenance records (re-run `make cache`)"
+        )
+    return problems
+
+
+def verify_store(store: TeacherStore, scheduler: str = "threads") -> dict[str, Any]:
+    """Check every case and every (teacher, case) entry.
+
+    Checks: each case's image and label agree and are finite; every teacher has a complete entry for every
+    case; decoded softmax has the case's shape, is finite and sums to 1 within 1e-3; attention maps have the
+    declared stride's shape and are finite; each entry was computed from the checkpoint in the teacher's
+    provenance; provenance hashes match the store's.
+
+    Returns:
+        ``{"ok": bool, "problems": [str, ...], "cases": int, "teachers": [str, ...], "entries_checked": int}``.
+    """
+    meta = store.metadata
+    cases = store.case_ids()
+    problems: list[str] = []
+    tasks = [dask.delayed(_check_case)(store, c) for c in cases]
+    teachers = store.teacher_names()
+    for teacher in teachers:
+        prov = store.teacher_metadata(teacher)
+        if prov.get("preprocessing_hash") != meta["preprocessing_hash"]:
+            problems.append(f"teacher {teacher}: cached on other preprocessing than the store's (stale)")
+        if prov.get("dataset_manifest_hash") != meta["dataset"]["manifest_hash"]:
+            problems.append(f"teacher {teacher}: cached on another version of the dataset (stale)")
+        tasks += [dask.delayed(_check_entry)(store, teacher, c, prov) for c in cases]
+    if not cases:
+        problems.append("the store holds no complete case (run `make cache`)")
+    for found in dask.compute(*tasks, scheduler=scheduler):
+        problems.extend(found)
+    return {
+        "ok": not problems,
+        "problems": problems,
+        "cases": len(cases),
+        "teachers": teachers,
+        "entries_checked": len(cases) * len(teachers),
+    }
