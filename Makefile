@@ -6,6 +6,7 @@ TORCH  ?= torch==2.13.0
 CONFIG ?= configs/demo.yaml
 FOLD   ?= 0
 KD     ?=
+WORKERS ?=
 ARGS   ?=
 
 BIN := $(VENV)/bin
@@ -33,7 +34,7 @@ teachers: preprocess
 	$(TC) teachers --config $(CONFIG) --fold $(FOLD)
 
 cache: preprocess
-	$(TC) cache --config $(CONFIG) $(ARGS)
+	$(TC) cache --config $(CONFIG) $(if $(WORKERS),--workers $(WORKERS)) $(ARGS)
 
 distil: setup
 	$(TC) distil --config $(CONFIG) --fold $(FOLD) $(if $(KD),--kd $(KD)) $(ARGS)

@@ -82,7 +82,13 @@ def bench_encodings(cfg: Config, num_cases: int = 4) -> list[EncodingResult]:
                     data.shape[0],
                     *(min(s, c) for s, c in zip(data.shape[1:], cfg.store.chunk_size, strict=True)),
                 )
-                root.create_array(str(i), data=data, chunks=chunks, compressors=compressor_for(data.dtype))
+                root.create_array(
+                    str(i),
+                    data=data,
+                    chunks=chunks,
+                    filters=enc.zarr_filters(),
+                    compressors=compressor_for(data.dtype),
+                )
             write_s = time.perf_counter() - started
             stored = sum(int(root[str(i)].nbytes_stored()) for i in range(len(logits)))
             started = time.perf_counter()

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from importlib.metadata import version
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -25,6 +26,7 @@ from core.inference import check_window, predict_volume, resolve_device
 from core.models import get_spec
 from core.models.checkpoint import Checkpoint, build_from_checkpoint, file_sha256
 from core.progress import track
+from core.sketch import relation_errors, sketch_features
 from core.store import TeacherStore
 
 __all__ = ["CacheSummary", "cache_teachers", "compute_entry"]
@@ -109,6 +111,7 @@ def compute_entry(cfg: Config, teacher_name: str, case_id: str, sha: str) -> str
     device = _entry_device(cfg)
     store = _process_store(cfg)
     model = _process_model(cfg, teacher, sha, device)
+    k = cfg.store.feature_sketch_channels
     out = predict_volume(
         model,
         store.read_image(case_id),
@@ -117,10 +120,19 @@ def compute_entry(cfg: Config, teacher_name: str, case_id: str, sha: str) -> str
         spec=get_spec(teacher.arch),
         p=cfg.distillation.attention.p,
         amp=cfg.training.amp,
+        features=k is not None,
     )
+    sketches = _sketches(out, k) if k is not None else None
     try:
         store.write_entry(
-            teacher.name, case_id, out["logits"], out["coarse"], out["fine"], checkpoint_sha256=sha
+            teacher.name,
+            case_id,
+            out["logits"],
+            out["coarse"],
+            out["fine"],
+            sketches,
+            checkpoint_sha256=sha,
+            feature_sketch_channels=k,
         )
     except OSError as exc:
         raise StoreError(
@@ -129,6 +141,22 @@ def compute_entry(cfg: Config, teacher_name: str, case_id: str, sha: str) -> str
             "complete entries are kept"
         ) from None
     return case_id
+
+
+def _sketches(out: dict[str, np.ndarray], k: int) -> dict[str, tuple[np.ndarray, dict[str, Any]]]:
+    """Sketch both taps' features; record kept energy and how well cosine relations survive."""
+    predicted = out["logits"].argmax(axis=0)
+    result = {}
+    for kind in ("coarse", "fine"):
+        features = out[f"{kind}_features"]
+        sketch, attrs = sketch_features(features, k)
+        stride = [s // m for s, m in zip(predicted.shape, features.shape[1:], strict=True)]
+        # the teacher's predicted class at the centre of each tap voxel, for class prototypes
+        centre = tuple(slice(st // 2, None, st) for st in stride)
+        classes = predicted[centre][tuple(slice(0, m) for m in features.shape[1:])]
+        errors = relation_errors(features, sketch, classes)
+        result[kind] = (sketch, {"method": "pca-uncentred-per-case", **attrs, **errors})
+    return result
 
 
 def _provenance(
@@ -150,6 +178,7 @@ def _provenance(
         "val_mean_dice": ckpt.meta.get("val_mean_dice"),
         "taps": {k: {"module": t.module, "stride": t.stride} for k, t in spec.taps.items()},
         "attention_p": cfg.distillation.attention.p,
+        "feature_sketch_channels": cfg.store.feature_sketch_channels,
         "inference": cfg.inference_for(teacher).model_dump(mode="json"),
         "preprocessing_hash": meta["preprocessing_hash"],
         "dataset_manifest_hash": meta["dataset"]["manifest_hash"],
@@ -186,8 +215,8 @@ def cache_teachers(
     """Cache every configured teacher (or those in ``names``) over every case of the store.
 
     Every checkpoint is loaded and checked against its declared architecture before anything is written. An
-    entry is skipped when it is complete and was computed from the same checkpoint bytes (sha256), unless
-    ``overwrite``.
+    entry is skipped when it is complete and was computed from the same checkpoint bytes (sha256) with the same
+    feature-sketch setting, unless ``overwrite``.
 
     Args:
         cfg: the experiment.
@@ -217,12 +246,13 @@ def cache_teachers(
         for case_id in case_ids:
             check_window(spec, cfg.inference_for(teacher), store.case_shape(case_id), teacher.args)
         sha = file_sha256(teacher.checkpoint)
+        wanted = {"checkpoint_sha256": sha, "feature_sketch_channels": cfg.store.feature_sketch_channels}
         todo = [
             c
             for c in case_ids
             if overwrite
             or not store.has_entry(teacher.name, c)
-            or store.entry_attrs(teacher.name, c).get("checkpoint_sha256") != sha
+            or any(store.entry_attrs(teacher.name, c).get(key) != value for key, value in wanted.items())
         ]
         plans.append((teacher, ckpt.meta, sha, todo))
         del ckpt

@@ -102,6 +102,7 @@ class StoreConfig(_Strict):
 
     path: str
     chunk_size: Triple = (64, 64, 64)
+    feature_sketch_channels: int | None = Field(None, ge=1)
 
 
 class ModelConfig(_Strict):

@@ -71,21 +71,30 @@ def check_window(
 
 
 class _TappedPredictor(nn.Module):
-    """Returns ``(logits, fine map, coarse map)``: a tuple ordered from the finest grid to the coarsest.
+    """Returns a tuple ordered from the finest grid to the coarsest.
 
-    MONAI's sliding window resizes its blending weights in place for each lower-resolution output and keeps
-    the resized weights for the outputs after it (and visits dict outputs in sorted key order), so outputs
-    must come finest first.
+    ``(logits, fine map, coarse map)``, or with ``features``: ``(logits, fine map, fine features, coarse map,
+    coarse features)``. MONAI's sliding window resizes its blending weights in place for each lower-resolution
+    output and keeps the resized weights for the outputs after it (and visits dict outputs in sorted key order),
+    so outputs must come finest first.
     """
 
-    def __init__(self, model: nn.Module, recorder: TapRecorder, p: float):
+    def __init__(self, model: nn.Module, recorder: TapRecorder, p: float, features: bool):
         super().__init__()
-        self.model, self.recorder, self.p = model, recorder, p
+        self.model, self.recorder, self.p, self.features = model, recorder, p, features
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         logits = self.model(x)
-        feats = self.recorder.features
-        return logits.float(), attention_map(feats["fine"], self.p), attention_map(feats["coarse"], self.p)
+        fine, coarse = self.recorder.features["fine"], self.recorder.features["coarse"]
+        if not self.features:
+            return logits.float(), attention_map(fine, self.p), attention_map(coarse, self.p)
+        return (
+            logits.float(),
+            attention_map(fine, self.p),
+            fine.float(),
+            attention_map(coarse, self.p),
+            coarse.float(),
+        )
 
 
 @torch.no_grad()
@@ -97,6 +106,7 @@ def predict_volume(
     spec: ModelSpec | None = None,
     p: float = 2.0,
     amp: bool = True,
+    features: bool = False,
 ) -> dict[str, np.ndarray]:
     """Run ``model`` over a whole volume with overlapping windows.
 
@@ -108,10 +118,12 @@ def predict_volume(
         spec: when given, the coarse and fine taps are captured too and returned as attention maps.
         p: attention-map power.
         amp: mixed precision on CUDA.
+        features: with ``spec``, also return the stitched tap features themselves.
 
     Returns:
         ``{"logits": (K, X, Y, Z)}`` float32, plus ``"coarse"`` and ``"fine"``: (x, y, z) float32 unnormalised
-        attention maps on each tap's grid (volume / stride), when ``spec`` is given.
+        attention maps on each tap's grid (volume / stride), when ``spec`` is given, and with ``features``
+        ``"coarse_features"`` and ``"fine_features"``: (C, x, y, z) float32.
     """
     x = torch.as_tensor(np.asarray(image), dtype=torch.float32)[None]
     model.eval()
@@ -128,11 +140,13 @@ def predict_volume(
             logits = sliding_window_inference(x, predictor=model, **kwargs)
             return {"logits": logits[0].float().numpy()}
         with TapRecorder(model, spec.taps) as recorder:
-            logits, fine, coarse = sliding_window_inference(
-                x, predictor=_TappedPredictor(model, recorder, p), **kwargs
-            )
-    return {
-        "logits": logits[0].float().numpy(),
-        "coarse": coarse[0, 0].float().numpy(),
-        "fine": fine[0, 0].float().numpy(),
-    }
+            predictor = _TappedPredictor(model, recorder, p, features)
+            outputs = sliding_window_inference(x, predictor=predictor, **kwargs)
+    result = {"logits": outputs[0][0].float().numpy(), "fine": outputs[1][0, 0].float().numpy()}
+    if features:
+        result["fine_features"] = outputs[2][0].float().numpy()
+        result["coarse"] = outputs[3][0, 0].float().numpy()
+        result["coarse_features"] = outputs[4][0].float().numpy()
+    else:
+        result["coarse"] = outputs[2][0, 0].float().numpy()
+    return result

@@ -22,6 +22,7 @@ after every array, so an interrupted write is never read.
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -238,18 +239,26 @@ class TeacherStore:
 
     def consolidate(self) -> None:
         """Write consolidated metadata once, after every writer has finished."""
-        import warnings
-
         with warnings.catch_warnings():  # zarr notes that consolidation is not yet in the v3 spec
             warnings.simplefilter("ignore")
             zarr.consolidate_metadata(self._root.store)
 
     # ------------------------------------------------------------------ helpers
-    def _write_array(self, group: zarr.Group, name: str, data: np.ndarray, dims: Sequence[str]) -> None:
+    def _write_array(
+        self, group: zarr.Group, name: str, data: np.ndarray, dims: Sequence[str], filters: Sequence[Any] = ()
+    ) -> None:
+        with warnings.catch_warnings():  # zarr notes that numcodecs filters are outside the v3 spec
+            warnings.filterwarnings("ignore", message="Numcodecs codecs are not in the Zarr version 3")
+            self._create_array(group, name, data, dims, filters)
+
+    def _create_array(
+        self, group: zarr.Group, name: str, data: np.ndarray, dims: Sequence[str], filters: Sequence[Any]
+    ) -> None:
         group.create_array(
             name,
             data=data,
             chunks=_chunks(data.shape, self.chunk_size) if data.ndim >= 3 else data.shape,
+            filters=list(filters),
             compressors=compressor_for(data.dtype),
             dimension_names=list(dims),
             overwrite=True,
@@ -259,7 +268,11 @@ class TeacherStore:
         arr = self._arrays.get(path)
         if arr is None:
             try:
-                arr = self._root[path]
+                with warnings.catch_warnings():  # the numcodecs Delta filter: see _write_array
+                    warnings.filterwarnings(
+                        "ignore", message="Numcodecs codecs are not in the Zarr version 3"
+                    )
+                    arr = self._root[path]
             except KeyError:
                 raise StoreError(f"{self.location}: missing array '{path}'") from None
             self._arrays[path] = arr
@@ -360,6 +373,7 @@ class TeacherStore:
         logits: np.ndarray,
         coarse: np.ndarray,
         fine: np.ndarray,
+        sketches: dict[str, tuple[np.ndarray, dict[str, Any]]] | None = None,
         **attrs: Any,
     ) -> None:
         """Write one teacher's outputs for one case, then mark the entry complete.
@@ -368,6 +382,7 @@ class TeacherStore:
             logits: (K, X, Y, Z) float32 teacher logits on the case's preprocessed grid.
             coarse: (x, y, z) float32 coarse attention map on the teacher's En grid (any scale).
             fine: (x, y, z) float32 fine attention map on the teacher's Dn-1 grid (any scale).
+            sketches: optional ``{"coarse" | "fine": ((k, x, y, z) sketch, its attributes)}``.
             attrs: JSON-serialisable entry attributes (e.g. ``checkpoint_sha256``).
         """
         shape = self.case_shape(case_id)
@@ -375,12 +390,20 @@ class TeacherStore:
             raise ValueError(f"logits {logits.shape} do not match case '{case_id}' grid {shape}")
         group = self._root.require_group(f"teachers/{teacher}/{case_id}")
         group.attrs["complete"] = False
-        self._write_array(group, "softmax", self.encoding.encode(logits), ("class", *_SPATIAL))
+        self._write_array(
+            group, "softmax", self.encoding.encode(logits), ("class", *_SPATIAL), self.encoding.zarr_filters()
+        )
         group["softmax"].attrs.update(self.encoding.attrs())
         strides = {}
         for kind, amap in zip(ATTENTION_KINDS, (coarse, fine), strict=True):
             self._write_array(group, kind, _unit_rms(amap).astype(np.float16), _SPATIAL)
             strides[f"{kind}_stride"] = [s / m for s, m in zip(shape, amap.shape, strict=True)]
+        sketch_attrs = {}
+        for kind, (sketch, meta) in (sketches or {}).items():
+            self._write_array(group, f"{kind}_sketch", sketch.astype(np.float16), ("channel", *_SPATIAL))
+            sketch_attrs[kind] = meta
+        if sketch_attrs:
+            attrs = {**attrs, "sketch": sketch_attrs}
         group.attrs.update({"softmax_encoding": self.encoding.name, **strides, **attrs})
         group.attrs["complete"] = True
 
@@ -426,6 +449,20 @@ class TeacherStore:
         attrs = self._root[f"teachers/{teacher}/{case_id}"].attrs
         amap = self._array(f"teachers/{teacher}/{case_id}/{kind}")[...].astype(np.float32)
         return amap, tuple(attrs[f"{kind}_stride"])
+
+    def has_sketch(self, teacher: str, case_id: str, kind: str) -> bool:
+        return kind in self.entry_attrs(teacher, case_id).get("sketch", {})
+
+    def read_sketch(self, teacher: str, case_id: str, kind: str) -> tuple[np.ndarray, tuple[float, ...]]:
+        """A whole feature sketch (k, x, y, z) float32 of the ``kind`` tap, and its stride."""
+        if not self.has_sketch(teacher, case_id, kind):
+            raise StoreError(
+                f"{self.location}: teacher '{teacher}', case '{case_id}' has no {kind} feature sketch; set "
+                "store.feature_sketch_channels and re-run `make cache ARGS=--overwrite`"
+            )
+        attrs = self._root[f"teachers/{teacher}/{case_id}"].attrs
+        data = self._array(f"teachers/{teacher}/{case_id}/{kind}_sketch")[...].astype(np.float32)
+        return data, tuple(attrs[f"{kind}_stride"])
 
     # ------------------------------------------------------------------ lazy views
     def lazy_maps(self, teacher: str, kind: str) -> dict[str, Any]:

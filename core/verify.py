@@ -51,6 +51,13 @@ def _check_entry(store: TeacherStore, teacher: str, case_id: str, prov: dict[str
             )
         if not np.isfinite(amap).all():
             problems.append(f"{where}: {kind} map contains NaN or Inf")
+    for kind, meta in attrs.get("sketch", {}).items():
+        sketch, _ = store.read_sketch(teacher, case_id, kind)
+        grid = tuple(s // prov["taps"][kind]["stride"] for s in shape)
+        if sketch.shape != (meta["channels"], *grid):
+            problems.append(f"{where}: {kind} sketch {sketch.shape}, expected {(meta['channels'], *grid)}")
+        if not np.isfinite(sketch).all():
+            problems.append(f"{where}: {kind} sketch contains NaN or Inf")
     if attrs.get("checkpoint_sha256") != prov.get("checkpoint_sha256"):
         problems.append(
             f"{where}: computed from another checkpoint than the teacher's provenance records (re-run `make cache`)"

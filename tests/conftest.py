@@ -91,3 +91,43 @@ def preprocessed(tmp_path_factory: pytest.TempPathFactory):
     write_synthetic_dataset(cfg.dataset.synthetic, cfg.dataset.raw_dir, progress=False)
     preprocess_dataset(cfg, progress=False)
     return cfg
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory):
+    """A tiny experiment with its demo teachers trained on fold 0 (checkpoints on disk), not yet cached.
+
+    Returns ``(root, config_dict)``; tests derive configs with their own store paths from it.
+    """
+    from cache_teachers import preprocess_dataset, train_teachers
+    from core.config import load_config
+    from core.data.synthetic import write_synthetic_dataset
+
+    root = tmp_path_factory.mktemp("trained")
+    data = tiny_config_dict(root)
+    cfg = load_config(write_config(root, data))
+    write_synthetic_dataset(cfg.dataset.synthetic, cfg.dataset.raw_dir, progress=False)
+    preprocess_dataset(cfg, progress=False)
+    train_teachers(cfg, 0, progress=False)
+    return root, data
+
+
+def derived_config(root: Path, data: dict[str, Any], name: str, **changes: Any):
+    """A copy of ``data`` with its own store (``<root>/<name>.zarr``) and the given dotted-key changes."""
+    import copy
+
+    from core.config import load_config
+
+    data = copy.deepcopy(data)
+    data["store"]["path"] = str(root / f"{name}.zarr")
+    data["output"]["runs_dir"] = str(root / f"runs_{name}")
+    data["splits"]["file"] = str(root / "runs" / "splits_final.json")
+    for dotted, value in changes.items():
+        node = data
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            node = node[int(key)] if isinstance(node, list) else node[key]
+        node[leaf] = value
+    path = root / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return load_config(path), path

@@ -8,6 +8,7 @@ import torch
 import zarr
 
 from core.data.preprocessing import foreground_locations
+from core.encoding import kl_per_voxel
 from core.errors import StoreError
 from core.store import FORMAT_VERSION, TeacherStore
 
@@ -55,11 +56,19 @@ def test_entry_softmax_retempering_and_maps(tmp_path):
         checkpoint_sha256="c",
     )
     assert store.has_entry("t1", "a") and store.entry_attrs("t1", "a")["checkpoint_sha256"] == "c"
+    enc = store.encoding
     for temperature in (1.0, 2.0, 4.0):
         probs = store.read_softmax("t1", "a", temperature=temperature)
         assert np.allclose(probs.sum(0), 1.0, atol=1e-5)
+        assert np.array_equal(probs, enc.decode(enc.encode(logits), temperature)), (
+            "stored bits decode as encoded"
+        )
         exact = torch.softmax(torch.from_numpy(logits) / temperature, 0).numpy()
-        assert np.abs(probs - exact).max() < 5e-3, "re-tempered cache matches softmax(logits / T)"
+        assert kl_per_voxel(exact, probs) < 1e-3
+    root = zarr.open_group(str(tmp_path / "s.zarr"), mode="r")
+    assert root["teachers/t1/a/softmax"].attrs["softmax_encoding"] == enc.name, (
+        "plain zarr readers see the encoding"
+    )
     amap, stride = store.read_attention("t1", "a", "coarse")
     assert amap.shape == (2, 2, 2) and stride == (16.0, 16.0, 16.0)
     assert store.read_attention("t1", "a", "fine")[1] == (2.0, 2.0, 2.0)

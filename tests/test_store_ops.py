@@ -1,0 +1,216 @@
+"""The store under real use: verification, workers, kill-and-resume, URLs, provenance checks, failures."""
+
+from __future__ import annotations
+
+import errno
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+import zarr
+from typer.testing import CliRunner
+
+from cache_teachers import cache_teachers, preprocess_dataset
+from core.errors import StoreError
+from core.models import create_model
+from core.models.checkpoint import load_checkpoint, save_checkpoint
+from core.store import TeacherStore
+from teachcache.cli import app
+from tests.conftest import derived_config
+from train_student import distil
+
+runner = CliRunner()
+
+
+def _arrays(path: str) -> dict[str, np.ndarray]:
+    root = zarr.open_group(path, mode="r")
+    return {f"teachers/{name}": arr[...] for name, arr in root["teachers"].arrays()} | {
+        f"teachers/{p}": a[...]
+        for p, a in root["teachers"].members(max_depth=None)
+        if isinstance(a, zarr.Array)
+    }
+
+
+def _cached(trained, name: str, **changes):
+    root, data = trained
+    cfg, path = derived_config(root, data, name, **changes)
+    preprocess_dataset(cfg, progress=False)
+    return cfg, path
+
+
+def test_verify_reports_clean_store_and_each_problem(trained):
+    cfg, _ = _cached(trained, "verify")
+    cache_teachers(cfg, names=["dynunet"], progress=False)
+    result = runner.invoke(app, ["verify", cfg.store.path, "--json"])
+    assert result.exit_code == 0, result.output
+    assert '"ok": true' in result.output
+
+    store = TeacherStore.open(cfg.store.path)
+    first, second = store.case_ids()[:2]
+    root = zarr.open_group(cfg.store.path, mode="a")
+    root[f"teachers/dynunet/{first}"].attrs["complete"] = False
+    coarse = root[f"teachers/dynunet/{second}/coarse"]
+    broken = coarse[...]
+    broken.flat[0] = np.nan
+    coarse[...] = broken
+    result = runner.invoke(app, ["verify", cfg.store.path])
+    assert result.exit_code == 1
+    assert f"teacher dynunet, case {first}: missing or incomplete" in result.output
+    assert f"teacher dynunet, case {second}: coarse map contains NaN" in result.output
+
+
+def test_two_workers_write_the_same_bits_as_one(trained):
+    one, _ = _cached(trained, "one_worker")
+    two, _ = _cached(trained, "two_workers")
+    cache_teachers(one, names=["dynunet", "unetr"], progress=False, workers=1)
+    cache_teachers(two, names=["dynunet", "unetr"], progress=False, workers=2)
+    a, b = _arrays(one.store.path), _arrays(two.store.path)
+    assert len(a) == 2 * 6 * 3 and a.keys() == b.keys()
+    for key in a:
+        assert np.array_equal(a[key], b[key]), key
+    assert TeacherStore.open(two.store.path).teacher_names() == ["dynunet", "unetr"]
+
+
+def _cache_cli(config, *extra):
+    cmd = [
+        sys.executable,
+        "-m",
+        "teachcache",
+        "cache",
+        "-c",
+        str(config),
+        "-q",
+        "-t",
+        "dynunet",
+        "-t",
+        "unetr",
+        *extra,
+    ]
+    return subprocess.Popen(
+        cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "2"}
+    )
+
+
+def test_sigkill_and_resume_is_bit_identical(trained):
+    reference, ref_path = _cached(trained, "reference")
+    assert _cache_cli(ref_path).wait() == 0
+    killed, path = _cached(trained, "killed")
+    rng = random.Random(7)
+    kills = 0
+    for _ in range(4):
+        proc = _cache_cli(path)
+        time.sleep(rng.uniform(3.0, 7.0))
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            kills += 1
+        proc.wait()
+    assert kills >= 2, "the cache run must actually be interrupted"
+    proc = _cache_cli(path)
+    assert proc.wait() == 0, proc.stderr.read().decode()
+    a, b = _arrays(reference.store.path), _arrays(killed.store.path)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert np.array_equal(a[key], b[key]), key
+    store = TeacherStore.open(killed.store.path)
+    assert all(store.has_entry(t, c) for t in ("dynunet", "unetr") for c in store.case_ids())
+
+
+def test_file_url_store(trained):
+    root, _ = trained
+    cfg, _ = _cached(trained, "url", **{"store.path": f"file://{root}/url_store.zarr"})
+    cache_teachers(cfg, names=["dynunet"], progress=False)
+    store = TeacherStore.open(cfg.store.path)
+    case = store.case_ids()[0]
+    assert np.allclose(store.read_softmax("dynunet", case).sum(0), 1.0, atol=1e-3)
+    assert (root / "url_store.zarr" / "zarr.json").is_file()
+
+
+def test_leakage_is_refused_unless_allowed_and_recorded(trained):
+    cfg, _ = _cached(trained, "leak", **{"training.epochs": 1, "training.iterations_per_epoch": 1})
+    cache_teachers(cfg, names=["dynunet"], progress=False)
+    cfg = cfg.model_copy(
+        update={"distillation": cfg.distillation.model_copy(update={"teachers": ["dynunet"]})}
+    )
+    with pytest.raises(
+        StoreError, match=r"teacher 'dynunet' was trained on \d+ validation case\(s\) of this fold"
+    ):
+        distil(cfg, fold=1, progress=False)  # the demo teachers were trained on fold 0
+    result = distil(cfg, fold=1, progress=False, allow_leakage=True)
+    meta = load_checkpoint(result.checkpoint).meta
+    assert meta["allow_leakage"] is True and meta["leaked_val_cases"]["dynunet"]
+    distil(cfg, fold=0, progress=False)  # fold 0: no leakage
+
+
+def test_changed_checkpoint_makes_the_cache_stale(trained, tmp_path):
+    _, data = trained
+    ckpt_path = tmp_path / "dyn.pth"
+    original = load_checkpoint(data["teachers"][2]["checkpoint"])
+    model = create_model("dynunet", 2, 2, original.args)
+    model.load_state_dict(original.state_dict)
+    save_checkpoint(ckpt_path, model, "dynunet", 2, 2, original.args, original.meta)
+    cfg, _ = _cached(trained, "stale", **{"teachers.2.checkpoint": str(ckpt_path)})
+    cache_teachers(cfg, names=["dynunet"], progress=False)
+    cfg = cfg.model_copy(
+        update={"distillation": cfg.distillation.model_copy(update={"teachers": ["dynunet"]})}
+    )
+    with torch.no_grad():
+        next(model.parameters()).add_(1.0)
+    save_checkpoint(ckpt_path, model, "dynunet", 2, 2, original.args, original.meta)
+    with pytest.raises(StoreError, match="changed since it was cached"):
+        distil(cfg, fold=0, progress=False)
+
+
+def test_full_disk_keeps_complete_entries_and_says_how_to_resume(trained, monkeypatch):
+    cfg, _ = _cached(trained, "full")
+    real_write = TeacherStore.write_entry
+    calls = {"n": 0}
+
+    def failing(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(self, *args, **kwargs)
+
+    monkeypatch.setattr(TeacherStore, "write_entry", failing)
+    with pytest.raises(StoreError, match=r"No space left on device.*re-run `make cache` to resume"):
+        cache_teachers(cfg, names=["dynunet"], progress=False)
+    store = TeacherStore.open(cfg.store.path)
+    assert sum(store.has_entry("dynunet", c) for c in store.case_ids()) == 2
+    monkeypatch.setattr(TeacherStore, "write_entry", real_write)
+    summary = cache_teachers(cfg, names=["dynunet"], progress=False)
+    assert summary.written["dynunet"] == 4 and summary.skipped["dynunet"] == 2
+
+
+def test_truncated_store_is_refused(trained):
+    cfg, _ = _cached(trained, "truncated")
+    os.remove(os.path.join(cfg.store.path, "zarr.json"))
+    with pytest.raises(StoreError):
+        TeacherStore.open(cfg.store.path)
+    result = runner.invoke(app, ["inspect", cfg.store.path])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+
+
+def test_feature_sketches_are_cached_and_keep_relations(trained):
+    cfg, _ = _cached(trained, "sketch", **{"store.feature_sketch_channels": 4})
+    cache_teachers(cfg, names=["dynunet"], progress=False)
+    store = TeacherStore.open(cfg.store.path)
+    case = store.case_ids()[0]
+    shape = store.case_shape(case)
+    for kind, stride in (("coarse", 16), ("fine", 2)):
+        sketch, recorded = store.read_sketch("dynunet", case, kind)
+        assert sketch.shape == (4, *(s // stride for s in shape)) and recorded == (stride,) * 3
+        meta = store.entry_attrs("dynunet", case)["sketch"][kind]
+        assert 0.0 < meta["energy"] <= 1.0 and meta["voxel_cosine"] >= 0.0
+    assert runner.invoke(app, ["verify", cfg.store.path]).exit_code == 0
+    summary = cache_teachers(
+        cfg.model_copy(update={"store": cfg.store.model_copy(update={"feature_sketch_channels": 8})}),
+        names=["dynunet"],
+        progress=False,
+    )
+    assert summary.written["dynunet"] == 6, "changing the sketch width recomputes the entries"
