@@ -135,3 +135,45 @@ def bench_patch_read(cfg: Config, repeats: int = 50) -> dict[str, float]:
 
 def results_table(results: list[EncodingResult]) -> list[dict[str, object]]:
     return [asdict(r) for r in results]
+
+
+def store_costs(cfg: Config) -> dict[str, float]:
+    """Stored bytes per case voxel of each array kind (per teacher for teacher arrays), from the demo store."""
+    store = open_store_for(cfg)
+    voxels = sum(int(np.prod(store.case_shape(c))) for c in store.case_ids())
+    teachers = max(1, len(store.teacher_names()))
+    totals: dict[str, int] = {}
+    for info in store.array_infos():
+        parts = info.path.split("/")
+        kind = f"teacher {parts[-1]}" if parts[0] == "teachers" else f"case {parts[-1]}"
+        totals[kind] = totals.get(kind, 0) + info.stored_bytes
+    return {
+        kind: total / voxels / (teachers if kind.startswith("teacher") else 1)
+        for kind, total in sorted(totals.items())
+    }
+
+
+def sketch_fidelity(cfg: Config) -> list[dict[str, object]]:
+    """Per teacher and tap: sketch width, kept energy, and relative errors of cosine similarities (mean, max)."""
+    store = open_store_for(cfg)
+    rows = []
+    for teacher in store.teacher_names():
+        per_kind: dict[str, list[dict[str, float]]] = {}
+        for case in store.case_ids():
+            if store.has_entry(teacher, case):
+                for kind, meta in store.entry_attrs(teacher, case).get("sketch", {}).items():
+                    per_kind.setdefault(kind, []).append(meta)
+        for kind, metas in sorted(per_kind.items()):
+            row: dict[str, object] = {
+                "teacher": teacher,
+                "tap": kind,
+                "channels_in": metas[0]["channels_in"],
+                "channels": metas[0]["channels"],
+                "energy_mean": float(np.mean([m["energy"] for m in metas])),
+            }
+            for key in ("voxel_cosine", "prototype_cosine"):
+                values = [m[key] for m in metas if key in m]
+                if values:
+                    row[f"{key}_mean"], row[f"{key}_max"] = float(np.mean(values)), float(np.max(values))
+            rows.append(row)
+    return rows

@@ -44,13 +44,11 @@ def check_window(
         ConfigError: naming the network, the setting and a value that works.
     """
     roi = cfg.roi_size
-    if spec.fixed_input:
-        img = args.get("img_size", 96)
-        img = tuple(img) if isinstance(img, (list, tuple)) else (img,) * 3
-        if tuple(roi) != img:
-            raise ConfigError(
-                f"'{spec.name}' only accepts windows of its img_size {img}; set its inference.roi_size to it"
-            )
+    img = spec.input_size(args)
+    if img is not None and tuple(roi) != img:
+        raise ConfigError(
+            f"'{spec.name}' only accepts windows of its img_size {img}; set its inference.roi_size to it"
+        )
     if any(r % spec.size_divisor for r in roi):
         raise ConfigError(
             f"'{spec.name}' needs inference.roi_size divisible by {spec.size_divisor}, got {tuple(roi)}"

@@ -274,6 +274,38 @@ def report(config: ConfigOption = DEFAULT_CONFIG, fold: FoldOption = 0) -> None:
     out.print(f"written to {cfg.output.runs_dir}/report_fold_{fold}.md and .json")
 
 
+@app.command()
+@user_errors
+def models(
+    input_size: Annotated[int, typer.Option(help="Cubic input size S (voxels).", min=16)] = 96,
+    in_channels: Annotated[int, typer.Option(help="Input modalities.", min=1)] = 1,
+    out_channels: Annotated[int, typer.Option(help="Classes, background included.", min=2)] = 14,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """List every registered model with its parameters and GFLOPs (PyTorch's FLOP counter) at one size."""
+    from core.models import list_models
+    from core.models.profile import profile_model
+
+    rows = [profile_model(n, input_size, in_channels, out_channels).to_dict() for n in list_models()]
+    if as_json:
+        sys.stdout.write(json.dumps(rows, indent=2) + "\n")
+        return
+    t = Table(
+        title=f"models at {input_size}³, {in_channels} → {out_channels} (GFLOPs: a multiply-add = 2 FLOPs)"
+    )
+    for col in ("model", "params (M)", "GFLOPs", "taps (strides)", "description"):
+        t.add_column(col, justify="right" if col in ("params (M)", "GFLOPs") else "left", overflow="fold")
+    for r in rows:
+        t.add_row(
+            r["name"],
+            f"{r['parameters'] / 1e6:.2f}",
+            f"{r['gflops']:.1f}",
+            f"{r['coarse_stride']} / {r['fine_stride']}",
+            r["description"],
+        )
+    out.print(t)
+
+
 @app.command("bench-store")
 @user_errors
 def bench_store(
@@ -282,12 +314,20 @@ def bench_store(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
 ) -> None:
     """Measure every softmax encoding (B/voxel, KL at T=1,2,4, MB/s) and the time to read one training patch."""
-    from cache_teachers.bench_store import bench_encodings, bench_patch_read, results_table
+    from cache_teachers.bench_store import (
+        bench_encodings,
+        bench_patch_read,
+        results_table,
+        sketch_fidelity,
+        store_costs,
+    )
 
     cfg = _load(config)
     results = results_table(bench_encodings(cfg, cases))
     patch = bench_patch_read(cfg)
-    report = {"encodings": results, "patch_read": patch}
+    costs = store_costs(cfg)
+    sketches = sketch_fidelity(cfg)
+    report = {"encodings": results, "patch_read": patch, "store_bytes_per_voxel": costs, "sketches": sketches}
     path = cfg.output.runs_dir / "bench_store.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=2) + "\n")
@@ -307,6 +347,28 @@ def bench_store(
             f"{r['read_mb_s']:.0f}",
         )
     out.print(t)
+    c = Table(
+        title=f"what {cfg.store.path} costs, in stored bytes per case voxel (teacher arrays: per teacher)"
+    )
+    c.add_column("array")
+    c.add_column("B/voxel", justify="right")
+    for kind, value in costs.items():
+        c.add_row(kind, f"{value:.4f}")
+    out.print(c)
+    if sketches:
+        k = Table(title="feature sketches: relative error of cosine similarities (mean / max over cases)")
+        for col in ("teacher", "tap", "C → k", "energy kept", "voxel pairs", "class prototypes"):
+            k.add_column(col)
+        for r in sketches:
+            k.add_row(
+                str(r["teacher"]),
+                str(r["tap"]),
+                f"{r['channels_in']} → {r['channels']}",
+                f"{r['energy_mean']:.4f}",
+                f"{r['voxel_cosine_mean']:.4f} / {r['voxel_cosine_max']:.4f}",
+                f"{r.get('prototype_cosine_mean', float('nan')):.4f} / {r.get('prototype_cosine_max', float('nan')):.4f}",
+            )
+        out.print(k)
     out.print(
         f"one training patch of {cfg.training.patch_size} with {patch['teachers']} teacher(s)' softmax and maps: "
         f"{patch['mean_s'] * 1000:.1f} ms mean, {patch['p95_s'] * 1000:.1f} ms p95; written to {path}"

@@ -152,3 +152,13 @@ def test_student_checkpoint_loads_into_a_fresh_model(cached):
     model, _ = build_from_checkpoint(path, cfg.student.arch, 2, 2, cfg.student.args)
     with torch.no_grad():
         assert model(torch.zeros(1, 2, 32, 32, 32)).shape == (1, 2, 32, 32, 32)
+
+
+def test_bench_store_measures_every_encoding(cached):
+    report = json.loads(run("bench-store", "-c", cached, "--cases", "1", "--json"))
+    names = {r["encoding"] for r in report["encodings"]}
+    assert {"prob-uint8", "logprob-float16", "margin-asinh-int8-delta"} <= names
+    for r in report["encodings"]:
+        assert r["bytes_per_voxel"] > 0 and r["write_mb_s"] > 0 and set(r["kl"]) == {"T=1", "T=2", "T=4"}
+    assert report["patch_read"]["mean_s"] > 0 and report["patch_read"]["teachers"] == 3
+    assert report["store_bytes_per_voxel"]["teacher softmax"] > 0

@@ -17,6 +17,10 @@ SMALL_ARGS = {
     "swin_unetr": {"feature_size": 12, "depths": [1, 1, 1, 1], "num_heads": [3, 6, 12, 24]},
     "dynunet": {"filters": [4, 8, 16, 32, 48]},
     "basic_unet": {"features": [4, 4, 8, 16, 32, 4]},
+    "uxnet": {"widths": [4, 8, 16, 32], "depths": [1, 1, 1, 1], "hidden_size": 32},
+    "uxnet_light": {},
+    "hdenseformer": {"img_size": 32, "n_filters": 4, "transformer_depth": 4, "growth_rate": 8, "heads": 2},
+    "hdenseformer_light": {"img_size": 32},
 }
 
 
@@ -108,3 +112,35 @@ def test_pickled_objects_are_refused(tmp_path, capsys):
     assert "this must never run" not in capsys.readouterr().out
     with pytest.raises(CheckpointError, match="checkpoint not found"):
         load_checkpoint(tmp_path / "absent.pth")
+
+
+@pytest.mark.parametrize(
+    ("name", "args", "in_channels", "published_millions"),
+    [
+        ("unetr", {"img_size": 96}, 1, 92.8),
+        ("swin_unetr", {}, 1, 62.2),
+        ("uxnet", {}, 1, 53.0),
+    ],
+)
+def test_published_parameter_counts_within_two_percent(name, args, in_channels, published_millions):
+    model = create_model(name, in_channels, 14, args)
+    count = sum(p.numel() for p in model.parameters()) / 1e6
+    assert abs(count - published_millions) / published_millions < 0.02, count
+
+
+def test_models_command_lists_every_model_with_flops():
+    import json
+
+    from typer.testing import CliRunner
+
+    from teachcache.cli import app
+
+    result = CliRunner().invoke(
+        app, ["models", "--input-size", "64", "--in-channels", "2", "--out-channels", "2", "--json"]
+    )
+    assert result.exit_code == 0, result.output
+    rows = {r["name"]: r for r in json.loads(result.output)}
+    assert set(rows) == set(list_models())
+    assert all(r["parameters"] > 0 and r["gflops"] > 0 for r in rows.values())
+    assert rows["uxnet_light"]["gflops"] * 10 <= rows["unetr"]["gflops"]
+    assert rows["hdenseformer_light"]["parameters"] * 5 <= rows["hdenseformer"]["parameters"]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from core.models import basic_unet, dynunet, swin_unetr, unetr  # noqa: F401  (registration side effects)
+from core.models import basic_unet, dynunet, hdenseformer, swin_unetr, unetr, uxnet  # noqa: F401  (registration)
 from core.models.registry import ModelSpec, TapSpec, create_model, get_spec, list_models, register_model
 from core.models.taps import TapRecorder, attention_map
 

@@ -6,6 +6,7 @@ Each entry declares its two distillation taps by module path: **coarse** (the de
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -60,6 +61,13 @@ class ModelSpec:
     @property
     def taps(self) -> dict[str, TapSpec]:
         return {"coarse": self.coarse, "fine": self.fine}
+
+    def input_size(self, args: dict[str, Any]) -> tuple[int, int, int] | None:
+        """The only input size a fixed-input network accepts (its ``img_size``), else ``None``."""
+        if not self.fixed_input:
+            return None
+        size = args.get("img_size", inspect.signature(self.build).parameters["img_size"].default)
+        return tuple(size) if isinstance(size, (list, tuple)) else (int(size),) * 3
 
 
 _REGISTRY: dict[str, ModelSpec] = {}
