@@ -286,7 +286,12 @@ def models(
     from core.models import list_models
     from core.models.profile import profile_model
 
-    rows = [profile_model(n, input_size, in_channels, out_channels).to_dict() for n in list_models()]
+    rows, skipped = [], {}
+    for name in list_models():
+        try:
+            rows.append(profile_model(name, input_size, in_channels, out_channels).to_dict())
+        except TeachCacheError as exc:
+            skipped[name] = str(exc)
     if as_json:
         sys.stdout.write(json.dumps(rows, indent=2) + "\n")
         return
@@ -303,6 +308,8 @@ def models(
             f"{r['coarse_stride']} / {r['fine_stride']}",
             r["description"],
         )
+    for name, reason in skipped.items():
+        t.add_row(name, "—", "—", "—", reason)
     out.print(t)
 
 

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from core.errors import ConfigError
 from core.models.registry import create_model, get_spec
 
 __all__ = ["ModelProfile", "profile_model"]
@@ -41,9 +42,14 @@ def profile_model(
     """Count parameters and forward FLOPs of ``name`` on a (1, in_channels, S, S, S) input.
 
     The network is built on the CPU and moved to the ``meta`` device, so counting allocates no activations.
-    UNETR's ``img_size`` defaults to ``input_size``.
+    A fixed-input network's ``img_size`` defaults to ``input_size``.
+
+    Raises:
+        ConfigError: ``input_size`` is not a multiple of the network's ``size_divisor``.
     """
     spec = get_spec(name)
+    if input_size % spec.size_divisor:
+        raise ConfigError(f"'{name}' needs input sizes divisible by {spec.size_divisor}, got {input_size}")
     args = dict(args or {})
     if spec.fixed_input:
         args.setdefault("img_size", input_size)
