@@ -144,3 +144,28 @@ def test_models_command_lists_every_model_with_flops():
     assert all(r["parameters"] > 0 and r["gflops"] > 0 for r in rows.values())
     assert rows["uxnet_light"]["gflops"] * 10 <= rows["unetr"]["gflops"]
     assert rows["hdenseformer_light"]["parameters"] * 5 <= rows["hdenseformer"]["parameters"]
+
+
+def test_hdenseformer_takes_two_or_three_modalities_and_keeps_the_published_key_layout():
+    args = SMALL_ARGS["hdenseformer"]
+    for modalities in (2, 3):
+        model = create_model("hdenseformer", modalities, 2, args).eval()
+        assert len(model.attns) == modalities, "one transformer path per modality"
+        with torch.no_grad():
+            assert model(torch.randn(1, modalities, 32, 32, 32)).shape == (1, 2, 32, 32, 32)
+    keys = set(create_model("hdenseformer", 2, 2, args).state_dict())
+    published = {  # names in the authors' checkpoints, which load without remapping
+        "attns.0.patch_embeddings.weight",
+        "attns.1.position_embeddings",
+        "attns.0.blocks.0.0.layers.0.0.weight",
+        "attns.0.blocks.0.0.layers.0.1.fn.to_qkv.weight",
+        "attns.0.blocks.0.0.layers.3.2.fn.net.3.weight",
+        "attns.0.blocks.0.0.out_layer.net.0.weight",
+        "deep_conv.double_conv.0.weight",
+        "block_4_2_left.norm.weight",
+        "upconv_3.weight",
+        "block_1_2_right.conv.weight",
+        "conv1x1.weight",
+        "conv1x1_d3.weight",
+    }
+    assert published <= keys
