@@ -166,19 +166,22 @@ def test_changed_checkpoint_makes_the_cache_stale(trained, tmp_path):
         distil(cfg, fold=0, progress=False)
 
 
-def test_full_disk_keeps_complete_entries_and_says_how_to_resume(trained, monkeypatch):
-    cfg, _ = _cached(trained, "full")
+@pytest.mark.parametrize(
+    ("code", "text"), [(errno.ENOSPC, "No space left on device"), (errno.EROFS, "Read-only file system")]
+)
+def test_full_disk_keeps_complete_entries_and_says_how_to_resume(trained, monkeypatch, code, text):
+    cfg, _ = _cached(trained, f"full_{code}")
     real_write = TeacherStore.write_entry
     calls = {"n": 0}
 
     def failing(self, *args, **kwargs):
         calls["n"] += 1
         if calls["n"] == 3:
-            raise OSError(errno.ENOSPC, "No space left on device")
+            raise OSError(code, text)
         return real_write(self, *args, **kwargs)
 
     monkeypatch.setattr(TeacherStore, "write_entry", failing)
-    with pytest.raises(StoreError, match=r"No space left on device.*re-run `make cache` to resume"):
+    with pytest.raises(StoreError, match=rf"{text}.*re-run `make cache` to resume"):
         cache_teachers(cfg, names=["dynunet"], progress=False)
     store = TeacherStore.open(cfg.store.path)
     assert sum(store.has_entry("dynunet", c) for c in store.case_ids()) == 2
@@ -214,3 +217,16 @@ def test_feature_sketches_are_cached_and_keep_relations(trained):
         progress=False,
     )
     assert summary.written["dynunet"] == 6, "changing the sketch width recomputes the entries"
+
+
+def test_lazy_dask_view_reads_nothing_until_computed(trained):
+    cfg, _ = _cached(trained, "lazy")
+    cache_teachers(cfg, names=["dynunet"], progress=False)
+    store = TeacherStore.open(cfg.store.path)
+    views = store.lazy_maps("dynunet", "fine")
+    assert sorted(views) == store.case_ids()
+    case = store.case_ids()[0]
+    amap, _ = store.read_attention("dynunet", case, "fine")
+    assert np.array_equal(views[case].compute().astype(np.float32), amap)
+    total = sum(v.sum() for v in views.values()).compute()  # one dask graph over every case
+    assert np.isfinite(total) and total > 0
