@@ -39,7 +39,14 @@ def describe_store(store: TeacherStore) -> dict[str, Any]:
         "format_version": meta["format_version"],
         "dataset": meta["dataset"],
         "teachers": teachers,
-        "cases": [{"case_id": c, "shape": list(store.case_shape(c))} for c in cases],
+        "cases": [
+            {
+                "case_id": c,
+                "shape": list(store.case_shape(c)),
+                "teachers_complete": [t for t in store.teacher_names() if store.has_entry(t, c)],
+            }
+            for c in cases
+        ],
         "arrays": arrays,
         "stored_bytes": sum(a["stored_bytes"] for a in arrays),
     }

@@ -236,6 +236,13 @@ def inspect(
             str(row["cache_seconds"] or "—"),
         )
     out.print(t)
+    cs = Table(title="cases")
+    for col in ("case", "shape", "teachers cached"):
+        cs.add_column(col)
+    for c in info["cases"]:
+        cached = f"{len(c['teachers_complete'])}/{len(info['teachers'])}"
+        cs.add_row(c["case_id"], "×".join(map(str, c["shape"])), cached)
+    out.print(cs)
     case = info["cases"][0]["case_id"] if info["cases"] else None
     a = Table(title=f"arrays of case {case} (--json lists every case)")
     for col in ("owner", "array", "shape", "dtype", "chunks", "codecs", "stored"):
