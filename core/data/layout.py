@@ -1,7 +1,7 @@
 """Reading a dataset in the nnU-Net v2 raw layout.
 
 ``DATASET/dataset.json`` (``channel_names``, ``labels``, ``numTraining``, ``file_ending``),
-``DATASET/imagesTr/CASE_XXXX<ending>`` (one file per channel, 4-digit channel suffix) and
+``DATASET/imagesTr/CASE_0000<ending>``, ``CASE_0001<ending>``, … (one file per channel) and
 ``DATASET/labelsTr/CASE<ending>``. Every problem is reported with the file or case and the fix.
 """
 
@@ -113,7 +113,7 @@ def read_raw_dataset(root: str | Path) -> RawDataset:
         stem = p.name[: -len(ending)]
         case_id, sep, channel = stem.rpartition("_")
         if not sep or len(channel) != 4 or not channel.isdigit():
-            raise DatasetError(f"{p}: image names must be CASE_XXXX{ending} with a 4-digit channel number")
+            raise DatasetError(f"{p}: image names must be CASE_0000{ending}, CASE_0001{ending}, … (a 4-digit channel number)")
         by_case.setdefault(case_id, {})[int(channel)] = p
     if not by_case:
         raise DatasetError(f"{images_dir}: no images ending in {ending}")

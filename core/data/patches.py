@@ -125,6 +125,7 @@ class PatchDataset(Dataset):
         self.epoch = 0
         self._store: TeacherStore | None = None
         self._maps: dict[tuple[str, str, str], tuple[np.ndarray, tuple[float, ...]]] = {}
+        self._fg: dict[str, np.ndarray] = {}
         keys = ["image", "label", *self._target_keys()]
         transforms = [RandFlipd(keys=keys, prob=0.5, spatial_axis=axis) for axis in range(3)]
         if self.patch_size[0] == self.patch_size[1]:
@@ -160,7 +161,7 @@ class PatchDataset(Dataset):
                 "preprocessing.min_size to the patch size and re-run preprocessing"
             )
         hi = [s - p for s, p in zip(shape, self.patch_size, strict=True)]
-        fg = self.store.read_foreground(case_id) if rng.random() < self.fg else np.empty((0, 4))
+        fg = self._foreground(case_id) if rng.random() < self.fg else np.empty((0, 4))
         if len(fg):
             point = fg[rng.integers(len(fg)), 1:]
             jitter = rng.integers(-(np.array(self.patch_size) // 4), np.array(self.patch_size) // 4 + 1)
@@ -169,6 +170,11 @@ class PatchDataset(Dataset):
             start = np.array([rng.integers(0, h + 1) for h in hi])
         start = tuple(int(s) for s in start)
         return start, tuple(slice(s, s + p) for s, p in zip(start, self.patch_size, strict=True))  # type: ignore[return-value]
+
+    def _foreground(self, case_id: str) -> np.ndarray:
+        if case_id not in self._fg:  # small (N, 4) lists; keep them per worker
+            self._fg[case_id] = self.store.read_foreground(case_id)
+        return self._fg[case_id]
 
     def _attention(self, teacher: str, case_id: str, kind: str) -> tuple[np.ndarray, tuple[float, ...]]:
         key = (teacher, case_id, kind)

@@ -261,25 +261,26 @@ def build_hdenseformer_light(
 
 _COARSE = TapSpec("upconv_3", stride=8, capture="input", index=0)
 _FINE = TapSpec("block_2_2_right", stride=2)
-register_model(
-    ModelSpec(
-        name="hdenseformer",
-        build=build_hdenseformer,
-        coarse=_COARSE,
-        fine=_FINE,
-        size_divisor=16,
-        fixed_input=True,
-        description="H-DenseFormer: per-modality dense transformer paths fused into a 3D conv U-Net",
+for _name, _build, _description in (
+    (
+        "hdenseformer",
+        build_hdenseformer,
+        "H-DenseFormer: per-modality dense transformer paths fused into a 3D conv U-Net",
+    ),
+    (
+        "hdenseformer_light",
+        build_hdenseformer_light,
+        "H-DenseFormer Light (student): n_filters 8, lighter transformer paths",
+    ),
+):
+    register_model(
+        ModelSpec(
+            name=_name,
+            build=_build,
+            coarse=_COARSE,
+            fine=_FINE,
+            size_divisor=16,
+            fixed_input=True,
+            description=_description,
+        )
     )
-)
-register_model(
-    ModelSpec(
-        name="hdenseformer_light",
-        build=build_hdenseformer_light,
-        coarse=_COARSE,
-        fine=_FINE,
-        size_divisor=16,
-        fixed_input=True,
-        description="H-DenseFormer Light (student): n_filters 8, lighter transformer paths",
-    )
-)

@@ -173,23 +173,17 @@ def build_uxnet_light(
 
 
 _TAPS = {"coarse": TapSpec("encoder5", stride=16), "fine": TapSpec("decoder2", stride=1)}
-register_model(
-    ModelSpec(
-        name="uxnet",
-        build=build_uxnet,
-        coarse=_TAPS["coarse"],
-        fine=_TAPS["fine"],
-        size_divisor=16,
-        description="3D UX-Net: 7³ depthwise-convolution encoder with a UNETR-style decoder",
+for _name, _build, _description in (
+    ("uxnet", build_uxnet, "3D UX-Net: 7³ depthwise-convolution encoder with a UNETR-style decoder"),
+    ("uxnet_light", build_uxnet_light, "3D UX-Net Light (student): narrower, one block per stage"),
+):
+    register_model(
+        ModelSpec(
+            name=_name,
+            build=_build,
+            coarse=_TAPS["coarse"],
+            fine=_TAPS["fine"],
+            size_divisor=16,
+            description=_description,
+        )
     )
-)
-register_model(
-    ModelSpec(
-        name="uxnet_light",
-        build=build_uxnet_light,
-        coarse=_TAPS["coarse"],
-        fine=_TAPS["fine"],
-        size_divisor=16,
-        description="3D UX-Net Light (student): narrower, one block per stage",
-    )
-)
