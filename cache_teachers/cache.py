@@ -160,7 +160,7 @@ def _sketches(out: dict[str, np.ndarray], k: int) -> dict[str, tuple[np.ndarray,
 
 
 def _provenance(
-    cfg: Config, teacher: TeacherConfig, ckpt: Checkpoint, sha: str, store: TeacherStore
+    cfg: Config, teacher: TeacherConfig, ckpt_meta: dict[str, Any], sha: str, store: TeacherStore
 ) -> dict[str, Any]:
     meta = store.metadata
     spec = get_spec(teacher.arch)
@@ -172,10 +172,10 @@ def _provenance(
         "class_names": meta["dataset"]["class_names"],
         "checkpoint_path": str(teacher.checkpoint),
         "checkpoint_sha256": sha,
-        "fold": ckpt.meta.get("fold"),
-        "train_cases": ckpt.meta.get("train_cases"),
-        "splits_file": ckpt.meta.get("splits_file"),
-        "val_mean_dice": ckpt.meta.get("val_mean_dice"),
+        "fold": ckpt_meta.get("fold"),
+        "train_cases": ckpt_meta.get("train_cases"),
+        "splits_file": ckpt_meta.get("splits_file"),
+        "val_mean_dice": ckpt_meta.get("val_mean_dice"),
         "taps": {k: {"module": t.module, "stride": t.stride} for k, t in spec.taps.items()},
         "attention_p": cfg.distillation.attention.p,
         "feature_sketch_channels": cfg.store.feature_sketch_channels,
@@ -262,8 +262,7 @@ def cache_teachers(
     try:
         for teacher, ckpt_meta, sha, todo in plans:
             started = time.perf_counter()
-            ckpt = Checkpoint(path=teacher.checkpoint, state_dict={}, meta=ckpt_meta)
-            store.write_teacher_metadata(teacher.name, _provenance(cfg, teacher, ckpt, sha, store))
+            store.write_teacher_metadata(teacher.name, _provenance(cfg, teacher, ckpt_meta, sha, store))
             label = f"caching {teacher.name}"
             if client is None:
                 for case_id in track(todo, label, enabled=progress):
