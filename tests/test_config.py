@@ -21,6 +21,12 @@ def test_demo_config_is_valid():
     assert len(cfg.preprocessing_hash()) == 64
 
 
+def test_mri_demo_config_is_valid():
+    cfg = load_config(REPO / "configs" / "demo-mri.yaml")
+    assert cfg.dataset.synthetic is not None and cfg.dataset.synthetic.kind == "mri"
+    assert cfg.store.path != load_config(REPO / "configs" / "demo.yaml").store.path
+
+
 def test_unknown_key_is_named(tmp_path):
     data = tiny_config_dict(tmp_path)
     data["training"]["epochz"] = 3

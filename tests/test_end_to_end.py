@@ -162,3 +162,37 @@ def test_bench_store_measures_every_encoding(cached):
         assert r["bytes_per_voxel"] > 0 and r["write_mb_s"] > 0 and set(r["kl"]) == {"T=1", "T=2", "T=4"}
     assert report["patch_read"]["mean_s"] > 0 and report["patch_read"]["teachers"] == 3
     assert report["store_bytes_per_voxel"]["teacher softmax"] > 0
+
+
+def test_three_modality_mri_through_both_stages(tmp_path):
+    """The MRI variant (T2W, ADC, HBV): three input channels from preprocessing to a distilled student."""
+    from tests.conftest import tiny_config_dict, write_config
+
+    data = tiny_config_dict(tmp_path)
+    data["dataset"]["synthetic"] = {
+        "kind": "mri",
+        "num_cases": 6,
+        "shape": [64, 64, 16],
+        "spacing": [1.0, 1.0, 3.0],
+    }
+    data["preprocessing"]["foreground_threshold"] = 20.0
+    data["teachers"] = [data["teachers"][2]]  # dynunet only, to keep the test short
+    config = str(write_config(tmp_path, data))
+    for command in (
+        ["synth"],
+        ["preprocess"],
+        ["teachers", "--fold", "0"],
+        ["cache"],
+        ["distil", "--fold", "0"],
+    ):
+        run(*command, "-c", config, "-q")
+    cfg = load_config(config)
+    store = TeacherStore.open(cfg.store.path)
+    case = store.case_ids()[0]
+    assert store.metadata["dataset"]["channel_names"] == ["T2W", "ADC", "HBV"]
+    assert store.read_image(case).shape[0] == 3
+    assert store.read_softmax("dynunet", case).shape[0] == 2
+    ckpt = load_checkpoint(
+        cfg.output.runs_dir / "students" / "kd-teachformer" / "fold_0" / "checkpoint_best.pth"
+    )
+    assert ckpt.in_channels == 3
