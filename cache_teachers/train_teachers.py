@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import torch
 
-from core.config import Config, DistillationConfig
+from core.config import Config
 from core.data.patches import PatchDataset
+from core.distillation import DistillationObjective
 from core.experiment import fold_split, open_store_for, splits_path, teacher_dir
 from core.inference import check_window, resolve_device
-from core.losses import TeachFormerLoss
+from core.losses import SegmentationLoss
 from core.models import create_model, get_spec
 from core.training import FitResult, fit
 
@@ -65,7 +66,7 @@ def train_teachers(
                 val_cases=val,
                 cfg=teacher.training,
                 inference=inference,
-                loss_fn=TeachFormerLoss(DistillationConfig(kind="none"), teacher.training.focal_gamma),
+                loss_fn=DistillationObjective(SegmentationLoss(teacher.training.focal_gamma), []),
                 out_dir=teacher_dir(cfg, teacher.name, fold),
                 checkpoint_path=teacher.checkpoint,
                 device=resolve_device(teacher.training.device),

@@ -31,6 +31,7 @@ __all__ = [
     "StoreConfig",
     "SyntheticConfig",
     "TeacherConfig",
+    "TermConfig",
     "TrainingConfig",
     "load_config",
 ]
@@ -156,15 +157,45 @@ class AttentionConfig(_Strict):
     norm: Literal["l1", "l2"] = "l2"
 
 
-class DistillationConfig(_Strict):
-    """Which distillation terms the student is trained with, and their weights."""
+class TermConfig(_Strict):
+    """One distillation term (``docs/losses.md``): its registered name, weight and options."""
 
-    kind: Literal["teachformer", "none"] = "teachformer"
+    name: str
+    weight: float = Field(1.0, ge=0)
+    combine: Literal["average", "sum"] | None = None
+    teacher_weights: Literal["uniform", "dice", "confidence"] = "uniform"
+    args: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("name")
+    @classmethod
+    def _registered(cls, v: str) -> str:
+        from core.distillation import TERMS  # registered terms; imported late (it imports this module)
+
+        if v not in TERMS:
+            raise ValueError(f"unknown distillation term '{v}'; registered: {', '.join(sorted(TERMS))}")
+        return v
+
+
+def _teachformer_terms() -> list[TermConfig]:
+    return [TermConfig(name="pwd"), TermConfig(name="afs")]
+
+
+class DistillationConfig(_Strict):
+    """The recipe the student is trained with: a name, a temperature, and weighted terms."""
+
+    kind: str = Field("teachformer", pattern=r"^[A-Za-z0-9_.-]+$")
     temperature: float = Field(2.0, gt=0)
-    lambda_pwd: float = Field(1.0, ge=0)
-    lambda_afs: float = Field(1.0, ge=0)
+    terms: list[TermConfig] = Field(default_factory=_teachformer_terms)
     attention: AttentionConfig = Field(default_factory=AttentionConfig)
     teachers: list[str] | None = None
+
+    @model_validator(mode="after")
+    def _check_terms(self) -> DistillationConfig:
+        names = [t.name for t in self.terms]
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise ValueError(f"distillation terms must be unique; repeated: {', '.join(repeated)}")
+        return self
 
 
 class OutputConfig(_Strict):

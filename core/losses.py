@@ -1,7 +1,8 @@
-"""Losses: segmentation (Focal + Dice), pixel-wise KD and attention transfer, and TeachFormer's weighted sum.
+"""Plain losses over tensors: segmentation (Focal + Dice), pixel-wise KD, attention transfer, CWD and DIST.
 
-Every distillation term reads only student outputs and cached teacher data (``docs/losses.md`` gives each
-formula and the choices made where the paper is silent).
+``core/distillation.py`` wraps the distillation ones into registered terms that combine several teachers, and
+sums them into the training objective. ``docs/losses.md`` gives each formula and the choices made where the
+papers are silent.
 """
 
 from __future__ import annotations
@@ -11,15 +12,15 @@ import torch.nn.functional as F
 from monai.losses import DiceFocalLoss
 from torch import nn
 
-from core.config import DistillationConfig
 from core.models.taps import attention_map
 
 __all__ = [
     "AttentionTransferLoss",
+    "ChannelWiseKDLoss",
+    "DISTLoss",
     "DistillationTargets",
     "PixelwiseKDLoss",
     "SegmentationLoss",
-    "TeachFormerLoss",
     "normalise_map",
 ]
 
@@ -121,53 +122,64 @@ class AttentionTransferLoss(nn.Module):
         return diff.pow(2).sum(dim=1).mean()
 
 
-class TeachFormerLoss(nn.Module):
-    """L = L_SEG + λ_pwd · L_PWD + λ_afs · (L_AFS(coarse) + L_AFS(fine)) / 2, teachers combined.
+class ChannelWiseKDLoss(nn.Module):
+    """Channel-wise distillation (CWD, Shu et al., ICCV 2021) over a patch.
 
-    Teachers are combined by averaging their probability maps for L_PWD, and by averaging the per-teacher
-    attention losses for L_AFS (each teacher's map lives on its own grid). With ``kind: none`` only L_SEG is used.
+    For each class channel c, the spatial distribution ``softmax_x(s_c(x) / T)`` of the student is pulled towards
+    the teacher's: ``L = T² / K · Σ_c KL(φ(t_c) ‖ φ(s_c))``, averaged over the batch. The cache holds teacher
+    logits only up to a per-voxel constant, so both sides use log-probabilities as the channel scores.
 
-    Returns from ``forward``: a dict with ``"total"`` and every term's value (``"seg"``, ``"pwd"``,
-    ``"afs_coarse"``, ``"afs_fine"``), for logging.
+    Args:
+        temperature: T > 0.
     """
 
-    def __init__(self, cfg: DistillationConfig, focal_gamma: float = 2.0):
+    def __init__(self, temperature: float = 1.0):
         super().__init__()
-        self.cfg = cfg
-        self.seg = SegmentationLoss(focal_gamma)
-        self.pwd = PixelwiseKDLoss(cfg.temperature)
-        self.afs = AttentionTransferLoss(cfg.attention.p, cfg.attention.norm)
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        self.temperature = temperature
 
-    @property
-    def uses_teachers(self) -> bool:
-        return self.cfg.kind != "none" and (self.cfg.lambda_pwd > 0 or self.cfg.lambda_afs > 0)
+    def forward(self, student_logits: torch.Tensor, teacher_probs: torch.Tensor) -> torch.Tensor:
+        """Args: student_logits (B, K, X, Y, Z); teacher_probs (B, K, X, Y, Z) at temperature 1."""
+        t = self.temperature
+        b, k = student_logits.shape[:2]
+        s = F.log_softmax(student_logits.float(), dim=1).reshape(b, k, -1) / t
+        q = torch.log(teacher_probs.float().clamp_min(1e-12)).reshape(b, k, -1) / t
+        kl = F.kl_div(F.log_softmax(s, dim=2), F.log_softmax(q, dim=2), reduction="none", log_target=True)
+        return (t * t) * kl.sum(dim=2).mean()
 
-    def forward(
-        self,
-        logits: torch.Tensor,
-        label: torch.Tensor,
-        taps: dict[str, torch.Tensor] | None = None,
-        targets: DistillationTargets | None = None,
-    ) -> dict[str, torch.Tensor]:
-        """Args:
-        logits: student (B, K, X, Y, Z).
-        label: (B, 1, X, Y, Z).
-        taps: student ``{"coarse", "fine"}`` features (B, C, x, y, z).
-        targets: cached teacher data for this batch (see :data:`DistillationTargets`).
-        """
-        terms = {"seg": self.seg(logits, label)}
-        total = terms["seg"]
-        if self.uses_teachers:
-            if targets is None or taps is None:
-                raise ValueError("distillation needs the student's taps and the teachers' targets")
-            if self.cfg.lambda_pwd > 0:
-                probs = torch.stack(list(targets["softmax"].values())).mean(dim=0)
-                terms["pwd"] = self.pwd(logits, probs)
-                total = total + self.cfg.lambda_pwd * terms["pwd"]
-            if self.cfg.lambda_afs > 0:
-                for kind in ("coarse", "fine"):
-                    per_teacher = [self.afs(taps[kind], t) for t in targets[kind].values()]
-                    terms[f"afs_{kind}"] = torch.stack(per_teacher).mean()
-                total = total + self.cfg.lambda_afs * 0.5 * (terms["afs_coarse"] + terms["afs_fine"])
-        terms["total"] = total
-        return terms
+
+def _pearson_distance(a: torch.Tensor, b: torch.Tensor, dim: int, eps: float = 1e-8) -> torch.Tensor:
+    a = a - a.mean(dim=dim, keepdim=True)
+    b = b - b.mean(dim=dim, keepdim=True)
+    r = (a * b).sum(dim) / (a.norm(dim=dim) * b.norm(dim=dim) + eps)
+    return 1.0 - r
+
+
+class DISTLoss(nn.Module):
+    """DIST (Huang et al., NeurIPS 2022): match relations instead of values.
+
+    ``L = T² · (β · inter + γ · intra)`` with probabilities at T: *inter* is 1 − Pearson correlation between student
+    and teacher over the classes of each voxel (averaged over voxels), *intra* is 1 − Pearson correlation over the
+    voxels of each class in the patch (averaged over classes and the batch).
+
+    Args:
+        temperature: T > 0.
+        beta: weight of the inter-class term.
+        gamma: weight of the intra-class term.
+    """
+
+    def __init__(self, temperature: float = 1.0, beta: float = 1.0, gamma: float = 1.0):
+        super().__init__()
+        if temperature <= 0 or beta < 0 or gamma < 0:
+            raise ValueError(f"need temperature > 0 and beta, gamma >= 0, got {temperature}, {beta}, {gamma}")
+        self.temperature, self.beta, self.gamma = temperature, beta, gamma
+
+    def forward(self, student_logits: torch.Tensor, teacher_probs: torch.Tensor) -> torch.Tensor:
+        """Args: student_logits (B, K, X, Y, Z); teacher_probs (B, K, X, Y, Z), already at temperature T."""
+        b, k = student_logits.shape[:2]
+        ps = torch.softmax(student_logits.float() / self.temperature, dim=1).reshape(b, k, -1)
+        pt = teacher_probs.float().reshape(b, k, -1)
+        inter = _pearson_distance(ps, pt, dim=1).mean()
+        intra = _pearson_distance(ps, pt, dim=2).mean()
+        return self.temperature**2 * (self.beta * inter + self.gamma * intra)

@@ -7,12 +7,12 @@ import math
 import pytest
 import torch
 
-from core.config import DistillationConfig
+from core.config import DistillationConfig, TermConfig
+from core.distillation import build_objective
 from core.losses import (
     AttentionTransferLoss,
     PixelwiseKDLoss,
     SegmentationLoss,
-    TeachFormerLoss,
     normalise_map,
 )
 
@@ -82,17 +82,19 @@ def test_teachformer_terms_gradients_and_kind_none():
         "coarse": {"a": torch.rand(2, 1, 1, 1, 1), "b": torch.rand(2, 1, 1, 1, 1)},
         "fine": {"a": torch.rand(2, 1, 4, 4, 4), "b": torch.rand(2, 1, 2, 2, 2)},
     }
-    loss = TeachFormerLoss(DistillationConfig(lambda_pwd=0.5, lambda_afs=2.0))
+    loss = build_objective(
+        DistillationConfig(terms=[TermConfig(name="pwd", weight=0.5), TermConfig(name="afs", weight=2.0)])
+    )
     terms = loss(logits, label, taps, targets)
-    assert set(terms) == {"seg", "pwd", "afs_coarse", "afs_fine", "total"}
+    assert set(terms) == {"seg", "pwd", "afs", "afs_coarse", "afs_fine", "total"}
     expected = terms["seg"] + 0.5 * terms["pwd"] + 2.0 * 0.5 * (terms["afs_coarse"] + terms["afs_fine"])
     assert terms["total"].item() == pytest.approx(expected.item(), rel=1e-6)
     terms["total"].backward()
     assert torch.isfinite(logits.grad).all() and logits.grad.abs().sum() > 0
     assert torch.isfinite(taps["fine"].grad).all() and taps["fine"].grad.abs().sum() > 0
-    plain = TeachFormerLoss(DistillationConfig(kind="none"))(logits, label)
+    plain = build_objective(DistillationConfig(kind="none"))(logits, label)
     assert (
-        set(plain) == {"seg", "total"} and not TeachFormerLoss(DistillationConfig(kind="none")).uses_teachers
+        set(plain) == {"seg", "total"} and not build_objective(DistillationConfig(kind="none")).uses_teachers
     )
 
 

@@ -6,10 +6,10 @@ import torch
 
 from core.config import Config
 from core.data.patches import PatchDataset, TargetRequest, targets_from_batch
+from core.distillation import build_objective
 from core.errors import ConfigError, StoreError
 from core.experiment import fold_split, open_store_for, splits_path, student_dir
 from core.inference import check_window, resolve_device
-from core.losses import TeachFormerLoss
 from core.models import create_model, get_spec
 from core.models.checkpoint import file_sha256
 from core.store import TeacherStore
@@ -91,24 +91,32 @@ def distil(
     train, val = fold_split(cfg, store, fold)
     meta = store.metadata["dataset"]
     in_channels, class_names = len(meta["channel_names"]), meta["class_names"]
-    loss = TeachFormerLoss(dcfg, cfg.training.focal_gamma)
+    teacher_dice = {n: store.teacher_metadata(n).get("val_mean_dice") for n in store.teacher_names()}
+    loss = build_objective(dcfg, cfg.training.focal_gamma, teacher_dice)
     request = None
     teachers: list[str] = []
     leakage: dict[str, list[str] | None] = {}
     if loss.uses_teachers:
         teachers = [t.name for t in cfg.distilled_teachers()]
         if not teachers:
-            raise ConfigError("distillation.kind is not 'none' but no teachers are configured")
+            raise ConfigError("distillation terms are configured but no teachers are")
         if not store.teacher_names():
             raise StoreError(
                 f"{store.location} holds no teacher outputs yet; run `make cache` before `make distil`"
             )
         leakage = _check_teachers(cfg, store, teachers, train, val, allow_leakage)
+        for term in dcfg.terms:
+            unknown = [t for t in teachers if teacher_dice.get(t) is None]
+            if term.teacher_weights == "dice" and term.weight > 0 and unknown:
+                raise ConfigError(
+                    f"distillation term '{term.name}' weighs teachers by validation Dice, which the store does not "
+                    f"record for {', '.join(unknown)} (their checkpoints did not say); use 'uniform' or 'confidence'"
+                )
         request = TargetRequest(
             teachers=tuple(teachers),
             temperature=dcfg.temperature,
-            softmax=dcfg.lambda_pwd > 0,
-            attention=dcfg.lambda_afs > 0,
+            softmax="softmax" in loss.needs,
+            attention=bool({"coarse", "fine"} & loss.needs),
         )
 
     spec = get_spec(cfg.student.arch)

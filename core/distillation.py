@@ -1,0 +1,339 @@
+"""Distillation terms, registered by name, and the objective that sums them with the segmentation loss.
+
+A term reads only the student's outputs (logits, tap features) and cached teacher data (re-tempered softmax,
+attention maps) — never a teacher network. Each term combines several teachers in one of two ways:
+
+- ``average``: mix the teachers' targets first (a weighted mean of their distributions), then compute one loss —
+  only for distribution terms (``pwd``, ``cwd``, ``dist``);
+- ``sum``: compute the loss per teacher and take the weighted sum — any term; attention maps live on each
+  teacher's own grid, so ``afs`` always does this.
+
+Teacher weights, normalised to sum to 1: ``uniform``; ``dice`` — proportional to each teacher's validation Dice
+recorded in the store; ``confidence`` — per voxel, proportional to exp(−entropy) of each teacher's distribution
+(confident teachers weigh more), for distribution terms.
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from core.config import DistillationConfig, TermConfig
+from core.errors import ConfigError
+from core.losses import (
+    AttentionTransferLoss,
+    ChannelWiseKDLoss,
+    DistillationTargets,
+    DISTLoss,
+    PixelwiseKDLoss,
+    SegmentationLoss,
+)
+
+__all__ = ["TERMS", "DistillationObjective", "DistillationTerm", "build_objective", "register_term"]
+
+TERMS: dict[str, type[DistillationTerm]] = {}
+
+
+def register_term(name: str) -> Callable[[type[DistillationTerm]], type[DistillationTerm]]:
+    """Class decorator: make a term available under ``name`` in configs; a duplicate name is an error."""
+
+    def add(cls: type[DistillationTerm]) -> type[DistillationTerm]:
+        if name in TERMS:
+            raise ValueError(f"distillation term '{name}' is already registered")
+        cls.name = name
+        TERMS[name] = cls
+        return cls
+
+    return add
+
+
+class DistillationTerm(nn.Module):
+    """Base class: teacher weighting and combination around a per-teacher loss.
+
+    Args:
+        temperature: T of the cached distributions the term receives.
+        combine: ``"average"`` or ``"sum"`` (see the module docstring).
+        teacher_weights: ``"uniform"``, ``"dice"`` or ``"confidence"``.
+        teacher_dice: validation Dice per teacher (needed for ``"dice"``).
+    """
+
+    name: ClassVar[str] = ""
+    needs: ClassVar[frozenset[str]] = frozenset()  # target kinds read: "softmax", "coarse", "fine"
+    distribution: ClassVar[bool] = (
+        True  # works on class distributions (can average teachers, per-voxel weights)
+    )
+    default_combine: ClassVar[str] = "average"
+
+    def __init__(
+        self, temperature: float, combine: str | None, teacher_weights: str, teacher_dice: dict[str, float]
+    ):
+        super().__init__()
+        self.temperature = temperature
+        self.combine = combine or self.default_combine
+        if self.combine not in ("average", "sum"):
+            raise ValueError(f"combine must be 'average' or 'sum', got {self.combine!r}")
+        if self.combine == "average" and not self.distribution:
+            raise ValueError(
+                "combine 'average' needs a distribution term; attention maps are combined by 'sum'"
+            )
+        if teacher_weights == "confidence" and not self.distribution:
+            raise ValueError("per-voxel 'confidence' weights apply to distribution terms only")
+        self.teacher_weights = teacher_weights
+        self.teacher_dice = teacher_dice
+
+    @classmethod
+    def config_defaults(cls, cfg: DistillationConfig) -> dict[str, Any]:
+        """Arguments this term takes from the rest of the distillation config unless its ``args`` set them."""
+        return {}
+
+    def weights(
+        self, teachers: list[str], probs: dict[str, torch.Tensor] | None
+    ) -> list[torch.Tensor | float]:
+        """Normalised weights per teacher: scalars, or (B, 1, X, Y, Z) maps for ``confidence``."""
+        if self.teacher_weights == "uniform":
+            return [1.0 / len(teachers)] * len(teachers)
+        if self.teacher_weights == "dice":
+            missing = [t for t in teachers if self.teacher_dice.get(t) is None]
+            if missing:
+                raise ConfigError(
+                    f"teacher_weights 'dice' needs each teacher's validation Dice in the store; missing for "
+                    f"{', '.join(missing)} (their checkpoints did not record it)"
+                )
+            total = sum(self.teacher_dice[t] for t in teachers)
+            return [self.teacher_dice[t] / total for t in teachers]
+        assert probs is not None
+        scores = [torch.exp((p * torch.log(p.clamp_min(1e-12))).sum(1, keepdim=True)) for p in probs.values()]
+        total = torch.stack(scores).sum(0)
+        return [s / total for s in scores]
+
+
+class DistributionTerm(DistillationTerm):
+    """A term on class distributions: teachers are mixed first (``average``) or their losses summed (``sum``)."""
+
+    @abstractmethod
+    def loss(
+        self, logits: torch.Tensor, target: torch.Tensor, voxel_weights: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The term against one distribution (B, K, X, Y, Z); ``voxel_weights`` (B, 1, X, Y, Z) if per voxel."""
+
+    def forward(
+        self, logits: torch.Tensor, taps: dict[str, torch.Tensor] | None, targets: DistillationTargets
+    ) -> torch.Tensor:
+        probs = targets["softmax"]
+        teachers = list(probs)
+        weights = self.weights(teachers, probs)
+        if self.combine == "average":
+            mixed = sum(w * probs[t] for w, t in zip(weights, teachers, strict=True))
+            return self.loss(logits, mixed)
+        total = torch.zeros((), device=logits.device)
+        for w, t in zip(weights, teachers, strict=True):
+            per_voxel = isinstance(w, torch.Tensor)
+            total = total + (self.loss(logits, probs[t], w) if per_voxel else w * self.loss(logits, probs[t]))
+        return total
+
+
+@register_term("pwd")
+class PixelwiseDistillation(DistributionTerm):
+    """TeachFormer's L_PWD / Hinton KD per voxel: T² · KL(p_t^T ‖ p_s^T)."""
+
+    needs = frozenset({"softmax"})
+
+    def __init__(
+        self, temperature: float, combine: str | None, teacher_weights: str, teacher_dice: dict[str, float]
+    ):
+        super().__init__(temperature, combine, teacher_weights, teacher_dice)
+        self.kd = PixelwiseKDLoss(temperature)
+
+    def loss(
+        self, logits: torch.Tensor, target: torch.Tensor, voxel_weights: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        if voxel_weights is None:
+            return self.kd(logits, target)
+        t = self.temperature
+        log_ps = torch.log_softmax(logits.float() / t, dim=1)
+        kl = (target * (torch.log(target.clamp_min(1e-12)) - log_ps)).sum(1, keepdim=True)
+        return (t * t) * (voxel_weights * kl).sum() / kl[:, 0].numel()
+
+
+@register_term("cwd")
+class ChannelWiseDistillation(DistributionTerm):
+    """Channel-wise distillation (Shu et al., 2021) on the class channels; teachers averaged or summed."""
+
+    needs = frozenset({"softmax"})
+
+    def __init__(
+        self, temperature: float, combine: str | None, teacher_weights: str, teacher_dice: dict[str, float]
+    ):
+        super().__init__(temperature, combine, teacher_weights, teacher_dice)
+        if teacher_weights == "confidence":
+            raise ValueError(
+                "cwd compares spatial distributions per channel; use 'uniform' or 'dice' weights"
+            )
+        self.cwd = ChannelWiseKDLoss(temperature)
+        self._untemper = temperature
+
+    def forward(self, logits, taps, targets):
+        # cwd re-tempers spatially: give it temperature-1 distributions recovered from the T-tempered cache
+        t = self._untemper
+        untempered = {
+            k: torch.softmax(torch.log(v.clamp_min(1e-12)) * t, dim=1) for k, v in targets["softmax"].items()
+        }
+        return super().forward(logits, taps, {**targets, "softmax": untempered})
+
+    def loss(
+        self, logits: torch.Tensor, target: torch.Tensor, voxel_weights: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        return self.cwd(logits, target)
+
+
+@register_term("dist")
+class DISTDistillation(DistributionTerm):
+    """DIST (Huang et al., 2022): inter- and intra-class Pearson relations at temperature T.
+
+    Args (extra): beta, gamma — weights of the inter- and intra-class terms (default 1, 1).
+    """
+
+    needs = frozenset({"softmax"})
+
+    def __init__(
+        self,
+        temperature: float,
+        combine: str | None,
+        teacher_weights: str,
+        teacher_dice: dict[str, float],
+        beta: float = 1.0,
+        gamma: float = 1.0,
+    ):
+        super().__init__(temperature, combine, teacher_weights, teacher_dice)
+        if teacher_weights == "confidence":
+            raise ValueError("dist correlates whole patches; use 'uniform' or 'dice' weights")
+        self.dist = DISTLoss(temperature, beta, gamma)
+
+    def loss(
+        self, logits: torch.Tensor, target: torch.Tensor, voxel_weights: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        return self.dist(logits, target)
+
+
+@register_term("afs")
+class AttentionDistillation(DistillationTerm):
+    """TeachFormer's L_AFS / attention transfer on the coarse and fine taps, per teacher, weighted sum.
+
+    Args (extra): p — must equal the power the maps were cached with; norm — ``"l1"`` or ``"l2"``;
+    taps — which taps (default both).
+    """
+
+    needs = frozenset({"coarse", "fine"})
+    distribution = False
+    default_combine = "sum"
+
+    def __init__(
+        self,
+        temperature: float,
+        combine: str | None,
+        teacher_weights: str,
+        teacher_dice: dict[str, float],
+        p: float = 2.0,
+        norm: str = "l2",
+        taps: tuple[str, ...] = ("coarse", "fine"),
+        cached_p: float = 2.0,
+    ):
+        super().__init__(temperature, combine, teacher_weights, teacher_dice)
+        if p != cached_p:
+            raise ValueError(
+                f"p={p} differs from distillation.attention.p={cached_p}, the power the maps were cached with"
+            )
+        if not taps or any(t not in ("coarse", "fine") for t in taps):
+            raise ValueError(f"taps must be a non-empty subset of coarse, fine; got {taps}")
+        self.taps = tuple(taps)
+        self.at = AttentionTransferLoss(p, norm)
+
+    @classmethod
+    def config_defaults(cls, cfg: DistillationConfig) -> dict[str, Any]:
+        return {"p": cfg.attention.p, "norm": cfg.attention.norm, "cached_p": cfg.attention.p}
+
+    def forward(self, logits, taps, targets):
+        if taps is None:
+            raise ValueError("afs needs the student's tap features")
+        teachers = list(targets[self.taps[0]])
+        weights = self.weights(teachers, None)
+        return {
+            tap: sum(w * self.at(taps[tap], targets[tap][t]) for w, t in zip(weights, teachers, strict=True))
+            for tap in self.taps
+        }
+
+
+class DistillationObjective(nn.Module):
+    """L = L_SEG + Σ_terms weight · term, returning the total and every term's value (for logging).
+
+    A term that returns several parts (``afs``: one per tap) is logged per part as ``<name>_<part>`` and counts
+    as their mean.
+    """
+
+    def __init__(self, seg: SegmentationLoss, terms: list[tuple[str, float, DistillationTerm]]):
+        super().__init__()
+        self.seg = seg
+        self.names = [n for n, _, _ in terms]
+        self.term_weights = [w for _, w, _ in terms]
+        self.terms = nn.ModuleList(t for _, _, t in terms)
+
+    @property
+    def uses_teachers(self) -> bool:
+        return any(w > 0 for w in self.term_weights)
+
+    @property
+    def needs(self) -> frozenset[str]:
+        return frozenset().union(
+            *(t.needs for t, w in zip(self.terms, self.term_weights, strict=True) if w > 0)
+        )
+
+    def forward(
+        self,
+        logits: torch.Tensor,
+        label: torch.Tensor,
+        taps: dict[str, torch.Tensor] | None = None,
+        targets: DistillationTargets | None = None,
+    ) -> dict[str, torch.Tensor]:
+        values = {"seg": self.seg(logits, label)}
+        total = values["seg"]
+        for name, weight, term in zip(self.names, self.term_weights, self.terms, strict=True):
+            if weight == 0:
+                continue
+            if targets is None:
+                raise ValueError(f"term '{name}' needs the teachers' cached targets")
+            out = term(logits, taps, targets)
+            if isinstance(out, dict):
+                values.update({f"{name}_{part}": v for part, v in out.items()})
+                out = torch.stack(list(out.values())).mean()
+            values[name] = out
+            total = total + weight * out
+        values["total"] = total
+        return values
+
+
+def _term_from_config(
+    term: TermConfig, cfg: DistillationConfig, teacher_dice: dict[str, float]
+) -> DistillationTerm:
+    cls = TERMS[term.name]
+    args = {**cls.config_defaults(cfg), **term.args}
+    try:
+        return cls(cfg.temperature, term.combine, term.teacher_weights, teacher_dice, **args)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"distillation term '{term.name}': {exc}") from None
+
+
+def build_objective(
+    cfg: DistillationConfig, focal_gamma: float = 2.0, teacher_dice: dict[str, float] | None = None
+) -> DistillationObjective:
+    """The objective for ``cfg``: L_SEG alone when ``kind`` is ``none``, else L_SEG plus every configured term.
+
+    Raises:
+        ConfigError: a term's arguments are invalid (the message names the term).
+    """
+    terms = [] if cfg.kind == "none" else cfg.terms
+    built = [(t.name, t.weight, _term_from_config(t, cfg, teacher_dice or {})) for t in terms]
+    return DistillationObjective(SegmentationLoss(focal_gamma), built)

@@ -1,0 +1,112 @@
+"""Registered distillation terms and the ways several teachers are combined and weighted."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from core.config import DistillationConfig, TermConfig
+from core.distillation import TERMS, build_objective
+from core.errors import ConfigError
+from core.losses import DISTLoss
+
+T = 2.0
+
+
+def _targets(student: torch.Tensor, other: torch.Tensor) -> dict:
+    """Teacher 'same' agrees with the student exactly (at T); teacher 'other' does not."""
+    same = torch.softmax(student / T, 1)
+    return {
+        "softmax": {"same": same, "other": torch.softmax(other / T, 1)},
+        "coarse": {"same": torch.rand(2, 1, 2, 2, 2), "other": torch.rand(2, 1, 1, 1, 1)},
+        "fine": {"same": torch.rand(2, 1, 4, 4, 4), "other": torch.rand(2, 1, 4, 4, 4)},
+    }
+
+
+def _objective(name: str, **term: object):
+    return build_objective(
+        DistillationConfig(temperature=T, terms=[TermConfig(name=name, **term)]),
+        teacher_dice={"same": 0.9, "other": 0.3},
+    )
+
+
+@pytest.mark.parametrize("name", ["pwd", "cwd", "dist"])
+def test_distribution_terms_vanish_on_agreement_and_pull_otherwise(name):
+    torch.manual_seed(0)
+    student = torch.randn(2, 3, 4, 4, 4, requires_grad=True)
+    targets = _targets(student.detach(), torch.randn(2, 3, 4, 4, 4) * 3)
+    agree = {"softmax": {"same": targets["softmax"]["same"]}}
+    label = torch.zeros(2, 1, 4, 4, 4, dtype=torch.long)
+    objective = _objective(name)
+    assert objective(student, label, None, agree)[name].item() == pytest.approx(0.0, abs=1e-5)
+    value = objective(student, label, None, targets)[name]
+    assert value.item() > 1e-4
+    value.backward()
+    assert torch.isfinite(student.grad).all() and student.grad.abs().sum() > 0
+
+
+def test_every_registered_term_is_covered():
+    assert sorted(TERMS) == ["afs", "cwd", "dist", "pwd"]
+
+
+def test_dice_weights_follow_the_better_teacher():
+    torch.manual_seed(1)
+    student = torch.randn(2, 2, 4, 4, 4)
+    targets = _targets(student, torch.randn(2, 2, 4, 4, 4) * 3)
+    label = torch.zeros(2, 1, 4, 4, 4, dtype=torch.long)
+    uniform = _objective("pwd", combine="sum")(student, label, None, targets)["pwd"]
+    dice = _objective("pwd", combine="sum", teacher_weights="dice")(student, label, None, targets)["pwd"]
+    # 'same' (Dice 0.9) contributes 0: dice weighting leaves 0.3/1.2 of the 'other' loss instead of 1/2
+    assert dice.item() == pytest.approx(uniform.item() * (0.3 / 1.2) / 0.5, rel=1e-5)
+
+
+def test_confidence_weights_prefer_the_confident_teacher_per_voxel():
+    student = torch.zeros(1, 2, 2, 2, 2)
+    student[:, 0] = 8.0  # confident background
+    confident = torch.softmax(student / T, 1)
+    unsure = torch.full_like(confident, 0.5)
+    targets = {"softmax": {"confident": confident, "unsure": unsure}}
+    label = torch.zeros(1, 1, 2, 2, 2, dtype=torch.long)
+    uniform = _objective("pwd", combine="sum")(student, label, None, targets)["pwd"]
+    weighted = _objective("pwd", combine="sum", teacher_weights="confidence")(student, label, None, targets)[
+        "pwd"
+    ]
+    assert 0 < weighted.item() < uniform.item()
+
+
+def test_average_and_sum_agree_for_identical_teachers_and_differ_otherwise():
+    torch.manual_seed(2)
+    student = torch.randn(2, 3, 4, 4, 4)
+    label = torch.zeros(2, 1, 4, 4, 4, dtype=torch.long)
+    p = torch.softmax(torch.randn(2, 3, 4, 4, 4), 1)
+    twins = {"softmax": {"a": p, "b": p}}
+    avg = _objective("pwd", combine="average")(student, label, None, twins)["pwd"]
+    tot = _objective("pwd", combine="sum")(student, label, None, twins)["pwd"]
+    assert avg.item() == pytest.approx(tot.item(), rel=1e-5)
+    pair = {"softmax": {"a": p, "b": torch.softmax(torch.randn(2, 3, 4, 4, 4) * 3, 1)}}
+    avg = _objective("pwd", combine="average")(student, label, None, pair)["pwd"]
+    tot = _objective("pwd", combine="sum")(student, label, None, pair)["pwd"]
+    assert avg.item() < tot.item(), "KL is convex: the mixture's KL is at most the mean of the KLs"
+
+
+def test_dist_hand_values():
+    loss = DISTLoss(temperature=1.0, beta=1.0, gamma=0.0)
+    pt = torch.tensor([0.8, 0.2]).view(1, 2, 1, 1, 1)
+    same_side = torch.log(torch.tensor([0.6, 0.4])).view(1, 2, 1, 1, 1)
+    other_side = torch.log(torch.tensor([0.3, 0.7])).view(1, 2, 1, 1, 1)
+    # over two classes a Pearson correlation is ±1: inter-class distance 0 or 2
+    assert loss(same_side, pt).item() == pytest.approx(0.0, abs=1e-6)
+    assert loss(other_side, pt).item() == pytest.approx(2.0, abs=1e-6)
+
+
+def test_invalid_term_settings_are_config_errors():
+    with pytest.raises(
+        ConfigError, match="distillation term 'afs': combine 'average' needs a distribution term"
+    ):
+        _objective("afs", combine="average")
+    with pytest.raises(ConfigError, match=r"distillation term 'cwd'.*'uniform' or 'dice'"):
+        _objective("cwd", teacher_weights="confidence")
+    with pytest.raises(ConfigError, match=r"distillation term 'afs': p=3\.0 differs"):
+        _objective("afs", args={"p": 3.0})
+    with pytest.raises(ValueError, match="unknown distillation term 'hinton'"):
+        TermConfig(name="hinton")
