@@ -1,5 +1,8 @@
 """Experiment configuration: one YAML file per experiment, validated on load.
 
+A file may start from another with ``extends: other.yaml`` (a path relative to the file): mappings are merged
+key by key, anything else is replaced — so an ablation states only what it changes.
+
 The schema is a tree of frozen pydantic models that reject unknown keys. :func:`load_config` turns every
 validation problem into a single :class:`~core.errors.ConfigError` naming the file and the dotted key, so a typo
 never reaches a traceback. Relative paths are resolved against the current working directory (the repository
@@ -274,6 +277,37 @@ def _format_location(loc: tuple[Any, ...], data: Any) -> str:
     return ".".join(parts) or "(top level)"
 
 
+def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """Mappings merge key by key, recursively; anything else (values, lists) is replaced."""
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _read_yaml(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
+    """Read a config file, resolving ``extends: other.yaml`` (relative to the file) recursively."""
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path} (pass an existing YAML, e.g. configs/demo.yaml)")
+    if path.resolve() in seen:
+        raise ConfigError(f"{path}: 'extends' forms a cycle ({' → '.join(str(p) for p in (*seen, path))})")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys, got {type(data).__name__}")
+    parent = data.pop("extends", None)
+    if parent is None:
+        return data
+    if not isinstance(parent, str):
+        raise ConfigError(f"{path}: 'extends' must be the path of another config file")
+    return _merge(_read_yaml(path.parent / parent, (*seen, path.resolve())), data)
+
+
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Config:
     """Load and validate an experiment YAML file.
 
@@ -289,14 +323,7 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Co
             file and every offending key.
     """
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path} (pass an existing YAML, e.g. configs/demo.yaml)")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of keys, got {type(data).__name__}")
+    data = _read_yaml(path, seen=())
     for dotted, value in (overrides or {}).items():
         node = data
         *parents, leaf = dotted.split(".")

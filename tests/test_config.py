@@ -81,3 +81,40 @@ def test_cli_config_error_exits_2_without_traceback(tmp_path):
     assert "Traceback" not in result.output
     assert yaml.safe_load(path.read_text())["store"]["pathh"] == "x"
     assert not (tmp_path / "store.zarr").exists()
+
+
+def test_extends_merges_mappings_and_replaces_lists(tmp_path):
+    base = tiny_config_dict(tmp_path)
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
+    child = tmp_path / "sub" / "child.yaml"
+    child.parent.mkdir()
+    child.write_text(
+        "extends: ../base.yaml\n"
+        "experiment: child\n"
+        "training: {epochs: 7}\n"
+        "distillation: {kind: pwd-only, terms: [{name: pwd, weight: 2.0}]}\n"
+    )
+    cfg = load_config(child)
+    assert cfg.experiment == "child" and cfg.training.epochs == 7
+    assert cfg.training.batch_size == base["training"]["batch_size"], "untouched keys come from the base"
+    assert [t.name for t in cfg.distillation.terms] == ["pwd"], "lists are replaced, not merged"
+    assert cfg.distillation.temperature == 2.0
+
+
+def test_extends_cycle_is_refused(tmp_path):
+    (tmp_path / "a.yaml").write_text("extends: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("extends: a.yaml\n")
+    with pytest.raises(ConfigError, match="'extends' forms a cycle"):
+        load_config(tmp_path / "a.yaml")
+
+
+@pytest.mark.parametrize(
+    "path", sorted((REPO / "configs" / "ablations").glob("*.yaml")), ids=lambda p: p.stem
+)
+def test_every_ablation_recipe_loads_and_builds(path):
+    from core.distillation import build_objective
+
+    cfg = load_config(path)
+    assert cfg.distillation.kind == path.stem, "runs of a recipe go to kd-<file name>"
+    objective = build_objective(cfg.distillation, teacher_dice={t.name: 0.5 for t in cfg.teachers})
+    assert objective.uses_teachers == (path.stem != "none")
