@@ -20,6 +20,7 @@ from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from core.config import DistillationConfig, TermConfig
@@ -265,6 +266,156 @@ class AttentionDistillation(DistillationTerm):
             tap: sum(w * self.at(taps[tap], targets[tap][t]) for w, t in zip(weights, teachers, strict=True))
             for tap in self.taps
         }
+
+
+def _resize_features(features: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
+    """(B, C, x, y, z) onto ``size``: area averaging when shrinking, trilinear when growing."""
+    if tuple(features.shape[2:]) == tuple(size):
+        return features
+    if all(s <= f for s, f in zip(size, features.shape[2:], strict=True)):
+        return F.adaptive_avg_pool3d(features, size)
+    return F.interpolate(features, size=size, mode="trilinear", align_corners=False)
+
+
+def _voxels(features: torch.Tensor, samples: int) -> torch.Tensor:
+    """(B, C, x, y, z) → (B, n, C) with n ≤ ``samples`` voxels, evenly spaced (deterministic)."""
+    flat = features.flatten(2).transpose(1, 2).float()
+    if flat.shape[1] > samples:
+        idx = torch.linspace(0, flat.shape[1] - 1, samples, device=flat.device).round().long()
+        flat = flat[:, idx]
+    return flat
+
+
+class RelationTerm(DistillationTerm):
+    """A term on voxel-to-voxel relations of tap features, against the teachers' cached feature sketches.
+
+    Relations (cosine affinities, kernel matrices) are unchanged by any rotation of the channel axis, so the
+    per-case sketch bases and the student's own width do not matter. The student's features are brought onto
+    each teacher's grid; up to ``samples`` voxels per patch (evenly spaced) are compared.
+    """
+
+    distribution = False
+    default_combine = "sum"
+
+    def __init__(
+        self,
+        temperature: float,
+        combine: str | None,
+        teacher_weights: str,
+        teacher_dice: dict[str, float],
+        taps: tuple[str, ...] = ("coarse", "fine"),
+        samples: int = 256,
+    ):
+        super().__init__(temperature, combine, teacher_weights, teacher_dice)
+        if not taps or any(t not in ("coarse", "fine") for t in taps):
+            raise ValueError(f"taps must be a non-empty subset of coarse, fine; got {taps}")
+        if samples < 2:
+            raise ValueError(f"samples must be >= 2, got {samples}")
+        self.taps, self.samples = tuple(taps), samples
+
+    @abstractmethod
+    def relation_loss(
+        self, student: torch.Tensor, teacher: torch.Tensor, classes: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Args: student (B, n, C), teacher (B, n, k) voxel features; classes (B, n) teacher labels or None."""
+
+    def forward(self, logits, taps, targets):
+        if taps is None:
+            raise ValueError(f"{self.name} needs the student's tap features")
+        out = {}
+        for tap in self.taps:
+            sketches = targets[f"{tap}_sketch"]
+            teachers = list(sketches)
+            weights = self.weights(teachers, None)
+            total = torch.zeros((), device=logits.device)
+            for w, t in zip(weights, teachers, strict=True):
+                grid = tuple(sketches[t].shape[2:])
+                classes = None
+                if "softmax" in targets:
+                    pooled = F.adaptive_avg_pool3d(targets["softmax"][t].float(), grid)
+                    classes = _voxels(pooled.argmax(1, keepdim=True).float(), self.samples)[..., 0].long()
+                student = _voxels(_resize_features(taps[tap].float(), grid), self.samples)
+                total = total + w * self.relation_loss(student, _voxels(sketches[t], self.samples), classes)
+            out[tap] = total
+        return out
+
+
+def _cosine(x: torch.Tensor) -> torch.Tensor:
+    x = F.normalize(x, dim=-1, eps=1e-8)
+    return x @ x.transpose(1, 2)
+
+
+@register_term("affinity")
+class AffinityDistillation(RelationTerm):
+    """Adaptive affinity distillation (after Loussaief et al., 2024): pairwise voxel cosine affinities.
+
+    ``A = cos(f_i, f_j)`` for student and teacher; squared differences are averaged separately over pairs within
+    a class and pairs across classes (classes from the teacher's prediction), and the two means are averaged —
+    the adaptive weighting: each group counts equally however rare the foreground is.
+    """
+
+    needs = frozenset({"coarse_sketch", "fine_sketch", "softmax"})
+
+    def relation_loss(self, student, teacher, classes):
+        diff = (_cosine(student) - _cosine(teacher)).pow(2)
+        if classes is None:
+            return diff.mean()
+        same = (classes[:, :, None] == classes[:, None, :]).float()
+        parts = []
+        for mask in (same, 1.0 - same):
+            count = mask.sum()
+            if count > 0:
+                parts.append((diff * mask).sum() / count)
+        return torch.stack(parts).mean()
+
+
+@register_term("gram")
+class KernelDistillation(RelationTerm):
+    """Kernel (Gram-matrix) distillation (after Loussaief et al., 2024) over voxels.
+
+    ``K_ij = k(f_i, f_j)`` with ``kernel``: ``linear`` (f_i·f_j), ``polynomial`` ((f_i·f_j + coef)^degree, on
+    unit-norm features) or ``rbf`` (exp(−‖f_i − f_j‖² / 2σ²), σ² the median squared distance of the patch);
+    each matrix is scaled to unit Frobenius norm, and the loss is ‖K̂_s − K̂_t‖² (in [0, 4]), averaged over the
+    batch.
+
+    Args (extra): kernel, degree (2), coef (1.0).
+    """
+
+    needs = frozenset({"coarse_sketch", "fine_sketch"})
+
+    def __init__(
+        self,
+        temperature: float,
+        combine: str | None,
+        teacher_weights: str,
+        teacher_dice: dict[str, float],
+        taps: tuple[str, ...] = ("coarse", "fine"),
+        samples: int = 256,
+        kernel: str = "linear",
+        degree: int = 2,
+        coef: float = 1.0,
+    ):
+        super().__init__(temperature, combine, teacher_weights, teacher_dice, taps, samples)
+        if kernel not in ("linear", "polynomial", "rbf"):
+            raise ValueError(f"kernel must be linear, polynomial or rbf, got {kernel!r}")
+        if degree < 1:
+            raise ValueError(f"degree must be >= 1, got {degree}")
+        self.kernel, self.degree, self.coef = kernel, degree, coef
+
+    def _gram(self, f: torch.Tensor) -> torch.Tensor:
+        if self.kernel == "linear":
+            k = f @ f.transpose(1, 2)
+        elif self.kernel == "polynomial":
+            f = F.normalize(f, dim=-1, eps=1e-8)
+            k = (f @ f.transpose(1, 2) + self.coef).pow(self.degree)
+        else:
+            d2 = torch.cdist(f, f).pow(2)
+            sigma2 = d2.flatten(1).median(dim=1).values.clamp_min(1e-8)[:, None, None]
+            k = torch.exp(-d2 / (2 * sigma2))
+        return k / k.flatten(1).norm(dim=1).clamp_min(1e-12)[:, None, None]
+
+    def relation_loss(self, student, teacher, classes):
+        return (self._gram(student) - self._gram(teacher)).pow(2).sum(dim=(1, 2)).mean()
 
 
 class DistillationObjective(nn.Module):

@@ -46,7 +46,7 @@ def test_distribution_terms_vanish_on_agreement_and_pull_otherwise(name):
 
 
 def test_every_registered_term_is_covered():
-    assert sorted(TERMS) == ["afs", "cwd", "dist", "pwd"]
+    assert sorted(TERMS) == ["affinity", "afs", "cwd", "dist", "gram", "pwd"]
 
 
 def test_dice_weights_follow_the_better_teacher():
@@ -110,3 +110,64 @@ def test_invalid_term_settings_are_config_errors():
         _objective("afs", args={"p": 3.0})
     with pytest.raises(ValueError, match="unknown distillation term 'hinton'"):
         TermConfig(name="hinton")
+
+
+def _relation_targets(sketch: torch.Tensor, classes: torch.Tensor) -> dict:
+    probs = torch.stack([(classes == 0).float(), (classes == 1).float()], 1) * 0.98 + 0.01
+    return {"softmax": {"t": probs}, "fine_sketch": {"t": sketch}, "coarse_sketch": {"t": sketch}}
+
+
+@pytest.mark.parametrize(
+    ("name", "args"),
+    [
+        ("affinity", {}),
+        ("gram", {"kernel": "linear"}),
+        ("gram", {"kernel": "polynomial"}),
+        ("gram", {"kernel": "rbf"}),
+    ],
+)
+def test_relation_terms_ignore_channel_rotation_and_width(name, args):
+    torch.manual_seed(3)
+    sketch = torch.randn(2, 6, 4, 4, 4)
+    classes = (torch.rand(2, 4, 4, 4) > 0.7).long()
+    targets = _relation_targets(sketch, classes)
+    objective = _objective(name, args={"taps": ["fine"], **args})
+    label = torch.zeros(2, 1, 4, 4, 4, dtype=torch.long)
+    logits = torch.zeros(2, 2, 4, 4, 4)
+
+    def value(student_features):
+        return objective(logits, label, {"fine": student_features}, targets)[name].item()
+
+    assert value(sketch) == pytest.approx(0.0, abs=1e-6), "zero when the student has the teacher's features"
+    rotation, _ = torch.linalg.qr(torch.randn(6, 6))
+    rotated = torch.einsum("kc,bcxyz->bkxyz", rotation, sketch)
+    assert value(rotated) == pytest.approx(0.0, abs=1e-5), "a rotated channel basis is the same relations"
+    assert value(torch.cat([sketch, sketch], 1)) == pytest.approx(0.0, abs=1e-5), (
+        "student width does not matter"
+    )
+    student = torch.randn(2, 9, 8, 8, 8, requires_grad=True)  # another width, on a finer grid (pooled)
+    loss = objective(logits, label, {"fine": student}, targets)[name]
+    assert loss.item() > 1e-3
+    loss.backward()
+    assert torch.isfinite(student.grad).all() and student.grad.abs().sum() > 0
+
+
+def test_affinity_weighs_within_and_between_class_pairs_equally():
+    from core.distillation import AffinityDistillation
+
+    term = AffinityDistillation(1.0, None, "uniform", {})
+    student = torch.randn(1, 10, 4)
+    teacher = torch.randn(1, 10, 3)
+    classes = torch.tensor([[1] + [0] * 9])  # one foreground voxel: 18 of 100 pairs cross classes
+    diff = (
+        torch.nn.functional.normalize(student, dim=-1) @ torch.nn.functional.normalize(student, dim=-1).mT
+        - torch.nn.functional.normalize(teacher, dim=-1) @ torch.nn.functional.normalize(teacher, dim=-1).mT
+    ) ** 2
+    same = (classes[:, :, None] == classes[:, None, :]).float()
+    expected = 0.5 * ((diff * same).sum() / same.sum() + (diff * (1 - same)).sum() / (1 - same).sum())
+    assert term.relation_loss(student, teacher, classes).item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_bad_kernel_is_a_config_error():
+    with pytest.raises(ConfigError, match="distillation term 'gram': kernel must be"):
+        _objective("gram", args={"kernel": "sigmoid"})

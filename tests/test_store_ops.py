@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -230,3 +231,24 @@ def test_lazy_dask_view_reads_nothing_until_computed(trained):
     assert np.array_equal(views[case].compute().astype(np.float32), amap)
     total = sum(v.sum() for v in views.values()).compute()  # one dask graph over every case
     assert np.isfinite(total) and total > 0
+
+
+def test_relation_terms_train_from_cached_sketches_and_need_them(trained):
+    from core.config import TermConfig
+
+    terms = [TermConfig(name="affinity"), TermConfig(name="gram", args={"kernel": "rbf"})]
+    with_sketches, _ = _cached(
+        trained, "relation", **{"store.feature_sketch_channels": 4, "training.epochs": 1}
+    )
+    cache_teachers(with_sketches, names=["dynunet"], progress=False)
+    distillation = with_sketches.distillation.model_copy(
+        update={"teachers": ["dynunet"], "terms": terms, "kind": "rel"}
+    )
+    result = distil(with_sketches.model_copy(update={"distillation": distillation}), fold=0, progress=False)
+    header = Path(result.metrics_csv).read_text().splitlines()[0]
+    assert "loss_affinity_fine" in header and "loss_gram_coarse" in header
+
+    without, _ = _cached(trained, "relation_plain", **{"training.epochs": 1})
+    cache_teachers(without, names=["dynunet"], progress=False)
+    with pytest.raises(StoreError, match="need feature sketches"):
+        distil(without.model_copy(update={"distillation": distillation}), fold=0, progress=False)

@@ -112,11 +112,19 @@ def distil(
                     f"distillation term '{term.name}' weighs teachers by validation Dice, which the store does not "
                     f"record for {', '.join(unknown)} (their checkpoints did not say); use 'uniform' or 'confidence'"
                 )
+        if {"coarse_sketch", "fine_sketch"} & loss.needs:
+            lacking = [t for t in teachers if not store.has_sketch(t, train[0], "fine")]
+            if lacking:
+                raise StoreError(
+                    f"the configured relation terms need feature sketches, which {', '.join(lacking)} were cached "
+                    "without; set store.feature_sketch_channels and re-run `make cache`"
+                )
         request = TargetRequest(
             teachers=tuple(teachers),
             temperature=dcfg.temperature,
             softmax="softmax" in loss.needs,
             attention=bool({"coarse", "fine"} & loss.needs),
+            sketches=bool({"coarse_sketch", "fine_sketch"} & loss.needs),
         )
 
     spec = get_spec(cfg.student.arch)
@@ -152,7 +160,7 @@ def distil(
         checkpoint_path=out_dir / "checkpoint_best.pth",
         device=device,
         target_source=(lambda batch: targets_from_batch(batch, request, device)) if request else None,
-        capture_taps=request is not None and request.attention,
+        capture_taps=bool({"coarse", "fine", "coarse_sketch", "fine_sketch"} & loss.needs),
         meta={
             "role": "student",
             "fold": fold,

@@ -35,12 +35,21 @@ class TargetRequest:
         temperature: the softmax is re-tempered to this T when read.
         softmax: read teacher probabilities.
         attention: read coarse and fine attention maps.
+        sketches: read coarse and fine feature sketches.
     """
 
     teachers: tuple[str, ...]
     temperature: float = 1.0
     softmax: bool = True
     attention: bool = True
+    sketches: bool = False
+
+    def kinds(self) -> list[str]:
+        """The target kinds carried, as keys of :data:`~core.losses.DistillationTargets`."""
+        kinds = ["softmax"] if self.softmax else []
+        kinds += list(ATTENTION_KINDS) if self.attention else []
+        kinds += [f"{k}_sketch" for k in ATTENTION_KINDS] if self.sketches else []
+        return kinds
 
 
 def crop_map(
@@ -53,32 +62,31 @@ def crop_map(
     voxels exactly.
 
     Args:
-        amap: (x, y, z) map of the whole case.
+        amap: (x, y, z) map, or (C, x, y, z) multi-channel map (feature sketch), of the whole case.
         stride: case voxels per map voxel, per axis.
         start: the patch's first voxel on the case grid.
         size: the patch size in case voxels.
 
     Returns:
-        (1, n_x, n_y, n_z) float32.
+        (1, n_x, n_y, n_z) or (C, n_x, n_y, n_z) float32.
     """
+    amap = amap[None] if amap.ndim == 3 else amap
     cells = [max(1, round(p / s)) for p, s in zip(size, stride, strict=True)]
     axes = []
-    for o, p, s, n, m in zip(start, size, stride, cells, amap.shape, strict=True):
+    for o, p, s, n, m in zip(start, size, stride, cells, amap.shape[1:], strict=True):
         centres = o + (np.arange(n) + 0.5) * (p / n)  # case-voxel coordinates of output cell centres
         u = centres / s - 0.5  # map-voxel coordinates
         axes.append(torch.as_tensor(2.0 * u / (m - 1) - 1.0 if m > 1 else np.zeros_like(u), dtype=torch.float32))
     gx, gy, gz = torch.meshgrid(*axes, indexing="ij")
     grid = torch.stack((gz, gy, gx), dim=-1)[None]  # grid_sample wants (W, H, D) order last
-    src = torch.as_tensor(amap, dtype=torch.float32)[None, None]
-    out = F.grid_sample(src, grid, mode="bilinear", padding_mode="border", align_corners=True)
-    return out[0]
+    src = torch.as_tensor(amap, dtype=torch.float32)[None]
+    return F.grid_sample(src, grid, mode="bilinear", padding_mode="border", align_corners=True)[0]
 
 
 def targets_from_batch(batch: dict[str, torch.Tensor], request: TargetRequest, device: torch.device) -> DistillationTargets:
     """Gather a collated batch's cached teacher data into the loss's target layout."""
     targets: DistillationTargets = {}
-    kinds = (["softmax"] if request.softmax else []) + (list(ATTENTION_KINDS) if request.attention else [])
-    for kind in kinds:
+    for kind in request.kinds():
         targets[kind] = {t: batch[f"{kind}/{t}"].to(device, non_blocking=True) for t in request.teachers}
     return targets
 
@@ -135,10 +143,7 @@ class PatchDataset(Dataset):
     def _target_keys(self) -> list[str]:
         if self.targets is None:
             return []
-        kinds = (["softmax"] if self.targets.softmax else []) + (
-            list(ATTENTION_KINDS) if self.targets.attention else []
-        )
-        return [f"{k}/{t}" for k in kinds for t in self.targets.teachers]
+        return [f"{k}/{t}" for k in self.targets.kinds() for t in self.targets.teachers]
 
     def set_epoch(self, epoch: int) -> None:
         """Draw a fresh set of patches for ``epoch`` (call before each epoch)."""
@@ -199,6 +204,10 @@ class PatchDataset(Dataset):
                     for kind in ATTENTION_KINDS:
                         amap, stride = self._attention(t, case_id, kind)
                         sample[f"{kind}/{t}"] = crop_map(amap, stride, start, self.patch_size)
+                if self.targets.sketches:  # read whole (a few MB at most per case): not cached, unlike maps
+                    for kind in ATTENTION_KINDS:
+                        sketch, stride = self.store.read_sketch(t, case_id, kind)
+                        sample[f"{kind}_sketch/{t}"] = crop_map(sketch, stride, start, self.patch_size)
         if self.augment:
             self._augment.set_random_state(seed=int(rng.integers(2**31)))
             sample = self._augment(sample)
