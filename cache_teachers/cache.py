@@ -143,19 +143,19 @@ def compute_entry(cfg: Config, teacher_name: str, case_id: str, sha: str) -> str
     return case_id
 
 
-def _sketches(out: dict[str, np.ndarray], k: int) -> dict[str, tuple[np.ndarray, dict[str, Any]]]:
+def _sketches(out: dict[str, np.ndarray], k: int) -> dict[str, tuple[np.ndarray, np.ndarray, dict[str, Any]]]:
     """Sketch both taps' features; record kept energy and how well cosine relations survive."""
     predicted = out["logits"].argmax(axis=0)
     result = {}
     for kind in ("coarse", "fine"):
         features = out[f"{kind}_features"]
-        sketch, attrs = sketch_features(features, k)
+        sketch, basis, attrs = sketch_features(features, k)
         stride = [s // m for s, m in zip(predicted.shape, features.shape[1:], strict=True)]
         # the teacher's predicted class at the centre of each tap voxel, for class prototypes
         centre = tuple(slice(st // 2, None, st) for st in stride)
         classes = predicted[centre][tuple(slice(0, m) for m in features.shape[1:])]
         errors = relation_errors(features, sketch, classes)
-        result[kind] = (sketch, {"method": "pca-uncentred-per-case", **attrs, **errors})
+        result[kind] = (sketch, basis, {"method": "pca-uncentred-per-case", **attrs, **errors})
     return result
 
 

@@ -68,6 +68,7 @@ class DistillationTerm(nn.Module):
         True  # works on class distributions (can average teachers, per-voxel weights)
     )
     default_combine: ClassVar[str] = "average"
+    needs_channels: ClassVar[bool] = False  # built with the student's and teachers' tap widths
 
     def __init__(
         self, temperature: float, combine: str | None, teacher_weights: str, teacher_dice: dict[str, float]
@@ -418,6 +419,113 @@ class KernelDistillation(RelationTerm):
         return (self._gram(student) - self._gram(teacher)).pow(2).sum(dim=(1, 2)).mean()
 
 
+class FeatureTerm(DistillationTerm):
+    """A term comparing features directly, as MSKD does.
+
+    The student's tap, brought onto each teacher's grid, is mapped by a learnable 1×1×1 convolution (one per
+    teacher and tap, trained with the student and discarded afterwards) onto the teacher's own channels, where the
+    teacher's features are rebuilt from the cached sketch (``basis @ sketch``, the same space for every case).
+    Region masks come from the teacher's predicted distribution, pooled onto the grid.
+
+    Args (extra): taps; channels — ``{"student": {tap: C_s}, "teachers": {teacher: {tap: C_t}}}`` (filled in by
+    the trainer from the student and the store).
+    """
+
+    needs = frozenset({"coarse_features", "fine_features", "softmax"})
+    distribution = False
+    default_combine = "sum"
+    needs_channels = True
+
+    def __init__(
+        self,
+        temperature: float,
+        combine: str | None,
+        teacher_weights: str,
+        teacher_dice: dict[str, float],
+        channels: dict[str, Any] | None = None,
+        taps: tuple[str, ...] = ("coarse", "fine"),
+    ):
+        super().__init__(temperature, combine, teacher_weights, teacher_dice)
+        if not taps or any(t not in ("coarse", "fine") for t in taps):
+            raise ValueError(f"taps must be a non-empty subset of coarse, fine; got {taps}")
+        if not channels:
+            raise ValueError("needs the student's and teachers' tap channels (the trainer provides them)")
+        self.taps = tuple(taps)
+        self.projections = nn.ModuleDict(
+            {
+                f"{teacher}__{tap}": nn.Conv3d(channels["student"][tap], widths[tap], kernel_size=1)
+                for teacher, widths in channels["teachers"].items()
+                for tap in self.taps
+            }
+        )
+
+    @abstractmethod
+    def feature_loss(self, student: torch.Tensor, teacher: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+        """Args: student and teacher features (B, C_t, x, y, z); teacher probabilities (B, K, x, y, z)."""
+
+    def forward(self, logits, taps, targets):
+        if taps is None:
+            raise ValueError(f"{self.name} needs the student's tap features")
+        out = {}
+        for tap in self.taps:
+            features = targets[f"{tap}_features"]
+            teachers = list(features)
+            weights = self.weights(teachers, None)
+            total = torch.zeros((), device=logits.device)
+            for w, t in zip(weights, teachers, strict=True):
+                grid = tuple(features[t].shape[2:])
+                student = self.projections[f"{t}__{tap}"](_resize_features(taps[tap].float(), grid))
+                probs = F.adaptive_avg_pool3d(targets["softmax"][t].float(), grid)
+                total = total + w * self.feature_loss(student, features[t].float(), probs)
+            out[tap] = total
+        return out
+
+
+@register_term("ffd")
+class FeatureFilteringDistillation(FeatureTerm):
+    """MSKD's feature filtering distillation: feature transfer inside the teacher's predicted regions only.
+
+    ``L = Σ_x m(x) · ‖f̂_s(x) − f̂_t(x)‖² / Σ_x m(x)`` with f̂ the features normalised to unit length per voxel
+    and m(x) = 1 − p_t,background(x) the teacher's foreground probability: background and redundant responses are
+    filtered out; a patch without predicted foreground contributes 0.
+    """
+
+    def feature_loss(self, student, teacher, probs):
+        mask = 1.0 - probs[:, :1]
+        diff = (
+            (F.normalize(student, dim=1, eps=1e-8) - F.normalize(teacher, dim=1, eps=1e-8))
+            .pow(2)
+            .sum(1, keepdim=True)
+        )
+        return (mask * diff).sum() / mask.sum().clamp_min(1e-6)
+
+
+@register_term("rgd")
+class RegionGraphDistillation(FeatureTerm):
+    """MSKD's region graph distillation: class prototypes as nodes, their cosine similarities as edges.
+
+    Prototype of class c: ``P_c = Σ_x p_c(x) f(x) / Σ_x p_c(x)`` (soft masks from the teacher's prediction).
+    ``L = mean_c ‖P̂_s,c − P̂_t,c‖² + mean_{c≠c'} (cos(P_s,c, P_s,c') − cos(P_t,c, P_t,c'))²`` (nodes + edges, unit
+    prototypes P̂), over the classes present in the patch (mass > 1 voxel), averaged over the batch.
+    """
+
+    def feature_loss(self, student, teacher, probs):
+        k = probs.shape[1]
+        mass = probs.flatten(2).sum(2)  # (B, K)
+        proto_s = torch.einsum("bkn,bcn->bkc", probs.flatten(2), student.flatten(2)) / mass[
+            ..., None
+        ].clamp_min(1e-6)
+        proto_t = torch.einsum("bkn,bcn->bkc", probs.flatten(2), teacher.flatten(2)) / mass[
+            ..., None
+        ].clamp_min(1e-6)
+        present = (mass > 1.0).float()  # (B, K)
+        ps, pt = F.normalize(proto_s, dim=2, eps=1e-8), F.normalize(proto_t, dim=2, eps=1e-8)
+        nodes = ((ps - pt).pow(2).sum(2) * present).sum() / present.sum().clamp_min(1.0)
+        pair = present[:, :, None] * present[:, None, :] * (1.0 - torch.eye(k, device=probs.device))
+        edges = ((ps @ ps.mT - pt @ pt.mT).pow(2) * pair).sum() / pair.sum().clamp_min(1.0)
+        return nodes + edges
+
+
 class DistillationObjective(nn.Module):
     """L = L_SEG + Σ_terms weight · term, returning the total and every term's value (for logging).
 
@@ -467,10 +575,12 @@ class DistillationObjective(nn.Module):
 
 
 def _term_from_config(
-    term: TermConfig, cfg: DistillationConfig, teacher_dice: dict[str, float]
+    term: TermConfig, cfg: DistillationConfig, teacher_dice: dict[str, float], channels: dict[str, Any] | None
 ) -> DistillationTerm:
     cls = TERMS[term.name]
     args = {**cls.config_defaults(cfg), **term.args}
+    if cls.needs_channels:
+        args["channels"] = channels
     try:
         return cls(cfg.temperature, term.combine, term.teacher_weights, teacher_dice, **args)
     except (TypeError, ValueError) as exc:
@@ -478,7 +588,10 @@ def _term_from_config(
 
 
 def build_objective(
-    cfg: DistillationConfig, focal_gamma: float = 2.0, teacher_dice: dict[str, float] | None = None
+    cfg: DistillationConfig,
+    focal_gamma: float = 2.0,
+    teacher_dice: dict[str, float] | None = None,
+    channels: dict[str, Any] | None = None,
 ) -> DistillationObjective:
     """The objective for ``cfg``: L_SEG alone when ``kind`` is ``none``, else L_SEG plus every configured term.
 
@@ -486,5 +599,5 @@ def build_objective(
         ConfigError: a term's arguments are invalid (the message names the term).
     """
     terms = [] if cfg.kind == "none" else cfg.terms
-    built = [(t.name, t.weight, _term_from_config(t, cfg, teacher_dice or {})) for t in terms]
+    built = [(t.name, t.weight, _term_from_config(t, cfg, teacher_dice or {}, channels)) for t in terms]
     return DistillationObjective(SegmentationLoss(focal_gamma), built)

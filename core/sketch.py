@@ -17,7 +17,7 @@ import numpy as np
 __all__ = ["relation_errors", "sketch_features"]
 
 
-def sketch_features(features: np.ndarray, k: int) -> tuple[np.ndarray, dict[str, Any]]:
+def sketch_features(features: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """Project (C, x, y, z) features onto their top-k uncentred principal directions.
 
     Args:
@@ -25,8 +25,9 @@ def sketch_features(features: np.ndarray, k: int) -> tuple[np.ndarray, dict[str,
         k: channels to keep (``min(k, C)`` are kept).
 
     Returns:
-        ``(sketch, attrs)``: (k', x, y, z) float32 with k' = min(k, C), and ``{"channels_in", "channels",
-        "energy"}`` where ``energy`` is the fraction of Σ‖F‖² the sketch keeps.
+        ``(sketch, basis, attrs)``: (k', x, y, z) float32 with k' = min(k, C); the (C, k') float32 orthonormal
+        basis, so that ``basis @ sketch`` reconstructs the features in the teacher's own channels; and
+        ``{"channels_in", "channels", "energy"}`` where ``energy`` is the fraction of Σ‖F‖² the sketch keeps.
     """
     c = features.shape[0]
     flat = features.reshape(c, -1).astype(np.float64)
@@ -39,7 +40,7 @@ def sketch_features(features: np.ndarray, k: int) -> tuple[np.ndarray, dict[str,
     sketch = (basis.T @ flat).reshape(keep, *features.shape[1:]).astype(np.float32)
     total = float(values.sum())
     energy = float(values[::-1][:keep].sum() / total) if total > 0 else 1.0
-    return sketch, {"channels_in": int(c), "channels": int(keep), "energy": energy}
+    return sketch, basis.astype(np.float32), {"channels_in": int(c), "channels": int(keep), "energy": energy}
 
 
 def _cosine(x: np.ndarray) -> np.ndarray:

@@ -373,7 +373,7 @@ class TeacherStore:
         logits: np.ndarray,
         coarse: np.ndarray,
         fine: np.ndarray,
-        sketches: dict[str, tuple[np.ndarray, dict[str, Any]]] | None = None,
+        sketches: dict[str, tuple[np.ndarray, np.ndarray, dict[str, Any]]] | None = None,
         **attrs: Any,
     ) -> None:
         """Write one teacher's outputs for one case, then mark the entry complete.
@@ -382,7 +382,7 @@ class TeacherStore:
             logits: (K, X, Y, Z) float32 teacher logits on the case's preprocessed grid.
             coarse: (x, y, z) float32 coarse attention map on the teacher's En grid (any scale).
             fine: (x, y, z) float32 fine attention map on the teacher's Dn-1 grid (any scale).
-            sketches: optional ``{"coarse" | "fine": ((k, x, y, z) sketch, its attributes)}``.
+            sketches: optional ``{"coarse" | "fine": ((k, x, y, z) sketch, (C, k) basis, its attributes)}``.
             attrs: JSON-serialisable entry attributes (e.g. ``checkpoint_sha256``).
         """
         shape = self.case_shape(case_id)
@@ -399,8 +399,9 @@ class TeacherStore:
             self._write_array(group, kind, _unit_rms(amap).astype(np.float16), _SPATIAL)
             strides[f"{kind}_stride"] = [s / m for s, m in zip(shape, amap.shape, strict=True)]
         sketch_attrs = {}
-        for kind, (sketch, meta) in (sketches or {}).items():
+        for kind, (sketch, basis, meta) in (sketches or {}).items():
             self._write_array(group, f"{kind}_sketch", sketch.astype(np.float16), ("channel", *_SPATIAL))
+            self._write_array(group, f"{kind}_sketch_basis", basis.astype(np.float32), ("feature", "channel"))
             sketch_attrs[kind] = meta
         if sketch_attrs:
             attrs = {**attrs, "sketch": sketch_attrs}
@@ -463,6 +464,12 @@ class TeacherStore:
         attrs = self._root[f"teachers/{teacher}/{case_id}"].attrs
         data = self._array(f"teachers/{teacher}/{case_id}/{kind}_sketch")[...].astype(np.float32)
         return data, tuple(attrs[f"{kind}_stride"])
+
+    def read_sketch_basis(self, teacher: str, case_id: str, kind: str) -> np.ndarray:
+        """The (C, k) orthonormal basis of a sketch: ``basis @ sketch`` is the feature in the teacher's channels."""
+        if not self.has_sketch(teacher, case_id, kind):
+            self.read_sketch(teacher, case_id, kind)  # raises the explanatory StoreError
+        return self._array(f"teachers/{teacher}/{case_id}/{kind}_sketch_basis")[...]
 
     # ------------------------------------------------------------------ lazy views
     def lazy_maps(self, teacher: str, kind: str) -> dict[str, Any]:

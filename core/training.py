@@ -157,7 +157,9 @@ def fit(
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     model.to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # terms with learnable parts (MSKD's student-side projections) train with the model; only the model is saved
+    extra = list(loss_fn.to(device).parameters()) if isinstance(loss_fn, nn.Module) else []
+    optimizer = torch.optim.Adam([*model.parameters(), *extra], lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.PolynomialLR(optimizer, total_iters=cfg.epochs, power=0.9)
     use_scaler = device.type == "cuda" and cfg.amp and not torch.cuda.is_bf16_supported()
     scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)

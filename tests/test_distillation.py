@@ -46,7 +46,7 @@ def test_distribution_terms_vanish_on_agreement_and_pull_otherwise(name):
 
 
 def test_every_registered_term_is_covered():
-    assert sorted(TERMS) == ["affinity", "afs", "cwd", "dist", "gram", "pwd"]
+    assert sorted(TERMS) == ["affinity", "afs", "cwd", "dist", "ffd", "gram", "pwd", "rgd"]
 
 
 def test_dice_weights_follow_the_better_teacher():
@@ -171,3 +171,63 @@ def test_affinity_weighs_within_and_between_class_pairs_equally():
 def test_bad_kernel_is_a_config_error():
     with pytest.raises(ConfigError, match="distillation term 'gram': kernel must be"):
         _objective("gram", args={"kernel": "sigmoid"})
+
+
+def _feature_objective(name: str, student_width: int = 5, teacher_width: int = 7):
+    channels = {
+        "student": {"fine": student_width, "coarse": student_width},
+        "teachers": {"t": {"fine": teacher_width, "coarse": teacher_width}},
+    }
+    return build_objective(
+        DistillationConfig(temperature=T, terms=[TermConfig(name=name, args={"taps": ["fine"]})]),
+        channels=channels,
+    )
+
+
+@pytest.mark.parametrize("name", ["ffd", "rgd"])
+def test_mskd_terms_vanish_when_projected_student_matches_and_train_the_projection(name):
+    torch.manual_seed(4)
+    objective = _feature_objective(name, student_width=7, teacher_width=7)
+    projection = objective.terms[0].projections["t__fine"]
+    with torch.no_grad():  # make the learnable projection the identity
+        projection.weight.copy_(torch.eye(7).view(7, 7, 1, 1, 1))
+        projection.bias.zero_()
+    teacher = torch.randn(2, 7, 4, 4, 4)
+    classes = (torch.rand(2, 4, 4, 4) > 0.6).long()
+    probs = torch.stack([(classes == 0).float(), (classes == 1).float()], 1) * 0.9 + 0.05
+    targets = {"softmax": {"t": probs}, "fine_features": {"t": teacher}}
+    label = torch.zeros(2, 1, 4, 4, 4, dtype=torch.long)
+    logits = torch.zeros(2, 2, 4, 4, 4)
+    assert objective(logits, label, {"fine": teacher}, targets)[name].item() == pytest.approx(0.0, abs=1e-5)
+    student = torch.randn(2, 7, 4, 4, 4, requires_grad=True)
+    loss = objective(logits, label, {"fine": student}, targets)[name]
+    assert loss.item() > 1e-3
+    loss.backward()
+    assert projection.weight.grad is not None and projection.weight.grad.abs().sum() > 0, "projection learns"
+    assert torch.isfinite(student.grad).all()
+
+
+def test_feature_filtering_ignores_the_background():
+    objective = _feature_objective("ffd", 7, 7)
+    projection = objective.terms[0].projections["t__fine"]
+    with torch.no_grad():
+        projection.weight.copy_(torch.eye(7).view(7, 7, 1, 1, 1))
+        projection.bias.zero_()
+    teacher = torch.randn(1, 7, 4, 4, 4)
+    probs = torch.zeros(1, 2, 4, 4, 4)
+    probs[:, 0] = 1.0
+    probs[:, :, :2] = torch.tensor([0.0, 1.0]).view(1, 2, 1, 1, 1)  # foreground = first two slices
+    student = teacher.clone()
+    student[:, :, 2:] = torch.randn(1, 7, 2, 4, 4)  # differ only in the background
+    targets = {"softmax": {"t": probs}, "fine_features": {"t": teacher}}
+    args = (torch.zeros(1, 2, 4, 4, 4), torch.zeros(1, 1, 4, 4, 4, dtype=torch.long))
+    assert objective(*args, {"fine": student}, targets)["ffd"].item() == pytest.approx(0.0, abs=1e-6)
+    student[:, :, :2] = torch.randn(1, 7, 2, 4, 4)
+    assert objective(*args, {"fine": student}, targets)["ffd"].item() > 1e-3
+
+
+def test_feature_terms_need_the_tap_widths():
+    with pytest.raises(
+        ConfigError, match="distillation term 'ffd': needs the student's and teachers' tap channels"
+    ):
+        build_objective(DistillationConfig(terms=[TermConfig(name="ffd")]))

@@ -236,7 +236,12 @@ def test_lazy_dask_view_reads_nothing_until_computed(trained):
 def test_relation_terms_train_from_cached_sketches_and_need_them(trained):
     from core.config import TermConfig
 
-    terms = [TermConfig(name="affinity"), TermConfig(name="gram", args={"kernel": "rbf"})]
+    terms = [
+        TermConfig(name="affinity"),
+        TermConfig(name="gram", args={"kernel": "rbf"}),
+        TermConfig(name="ffd"),
+        TermConfig(name="rgd"),
+    ]
     with_sketches, _ = _cached(
         trained, "relation", **{"store.feature_sketch_channels": 4, "training.epochs": 1}
     )
@@ -246,9 +251,9 @@ def test_relation_terms_train_from_cached_sketches_and_need_them(trained):
     )
     result = distil(with_sketches.model_copy(update={"distillation": distillation}), fold=0, progress=False)
     header = Path(result.metrics_csv).read_text().splitlines()[0]
-    assert "loss_affinity_fine" in header and "loss_gram_coarse" in header
+    assert all(f"loss_{t}_fine" in header for t in ("affinity", "gram", "ffd", "rgd"))
 
     without, _ = _cached(trained, "relation_plain", **{"training.epochs": 1})
     cache_teachers(without, names=["dynunet"], progress=False)
-    with pytest.raises(StoreError, match="need feature sketches"):
+    with pytest.raises(StoreError, match=r"need feature sketches|cached without"):
         distil(without.model_copy(update={"distillation": distillation}), fold=0, progress=False)

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from core.config import Config
 from core.data.patches import PatchDataset, TargetRequest, targets_from_batch
-from core.distillation import build_objective
+from core.distillation import TERMS, build_objective
 from core.errors import ConfigError, StoreError
 from core.experiment import fold_split, open_store_for, splits_path, student_dir
 from core.inference import check_window, resolve_device
-from core.models import create_model, get_spec
+from core.models import ModelSpec, TapRecorder, create_model, get_spec
 from core.models.checkpoint import file_sha256
 from core.store import TeacherStore
 from core.training import FitResult, fit
@@ -66,6 +68,29 @@ def _check_teachers(
     return leakage
 
 
+def _tap_channels(
+    cfg: Config, store: TeacherStore, model: torch.nn.Module, spec: ModelSpec, in_channels: int, case_id: str
+) -> dict[str, Any]:
+    """Tap widths of the student (one forward pass on a zero patch) and of each teacher (its sketches' records)."""
+    with TapRecorder(model, spec.taps) as recorder, torch.no_grad():
+        model.eval()(torch.zeros(1, in_channels, *cfg.training.patch_size))
+    model.train()
+    student = {tap: int(f.shape[1]) for tap, f in recorder.features.items()}
+    teachers = {}
+    for t in cfg.distilled_teachers():
+        store.teacher_metadata(t.name)  # StoreError "not cached: run make cache"
+        sketch = (
+            store.entry_attrs(t.name, case_id).get("sketch") if store.has_entry(t.name, case_id) else None
+        )
+        if not sketch:
+            raise StoreError(
+                f"the configured feature terms need feature sketches, which {t.name} was cached without; set "
+                "store.feature_sketch_channels and re-run `make cache`"
+            )
+        teachers[t.name] = {tap: int(sketch[tap]["channels_in"]) for tap in ("coarse", "fine")}
+    return {"student": student, "teachers": teachers}
+
+
 def distil(
     cfg: Config, fold: int, kd: str | None = None, progress: bool = True, allow_leakage: bool = False
 ) -> FitResult:
@@ -92,7 +117,13 @@ def distil(
     meta = store.metadata["dataset"]
     in_channels, class_names = len(meta["channel_names"]), meta["class_names"]
     teacher_dice = {n: store.teacher_metadata(n).get("val_mean_dice") for n in store.teacher_names()}
-    loss = build_objective(dcfg, cfg.training.focal_gamma, teacher_dice)
+    spec = get_spec(cfg.student.arch)
+    torch.manual_seed(cfg.training.seed)
+    model = create_model(cfg.student.arch, in_channels, len(class_names), cfg.student.args)
+    channels = None
+    if dcfg.kind != "none" and any(TERMS[t.name].needs_channels for t in dcfg.terms):
+        channels = _tap_channels(cfg, store, model, spec, in_channels, train[0])
+    loss = build_objective(dcfg, cfg.training.focal_gamma, teacher_dice, channels)
     request = None
     teachers: list[str] = []
     leakage: dict[str, list[str] | None] = {}
@@ -112,7 +143,7 @@ def distil(
                     f"distillation term '{term.name}' weighs teachers by validation Dice, which the store does not "
                     f"record for {', '.join(unknown)} (their checkpoints did not say); use 'uniform' or 'confidence'"
                 )
-        if {"coarse_sketch", "fine_sketch"} & loss.needs:
+        if {"coarse_sketch", "fine_sketch", "coarse_features", "fine_features"} & loss.needs:
             lacking = [t for t in teachers if not store.has_sketch(t, train[0], "fine")]
             if lacking:
                 raise StoreError(
@@ -125,13 +156,11 @@ def distil(
             softmax="softmax" in loss.needs,
             attention=bool({"coarse", "fine"} & loss.needs),
             sketches=bool({"coarse_sketch", "fine_sketch"} & loss.needs),
+            features=bool({"coarse_features", "fine_features"} & loss.needs),
         )
 
-    spec = get_spec(cfg.student.arch)
     for case_id in val:
         check_window(spec, cfg.inference, store.case_shape(case_id), cfg.student.args)
-    torch.manual_seed(cfg.training.seed)
-    model = create_model(cfg.student.arch, in_channels, len(class_names), cfg.student.args)
     dataset = PatchDataset(
         store.location,
         train,
@@ -160,7 +189,10 @@ def distil(
         checkpoint_path=out_dir / "checkpoint_best.pth",
         device=device,
         target_source=(lambda batch: targets_from_batch(batch, request, device)) if request else None,
-        capture_taps=bool({"coarse", "fine", "coarse_sketch", "fine_sketch"} & loss.needs),
+        capture_taps=bool(
+            {"coarse", "fine", "coarse_sketch", "fine_sketch", "coarse_features", "fine_features"}
+            & loss.needs
+        ),
         meta={
             "role": "student",
             "fold": fold,

@@ -36,6 +36,8 @@ class TargetRequest:
         softmax: read teacher probabilities.
         attention: read coarse and fine attention maps.
         sketches: read coarse and fine feature sketches.
+        features: read coarse and fine teacher features rebuilt from the sketches in the teacher's own channels
+            (``basis @ sketch``).
     """
 
     teachers: tuple[str, ...]
@@ -43,12 +45,14 @@ class TargetRequest:
     softmax: bool = True
     attention: bool = True
     sketches: bool = False
+    features: bool = False
 
     def kinds(self) -> list[str]:
         """The target kinds carried, as keys of :data:`~core.losses.DistillationTargets`."""
         kinds = ["softmax"] if self.softmax else []
         kinds += list(ATTENTION_KINDS) if self.attention else []
         kinds += [f"{k}_sketch" for k in ATTENTION_KINDS] if self.sketches else []
+        kinds += [f"{k}_features" for k in ATTENTION_KINDS] if self.features else []
         return kinds
 
 
@@ -204,10 +208,15 @@ class PatchDataset(Dataset):
                     for kind in ATTENTION_KINDS:
                         amap, stride = self._attention(t, case_id, kind)
                         sample[f"{kind}/{t}"] = crop_map(amap, stride, start, self.patch_size)
-                if self.targets.sketches:  # read whole (a few MB at most per case): not cached, unlike maps
+                if self.targets.sketches or self.targets.features:  # a few MB per case: read, not cached
                     for kind in ATTENTION_KINDS:
                         sketch, stride = self.store.read_sketch(t, case_id, kind)
-                        sample[f"{kind}_sketch/{t}"] = crop_map(sketch, stride, start, self.patch_size)
+                        cropped = crop_map(sketch, stride, start, self.patch_size)
+                        if self.targets.sketches:
+                            sample[f"{kind}_sketch/{t}"] = cropped
+                        if self.targets.features:
+                            basis = torch.from_numpy(self.store.read_sketch_basis(t, case_id, kind))
+                            sample[f"{kind}_features/{t}"] = torch.einsum("ck,k...->c...", basis, cropped)
         if self.augment:
             self._augment.set_random_state(seed=int(rng.integers(2**31)))
             sample = self._augment(sample)
