@@ -47,7 +47,7 @@ __all__ = [
 ]
 
 FORMAT_NAME = "teachcache-store"
-FORMAT_VERSION = "1.1"
+FORMAT_VERSION = "1.2"
 ATTENTION_KINDS = ("coarse", "fine")
 
 _ATTR = "teachcache"
@@ -469,7 +469,13 @@ class TeacherStore:
         """The (C, k) orthonormal basis of a sketch: ``basis @ sketch`` is the feature in the teacher's channels."""
         if not self.has_sketch(teacher, case_id, kind):
             self.read_sketch(teacher, case_id, kind)  # raises the explanatory StoreError
-        return self._array(f"teachers/{teacher}/{case_id}/{kind}_sketch_basis")[...]
+        try:
+            return self._root[f"teachers/{teacher}/{case_id}/{kind}_sketch_basis"][...]
+        except KeyError:
+            raise StoreError(
+                f"{self.location}: teacher '{teacher}' was cached before sketch bases were stored (store format "
+                "< 1.2), which feature terms (ffd, rgd) need; re-run `make cache ARGS=--overwrite`"
+            ) from None
 
     # ------------------------------------------------------------------ lazy views
     def lazy_maps(self, teacher: str, kind: str) -> dict[str, Any]:

@@ -116,5 +116,9 @@ def test_every_ablation_recipe_loads_and_builds(path):
 
     cfg = load_config(path)
     assert cfg.distillation.kind == path.stem, "runs of a recipe go to kd-<file name>"
-    objective = build_objective(cfg.distillation, teacher_dice={t.name: 0.5 for t in cfg.teachers})
+    widths = {"coarse": 8, "fine": 8}
+    channels = {"student": widths, "teachers": {t.name: widths for t in cfg.distilled_teachers()}}
+    objective = build_objective(
+        cfg.distillation, teacher_dice={t.name: 0.5 for t in cfg.teachers}, channels=channels
+    )
     assert objective.uses_teachers == (path.stem != "none")
