@@ -54,7 +54,9 @@ _ATTR = "teachcache"
 
 # zarr warns, each time it parses one, that numcodecs codecs are outside the v3 spec; the store uses numcodecs'
 # Delta filter on purpose (docs/store-format.md says so), so that one message is silenced wherever it arises.
-warnings.filterwarnings("ignore", message="Numcodecs codecs are not in the Zarr version 3", category=UserWarning)
+warnings.filterwarnings(
+    "ignore", message="Numcodecs codecs are not in the Zarr version 3", category=UserWarning
+)
 _SPATIAL = ("x", "y", "z")
 
 Box = tuple[slice, slice, slice]
