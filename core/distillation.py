@@ -32,6 +32,7 @@ from core.losses import (
     DISTLoss,
     PixelwiseKDLoss,
     SegmentationLoss,
+    resize_to_grid,
 )
 
 __all__ = ["TERMS", "DistillationObjective", "DistillationTerm", "build_objective", "register_term"]
@@ -249,9 +250,7 @@ class AttentionDistillation(DistillationTerm):
             raise ValueError(
                 f"p={p} differs from distillation.attention.p={cached_p}, the power the maps were cached with"
             )
-        if not taps or any(t not in ("coarse", "fine") for t in taps):
-            raise ValueError(f"taps must be a non-empty subset of coarse, fine; got {taps}")
-        self.taps = tuple(taps)
+        self.taps = _check_taps(taps)
         self.at = AttentionTransferLoss(p, norm)
 
     @classmethod
@@ -269,13 +268,10 @@ class AttentionDistillation(DistillationTerm):
         }
 
 
-def _resize_features(features: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
-    """(B, C, x, y, z) onto ``size``: area averaging when shrinking, trilinear when growing."""
-    if tuple(features.shape[2:]) == tuple(size):
-        return features
-    if all(s <= f for s, f in zip(size, features.shape[2:], strict=True)):
-        return F.adaptive_avg_pool3d(features, size)
-    return F.interpolate(features, size=size, mode="trilinear", align_corners=False)
+def _check_taps(taps: tuple[str, ...]) -> tuple[str, ...]:
+    if not taps or any(t not in ("coarse", "fine") for t in taps):
+        raise ValueError(f"taps must be a non-empty subset of coarse, fine; got {taps}")
+    return tuple(taps)
 
 
 def _voxels(features: torch.Tensor, samples: int) -> torch.Tensor:
@@ -308,11 +304,9 @@ class RelationTerm(DistillationTerm):
         samples: int = 256,
     ):
         super().__init__(temperature, combine, teacher_weights, teacher_dice)
-        if not taps or any(t not in ("coarse", "fine") for t in taps):
-            raise ValueError(f"taps must be a non-empty subset of coarse, fine; got {taps}")
         if samples < 2:
             raise ValueError(f"samples must be >= 2, got {samples}")
-        self.taps, self.samples = tuple(taps), samples
+        self.taps, self.samples = _check_taps(taps), samples
 
     @abstractmethod
     def relation_loss(
@@ -335,7 +329,7 @@ class RelationTerm(DistillationTerm):
                 if "softmax" in targets:
                     pooled = F.adaptive_avg_pool3d(targets["softmax"][t].float(), grid)
                     classes = _voxels(pooled.argmax(1, keepdim=True).float(), self.samples)[..., 0].long()
-                student = _voxels(_resize_features(taps[tap].float(), grid), self.samples)
+                student = _voxels(resize_to_grid(taps[tap].float(), grid), self.samples)
                 total = total + w * self.relation_loss(student, _voxels(sketches[t], self.samples), classes)
             out[tap] = total
         return out
@@ -446,11 +440,9 @@ class FeatureTerm(DistillationTerm):
         taps: tuple[str, ...] = ("coarse", "fine"),
     ):
         super().__init__(temperature, combine, teacher_weights, teacher_dice)
-        if not taps or any(t not in ("coarse", "fine") for t in taps):
-            raise ValueError(f"taps must be a non-empty subset of coarse, fine; got {taps}")
         if not channels:
             raise ValueError("needs the student's and teachers' tap channels (the trainer provides them)")
-        self.taps = tuple(taps)
+        self.taps = _check_taps(taps)
         self.projections = nn.ModuleDict(
             {
                 f"{teacher}__{tap}": nn.Conv3d(channels["student"][tap], widths[tap], kernel_size=1)
@@ -474,7 +466,7 @@ class FeatureTerm(DistillationTerm):
             total = torch.zeros((), device=logits.device)
             for w, t in zip(weights, teachers, strict=True):
                 grid = tuple(features[t].shape[2:])
-                student = self.projections[f"{t}__{tap}"](_resize_features(taps[tap].float(), grid))
+                student = self.projections[f"{t}__{tap}"](resize_to_grid(taps[tap].float(), grid))
                 probs = F.adaptive_avg_pool3d(targets["softmax"][t].float(), grid)
                 total = total + w * self.feature_loss(student, features[t].float(), probs)
             out[tap] = total

@@ -22,6 +22,7 @@ __all__ = [
     "PixelwiseKDLoss",
     "SegmentationLoss",
     "normalise_map",
+    "resize_to_grid",
 ]
 
 # {"softmax": {teacher: (B, K, X, Y, Z) probabilities at T}, "coarse"/"fine": {teacher: (B, 1, x, y, z)}}
@@ -86,8 +87,8 @@ def normalise_map(amap: torch.Tensor, norm: str = "l2", eps: float = 1e-12) -> t
     return flat / flat.norm(p=order, dim=1, keepdim=True).clamp_min(eps)
 
 
-def _resize_map(amap: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
-    """Bring a (B, 1, x, y, z) map onto ``size``: area averaging when shrinking, trilinear when growing."""
+def resize_to_grid(amap: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
+    """Bring (B, C, x, y, z) maps or features onto ``size``: area averaging when shrinking, trilinear when growing."""
     if tuple(amap.shape[2:]) == tuple(size):
         return amap
     if all(s <= a for s, a in zip(size, amap.shape[2:], strict=True)):
@@ -117,7 +118,7 @@ class AttentionTransferLoss(nn.Module):
 
     def forward(self, student_features: torch.Tensor, teacher_map: torch.Tensor) -> torch.Tensor:
         """Args: student_features (B, C, x, y, z) of any width; teacher_map (B, 1, x', y', z')."""
-        student_map = _resize_map(attention_map(student_features, self.p), tuple(teacher_map.shape[2:]))
+        student_map = resize_to_grid(attention_map(student_features, self.p), tuple(teacher_map.shape[2:]))
         diff = normalise_map(student_map, self.norm) - normalise_map(teacher_map, self.norm)
         return diff.pow(2).sum(dim=1).mean()
 
