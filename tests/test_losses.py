@@ -104,3 +104,34 @@ def test_segmentation_loss_is_low_for_a_perfect_prediction():
     perfect = torch.cat([(label == 0).float(), (label == 1).float()], 1) * 20 - 10
     assert SegmentationLoss()(perfect, label).item() < 0.01
     assert SegmentationLoss()(-perfect, label).item() > 0.9
+
+
+def test_segmentation_loss_depends_on_the_softmax_only():
+    # the same constant added to every class's logit at a voxel leaves the softmax, hence L_SEG, unchanged
+    torch.manual_seed(0)
+    logits = torch.randn(2, 3, 6, 6, 6)
+    label = torch.randint(0, 3, (2, 1, 6, 6, 6))
+    shift = 25.0 * torch.randn(2, 1, 6, 6, 6)
+    seg = SegmentationLoss()
+    assert seg(logits + shift, label).item() == pytest.approx(seg(logits, label).item(), rel=1e-5)
+    # and the background logit gets a gradient from the focal part, not only from Dice
+    z = logits.clone().requires_grad_(True)
+    seg.focal_part(z, label).backward()
+    assert z.grad[:, 0].abs().sum() > 0
+
+
+def test_focal_part_matches_hand_computed_two_class_value():
+    # two voxels, two classes, gamma 2: FL = mean_x −(1 − p_y)² log p_y with p = softmax over both classes
+    logits = torch.tensor([[2.0, 0.0], [0.5, 1.5]]).T.reshape(
+        1, 2, 2, 1, 1
+    )  # voxel 0: (2, 0), voxel 1: (0.5, 1.5)
+    label = torch.tensor([0, 1]).reshape(1, 1, 2, 1, 1)
+    p0 = 1 / (1 + math.exp(-2.0))  # p(class 0) at voxel 0
+    p1 = 1 / (1 + math.exp(-1.0))  # p(class 1) at voxel 1
+    expected = (-((1 - p0) ** 2) * math.log(p0) - ((1 - p1) ** 2) * math.log(p1)) / 2
+    seg = SegmentationLoss(gamma=2.0)
+    assert seg.focal_part(logits, label).item() == pytest.approx(expected, rel=1e-5)
+    assert expected > 0.01, "the focal part of a two-class problem must not vanish"
+    # gamma 0 is cross-entropy
+    ce = torch.nn.functional.cross_entropy(logits, label[:, 0])
+    assert SegmentationLoss(gamma=0.0).focal_part(logits, label).item() == pytest.approx(ce.item(), rel=1e-5)
