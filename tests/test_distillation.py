@@ -231,3 +231,63 @@ def test_feature_terms_need_the_tap_widths():
         ConfigError, match="distillation term 'ffd': needs the student's and teachers' tap channels"
     ):
         build_objective(DistillationConfig(terms=[TermConfig(name="ffd")]))
+
+
+def _background_only_targets(teacher: torch.Tensor) -> dict:
+    # a confident background teacher (logits 6–10 vs 0) as the store serves it at T = 2: p_fg ≈ 0.007–0.05 per
+    # voxel, about 1.3 voxels' worth of "foreground" mass over a 4³ patch — yet it predicts no foreground at all
+    logits = torch.zeros(1, 2, 4, 4, 4)
+    logits[:, 0] = 6.0 + 4.0 * torch.rand(1, 4, 4, 4, generator=torch.Generator().manual_seed(0))
+    return {"softmax": {"t": torch.softmax(logits / T, dim=1)}, "fine_features": {"t": teacher}}
+
+
+def _identity_projection(objective) -> None:
+    projection = objective.terms[0].projections["t__fine"]
+    with torch.no_grad():
+        projection.weight.copy_(torch.eye(7).view(7, 7, 1, 1, 1))
+        projection.bias.zero_()
+
+
+def test_feature_filtering_is_zero_on_a_patch_without_predicted_foreground():
+    torch.manual_seed(5)
+    objective = _feature_objective("ffd", 7, 7)
+    _identity_projection(objective)
+    teacher = torch.randn(1, 7, 4, 4, 4)
+    student = torch.randn(1, 7, 4, 4, 4)  # differs everywhere
+    targets = _background_only_targets(teacher)
+    args = (torch.zeros(1, 2, 4, 4, 4), torch.zeros(1, 1, 4, 4, 4, dtype=torch.long))
+    assert objective(*args, {"fine": student}, targets)["ffd"].item() == 0.0
+    # one predicted foreground voxel in a cell of 8 (fine grid 2³ over the 4³ patch) counts as 1/8 of a cell
+    targets["softmax"]["t"][0, :, 0, 0, 0] = torch.tensor([0.2, 0.8])
+    coarse_teacher = torch.randn(1, 7, 2, 2, 2)
+    coarse_student = torch.randn(1, 7, 2, 2, 2)
+    targets["fine_features"]["t"] = coarse_teacher
+    d = (
+        (
+            torch.nn.functional.normalize(coarse_student, dim=1)
+            - torch.nn.functional.normalize(coarse_teacher, dim=1)
+        )
+        .pow(2)
+        .sum(1)
+    )
+    expected = (1 / 8) * d[0, 0, 0, 0] / 1.0  # mask mass 1/8 < 1 → normalised by 1
+    assert objective(*args, {"fine": coarse_student}, targets)["ffd"].item() == pytest.approx(
+        expected.item(), rel=1e-5
+    )
+
+
+def test_region_graph_has_no_foreground_node_without_predicted_foreground():
+    torch.manual_seed(6)
+    objective = _feature_objective("rgd", 7, 7)
+    _identity_projection(objective)
+    teacher = torch.randn(1, 7, 4, 4, 4)
+    student = torch.randn(1, 7, 4, 4, 4)
+    targets = _background_only_targets(teacher)
+    args = (torch.zeros(1, 2, 4, 4, 4), torch.zeros(1, 1, 4, 4, 4, dtype=torch.long))
+    # background is the only node: L = ‖P̂_s,bg − P̂_t,bg‖², no edge
+    proto_s = torch.nn.functional.normalize(student.flatten(2).mean(2), dim=1)
+    proto_t = torch.nn.functional.normalize(teacher.flatten(2).mean(2), dim=1)
+    expected = (proto_s - proto_t).pow(2).sum()
+    assert objective(*args, {"fine": student}, targets)["rgd"].item() == pytest.approx(
+        expected.item(), rel=1e-5
+    )
