@@ -8,12 +8,22 @@ after compression, KL to the float32 softmax at T = 1, 2, 4, write/read speed); 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 
-__all__ = ["DEFAULT_ENCODING", "ENCODINGS", "SoftmaxEncoding", "get_encoding", "kl_per_voxel", "softmax"]
+__all__ = [
+    "DEFAULT_ENCODING",
+    "ENCODINGS",
+    "MARGIN_REFERENCES",
+    "SoftmaxEncoding",
+    "get_encoding",
+    "kl_per_voxel",
+    "softmax",
+]
+
+MARGIN_REFERENCES = ("max", "background")
 
 
 def softmax(x: np.ndarray, axis: int = 0) -> np.ndarray:
@@ -39,9 +49,9 @@ class SoftmaxEncoding:
 
     Attributes:
         name: the value of the ``softmax_encoding`` attribute.
-        kind: ``"logprob"`` (K channels of log-probabilities), ``"margin"`` (K-1 channels of
-            ``m_k = log p_k − log p_0``, clipped to ±``clip``, stored linearly), ``"margin-asinh"`` (the same
-            margins companded: ``v = round(a · asinh(m / b))``) or ``"prob"`` (K channels of probabilities).
+        kind: ``"logprob"`` (K channels of log-probabilities), ``"margin"`` (K-1 channels of log-probability
+            margins within ±``clip``, stored linearly — see ``reference``), ``"margin-asinh"`` (the same margins
+            companded: ``v = round(a · asinh(m / b))``) or ``"prob"`` (K channels of probabilities).
         dtype: stored dtype.
         clip: margin range for the margin kinds.
         asinh_a: companding gain a (levels per unit of asinh).
@@ -49,6 +59,14 @@ class SoftmaxEncoding:
             distribution is saturated and a quantisation error costs little KL.
         delta: store with a per-chunk delta filter (numcodecs ``Delta``): margins are smooth, so differences
             of neighbours compress better.
+        reference: what margins are taken against (margin kinds). ``"max"`` (format ≥ 1.3): against the
+            voxel's most likely class — channel k−1 holds ``m_k = z_k − max z ≤ 0`` for each foreground class k,
+            except that the most likely class's own channel, when it is a foreground class, holds
+            ``max z − z_0 ≥ 0`` (background's margin, sign-flipped): a positive value marks the reference. Every
+            class within ``clip`` of the top keeps its order and its margins exactly, and the classes that matter
+            (near the top) sit where quantisation is finest. For two classes this is bit-identical to
+            ``"background"``. ``"background"`` (format ≤ 1.2): ``m_k = z_k − z_0`` clipped one by one, which
+            loses the order of foreground classes far above background; read for old stores only.
     """
 
     name: str
@@ -58,6 +76,11 @@ class SoftmaxEncoding:
     asinh_a: float = 0.0
     asinh_b: float = 0.0
     delta: bool = False
+    reference: str = "max"
+
+    def __post_init__(self) -> None:
+        if self.reference not in MARGIN_REFERENCES:
+            raise ValueError(f"margin reference must be one of {MARGIN_REFERENCES}, got {self.reference!r}")
 
     def zarr_filters(self) -> list[Any]:
         """Array-to-array filters to store the encoded array with."""
@@ -94,7 +117,7 @@ class SoftmaxEncoding:
             if np.dtype(self.dtype).kind in "iu":
                 return np.rint(p * self.scale).astype(self.dtype)
             return p.astype(self.dtype)
-        margin = np.clip(logits[1:] - logits[:1], -self.clip, self.clip)
+        margin = self._margins(logits)
         if self.kind == "margin-asinh":
             info = np.iinfo(self.dtype)
             return np.clip(
@@ -104,6 +127,25 @@ class SoftmaxEncoding:
             lo = np.iinfo(self.dtype).min
             return np.rint((margin + self.clip) * self.scale + lo).astype(self.dtype)
         return margin.astype(self.dtype)
+
+    def _margins(self, logits: np.ndarray) -> np.ndarray:
+        """(K, ...) logits → (K-1, ...) margins in [−clip, clip] against ``reference``."""
+        if self.reference == "background":
+            return np.clip(logits[1:] - logits[:1], -self.clip, self.clip)
+        top = logits.argmax(axis=0)
+        below = np.maximum(logits - logits.max(axis=0, keepdims=True), -self.clip)  # ≤ 0; 0 at the top class
+        margin = below[1:]
+        for k in range(1, logits.shape[0]):  # the top class's channel carries background's margin, flipped
+            margin[k - 1] = np.where(top == k, -below[0], margin[k - 1])
+        return margin
+
+    def _scores_from_margins(self, margin: np.ndarray) -> np.ndarray:
+        """(K-1, ...) decoded margins → (K, ...) scores (logits up to a per-voxel constant)."""
+        if self.reference == "background":
+            return np.concatenate([np.zeros_like(margin[:1]), margin], axis=0)
+        flipped = margin.max(axis=0, keepdims=True)  # > 0 only in the top foreground class's channel
+        background = -np.maximum(flipped, 0.0)
+        return np.concatenate([background, np.where(margin > 0, 0.0, margin)], axis=0).astype(np.float32)
 
     def log_scores(self, stored: np.ndarray) -> np.ndarray:
         """Stored array → (K, ...) float32 scores equal to the logits up to a per-voxel constant."""
@@ -117,7 +159,7 @@ class SoftmaxEncoding:
             data = self.asinh_b * np.sinh(data / self.asinh_a)
         elif np.dtype(self.dtype).kind in "iu":
             data = (data - np.iinfo(self.dtype).min) / self.scale - self.clip
-        return np.concatenate([np.zeros_like(data[:1]), data], axis=0)
+        return self._scores_from_margins(data)
 
     def decode(self, stored: np.ndarray, temperature: float = 1.0) -> np.ndarray:
         """Stored array → (K, ...) float32 probabilities at ``temperature``: softmax(scores / T)."""
@@ -126,6 +168,8 @@ class SoftmaxEncoding:
     def attrs(self) -> dict[str, Any]:
         """What a plain-zarr reader needs to decode the array (stored on the array)."""
         attrs = {"softmax_encoding": self.name, "kind": self.kind, "clip": self.clip, "scale": self.scale}
+        if self.kind.startswith("margin"):
+            attrs["margin_reference"] = self.reference
         if self.kind == "margin-asinh":
             attrs.update({"asinh_a": self.asinh_a, "asinh_b": self.asinh_b})
         return attrs
@@ -156,8 +200,10 @@ ENCODINGS: dict[str, SoftmaxEncoding] = {
 DEFAULT_ENCODING = "margin-asinh-int8-delta"
 
 
-def get_encoding(name: str) -> SoftmaxEncoding:
+def get_encoding(name: str, reference: str = "max") -> SoftmaxEncoding:
+    """The encoding called ``name``; margin kinds taken against ``reference`` (``"background"``: stores ≤ 1.2)."""
     try:
-        return ENCODINGS[name]
+        enc = ENCODINGS[name]
     except KeyError:
         raise ValueError(f"unknown softmax encoding '{name}'; known: {', '.join(ENCODINGS)}") from None
+    return enc if reference == enc.reference else replace(enc, reference=reference)

@@ -47,7 +47,7 @@ __all__ = [
 ]
 
 FORMAT_NAME = "teachcache-store"
-FORMAT_VERSION = "1.2"
+FORMAT_VERSION = "1.3"
 ATTENTION_KINDS = ("coarse", "fine")
 
 _ATTR = "teachcache"
@@ -426,7 +426,11 @@ class TeacherStore:
         if key not in self._encodings:
             self._require_entry(teacher, case_id)
             name = self._root[f"teachers/{teacher}/{case_id}"].attrs["softmax_encoding"]
-            self._encodings[key] = get_encoding(name)
+            # format ≤ 1.2 took margins against background; the array says which since 1.3
+            reference = self._array(f"teachers/{teacher}/{case_id}/softmax").attrs.get(
+                "margin_reference", "background"
+            )
+            self._encodings[key] = get_encoding(name, reference)
         return self._encodings[key]
 
     def _read_softmax_array(self, teacher: str, case_id: str, box: Box | None) -> np.ndarray:
