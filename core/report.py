@@ -18,8 +18,17 @@ def _summary(path: Path) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+def _terms(distillation: dict[str, Any] | None) -> str:
+    """A run's distillation recipe in one line, e.g. ``pwd×1 + afs×1 (T=2)``; ``—`` for the no-KD baseline."""
+    if not distillation or distillation.get("kind") == "none":
+        return "—"
+    terms = " + ".join(f"{t['name']}×{t['weight']:g}" for t in distillation.get("terms", []))
+    return f"{terms} (T={distillation.get('temperature', 1.0):g})" if terms else "—"
+
+
 def build_report(cfg: Config, fold: int) -> dict[str, Any]:
-    """Collect the summaries the stages wrote for ``fold``.
+    """Collect the summaries the stages wrote for ``fold``: every teacher of the config and every student run
+    found under ``runs_dir/students/kd-*/``, whatever its recipe.
 
     Raises:
         TeachCacheError: nothing has been trained for this fold yet.
@@ -36,11 +45,14 @@ def build_report(cfg: Config, fold: int) -> dict[str, Any]:
                     "dice_per_class": s["best_dice_per_class"],
                     "parameters": s["parameters"],
                     "train_seconds": s["seconds"],
+                    "terms": "—",
                 }
             )
-    for kind in ("none", "teachformer"):
-        s = _summary(student_dir(cfg, kind, fold) / "summary.json")
+    students = cfg.output.runs_dir / "students"
+    for run in sorted(students.glob("kd-*")) if students.is_dir() else []:
+        s = _summary(run / f"fold_{fold}" / "summary.json")
         if s:
+            kind = run.name.removeprefix("kd-")
             rows.append(
                 {
                     "model": f"student kd-{kind}",
@@ -49,6 +61,7 @@ def build_report(cfg: Config, fold: int) -> dict[str, Any]:
                     "dice_per_class": s["best_dice_per_class"],
                     "parameters": s["parameters"],
                     "train_seconds": s["seconds"],
+                    "terms": _terms(s.get("distillation")),
                 }
             )
     if not rows:
@@ -76,11 +89,13 @@ def report_markdown(report: dict[str, Any]) -> str:
     lines = [
         f"# {report['experiment']}: fold {report['fold']}",
         "",
-        "| model | arch | val Dice | params |",
-        "|---|---|---:|---:|",
+        "| model | arch | distillation terms | val Dice | params |",
+        "|---|---|---|---:|---:|",
     ]
     for r in report["models"]:
-        lines.append(f"| {r['model']} | {r['arch']} | {r['dice']:.4f} | {r['parameters']:,} |")
+        lines.append(
+            f"| {r['model']} | {r['arch']} | {r.get('terms', '—')} | {r['dice']:.4f} | {r['parameters']:,} |"
+        )
     lines += ["", "| stage | wall time (s) |", "|---|---:|"]
     for stage, secs in report["stage_seconds"].items():
         lines.append(f"| {stage} | {'—' if secs is None else f'{secs:.1f}'} |")

@@ -145,7 +145,11 @@ def distil(
     config: ConfigOption = DEFAULT_CONFIG,
     fold: FoldOption = 0,
     kd: Annotated[
-        str | None, typer.Option(help="Override distillation.kind: 'none' trains the no-KD baseline.")
+        str | None,
+        typer.Option(
+            help="'none' trains the no-KD baseline (L_SEG only). Other recipes are configs: "
+            "-c configs/ablations/NAME.yaml."
+        ),
     ] = None,
     allow_leakage: Annotated[
         bool,
@@ -159,6 +163,13 @@ def distil(
     from train_student import distil as run
 
     cfg = _load(config)
+    if kd is not None and kd not in ("none", cfg.distillation.kind):
+        # a new name would only rename the output folder while training the config's own terms
+        raise TeachCacheError(
+            f"--kd {kd}: --kd only switches distillation off (--kd none); the terms come from the config "
+            f"({config} trains '{cfg.distillation.kind}'). To train another recipe, pass its config, e.g. "
+            f"`make distil FOLD={fold} CONFIG=configs/ablations/{kd}.yaml`"
+        )
     r = run(cfg, fold, kd, progress=not quiet, allow_leakage=allow_leakage)
     out.print(f"{r.name}: best val Dice {r.best_mean_dice:.4f} (epoch {r.best_epoch}) → {r.checkpoint}")
 
@@ -262,10 +273,13 @@ def report(config: ConfigOption = DEFAULT_CONFIG, fold: FoldOption = 0) -> None:
     rep = build_report(cfg, fold)
     t = Table(title=f"{rep['experiment']}: validation on fold {fold}")
     for col in ("model", "arch", "val Dice", "params"):
-        t.add_column(col, justify="right" if col in ("val Dice", "params") else "left")
+        t.add_column(col, justify="right" if col in ("val Dice", "params") else "left", no_wrap=True)
     for r in rep["models"]:
         t.add_row(r["model"], r["arch"], f"{r['dice']:.4f}", f"{r['parameters']:,}")
     out.print(t)
+    for r in rep["models"]:
+        if r["model"].startswith("student"):
+            out.print(f"  {r['model'].removeprefix('student ')}: {r['terms']}", highlight=False)
     s = Table(title="wall time per stage")
     s.add_column("stage")
     s.add_column("seconds", justify="right")

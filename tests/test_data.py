@@ -145,3 +145,13 @@ def test_foreground_locations_point_at_foreground():
     rows = foreground_locations(label, max_per_class=5)
     assert rows.shape == (6, 4)
     assert all(label[x, y, z] == c for c, x, y, z in rows)
+
+
+def test_building_the_preprocessing_prints_no_library_warning():
+    """Users saw MONAI's FutureWarning about Orientationd's labels on every `teachcache preprocess`."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        build_preprocessing(PreprocessingConfig(), ("CT", "PET"))
+    assert [str(w.message)[:80] for w in caught] == []

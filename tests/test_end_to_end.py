@@ -116,6 +116,26 @@ def test_distil_trains_from_the_store_without_any_teacher(cached, monkeypatch):
     assert "student kd-none" in report and "student kd-teachformer" in report and "teacher unetr" in report
 
 
+def test_report_lists_every_recipe_and_kd_cannot_rename_a_recipe(cached, tmp_path):
+    # --kd with a new name would have trained the config's own terms into a folder named after another recipe
+    out = run("distil", "-c", cached, "--fold", "0", "--kd", "pwd-only", "-q", code=2)
+    assert "--kd only switches distillation off" in out and "configs/ablations/pwd-only.yaml" in out
+    recipe = tmp_path / "pwd-only.yaml"
+    recipe.write_text(
+        f"extends: {cached}\n"
+        "distillation: {kind: pwd-only, temperature: 4.0, terms: [{name: pwd, weight: 0.5}]}\n"
+    )
+    run("distil", "-c", str(recipe), "--fold", "0", "-q")
+    report = run("report", "-c", cached, "--fold", "0")
+    assert "student kd-pwd-only" in report, "a recipe the report was not told about still appears"
+    rows = {
+        r["model"]: r
+        for r in json.loads((Path(cached).parent / "runs" / "report_fold_0.json").read_text())["models"]
+    }
+    assert rows["student kd-pwd-only"]["terms"] == "pwd×0.5 (T=4)"
+    assert rows["student kd-none"]["terms"] == "—"
+
+
 def test_stale_store_and_bad_checkpoint_are_refused(cached, tmp_path):
     import yaml
 

@@ -80,7 +80,8 @@ def build_preprocessing(cfg: PreprocessingConfig, channel_names: tuple[str, ...]
         [
             LoadImaged(keys=keys, image_only=True),
             EnsureChannelFirstd(keys=keys),
-            Orientationd(keys=keys, axcodes="RAS"),
+            # labels stated, so MONAI's FutureWarning about their changing default is not printed on every run
+            Orientationd(keys=keys, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),
             Spacingd(keys=keys, pixdim=cfg.target_spacing, mode=("bilinear", "nearest")),
             CropForegroundd(
                 keys=keys,
