@@ -7,7 +7,14 @@ message without a traceback and exits with :attr:`TeachCacheError.exit_code`.
 
 from __future__ import annotations
 
-__all__ = ["CheckpointError", "ConfigError", "DatasetError", "StoreError", "TeachCacheError"]
+__all__ = [
+    "CheckpointError",
+    "ConfigError",
+    "DatasetError",
+    "StoreError",
+    "TeachCacheError",
+    "TrainingError",
+]
 
 
 class TeachCacheError(Exception):
@@ -30,3 +37,7 @@ class CheckpointError(TeachCacheError):
 
 class StoreError(TeachCacheError):
     """The teacher store is missing, incomplete, foreign or from another format version."""
+
+
+class TrainingError(TeachCacheError):
+    """Training cannot go on (a loss term became NaN or infinite); nothing of the run is published."""

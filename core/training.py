@@ -8,12 +8,19 @@ memory plugs in behind the same callable.
 Each epoch: ``iterations_per_epoch`` steps of Adam with a polynomial learning-rate decay, then (every
 ``val_every`` epochs) sliding-window validation on whole validation volumes, Dice per class. Outputs in
 ``out_dir``: ``metrics.csv`` (one row per epoch), ``curves.png``, ``summary.json``, and the best checkpoint.
+
+A run's folder is replaced as a whole or not at all: everything is written into a staging folder beside it
+(``.<name>.partial``) and swapped in when the run ends, so a killed or failed re-run leaves the previous run's
+checkpoint, metrics and summary together and untouched. A loss term that becomes NaN or infinite stops the run at
+once with a :class:`~core.errors.TrainingError` naming the term.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import os
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -27,6 +34,7 @@ from torch.utils.data import DataLoader
 
 from core.config import InferenceConfig, TrainingConfig
 from core.data.patches import PatchDataset
+from core.errors import TrainingError
 from core.inference import autocast, predict_volume
 from core.losses import DistillationTargets
 from core.metrics import dice_per_class
@@ -36,7 +44,7 @@ from core.models.taps import TapRecorder
 from core.progress import ProgressBar
 from core.store import TeacherStore
 
-__all__ = ["FitResult", "count_parameters", "evaluate", "fit"]
+__all__ = ["FitResult", "count_parameters", "evaluate", "fit", "recover_run_dir"]
 
 LossFn = Callable[..., dict[str, torch.Tensor]]
 TargetSource = Callable[[dict[str, torch.Tensor]], DistillationTargets]
@@ -56,6 +64,56 @@ class FitResult:
     seconds: float
     checkpoint: str
     metrics_csv: str
+
+
+def _staging_dir(out_dir: Path) -> Path:
+    return out_dir.parent / f".{out_dir.name}.partial"
+
+
+def _replaced_dir(out_dir: Path) -> Path:
+    return out_dir.parent / f".{out_dir.name}.replaced"
+
+
+def recover_run_dir(out_dir: Path) -> None:
+    """Bring a run folder back to a whole state after a process was killed while writing or swapping it.
+
+    A leftover staging folder (a run killed before it finished) is removed; a previous run set aside by a swap that
+    was cut between its two renames is put back.
+    """
+    staging, replaced = _staging_dir(out_dir), _replaced_dir(out_dir)
+    if staging.exists():
+        shutil.rmtree(staging)
+    if replaced.exists():
+        if out_dir.exists():
+            shutil.rmtree(replaced)
+        else:
+            os.replace(replaced, out_dir)
+
+
+def _publish_run_dir(staging: Path, out_dir: Path) -> None:
+    """Swap the finished staging folder in for ``out_dir`` (two renames; :func:`recover_run_dir` mends a cut)."""
+    replaced = _replaced_dir(out_dir)
+    if out_dir.exists():
+        os.replace(out_dir, replaced)
+    os.replace(staging, out_dir)
+    if replaced.exists():
+        shutil.rmtree(replaced)
+
+
+def _check_finite(terms: dict[str, torch.Tensor], name: str, epoch: int, step: int) -> None:
+    if bool(torch.isfinite(terms["total"].detach())):
+        return
+    bad = {
+        k: float(v.detach())
+        for k, v in terms.items()
+        if k != "total" and not bool(torch.isfinite(v.detach()))
+    }
+    named = ", ".join(f"'{k}' = {v}" for k, v in bad.items()) or f"'total' = {float(terms['total'].detach())}"
+    raise TrainingError(
+        f"{name}: the loss became non-finite at epoch {epoch}, step {step} ({named}). The run stopped and nothing "
+        "of it was published (a previous run in the same folder is kept). Check the store with `teachcache "
+        "verify STORE` (a cached map may hold NaN/Inf), lower training.lr, or set training.amp: false"
+    )
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -154,8 +212,76 @@ def fit(
         capture_taps: record the model's coarse and fine features for the loss.
         meta: extra fields recorded in the checkpoint (fold, training cases, …).
         progress: show a progress bar.
+
+    Raises:
+        TrainingError: a loss term became NaN or infinite (the message names it); nothing is published.
     """
-    out_dir.mkdir(parents=True, exist_ok=True)
+    recover_run_dir(out_dir)
+    staging = _staging_dir(out_dir)
+    staging.mkdir(parents=True)
+    final_checkpoint = checkpoint_path
+    if checkpoint_path.resolve().is_relative_to(out_dir.resolve()):
+        checkpoint_path = staging / checkpoint_path.resolve().relative_to(out_dir.resolve())
+    try:
+        result = _train(
+            name=name,
+            model=model,
+            spec=spec,
+            args=args,
+            in_channels=in_channels,
+            num_classes=num_classes,
+            dataset=dataset,
+            store=store,
+            val_cases=val_cases,
+            cfg=cfg,
+            inference=inference,
+            loss_fn=loss_fn,
+            out_dir=staging,
+            checkpoint_path=checkpoint_path,
+            device=device,
+            target_source=target_source,
+            capture_taps=capture_taps,
+            meta=meta,
+            progress=progress,
+        )
+        result = FitResult(
+            **{
+                **asdict(result),
+                "checkpoint": str(final_checkpoint),
+                "metrics_csv": str(out_dir / "metrics.csv"),
+            }
+        )
+        (staging / "summary.json").write_text(json.dumps({**asdict(result), **(meta or {})}, indent=2) + "\n")
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    _publish_run_dir(staging, out_dir)
+    return result
+
+
+def _train(
+    *,
+    name: str,
+    model: nn.Module,
+    spec: ModelSpec,
+    args: dict[str, Any],
+    in_channels: int,
+    num_classes: int,
+    dataset: PatchDataset,
+    store: TeacherStore,
+    val_cases: list[str],
+    cfg: TrainingConfig,
+    inference: InferenceConfig,
+    loss_fn: LossFn,
+    out_dir: Path,
+    checkpoint_path: Path,
+    device: torch.device,
+    target_source: TargetSource | None,
+    capture_taps: bool,
+    meta: dict[str, Any] | None,
+    progress: bool,
+) -> FitResult:
+    """The loop itself, writing into ``out_dir`` (the staging folder); see :func:`fit`."""
     model.to(device)
     # terms with learnable parts (MSKD's student-side projections) train with the model; only the model is saved
     extra = list(loss_fn.to(device).parameters()) if isinstance(loss_fn, nn.Module) else []
@@ -200,6 +326,7 @@ def fit(
                     else:
                         logits, taps = model(image), None
                     terms = loss_fn(logits, label, taps, targets)
+                _check_finite(terms, name, epoch, steps)
                 scaler.scale(terms["total"]).backward()
                 scaler.step(optimizer)
                 scaler.update()
@@ -259,5 +386,4 @@ def fit(
         checkpoint=str(checkpoint_path),
         metrics_csv=str(metrics_csv),
     )
-    (out_dir / "summary.json").write_text(json.dumps({**asdict(result), **(meta or {})}, indent=2) + "\n")
     return result

@@ -1,0 +1,84 @@
+"""A run never publishes a half-written or non-finite result: NaN losses stop it, folders are swapped whole."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import zarr
+from typer.testing import CliRunner
+
+from cache_teachers import cache_teachers, preprocess_dataset
+from core.training import recover_run_dir
+from teachcache.cli import app
+from tests.conftest import derived_config
+
+runner = CliRunner()
+
+
+def _one_teacher_cache(trained, name: str):
+    root, data = trained
+    cfg, path = derived_config(
+        root,
+        data,
+        name,
+        **{"distillation.teachers": ["dynunet"], "training.epochs": 1, "training.iterations_per_epoch": 2},
+    )
+    preprocess_dataset(cfg, progress=False)
+    cache_teachers(cfg, names=["dynunet"], progress=False)
+    return cfg, path
+
+
+def _fingerprint(folder) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_a_non_finite_term_stops_training_naming_it_and_keeps_the_previous_run(trained):
+    cfg, path = _one_teacher_cache(trained, "nan_term")
+    result = runner.invoke(app, ["distil", "-c", str(path), "--fold", "0", "-q"])
+    assert result.exit_code == 0, result.output
+    out_dir = cfg.output.runs_dir / "students" / "kd-teachformer" / "fold_0"
+    before = _fingerprint(out_dir)
+    # a store written by a teacher that produced NaN in its coarse attention maps (no longer cached today)
+    root = zarr.open_group(cfg.store.path, mode="a")
+    for case in root["teachers/dynunet"].group_keys():
+        arr = root[f"teachers/dynunet/{case}/coarse"]
+        arr[...] = np.full(arr.shape, np.nan, dtype=arr.dtype)
+    result = runner.invoke(app, ["distil", "-c", str(path), "--fold", "0", "-q"])
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    assert (
+        "non-finite" in result.output
+        and "'afs_coarse'" in result.output
+        and "teachcache verify" in result.output
+    )
+    assert _fingerprint(out_dir) == before, "the finished run is untouched by the failed re-run"
+    assert sorted(p.name for p in out_dir.parent.iterdir()) == ["fold_0"], "no staging folder is left behind"
+
+
+def test_a_rerun_replaces_the_run_folder_whole(trained):
+    cfg, path = _one_teacher_cache(trained, "rerun")
+    out_dir = cfg.output.runs_dir / "students" / "kd-none" / "fold_0"
+    assert runner.invoke(app, ["distil", "-c", str(path), "--fold", "0", "--kd", "none", "-q"]).exit_code == 0
+    (out_dir / "leftover.txt").write_text("from the first run")
+    first = json.loads((out_dir / "summary.json").read_text())
+    assert runner.invoke(app, ["distil", "-c", str(path), "--fold", "0", "--kd", "none", "-q"]).exit_code == 0
+    assert not (out_dir / "leftover.txt").exists(), "nothing of the first run survives beside the second"
+    second = json.loads((out_dir / "summary.json").read_text())
+    assert second["checkpoint"] == first["checkpoint"] == str(out_dir / "checkpoint_best.pth")
+    assert (out_dir / "checkpoint_best.pth").is_file() and (out_dir / "metrics.csv").is_file()
+
+
+def test_recovery_after_a_kill_mid_run_or_mid_swap(tmp_path):
+    run = tmp_path / "fold_0"
+    run.mkdir()
+    (run / "summary.json").write_text("old")
+    # killed while training: a staging folder is left; the old run is whole and stays
+    (tmp_path / ".fold_0.partial").mkdir()
+    (tmp_path / ".fold_0.partial" / "metrics.csv").write_text("half")
+    recover_run_dir(run)
+    assert not (tmp_path / ".fold_0.partial").exists() and (run / "summary.json").read_text() == "old"
+    # killed between the swap's two renames: the old run was set aside and is put back
+    run.rename(tmp_path / ".fold_0.replaced")
+    recover_run_dir(run)
+    assert (run / "summary.json").read_text() == "old" and not (tmp_path / ".fold_0.replaced").exists()
