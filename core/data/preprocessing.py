@@ -119,32 +119,100 @@ class PreprocessedCase:
     original_shape: tuple[int, int, int]
 
 
-def preprocess_case(pipeline: Compose, case: CaseFiles, num_classes: int) -> PreprocessedCase:
-    """Run ``pipeline`` on one case; a file that cannot be read or does not fit is a :class:`DatasetError`."""
+def _check_headers(case: CaseFiles) -> tuple[np.ndarray, tuple[int, int, int]]:
+    """Check every file of a case from its header: readable, 3-D, on one grid. Returns the first image's geometry."""
+    import nibabel as nib
+
+    headers = {}
+    for path in (*case.images, case.label):
+        try:
+            headers[path] = nib.load(str(path))
+        except Exception as exc:  # nibabel raises many types for a corrupt or foreign file
+            raise DatasetError(
+                f"case '{case.case_id}': cannot read {path} ({exc}); replace the file with a valid NIfTI image"
+            ) from None
+    for path, img in headers.items():
+        shape = tuple(int(s) for s in img.shape)
+        if len(shape) != 3 and not (len(shape) == 4 and shape[3] == 1):
+            raise DatasetError(
+                f"case '{case.case_id}': {path} has shape {shape}; every file must be one 3-D volume (an nnU-Net "
+                "raw dataset stores each modality as its own CASE_XXXX file: split 4-D images into channels)"
+            )
+    grids = {p: (tuple(int(s) for s in img.shape[:3]), np.asarray(img.affine)) for p, img in headers.items()}
+    ref_path, (ref_shape, ref_affine) = next(iter(grids.items()))
+    for path, (shape, affine) in grids.items():
+        if shape != ref_shape:
+            listing = ", ".join(f"{p.name} {g[0]}" for p, g in grids.items())
+            raise DatasetError(
+                f"case '{case.case_id}': image and label grids differ ({listing}); resample them onto one grid first"
+            )
+        if not np.allclose(affine, ref_affine, atol=1e-3):
+            spacing = np.sqrt((affine[:3, :3] ** 2).sum(0)).round(3).tolist()
+            ref_spacing = np.sqrt((ref_affine[:3, :3] ** 2).sum(0)).round(3).tolist()
+            raise DatasetError(
+                f"case '{case.case_id}': {path.name} and {ref_path.name} have the same shape but different "
+                f"affines (spacing {spacing} vs {ref_spacing} mm, origin {affine[:3, 3].round(2).tolist()} vs "
+                f"{ref_affine[:3, 3].round(2).tolist()}); resample every modality and the label onto one grid first"
+            )
+    return np.asarray(ref_affine, dtype=np.float64), ref_shape
+
+
+def _check_label_values(case: CaseFiles, num_classes: int) -> None:
+    """Label voxels must be integers in 0..K−1: anything else would be rounded or wrapped silently."""
     import nibabel as nib
 
     try:
-        first = nib.load(str(case.images[0]))
-        original_affine, original_shape = first.affine, tuple(int(s) for s in first.shape[:3])
-        shapes = {p.name: tuple(nib.load(str(p)).shape[:3]) for p in (*case.images, case.label)}
-    except Exception as exc:  # nibabel raises many types for a corrupt or foreign file
-        raise DatasetError(f"case '{case.case_id}': cannot read its NIfTI files ({exc})") from None
-    if len(set(shapes.values())) != 1:
-        listing = ", ".join(f"{k} {v}" for k, v in shapes.items())
+        values = np.unique(np.asanyarray(nib.load(str(case.label)).dataobj))
+    except Exception as exc:
         raise DatasetError(
-            f"case '{case.case_id}': image and label grids differ ({listing}); resample them onto one grid first"
+            f"case '{case.case_id}': cannot read {case.label} ({exc}); the file may be truncated — replace it"
+        ) from None
+    fractional = values[values != np.round(values)]
+    if fractional.size:
+        raise DatasetError(
+            f"case '{case.case_id}': {case.label} holds non-integer label values ({', '.join(f'{v:g}' for v in fractional[:5])}); "
+            "labels must be integer class indices from dataset.json (was the label resampled with linear "
+            "interpolation? use nearest neighbour)"
         )
-    out = pipeline({"image": [str(p) for p in case.images], "label": str(case.label)})
+    bad = values[(values < 0) | (values >= num_classes)]
+    if bad.size:
+        raise DatasetError(
+            f"case '{case.case_id}': {case.label} holds label value(s) {', '.join(f'{v:g}' for v in bad[:5])}, "
+            f"not in dataset.json labels (0..{num_classes - 1}); fix the label file or add the class to dataset.json"
+        )
+
+
+def preprocess_case(pipeline: Compose, case: CaseFiles, num_classes: int) -> PreprocessedCase:
+    """Run ``pipeline`` on one case.
+
+    Raises:
+        DatasetError: a file cannot be read (missing, corrupt, truncated), is not 3-D, the modalities and label are
+            not on one grid (shape and affine), or the label holds values that are not class indices.
+    """
+    import nibabel as nib
+
+    original_affine, original_shape = _check_headers(case)
+    _check_label_values(case, num_classes)
+    try:
+        out = pipeline({"image": [str(p) for p in case.images], "label": str(case.label)})
+    except Exception as exc:  # a file whose header reads but whose data does not (truncated .nii.gz)
+        for path in case.images:
+            try:
+                np.asanyarray(nib.load(str(path)).dataobj)
+            except Exception as read_exc:
+                raise DatasetError(
+                    f"case '{case.case_id}': cannot read the voxels of {path} ({read_exc}); the file may be "
+                    "truncated — replace it"
+                ) from None
+        raise DatasetError(f"case '{case.case_id}': preprocessing failed ({exc})") from None
     image = np.asarray(out["image"].numpy(), dtype=np.float32)
     label = np.asarray(out["label"].numpy()[0]).round().astype(np.uint8)
-    if label.max() >= num_classes:
-        raise DatasetError(
-            f"case '{case.case_id}': label value {int(label.max())} is not in dataset.json labels (0..{num_classes - 1})"
-        )
     if not np.isfinite(image).all():
-        raise DatasetError(f"case '{case.case_id}': preprocessing produced NaN or Inf (check the image files)")
+        raise DatasetError(
+            f"case '{case.case_id}': preprocessing produced NaN or Inf (check the image files)"
+        )
     affine = np.asarray(out["image"].affine, dtype=np.float64)
-    return PreprocessedCase(image, label, affine, np.asarray(original_affine, dtype=np.float64), original_shape)
+    return PreprocessedCase(image, label, affine, original_affine, original_shape)
 
 
 def foreground_locations(label: np.ndarray, max_per_class: int = 10_000, seed: int = 0) -> np.ndarray:
