@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pickle
 
+import numpy as np
 import pytest
 import torch
 
@@ -112,6 +113,21 @@ def test_pickled_objects_are_refused(tmp_path, capsys):
     assert "this must never run" not in capsys.readouterr().out
     with pytest.raises(CheckpointError, match="checkpoint not found"):
         load_checkpoint(tmp_path / "absent.pth")
+
+
+@pytest.mark.parametrize("damage", ["random bytes", "damaged pickle", "truncated zip"])
+def test_a_damaged_checkpoint_is_called_unreadable_not_unsafe(tmp_path, damage):
+    path = tmp_path / "teacher.pth"
+    if damage == "random bytes":
+        path.write_bytes(np.random.default_rng(0).bytes(4096))
+    elif damage == "damaged pickle":
+        path.write_bytes(b"\x80\x04" + np.random.default_rng(1).bytes(4096))
+    else:
+        torch.save({"w": torch.zeros(100, 100)}, path)
+        path.write_bytes(path.read_bytes()[:3000])
+    with pytest.raises(CheckpointError, match="not a readable PyTorch checkpoint") as info:
+        load_checkpoint(path)
+    assert "unsafe" not in str(info.value) and "run code" not in str(info.value)
 
 
 @pytest.mark.parametrize(

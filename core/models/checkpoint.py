@@ -12,6 +12,8 @@ import hashlib
 import json
 import os
 import pickle
+import pickletools
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -95,6 +97,24 @@ def _extract_state_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
     return dict(obj)
 
 
+def _well_formed_but_unsafe(path: Path, message: str) -> bool:
+    """Whether ``torch.load(weights_only=True)`` refused a well-formed file for the objects it holds.
+
+    torch says "Unsupported global" for a zip checkpoint that names arbitrary classes, but only "Unsupported
+    operand" for a legacy pickle — as it does for random bytes. So a legacy file counts as unsafe only when
+    ``pickletools`` (which reads opcodes and executes nothing) parses it to its end.
+    """
+    if zipfile.is_zipfile(path):
+        return "unsupported global" in message.lower()
+    try:
+        with open(path, "rb") as f:
+            for _ in pickletools.genops(f):
+                pass
+    except Exception:
+        return False
+    return True
+
+
 def load_checkpoint(path: str | Path) -> Checkpoint:
     """Load a checkpoint with ``torch.load(weights_only=True)``; never unpickles arbitrary objects.
 
@@ -107,15 +127,25 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
             f"checkpoint not found: {path} (train the demo teachers with `make teachers`, or point the "
             "teacher's checkpoint key at an existing file)"
         )
+    unreadable = (
+        f"{path}: not a readable PyTorch checkpoint — neither torch.save's zip format nor a pickle; the file may be "
+        "truncated or something else. Point the checkpoint key at the .pth/.pt file torch.save wrote"
+    )
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if not (zipfile.is_zipfile(path) or head[:1] == b"\x80"):  # zip archive, or pickle protocol ≥ 2
+        raise CheckpointError(unreadable)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
+        if not _well_formed_but_unsafe(path, str(exc)):  # a damaged file, not an unsafe one
+            raise CheckpointError(unreadable) from None
         raise CheckpointError(
             f"{path}: refused to load — it needs unpickling arbitrary Python objects, which can run code "
             f"({str(exc).splitlines()[0]}). Re-save it as a plain state dict: torch.save(model.state_dict(), ...)"
         ) from None
-    except (RuntimeError, EOFError, OSError) as exc:
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({exc})") from None
+    except (RuntimeError, EOFError, OSError, KeyError, ValueError, zipfile.BadZipFile) as exc:
+        raise CheckpointError(f"{unreadable} ({exc})") from None
     if isinstance(obj, dict) and obj.get(_FORMAT_KEY) == 1:
         return Checkpoint(
             path=path,
