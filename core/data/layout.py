@@ -9,12 +9,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from core.errors import DatasetError
 
 __all__ = ["CaseFiles", "RawDataset", "read_raw_dataset"]
+
+# a case id becomes a Zarr group name in the store (docs/store-format.md): no path tricks, no Zarr file names
+_CASE_ID = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*")
+_RESERVED = frozenset({"zarr.json", ".zarray", ".zgroup", ".zattrs"})
 
 
 @dataclass(frozen=True)
@@ -91,15 +96,38 @@ def read_raw_dataset(root: str | Path) -> RawDataset:
         desc = json.loads(desc_path.read_text())
     except json.JSONDecodeError as exc:
         raise DatasetError(f"{desc_path}: not valid JSON ({exc})") from None
+    if not isinstance(desc, dict):
+        raise DatasetError(
+            f"{desc_path}: the top level must be a JSON object with channel_names, labels, file_ending"
+        )
     missing = [k for k in ("channel_names", "labels", "file_ending") if k not in desc]
     if missing:
         raise DatasetError(f"{desc_path}: missing key(s) {', '.join(missing)}")
     channels = desc["channel_names"]
+    if not isinstance(channels, dict) or not channels:
+        raise DatasetError(
+            f"{desc_path}: channel_names must be an object mapping '0', '1', … to modality names, e.g. "
+            f'{{"0": "CT", "1": "PET"}} (nnU-Net v2), got {json.dumps(channels)[:80]}'
+        )
     try:
-        channel_names = tuple(channels[str(i)] for i in range(len(channels)))
+        channel_names = tuple(str(channels[str(i)]) for i in range(len(channels)))
     except KeyError:
         raise DatasetError(f"{desc_path}: channel_names keys must be '0', '1', ... in order") from None
-    labels = {str(k): int(v) for k, v in desc["labels"].items()}
+    if not isinstance(desc["labels"], dict):
+        raise DatasetError(
+            f"{desc_path}: labels must be an object mapping class names to integers, e.g. "
+            f'{{"background": 0, "tumour": 1}} (nnU-Net v2), got {json.dumps(desc["labels"])[:80]}'
+        )
+    try:
+        labels = {str(k): int(v) for k, v in desc["labels"].items()}
+    except (TypeError, ValueError):
+        raise DatasetError(
+            f"{desc_path}: every label must map a name to one integer class index, got {json.dumps(desc['labels'])[:120]}"
+        ) from None
+    if not isinstance(desc["file_ending"], str) or not desc["file_ending"].startswith("."):
+        raise DatasetError(
+            f'{desc_path}: file_ending must be a string such as ".nii.gz", got {desc["file_ending"]!r}'
+        )
     if sorted(labels.values()) != list(range(len(labels))) or labels.get("background", 0) != 0:
         raise DatasetError(f"{desc_path}: labels must map names to 0..N-1 with background = 0, got {labels}")
     ending = desc["file_ending"]
@@ -113,7 +141,15 @@ def read_raw_dataset(root: str | Path) -> RawDataset:
         stem = p.name[: -len(ending)]
         case_id, sep, channel = stem.rpartition("_")
         if not sep or len(channel) != 4 or not channel.isdigit():
-            raise DatasetError(f"{p}: image names must be CASE_0000{ending}, CASE_0001{ending}, … (a 4-digit channel number)")
+            raise DatasetError(
+                f"{p}: image names must be CASE_0000{ending}, CASE_0001{ending}, … (a 4-digit channel number)"
+            )
+        if not _CASE_ID.fullmatch(case_id) or case_id.lower() in _RESERVED:
+            raise DatasetError(
+                f"{p}: case id '{case_id}' cannot name a case: ids are letters, digits, '_', '-' and '.', not "
+                f"starting with '.', and not {', '.join(sorted(_RESERVED))} (they name files of the store); "
+                "rename the case's files"
+            )
         by_case.setdefault(case_id, {})[int(channel)] = p
     if not by_case:
         raise DatasetError(f"{images_dir}: no images ending in {ending}")
