@@ -180,11 +180,26 @@ def verify(
     store: Annotated[str, typer.Argument(help="Store path or URL.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
-    """Check every case and teacher entry: complete, right shapes, finite, softmax sums to 1, provenance."""
+    """Check every case and teacher entry: complete, right shapes, finite, softmax sums to 1, provenance.
+
+    Exit codes: 0 the store is sound; 1 problems found (listed); 2 not a store, or a bad argument; 3 the check
+    itself could not finish (the message says why) — so scripts can tell a bad store from a failed check.
+    """
     from core.store import TeacherStore
     from core.verify import verify_store
 
-    result = verify_store(TeacherStore.open(store))
+    opened = TeacherStore.open(store)
+    try:
+        result = verify_store(opened)
+    except TeachCacheError:
+        raise
+    except Exception as exc:  # the check crashed: not the same as a store with problems
+        err.print(
+            f"[bold red]error:[/] verify could not finish on {store}: {type(exc).__name__}: {exc}",
+            highlight=False,
+            soft_wrap=True,
+        )
+        raise typer.Exit(code=3) from None
     if as_json:
         sys.stdout.write(json.dumps(result, indent=2) + "\n")
     elif result["ok"]:

@@ -216,3 +216,19 @@ def test_three_modality_mri_through_both_stages(tmp_path):
         cfg.output.runs_dir / "students" / "kd-teachformer" / "fold_0" / "checkpoint_best.pth"
     )
     assert ckpt.in_channels == 3
+
+
+def test_verify_tells_a_failed_check_from_a_bad_store(cached, monkeypatch):
+    import core.verify
+
+    store = str(load_config(cached).store.path)
+    assert runner.invoke(app, ["verify", store]).exit_code == 0
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("blosc: decompression failed")
+
+    monkeypatch.setattr(core.verify, "verify_store", crash)
+    result = runner.invoke(app, ["verify", store])
+    assert result.exit_code == 3, result.output
+    assert "verify could not finish" in result.output and "blosc" in result.output
+    assert runner.invoke(app, ["verify", str(Path(store).parent / "absent.zarr")]).exit_code == 2
