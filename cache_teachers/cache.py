@@ -4,13 +4,24 @@ The unit of work is one (teacher, case) entry, computed and written by :func:`co
 in this process (one teacher in memory at a time) or as tasks on a dask.distributed cluster — a LocalCluster of
 ``workers`` processes, or any scheduler address. Each entry owns its own arrays (its own chunk files), so
 workers never write to the same object; metadata is consolidated once, after every task has finished.
+
+Every entry records its entry key (:func:`core.experiment.entry_key`: checkpoint hash, architecture and arguments,
+inference settings, attention power, sketch width, softmax encoding, preprocessing hash) and that key's hash; an
+entry is skipped only when it is complete and its ``entry_hash`` is the one the current config and checkpoint give.
+
+Testing hook: with ``TEACHCACHE_TEST_KILL_AFTER_ENTRIES=N`` in the environment, a process that has written N entries
+SIGKILLs itself midway through the next one (after its ``softmax`` array, before ``complete``), so the
+kill-and-resume test interrupts the store at a known point. Each dask worker process counts its own entries.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import platform
+import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib.metadata import version
 from typing import Any
@@ -21,15 +32,17 @@ from torch import nn
 
 from core.config import Config, TeacherConfig
 from core.errors import ConfigError, StoreError
-from core.experiment import open_store_for
+from core.experiment import entry_key, open_store_for
 from core.inference import check_window, predict_volume, resolve_device
 from core.models import get_spec
 from core.models.checkpoint import Checkpoint, build_from_checkpoint, file_sha256
 from core.progress import track
 from core.sketch import relation_errors, sketch_features
-from core.store import TeacherStore
+from core.store import TeacherStore, entry_hash
 
-__all__ = ["CacheSummary", "cache_teachers", "compute_entry"]
+__all__ = ["KILL_AFTER_ENTRIES_ENV", "CacheSummary", "cache_teachers", "compute_entry"]
+
+KILL_AFTER_ENTRIES_ENV = "TEACHCACHE_TEST_KILL_AFTER_ENTRIES"
 
 
 @dataclass
@@ -50,6 +63,27 @@ def _software() -> dict[str, str]:
 
 # Per-process state of entry tasks: the open store and the one teacher currently in memory.
 _PROCESS: dict[str, Any] = {}
+# Entries this process has written, for the kill testing hook (kept apart from _PROCESS, which is cleared per teacher).
+_ENTRIES_WRITTEN = [0]
+
+
+def _kill_hook() -> Callable[[str], None] | None:
+    """The testing hook (module docstring): a callback that SIGKILLs this process, when this entry is the one."""
+    value = os.environ.get(KILL_AFTER_ENTRIES_ENV)
+    if not value:
+        return None
+    try:
+        after = int(value)
+    except ValueError:
+        raise ConfigError(f"{KILL_AFTER_ENTRIES_ENV}={value!r} must be a whole number of entries") from None
+    if _ENTRIES_WRITTEN[0] != after:
+        return None
+
+    def kill(array: str) -> None:
+        if array == "softmax":  # some arrays written, not all, and `complete` not yet set
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return kill
 
 
 def _load_teacher(teacher: TeacherConfig, in_channels: int, num_classes: int) -> tuple[nn.Module, Checkpoint]:
@@ -123,6 +157,7 @@ def compute_entry(cfg: Config, teacher_name: str, case_id: str, sha: str) -> str
         features=k is not None,
     )
     sketches = _sketches(out, k) if k is not None else None
+    key = entry_key(cfg, teacher, sha, store)
     try:
         store.write_entry(
             teacher.name,
@@ -131,8 +166,11 @@ def compute_entry(cfg: Config, teacher_name: str, case_id: str, sha: str) -> str
             out["coarse"],
             out["fine"],
             sketches,
+            on_array=_kill_hook(),
             checkpoint_sha256=sha,
             feature_sketch_channels=k,
+            entry_key=key,
+            entry_hash=entry_hash(key),
         )
     except OSError as exc:
         raise StoreError(
@@ -140,6 +178,7 @@ def compute_entry(cfg: Config, teacher_name: str, case_id: str, sha: str) -> str
             f"{exc.strerror or exc}. Free space or fix permissions, then re-run `make cache` to resume; "
             "complete entries are kept"
         ) from None
+    _ENTRIES_WRITTEN[0] += 1
     return case_id
 
 
@@ -162,8 +201,10 @@ def _sketches(out: dict[str, np.ndarray], k: int) -> dict[str, tuple[np.ndarray,
 def _provenance(
     cfg: Config, teacher: TeacherConfig, ckpt_meta: dict[str, Any], sha: str, store: TeacherStore
 ) -> dict[str, Any]:
+    """The teacher's provenance, describing the last caching run; each entry records its own ``entry_key``."""
     meta = store.metadata
     spec = get_spec(teacher.arch)
+    key = entry_key(cfg, teacher, sha, store)
     return {
         "arch": teacher.arch,
         "args": teacher.args,
@@ -182,6 +223,8 @@ def _provenance(
         "inference": cfg.inference_for(teacher).model_dump(mode="json"),
         "preprocessing_hash": meta["preprocessing_hash"],
         "dataset_manifest_hash": meta["dataset"]["manifest_hash"],
+        "entry_key": key,
+        "entry_hash": entry_hash(key),
         "software": _software(),
     }
 
@@ -215,8 +258,8 @@ def cache_teachers(
     """Cache every configured teacher (or those in ``names``) over every case of the store.
 
     Every checkpoint is loaded and checked against its declared architecture before anything is written. An
-    entry is skipped when it is complete and was computed from the same checkpoint bytes (sha256) with the same
-    feature-sketch setting, unless ``overwrite``.
+    entry is skipped when it is complete and its ``entry_hash`` equals the one the current config and checkpoint
+    bytes give (:func:`core.experiment.entry_key`), unless ``overwrite``; any other entry is rewritten whole.
 
     Args:
         cfg: the experiment.
@@ -246,13 +289,13 @@ def cache_teachers(
         for case_id in case_ids:
             check_window(spec, cfg.inference_for(teacher), store.case_shape(case_id), teacher.args)
         sha = file_sha256(teacher.checkpoint)
-        wanted = {"checkpoint_sha256": sha, "feature_sketch_channels": cfg.store.feature_sketch_channels}
+        wanted = entry_hash(entry_key(cfg, teacher, sha, store))
         todo = [
             c
             for c in case_ids
             if overwrite
             or not store.has_entry(teacher.name, c)
-            or any(store.entry_attrs(teacher.name, c).get(key) != value for key, value in wanted.items())
+            or store.entry_attrs(teacher.name, c).get("entry_hash") != wanted
         ]
         plans.append((teacher, ckpt.meta, sha, todo))
         del ckpt

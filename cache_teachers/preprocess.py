@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from core.config import Config
 from core.data.layout import read_raw_dataset
 from core.data.preprocessing import build_preprocessing, foreground_locations, preprocess_case
-from core.data.splits import load_splits, make_splits, write_splits
+from core.data.splits import load_splits, make_splits, splits_difference, write_splits
 from core.errors import StoreError
 from core.experiment import splits_path
 from core.progress import track
@@ -30,21 +30,23 @@ def preprocess_dataset(cfg: Config, overwrite: bool = False, progress: bool = Tr
     """Write every case of ``cfg.dataset.raw_dir`` into the store, preprocessed; skip cases already there.
 
     The raw dataset is only read. Splits come from ``splits.file`` when set, else from an existing
-    ``splits_final.json`` in the runs folder, else are made (seeded) and written there.
+    ``splits_final.json`` in the runs folder, else are made (seeded). The store records them (its ``splits``
+    attribute, which stage 2 reads); ``splits_final.json`` in the runs folder is written as a copy when absent.
 
     Raises:
         DatasetError: the raw dataset is malformed (the message names the file or case).
-        StoreError: the store path holds another store or something else (see ``--overwrite``).
+        StoreError: the store path holds another store or something else (see ``--overwrite``), or an existing
+            store records other folds than the config's splits.
     """
     started = time.perf_counter()
     ds = read_raw_dataset(cfg.dataset.raw_dir)
     case_ids = [c.case_id for c in ds.cases]
     split_file = splits_path(cfg)
     if cfg.splits.file is not None or split_file.is_file():
-        splits = load_splits(split_file, case_ids)
+        splits, source = load_splits(split_file, case_ids), str(split_file)
     else:
         splits = make_splits(case_ids, cfg.splits.num_folds, cfg.splits.seed)
-        write_splits(splits, split_file)
+        source = f"splits.num_folds={cfg.splits.num_folds}, splits.seed={cfg.splits.seed}"
 
     store_path = cfg.store.path
     if overwrite and TeacherStore.exists(store_path):
@@ -65,6 +67,15 @@ def preprocess_dataset(cfg: Config, overwrite: bool = False, progress: bool = Tr
         splits=splits,
         chunk_size=cfg.store.chunk_size,
     )
+    difference = splits_difference(splits, store.metadata["splits"], ("the config's splits", "the store"))
+    if difference:
+        raise StoreError(
+            f"{store_path} records other folds than {source} ({difference}); its teachers were prepared for the "
+            "store's folds: point splits.file at the splits the store was made with, or rebuild the store with "
+            "--overwrite"
+        )
+    if not split_file.is_file():
+        write_splits(splits, split_file)  # the nnU-Net copy, for tools that read it
     pipeline = build_preprocessing(cfg.preprocessing, ds.channel_names)
     written = 0
     for index, case in enumerate(track(ds.cases, "preprocessing", enabled=progress)):

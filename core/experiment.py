@@ -2,7 +2,7 @@
 
 Layout under ``output.runs_dir``::
 
-    splits_final.json                              (unless splits.file is set)
+    splits_final.json                              a copy of the store's folds (unless splits.file is set)
     teachers/<teacher>/fold_<k>/                   metrics.csv, curves.png, summary.json
     students/kd-<kind>/fold_<k>/                   checkpoint_best.pth, metrics.csv, curves.png, summary.json
     report_fold_<k>.json, report_fold_<k>.md
@@ -10,23 +10,33 @@ Layout under ``output.runs_dir``::
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 
-from core.config import Config
-from core.data.splits import fold_cases, load_splits
+from core.config import Config, TeacherConfig
+from core.data.splits import check_splits, fold_cases, load_splits, splits_difference
 from core.errors import StoreError
 from core.store import TeacherStore
 
 __all__ = [
+    "entry_key",
+    "entry_key_difference",
     "fold_split",
     "open_store_for",
     "splits_path",
+    "store_splits",
     "student_dir",
     "teacher_dir",
 ]
 
 
 def splits_path(cfg: Config) -> Path:
+    """The nnU-Net ``splits_final.json``: ``splits.file`` when set, else the copy in the runs folder.
+
+    Stage 2 reads folds from the store (:func:`store_splits`); this file is what preprocessing starts from and the
+    copy other tools read.
+    """
     return cfg.splits.file or cfg.output.runs_dir / "splits_final.json"
 
 
@@ -58,7 +68,83 @@ def open_store_for(cfg: Config, mode: str = "r") -> TeacherStore:
     return store
 
 
+def store_splits(cfg: Config, store: TeacherStore) -> list[dict[str, list[str]]]:
+    """The folds recorded in the store (its root ``splits`` attribute): the store travels without its runs folder.
+
+    ``splits_final.json`` in the runs folder is only a copy for tools that read nnU-Net's file. When ``splits.file``
+    is set and present, it must hold the same folds as the store.
+
+    Raises:
+        StoreError: the store records no valid splits, its splits name cases it does not hold (preprocessing was
+            interrupted), or ``splits.file`` disagrees with them.
+    """
+    splits = store.metadata.get("splits")
+    try:
+        check_splits(splits, store.case_ids())
+    except ValueError as exc:
+        raise StoreError(
+            f"{store.location}: the store's splits are unusable ({exc}); run `make cache` (teachcache preprocess) "
+            "to finish the store, or rebuild it with --overwrite"
+        ) from None
+    configured = cfg.splits.file
+    if configured is not None and configured.is_file():
+        difference = splits_difference(load_splits(configured), splits, ("the file", "the store"))
+        if difference:
+            raise StoreError(
+                f"splits.file {configured} disagrees with the folds recorded in {store.location} ({difference}); "
+                "the store's folds are the ones its cases and teachers were prepared for: point splits.file at "
+                "the file the store was made with, remove splits.file to use the store's folds, or rebuild the "
+                "store from this file with `make cache ARGS=--overwrite`"
+            )
+    return splits
+
+
 def fold_split(cfg: Config, store: TeacherStore, fold: int) -> tuple[list[str], list[str]]:
-    """``(train, val)`` case ids of ``fold`` from the experiment's ``splits_final.json``."""
-    splits = load_splits(splits_path(cfg), store.case_ids())
-    return fold_cases(splits, fold)
+    """``(train, val)`` case ids of ``fold``, from the store's own splits (see :func:`store_splits`).
+
+    Raises:
+        StoreError: see :func:`store_splits`.
+        ConfigError: ``fold`` does not exist.
+    """
+    return fold_cases(store_splits(cfg, store), fold)
+
+
+def entry_key(
+    cfg: Config, teacher: TeacherConfig, checkpoint_sha256: str, store: TeacherStore
+) -> dict[str, Any]:
+    """Everything a (teacher, case) entry is computed from, as a canonical JSON-able dict.
+
+    ``teachcache cache`` writes it (and its :func:`core.store.entry_hash`) into every entry and recomputes an entry
+    whose hash differs from the wanted one; stage 2 and ``teachcache verify`` compare entries with it. The case's
+    own content is fixed by the store (its preprocessing hash and dataset manifest).
+
+    Args:
+        cfg: the experiment.
+        teacher: the teacher the entry is (to be) computed with.
+        checkpoint_sha256: SHA-256 of the teacher's checkpoint file.
+        store: the store the entry lives in (its preprocessing hash and softmax encoding).
+
+    Returns:
+        ``{"checkpoint_sha256", "arch", "args", "inference", "attention_p", "feature_sketch_channels",
+        "softmax_encoding", "margin_reference", "preprocessing_hash"}``.
+    """
+    encoding = store.encoding
+    key = {
+        "checkpoint_sha256": checkpoint_sha256,
+        "arch": teacher.arch,
+        "args": teacher.args,
+        "inference": cfg.inference_for(teacher).model_dump(mode="json"),
+        "attention_p": float(cfg.distillation.attention.p),
+        "feature_sketch_channels": cfg.store.feature_sketch_channels,
+        "softmax_encoding": encoding.name,
+        "margin_reference": encoding.reference if encoding.kind.startswith("margin") else None,
+        "preprocessing_hash": store.metadata["preprocessing_hash"],
+    }
+    return json.loads(json.dumps(key))  # as it reads back from the store's JSON (tuples become lists)
+
+
+def entry_key_difference(stored: dict[str, Any] | None, wanted: dict[str, Any]) -> list[str]:
+    """The fields of ``wanted`` that a stored entry key lacks or holds another value for (all when no key)."""
+    if not isinstance(stored, dict):
+        return list(wanted)
+    return [k for k, v in wanted.items() if stored.get(k) != v]

@@ -21,9 +21,10 @@ after every array, so an interrupted write is never read.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,7 @@ __all__ = [
     "Box",
     "TeacherStore",
     "compressor_for",
+    "entry_hash",
 ]
 
 FORMAT_NAME = "teachcache-store"
@@ -380,39 +382,65 @@ class TeacherStore:
         coarse: np.ndarray,
         fine: np.ndarray,
         sketches: dict[str, tuple[np.ndarray, np.ndarray, dict[str, Any]]] | None = None,
+        on_array: Callable[[str], None] | None = None,
         **attrs: Any,
     ) -> None:
-        """Write one teacher's outputs for one case, then mark the entry complete.
+        """Write one teacher's outputs for one case as a new entry, replacing any previous one whole.
+
+        The previous entry (its arrays and attributes, sketches included) is deleted first and the new group is
+        created with ``complete: false``; ``complete: true`` is written last, so an interrupted write leaves an
+        absent or incomplete entry, never a mix of old and new.
 
         Args:
             logits: (K, X, Y, Z) float32 teacher logits on the case's preprocessed grid.
             coarse: (x, y, z) float32 coarse attention map on the teacher's En grid (any scale).
             fine: (x, y, z) float32 fine attention map on the teacher's Dn-1 grid (any scale).
             sketches: optional ``{"coarse" | "fine": ((k, x, y, z) sketch, (C, k) basis, its attributes)}``.
-            attrs: JSON-serialisable entry attributes (e.g. ``checkpoint_sha256``).
+            on_array: called with each array's name right after it is written (progress reporting; the
+                kill-and-resume test uses it to die midway through an entry).
+            attrs: JSON-serialisable entry attributes (e.g. ``checkpoint_sha256``, ``entry_key``,
+                ``entry_hash``).
         """
         shape = self.case_shape(case_id)
         if tuple(logits.shape[1:]) != shape:
             raise ValueError(f"logits {logits.shape} do not match case '{case_id}' grid {shape}")
-        group = self._root.require_group(f"teachers/{teacher}/{case_id}")
-        group.attrs["complete"] = False
+        self._forget_entry(teacher, case_id)
+        parent = self._root.require_group(f"teachers/{teacher}")
+        # delete first (a no-op when absent): zarr would otherwise merge old attributes and keep old arrays
+        del parent[case_id]
+        group = parent.create_group(case_id, attributes={"complete": False})
+
+        def written(name: str) -> None:
+            if on_array is not None:
+                on_array(name)
+
         self._write_array(
             group, "softmax", self.encoding.encode(logits), ("class", *_SPATIAL), self.encoding.zarr_filters()
         )
         group["softmax"].attrs.update(self.encoding.attrs())
+        written("softmax")
         strides = {}
         for kind, amap in zip(ATTENTION_KINDS, (coarse, fine), strict=True):
             self._write_array(group, kind, _unit_rms(amap).astype(np.float16), _SPATIAL)
             strides[f"{kind}_stride"] = [s / m for s, m in zip(shape, amap.shape, strict=True)]
+            written(kind)
         sketch_attrs = {}
         for kind, (sketch, basis, meta) in (sketches or {}).items():
             self._write_array(group, f"{kind}_sketch", sketch.astype(np.float16), ("channel", *_SPATIAL))
             self._write_array(group, f"{kind}_sketch_basis", basis.astype(np.float32), ("feature", "channel"))
             sketch_attrs[kind] = meta
+            written(f"{kind}_sketch")
         if sketch_attrs:
             attrs = {**attrs, "sketch": sketch_attrs}
         group.attrs.update({"softmax_encoding": self.encoding.name, **strides, **attrs})
         group.attrs["complete"] = True
+
+    def _forget_entry(self, teacher: str, case_id: str) -> None:
+        """Drop this object's cached array handles and encoding of an entry about to be rewritten."""
+        prefix = f"teachers/{teacher}/{case_id}/"
+        for key in [k for k in self._arrays if k.startswith(prefix)]:
+            del self._arrays[key]
+        self._encodings.pop((teacher, case_id), None)
 
     def _require_entry(self, teacher: str, case_id: str) -> None:
         if not self.has_entry(teacher, case_id):
@@ -515,6 +543,12 @@ class TeacherStore:
                 if isinstance(arr, zarr.Array):
                     infos.append(_info(f"{gname}/{path}", arr))
         return infos
+
+
+def entry_hash(key: dict[str, Any]) -> str:
+    """SHA-256 of an entry key's canonical JSON (sorted keys, no whitespace): the ``entry_hash`` attribute."""
+    payload = json.dumps(key, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(payload.encode()).hexdigest()
 
 
 def _info(path: str, arr: zarr.Array) -> ArrayInfo:

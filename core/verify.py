@@ -7,7 +7,8 @@ from typing import Any
 import dask
 import numpy as np
 
-from core.store import ATTENTION_KINDS, TeacherStore
+from core.experiment import entry_key_difference
+from core.store import ATTENTION_KINDS, TeacherStore, entry_hash
 
 __all__ = ["verify_store"]
 
@@ -58,11 +59,32 @@ def _check_entry(store: TeacherStore, teacher: str, case_id: str, prov: dict[str
             problems.append(f"{where}: {kind} sketch {sketch.shape}, expected {(meta['channels'], *grid)}")
         if not np.isfinite(sketch).all():
             problems.append(f"{where}: {kind} sketch contains NaN or Inf")
-    if attrs.get("checkpoint_sha256") != prov.get("checkpoint_sha256"):
-        problems.append(
-            f"{where}: computed from another checkpoint than the teacher's provenance records (re-run `make cache`)"
-        )
+    problems.extend(_check_entry_key(where, attrs, prov))
     return problems
+
+
+def _check_entry_key(where: str, attrs: dict[str, Any], prov: dict[str, Any]) -> list[str]:
+    """The entry's recorded key is intact and is the one the teacher's provenance describes."""
+    key = attrs.get("entry_key")
+    if not isinstance(key, dict) or "entry_hash" not in attrs:
+        return [
+            f"{where}: does not record what it was computed from (no entry_key; cached by an older TeachCache); "
+            "re-run `make cache` to recompute it"
+        ]
+    if entry_hash(key) != attrs["entry_hash"]:
+        return [f"{where}: entry_key does not match its entry_hash (attributes edited?); re-run `make cache`"]
+    wanted = prov.get("entry_key")
+    if isinstance(wanted, dict) and attrs["entry_hash"] != prov.get("entry_hash"):
+        fields = entry_key_difference(key, wanted) or ["entry_hash"]
+        return [
+            f"{where}: computed with other settings than the teacher's provenance records "
+            f"(differs in {', '.join(fields)}); re-run `make cache` to recompute it"
+        ]
+    if attrs.get("checkpoint_sha256") != prov.get("checkpoint_sha256"):
+        return [
+            f"{where}: computed from another checkpoint than the teacher's provenance records (re-run `make cache`)"
+        ]
+    return []
 
 
 def verify_store(store: TeacherStore, scheduler: str = "threads") -> dict[str, Any]:
@@ -70,8 +92,9 @@ def verify_store(store: TeacherStore, scheduler: str = "threads") -> dict[str, A
 
     Checks: each case's image and label agree and are finite; every teacher has a complete entry for every
     case; decoded softmax has the case's shape, is finite and sums to 1 within 1e-3; attention maps have the
-    declared stride's shape and are finite; each entry was computed from the checkpoint in the teacher's
-    provenance; provenance hashes match the store's.
+    declared stride's shape and are finite; each entry records its entry key, the key matches its hash, and it is
+    the key the teacher's provenance describes (same checkpoint, architecture, inference settings, attention power,
+    sketch width, encoding and preprocessing); provenance hashes match the store's.
 
     Returns:
         ``{"ok": bool, "problems": [str, ...], "cases": int, "teachers": [str, ...], "entries_checked": int}``.

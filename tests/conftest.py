@@ -11,6 +11,22 @@ import yaml
 
 torch.set_num_threads(2)
 
+
+@pytest.fixture(autouse=True, scope="session")
+def _hash_cache_in_a_temporary_folder(tmp_path_factory):
+    """Tests remember raw-file hashes under a temporary folder, not in the user's ~/.cache."""
+    import os
+
+    from core.data.layout import CACHE_DIR_ENV
+
+    previous = os.environ.get(CACHE_DIR_ENV)
+    os.environ[CACHE_DIR_ENV] = str(tmp_path_factory.mktemp("teachcache-cache"))
+    yield
+    if previous is None:
+        os.environ.pop(CACHE_DIR_ENV, None)
+    else:
+        os.environ[CACHE_DIR_ENV] = previous
+
 TINY_TEACHER_TRAINING = {
     "epochs": 1,
     "iterations_per_epoch": 2,

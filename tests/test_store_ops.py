@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import errno
 import os
-import random
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +16,7 @@ import zarr
 from typer.testing import CliRunner
 
 from cache_teachers import cache_teachers, preprocess_dataset
+from cache_teachers.cache import KILL_AFTER_ENTRIES_ENV
 from core.errors import StoreError
 from core.models import create_model
 from core.models.checkpoint import load_checkpoint, save_checkpoint
@@ -78,7 +77,12 @@ def test_two_workers_write_the_same_bits_as_one(trained):
     assert TeacherStore.open(two.store.path).teacher_names() == ["dynunet", "unetr"]
 
 
-def _cache_cli(config, *extra):
+def _cache_cli(config, *extra, kill_after: int | None = None):
+    """``teachcache cache`` as a real process; with ``kill_after``, it SIGKILLs itself inside the next entry."""
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    env.pop(KILL_AFTER_ENTRIES_ENV, None)
+    if kill_after is not None:
+        env[KILL_AFTER_ENTRIES_ENV] = str(kill_after)
     cmd = [
         sys.executable,
         "-m",
@@ -93,25 +97,36 @@ def _cache_cli(config, *extra):
         "unetr",
         *extra,
     ]
-    return subprocess.Popen(
-        cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "2"}
-    )
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+
+
+def _entry_states(path: str) -> tuple[int, list[str]]:
+    """(number of complete entries, entries whose group exists with ``complete`` false) of the store at ``path``."""
+    root = zarr.open_group(path, mode="r", use_consolidated=False)  # a killed run consolidates nothing
+    complete, partial = 0, []
+    for teacher, group in root["teachers"].groups():
+        for case, entry in group.groups():
+            if entry.attrs.get("complete") is True:
+                complete += 1
+            else:
+                partial.append(f"{teacher}/{case}")
+    return complete, partial
 
 
 def test_sigkill_and_resume_is_bit_identical(trained):
     reference, ref_path = _cached(trained, "reference")
     assert _cache_cli(ref_path).wait() == 0
     killed, path = _cached(trained, "killed")
-    rng = random.Random(7)
-    kills = 0
-    for _ in range(4):
-        proc = _cache_cli(path)
-        time.sleep(rng.uniform(3.0, 7.0))
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGKILL)
-            kills += 1
-        proc.wait()
-    assert kills >= 2, "the cache run must actually be interrupted"
+    # 2 teachers x 6 cases. The hook counts the entries each process writes: the first run dies inside entry 3;
+    # the second resumes (rewriting that partial entry) and dies inside entry 9, unetr's third
+    for kill_after, complete in ((2, 2), (6, 8)):
+        proc = _cache_cli(path, kill_after=kill_after)
+        assert proc.wait() == -signal.SIGKILL, proc.stderr.read().decode()
+        done, partial = _entry_states(killed.store.path)
+        assert done == complete and len(partial) == 1, (done, partial)
+        entry = zarr.open_group(killed.store.path, mode="r", use_consolidated=False)[f"teachers/{partial[0]}"]
+        arrays = sorted(entry.array_keys())
+        assert arrays == ["softmax"], "the kill landed midway through an entry's arrays"
     proc = _cache_cli(path)
     assert proc.wait() == 0, proc.stderr.read().decode()
     a, b = _arrays(reference.store.path), _arrays(killed.store.path)

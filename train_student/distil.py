@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import torch
@@ -10,11 +11,11 @@ from core.config import Config
 from core.data.patches import PatchDataset, TargetRequest, targets_from_batch
 from core.distillation import TERMS, build_objective
 from core.errors import ConfigError, StoreError
-from core.experiment import fold_split, open_store_for, splits_path, student_dir
+from core.experiment import entry_key, entry_key_difference, fold_split, open_store_for, student_dir
 from core.inference import check_window, resolve_device
 from core.models import ModelSpec, TapRecorder, create_model, get_spec
 from core.models.checkpoint import file_sha256
-from core.store import TeacherStore
+from core.store import TeacherStore, entry_hash
 from core.training import FitResult, fit
 
 __all__ = ["distil"]
@@ -28,13 +29,18 @@ def _check_teachers(
     val: list[str],
     allow_leakage: bool,
 ) -> dict[str, list[str] | None]:
-    """Refuse teachers that are not (fully) cached, stale, cached at another power, or trained on ``val``.
+    """Refuse teachers that are not (fully) cached, cached from other settings or weights, or trained on ``val``.
+
+    Every entry the run reads (one per teacher and training case; validation scores the student against labels
+    only) must be complete and carry the ``entry_hash`` that this config and the teacher's checkpoint give
+    (:func:`core.experiment.entry_key`). The checkpoint's hash is the file's when it is present, else the one the
+    teacher's provenance records (a store copied to another machine without the checkpoints). Attributes only: no
+    array is read.
 
     Returns:
         Per teacher, the validation cases it was trained on (``None`` when its checkpoint did not record its
         training cases, so leakage could not be checked).
     """
-    p = cfg.distillation.attention.p
     leakage: dict[str, list[str] | None] = {}
     for name in teachers:
         prov = store.teacher_metadata(name)  # StoreError "not cached: run make cache"
@@ -42,19 +48,18 @@ def _check_teachers(
         if missing:
             raise StoreError(
                 f"{store.location}: teacher '{name}' has no complete cache for {len(missing)} training case(s) "
-                f"({', '.join(missing[:3])}…); run `make cache` to finish it"
+                f"({', '.join(missing[:3])}{'…' if len(missing) > 3 else ''}); run `make cache` to finish it"
             )
-        checkpoint = cfg.teacher(name).checkpoint
-        if checkpoint.is_file() and file_sha256(checkpoint) != prov["checkpoint_sha256"]:
-            raise StoreError(
-                f"teacher '{name}': {checkpoint} changed since it was cached (sha256 "
-                f"{prov['checkpoint_sha256'][:12]}… in the store); the cache is stale — re-run `make cache`"
-            )
-        if float(prov.get("attention_p", p)) != float(p):
-            raise StoreError(
-                f"{store.location}: teacher '{name}' was cached with attention p={prov['attention_p']}, the config "
-                f"asks for p={p}; re-run `make cache ARGS=--overwrite` or set distillation.attention.p"
-            )
+        teacher = cfg.teacher(name)
+        sha = prov["checkpoint_sha256"]
+        if teacher.checkpoint.is_file():
+            sha = file_sha256(teacher.checkpoint)
+            if sha != prov["checkpoint_sha256"]:
+                raise StoreError(
+                    f"teacher '{name}': {teacher.checkpoint} changed since it was cached (sha256 "
+                    f"{prov['checkpoint_sha256'][:12]}… in the store); the cache is stale — re-run `make cache`"
+                )
+        _check_entries(store, name, train, entry_key(cfg, teacher, sha, store))
         trained_on = prov.get("train_cases")
         leaked = sorted(set(trained_on) & set(val)) if trained_on is not None else None
         if leaked and not allow_leakage:
@@ -66,6 +71,38 @@ def _check_teachers(
             )
         leakage[name] = leaked
     return leakage
+
+
+def _check_entries(store: TeacherStore, teacher: str, cases: list[str], wanted: dict[str, Any]) -> None:
+    """Refuse when any of ``cases``' entries of ``teacher`` was computed from another entry key than ``wanted``."""
+    wanted_hash = entry_hash(wanted)
+    stale: dict[str, list[str]] = {}  # case -> the key fields that differ
+    for case_id in cases:
+        attrs = store.entry_attrs(teacher, case_id)
+        if attrs.get("entry_hash") != wanted_hash:
+            stale[case_id] = entry_key_difference(attrs.get("entry_key"), wanted) or ["entry_hash"]
+    if not stale:
+        return
+    examples = list(stale)[:3]
+    fields = sorted({f for diff in stale.values() for f in diff})
+    first = store.entry_attrs(teacher, examples[0]).get("entry_key")
+    if not isinstance(first, dict):
+        why = "cached before entries recorded what they were computed from"
+    else:
+        shown = [f for f in fields if f in wanted][:3]
+        parts = [f"{f} ({_short(first.get(f))} in the store, {_short(wanted[f])} wanted)" for f in shown]
+        why = "differs in " + ", ".join(parts + [f for f in fields if f not in shown])
+    raise StoreError(
+        f"{store.location}: teacher '{teacher}' has {len(stale)} of the {len(cases)} training case(s) of this "
+        f"fold cached with other settings or weights than this config and checkpoint ({', '.join(examples)}"
+        f"{'…' if len(stale) > len(examples) else ''}: {why}); run `make cache` to recompute them"
+    )
+
+
+def _short(value: Any) -> str:
+    """A value for a one-line message: hashes cut to 12 characters."""
+    text = value if isinstance(value, str) else json.dumps(value)
+    return f"{text[:12]}…" if isinstance(value, str) and len(value) == 64 else text
 
 
 def _tap_channels(
@@ -108,8 +145,9 @@ def distil(
         The run's :class:`~core.training.FitResult`; files go to ``runs_dir/students/kd-<kind>/fold_<k>/``.
 
     Raises:
-        StoreError: no store, a stale store or checkpoint, teachers not (fully) cached — each says to run
-            ``make cache`` — or teachers trained on validation cases (leakage) without ``allow_leakage``.
+        StoreError: no store, a stale store or checkpoint, teachers not (fully) cached or cached from other
+            settings — each says to run ``make cache`` — teachers trained on validation cases (leakage) without
+            ``allow_leakage``, or a ``splits.file`` that disagrees with the store's folds.
     """
     dcfg = cfg.distillation if kd is None else cfg.distillation.model_copy(update={"kind": kd})
     store = open_store_for(cfg)
@@ -203,7 +241,8 @@ def distil(
             "teachers": {t: store.teacher_metadata(t)["checkpoint_sha256"] for t in teachers},
             "allow_leakage": allow_leakage,
             "leaked_val_cases": leakage,
-            "splits_file": str(splits_path(cfg)),
+            "splits_from": store.location,  # the store's own folds (train_cases / val_cases above)
+            "splits_file": str(cfg.splits.file) if cfg.splits.file else None,
             "store": store.location,
             "preprocessing_hash": cfg.preprocessing_hash(),
         },

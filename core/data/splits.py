@@ -9,13 +9,17 @@ import numpy as np
 
 from core.errors import ConfigError, DatasetError
 
-__all__ = ["fold_cases", "load_splits", "make_splits", "write_splits"]
+__all__ = ["check_splits", "fold_cases", "load_splits", "make_splits", "splits_difference", "write_splits"]
+
+Splits = list[dict[str, list[str]]]
 
 
-def make_splits(case_ids: list[str], num_folds: int, seed: int) -> list[dict[str, list[str]]]:
+def make_splits(case_ids: list[str], num_folds: int, seed: int) -> Splits:
     """Seeded k-fold split of ``case_ids`` (each case is one patient), every case in exactly one val fold."""
     if len(case_ids) < num_folds:
-        raise DatasetError(f"{len(case_ids)} cases cannot be split into {num_folds} folds; lower splits.num_folds")
+        raise DatasetError(
+            f"{len(case_ids)} cases cannot be split into {num_folds} folds; lower splits.num_folds"
+        )
     order = sorted(case_ids)
     perm = np.random.default_rng(seed).permutation(len(order))
     folds = np.array_split(perm, num_folds)
@@ -27,14 +31,14 @@ def make_splits(case_ids: list[str], num_folds: int, seed: int) -> list[dict[str
     return splits
 
 
-def write_splits(splits: list[dict[str, list[str]]], path: Path) -> None:
+def write_splits(splits: Splits, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(splits, indent=2) + "\n")
     tmp.replace(path)
 
 
-def load_splits(path: Path, case_ids: list[str] | None = None) -> list[dict[str, list[str]]]:
+def load_splits(path: Path, case_ids: list[str] | None = None) -> Splits:
     """Read and check a ``splits_final.json``; with ``case_ids``, every case named must exist."""
     if not path.is_file():
         raise DatasetError(f"splits file not found: {path} (run `teachcache preprocess` to create it)")
@@ -42,18 +46,61 @@ def load_splits(path: Path, case_ids: list[str] | None = None) -> list[dict[str,
         splits = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise DatasetError(f"{path}: not valid JSON ({exc})") from None
-    if not isinstance(splits, list) or not all(isinstance(s, dict) and {"train", "val"} <= set(s) for s in splits):
-        raise DatasetError(f'{path}: expected a list of {{"train": [...], "val": [...]}} (nnU-Net format)')
+    try:
+        check_splits(splits, case_ids)
+    except ValueError as exc:
+        raise DatasetError(f"{path}: {exc}") from None
+    return splits
+
+
+def check_splits(splits: object, case_ids: list[str] | None = None) -> None:
+    """Check that ``splits`` is a list of ``{"train": [...], "val": [...]}``; with ``case_ids``, of known cases.
+
+    Raises:
+        ValueError: the first problem found, in words (callers add the file or store it came from).
+    """
+    if (
+        not isinstance(splits, list)
+        or not splits
+        or not all(isinstance(s, dict) and {"train", "val"} <= set(s) for s in splits)
+    ):
+        raise ValueError('expected a list of {"train": [...], "val": [...]} (nnU-Net format)')
     if case_ids is not None:
         known = set(case_ids)
         for k, s in enumerate(splits):
             unknown = sorted((set(s["train"]) | set(s["val"])) - known)
             if unknown:
-                raise DatasetError(f"{path}: fold {k} names unknown case(s) {', '.join(unknown[:5])}")
-    return splits
+                raise ValueError(f"fold {k} names unknown case(s) {', '.join(unknown[:5])}")
 
 
-def fold_cases(splits: list[dict[str, list[str]]], fold: int) -> tuple[list[str], list[str]]:
+def splits_difference(
+    ours: Splits, theirs: Splits, names: tuple[str, str] = ("the first", "the second")
+) -> str | None:
+    """``None`` when both hold the same folds (order of cases within a fold ignored), else the first difference.
+
+    Args:
+        ours: one set of folds.
+        theirs: the other.
+        names: how the message calls ``ours`` and ``theirs``.
+
+    Returns:
+        e.g. ``"5 folds vs 3"`` or ``"fold 1: val has C07 only in the file, C02 only in the store"``.
+    """
+    if len(ours) != len(theirs):
+        return f"{len(ours)} folds in {names[0]}, {len(theirs)} in {names[1]}"
+    for k, (a, b) in enumerate(zip(ours, theirs, strict=True)):
+        for part in ("train", "val"):
+            first, second = set(a[part]), set(b[part])
+            if first != second:
+                only_first = ", ".join(sorted(first - second)[:3]) or "nothing"
+                only_second = ", ".join(sorted(second - first)[:3]) or "nothing"
+                return (
+                    f"fold {k}: {part} has {only_first} only in {names[0]}, {only_second} only in {names[1]}"
+                )
+    return None
+
+
+def fold_cases(splits: Splits, fold: int) -> tuple[list[str], list[str]]:
     """``(train, val)`` case ids of ``fold``."""
     if not 0 <= fold < len(splits):
         raise ConfigError(f"fold {fold} does not exist: the splits have folds 0..{len(splits) - 1}")
