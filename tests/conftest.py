@@ -27,6 +27,7 @@ def _hash_cache_in_a_temporary_folder(tmp_path_factory):
     else:
         os.environ[CACHE_DIR_ENV] = previous
 
+
 TINY_TEACHER_TRAINING = {
     "epochs": 1,
     "iterations_per_epoch": 2,
