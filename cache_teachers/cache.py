@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from core.config import Config, TeacherConfig
-from core.errors import ConfigError, StoreError
+from core.errors import ConfigError, StoreError, TeachCacheError
 from core.experiment import entry_key, open_store_for
 from core.inference import check_window, predict_volume, resolve_device
 from core.models import get_spec
@@ -156,6 +156,7 @@ def compute_entry(cfg: Config, teacher_name: str, case_id: str, sha: str) -> str
         amp=cfg.training.amp,
         features=k is not None,
     )
+    _check_finite_outputs(out, teacher.name, case_id)
     sketches = _sketches(out, k) if k is not None else None
     key = entry_key(cfg, teacher, sha, store)
     try:
@@ -180,6 +181,18 @@ def compute_entry(cfg: Config, teacher_name: str, case_id: str, sha: str) -> str
         ) from None
     _ENTRIES_WRITTEN[0] += 1
     return case_id
+
+
+def _check_finite_outputs(out: dict[str, np.ndarray], teacher: str, case_id: str) -> None:
+    """Refuse a teacher output holding NaN or Inf before anything of the entry is written."""
+    bad = {name: int((~np.isfinite(a)).sum()) for name, a in out.items() if not np.isfinite(a).all()}
+    if bad:
+        listing = ", ".join(f"{name} ({n} of {out[name].size} values)" for name, n in bad.items())
+        raise TeachCacheError(
+            f"teacher '{teacher}' produced NaN or Inf on case '{case_id}': {listing}; nothing was written for this "
+            "entry. Check the checkpoint (a diverged training), the case's image (`teachcache verify STORE`), or set "
+            "training.amp: false (float16 overflow)"
+        )
 
 
 def _sketches(out: dict[str, np.ndarray], k: int) -> dict[str, tuple[np.ndarray, np.ndarray, dict[str, Any]]]:
@@ -305,7 +318,12 @@ def cache_teachers(
     try:
         for teacher, ckpt_meta, sha, todo in plans:
             started = time.perf_counter()
-            store.write_teacher_metadata(teacher.name, _provenance(cfg, teacher, ckpt_meta, sha, store))
+            provenance = _provenance(cfg, teacher, ckpt_meta, sha, store)
+            if not todo and teacher.name in store.teacher_names():  # a no-op run keeps the last run's time
+                previous = store.teacher_metadata(teacher.name).get("cache_seconds")
+                if previous is not None:
+                    provenance["cache_seconds"] = previous
+            store.write_teacher_metadata(teacher.name, provenance)
             label = f"caching {teacher.name}"
             if client is None:
                 for case_id in track(todo, label, enabled=progress):

@@ -148,6 +148,12 @@ class TeacherStore:
                 that is not a TeachCache store.
         """
         location = str(path)
+        if cls.exists(path) and _is_empty_group(location):
+            # an empty group left by an older TeachCache's `cache` run before `preprocess`: nothing to keep
+            import fsspec
+
+            fs, root = fsspec.core.url_to_fs(location)
+            fs.rm(root, recursive=True)
         if cls.exists(path):
             store = cls.open(path, mode="a", chunk_size=chunk_size)
             meta = store.metadata
@@ -206,7 +212,8 @@ class TeacherStore:
         """
         location = str(path)
         try:
-            group = _open_group(location, mode=mode, use_consolidated=False)
+            # "a" would create a missing group: an existing store is opened read-write, nothing is made here
+            group = _open_group(location, mode="r+" if mode == "a" else mode, use_consolidated=False)
         except (FileNotFoundError, zarr.errors.GroupNotFoundError):
             raise StoreError(
                 f"no store at {location}: run `make cache` (teachcache preprocess, then teachcache cache) first"
@@ -549,6 +556,15 @@ def entry_hash(key: dict[str, Any]) -> str:
     """SHA-256 of an entry key's canonical JSON (sorted keys, no whitespace): the ``entry_hash`` attribute."""
     payload = json.dumps(key, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def _is_empty_group(location: str) -> bool:
+    """True for a Zarr group with no attributes and no members."""
+    try:
+        group = _open_group(location, mode="r", use_consolidated=False)
+        return not dict(group.attrs) and not list(group.keys())
+    except Exception:  # not a readable group: not ours to remove
+        return False
 
 
 def _info(path: str, arr: zarr.Array) -> ArrayInfo:
