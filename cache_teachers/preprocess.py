@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 from core.config import Config
-from core.data.layout import read_raw_dataset
+from core.data.layout import RawDataset, read_raw_dataset
 from core.data.preprocessing import build_preprocessing, foreground_locations, preprocess_case
 from core.data.splits import load_splits, make_splits, splits_difference, write_splits
-from core.errors import StoreError
+from core.errors import StoreError, TeachCacheError
 from core.experiment import splits_path
 from core.progress import track
 from core.store import TeacherStore
@@ -51,6 +52,52 @@ def preprocess_dataset(cfg: Config, overwrite: bool = False, progress: bool = Tr
     store_path = cfg.store.path
     if overwrite and TeacherStore.exists(store_path):
         TeacherStore.delete(store_path)
+    created = not _exists(store_path)  # nothing at all there: only then may a failure remove what was written
+    try:
+        written = _write_store(cfg, ds, splits, source, split_file, progress)
+    except (TeachCacheError, OSError) as exc:
+        # a store this run created holds nothing anyone can use: remove it, so a fixed dataset starts clean
+        # (an existing store keeps its complete cases: re-running resumes)
+        if created and _exists(store_path):
+            _remove(store_path)
+        if isinstance(exc, OSError):
+            raise StoreError(
+                f"cannot write the store at {store_path}: {exc.strerror or exc}"
+                f"{f' ({exc.filename})' if getattr(exc, 'filename', None) else ''}. Free space or fix permissions "
+                "(or set store.path to a writable location), then re-run `teachcache preprocess`"
+                + ("; the partly written store was removed" if created else "; complete cases are kept")
+            ) from None
+        raise
+    seconds = round(time.perf_counter() - started, 2)
+    return PreprocessSummary(len(case_ids), written, len(case_ids) - written, seconds, str(split_file))
+
+
+def _exists(location: str) -> bool:
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(location)
+    return bool(fs.exists(root))
+
+
+def _remove(location: str) -> None:
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(location)
+    fs.rm(root, recursive=True)
+
+
+def _write_store(
+    cfg: Config,
+    ds: RawDataset,
+    splits: list[dict[str, list[str]]],
+    source: str,
+    split_file: Path,
+    progress: bool,
+) -> int:
+    """Create or reopen the store, write every missing case, then the nnU-Net splits copy; returns cases written."""
+    started = time.perf_counter()
+    store_path = cfg.store.path
+    case_ids = [c.case_id for c in ds.cases]
     dataset_meta = {
         "name": ds.name,
         "raw_dir": str(ds.root),
@@ -74,8 +121,6 @@ def preprocess_dataset(cfg: Config, overwrite: bool = False, progress: bool = Tr
             "store's folds: point splits.file at the splits the store was made with, or rebuild the store with "
             "--overwrite"
         )
-    if not split_file.is_file():
-        write_splits(splits, split_file)  # the nnU-Net copy, for tools that read it
     pipeline = build_preprocessing(cfg.preprocessing, ds.channel_names)
     written = 0
     for index, case in enumerate(track(ds.cases, "preprocessing", enabled=progress)):
@@ -103,4 +148,6 @@ def preprocess_dataset(cfg: Config, overwrite: bool = False, progress: bool = Tr
     missing = sorted(set(case_ids) - set(store.case_ids()))
     if missing:
         raise StoreError(f"{store_path}: cases not written: {', '.join(missing[:5])}")
-    return PreprocessSummary(len(case_ids), written, len(case_ids) - written, seconds, str(split_file))
+    if not split_file.is_file():  # only once every case is in: a failed run leaves no splits file behind
+        write_splits(splits, split_file)  # the nnU-Net copy, for tools that read it
+    return written

@@ -148,3 +148,59 @@ def test_bad_dataset_gets_one_clear_message_naming_the_case_or_file(what, pristi
     assert result.exit_code == 2, result.output
     assert "Traceback" not in result.output
     assert fragment in " ".join(result.output.split()), result.output
+    assert not (tmp_path / "store.zarr").exists(), "a failed first preprocess leaves no store behind"
+    assert not (tmp_path / "runs" / "splits_final.json").exists(), "nor a splits file"
+
+
+def test_full_disk_during_preprocess_says_so_and_leaves_nothing(pristine, tmp_path, monkeypatch):
+    import errno
+
+    from core.store import TeacherStore
+
+    data = tiny_config_dict(tmp_path)
+    shutil.copytree(pristine, Path(data["dataset"]["raw_dir"]))
+    calls = []
+    original = TeacherStore.write_case
+
+    def write_case(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "store.zarr"))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(TeacherStore, "write_case", write_case)
+    result = runner.invoke(app, ["preprocess", "-c", str(write_config(tmp_path, data)), "-q"])
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    assert "No space left on device" in result.output and "Free space" in result.output
+    assert not (tmp_path / "store.zarr").exists() and not (tmp_path / "runs" / "splits_final.json").exists()
+
+
+def test_read_only_store_location_is_one_message(pristine, tmp_path):
+    import os
+
+    if os.geteuid() == 0:  # root writes through permission bits: use a path under a regular file instead
+        (tmp_path / "not_a_folder").write_text("")
+        store = tmp_path / "not_a_folder" / "store.zarr"
+    else:
+        (tmp_path / "ro").mkdir(mode=0o555)
+        store = tmp_path / "ro" / "store.zarr"
+    data = tiny_config_dict(tmp_path)
+    data["store"]["path"] = str(store)
+    shutil.copytree(pristine, Path(data["dataset"]["raw_dir"]))
+    result = runner.invoke(app, ["preprocess", "-c", str(write_config(tmp_path, data)), "-q"])
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output and str(store) in result.output
+
+
+def test_a_removed_case_gets_a_fix_not_just_a_complaint(pristine, tmp_path):
+    data = tiny_config_dict(tmp_path)
+    raw = Path(data["dataset"]["raw_dir"])
+    shutil.copytree(pristine, raw)
+    config = str(write_config(tmp_path, data))
+    assert runner.invoke(app, ["preprocess", "-c", config, "-q"]).exit_code == 0
+    for p in [*raw.glob("imagesTr/SYNPETCT_005_*"), raw / "labelsTr" / "SYNPETCT_005.nii.gz"]:
+        p.unlink()
+    result = runner.invoke(app, ["preprocess", "-c", config, "-q"])
+    assert result.exit_code == 2, result.output
+    assert "SYNPETCT_005" in result.output and "delete the file" in result.output

@@ -49,7 +49,14 @@ def load_splits(path: Path, case_ids: list[str] | None = None) -> Splits:
     try:
         check_splits(splits, case_ids)
     except ValueError as exc:
-        raise DatasetError(f"{path}: {exc}") from None
+        hint = ""
+        if "unknown case" in str(exc):
+            hint = (
+                "; the file was made for another set of cases (a case removed or renamed since?): restore the "
+                "case, or delete the file so that `teachcache preprocess` makes new splits (and rebuild the store "
+                "with --overwrite: its teachers were prepared for the old folds)"
+            )
+        raise DatasetError(f"{path}: {exc}{hint}") from None
     return splits
 
 
