@@ -170,7 +170,18 @@ def distil(
             f"({config} trains '{cfg.distillation.kind}'). To train another recipe, pass its config, e.g. "
             f"`make distil FOLD={fold} CONFIG=configs/ablations/{kd}.yaml`"
         )
-    r = run(cfg, fold, kd, progress=not quiet, allow_leakage=allow_leakage)
+    import warnings
+
+    from train_student.distil import RawDataChangedWarning
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", RawDataChangedWarning)
+        r = run(cfg, fold, kd, progress=not quiet, allow_leakage=allow_leakage)
+    for w in caught:
+        if issubclass(w.category, RawDataChangedWarning):
+            err.print(f"[bold yellow]warning:[/] {w.message}", highlight=False, soft_wrap=True)
+        else:
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
     out.print(f"{r.name}: best val Dice {r.best_mean_dice:.4f} (epoch {r.best_epoch}) → {r.checkpoint}")
 
 

@@ -258,3 +258,31 @@ def test_preprocess_refuses_other_folds_than_the_store_records(trained, base, tm
     cfg = _copy(trained, base, "other_folds", **{"splits.file": str(tmp_path / "swapped.json")})
     with pytest.raises(StoreError, match=r"records other folds than .*swapped.json \(fold 0: "):
         preprocess_dataset(cfg, progress=False)
+
+
+def test_distil_warns_and_records_when_the_raw_data_changed_since_preprocessing(trained, base):
+    # policy: the student trains on the store's own copy (it may travel without raw data), so a changed raw
+    # dataset is warned about and recorded, not refused
+    root, data = trained
+    raw = root / "raw_for_drift"
+    shutil.copytree(data["dataset"]["raw_dir"], raw)
+    cfg = _copy(trained, base, "raw_drift", **{"dataset.raw_dir": str(raw)})
+    config = str(root / "raw_drift.yaml")
+    result = runner.invoke(app, ["distil", "-c", config, "--fold", "0", "--kd", "none", "-q"])
+    assert result.exit_code == 0, result.output
+    assert "warning" not in result.output
+    out = cfg.output.runs_dir / "students" / "kd-none" / "fold_0" / "summary.json"
+    assert json.loads(out.read_text())["raw_dataset"] == "matches"
+
+    label = next((raw / "labelsTr").iterdir())
+    blob = bytearray(label.read_bytes())
+    blob[-1] ^= 0xFF  # same size, other content
+    label.write_bytes(bytes(blob))
+    result = runner.invoke(app, ["distil", "-c", config, "--fold", "0", "--kd", "none", "-q"])
+    assert result.exit_code == 0, result.output
+    assert "warning:" in result.output and "changed since" in result.output and "--overwrite" in result.output
+    assert json.loads(out.read_text())["raw_dataset"] == "differs"
+
+    shutil.rmtree(raw)
+    assert runner.invoke(app, ["distil", "-c", config, "--fold", "0", "--kd", "none", "-q"]).exit_code == 0
+    assert json.loads(out.read_text())["raw_dataset"] == "unavailable", "a store travels without its raw data"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from typing import Any
 
 import torch
@@ -18,7 +19,7 @@ from core.models.checkpoint import file_sha256
 from core.store import TeacherStore, entry_hash
 from core.training import FitResult, fit
 
-__all__ = ["distil"]
+__all__ = ["RawDataChangedWarning", "distil", "raw_dataset_status"]
 
 
 def _check_teachers(
@@ -105,6 +106,41 @@ def _short(value: Any) -> str:
     return f"{text[:12]}…" if isinstance(value, str) and len(value) == 64 else text
 
 
+class RawDataChangedWarning(UserWarning):
+    """The raw dataset at ``dataset.raw_dir`` is not the one the store was preprocessed from."""
+
+
+def raw_dataset_status(cfg: Config, store: TeacherStore) -> str:
+    """Compare the raw dataset, when it is at hand, with the one the store was preprocessed from.
+
+    Policy (docs/store-format.md): stage 2 trains on the store's own preprocessed copy, which is self-consistent
+    and may travel without the raw data, so a changed or missing raw dataset does not stop training. A change is
+    warned about (:class:`RawDataChangedWarning`) and recorded in the run's ``summary.json`` and checkpoint.
+
+    Returns:
+        ``"matches"``, ``"differs"`` (warned), or ``"unavailable"`` (no readable dataset at ``dataset.raw_dir``).
+    """
+    from core.data.layout import read_raw_dataset
+    from core.errors import DatasetError
+
+    try:
+        current = read_raw_dataset(cfg.dataset.raw_dir).manifest_hash()
+    except (DatasetError, OSError):
+        return "unavailable"
+    if current == store.metadata["dataset"]["manifest_hash"]:
+        return "matches"
+    warnings.warn(
+        RawDataChangedWarning(
+            f"the raw dataset at {cfg.dataset.raw_dir} changed since {store.location} was preprocessed (a file "
+            "added, removed or edited); the student trains on the store's copy, as preprocessed then. To train on "
+            "the current data, rebuild the store: `make cache ARGS=--overwrite` (after `teachcache preprocess "
+            "--overwrite`). Recorded in the run as raw_dataset: differs"
+        ),
+        stacklevel=2,
+    )
+    return "differs"
+
+
 def _tap_channels(
     cfg: Config, store: TeacherStore, model: torch.nn.Module, spec: ModelSpec, in_channels: int, case_id: str
 ) -> dict[str, Any]:
@@ -152,6 +188,7 @@ def distil(
     dcfg = cfg.distillation if kd is None else cfg.distillation.model_copy(update={"kind": kd})
     store = open_store_for(cfg)
     train, val = fold_split(cfg, store, fold)
+    raw_dataset = raw_dataset_status(cfg, store)
     meta = store.metadata["dataset"]
     in_channels, class_names = len(meta["channel_names"]), meta["class_names"]
     teacher_dice = {n: store.teacher_metadata(n).get("val_mean_dice") for n in store.teacher_names()}
@@ -245,6 +282,7 @@ def distil(
             "splits_file": str(cfg.splits.file) if cfg.splits.file else None,
             "store": store.location,
             "preprocessing_hash": cfg.preprocessing_hash(),
+            "raw_dataset": raw_dataset,
         },
         progress=progress,
     )
