@@ -100,6 +100,14 @@ def _publish_run_dir(staging: Path, out_dir: Path) -> None:
         shutil.rmtree(replaced)
 
 
+def _write_error(out_dir: Path, exc: OSError) -> TrainingError:
+    where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
+    return TrainingError(
+        f"cannot write the run folder {out_dir}: {exc.strerror or exc}{where}. Free space or fix permissions, or set "
+        "output.runs_dir to a writable location; nothing of this run was published (a previous run there is kept)"
+    )
+
+
 def _check_finite(terms: dict[str, torch.Tensor], name: str, epoch: int, step: int) -> None:
     if bool(torch.isfinite(terms["total"].detach())):
         return
@@ -216,9 +224,12 @@ def fit(
     Raises:
         TrainingError: a loss term became NaN or infinite (the message names it); nothing is published.
     """
-    recover_run_dir(out_dir)
     staging = _staging_dir(out_dir)
-    staging.mkdir(parents=True)
+    try:
+        recover_run_dir(out_dir)
+        staging.mkdir(parents=True)
+    except OSError as exc:
+        raise _write_error(out_dir, exc) from None
     final_checkpoint = checkpoint_path
     if checkpoint_path.resolve().is_relative_to(out_dir.resolve()):
         checkpoint_path = staging / checkpoint_path.resolve().relative_to(out_dir.resolve())
@@ -252,10 +263,16 @@ def fit(
             }
         )
         (staging / "summary.json").write_text(json.dumps({**asdict(result), **(meta or {})}, indent=2) + "\n")
+    except OSError as exc:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise _write_error(out_dir, exc) from None
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    _publish_run_dir(staging, out_dir)
+    try:
+        _publish_run_dir(staging, out_dir)
+    except OSError as exc:
+        raise _write_error(out_dir, exc) from None
     return result
 
 

@@ -82,3 +82,13 @@ def test_recovery_after_a_kill_mid_run_or_mid_swap(tmp_path):
     run.rename(tmp_path / ".fold_0.replaced")
     recover_run_dir(run)
     assert (run / "summary.json").read_text() == "old" and not (tmp_path / ".fold_0.replaced").exists()
+
+
+def test_an_unwritable_runs_folder_is_one_message(trained, tmp_path):
+    cfg, path = _one_teacher_cache(trained, "unwritable_runs")
+    (tmp_path / "a_file").write_text("")
+    text = path.read_text().replace(str(cfg.output.runs_dir), str(tmp_path / "a_file" / "runs"))
+    path.write_text(text)
+    result = runner.invoke(app, ["distil", "-c", str(path), "--fold", "0", "--kd", "none", "-q"])
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output and "cannot write the run folder" in result.output
