@@ -33,7 +33,7 @@ from torch import nn
 from core.config import Config, TeacherConfig
 from core.errors import ConfigError, StoreError, TeachCacheError
 from core.experiment import entry_key, open_store_for
-from core.inference import check_window, predict_volume, resolve_device
+from core.inference import aligned_overlap, check_window, predict_volume, resolve_device
 from core.models import get_spec
 from core.models.checkpoint import Checkpoint, build_from_checkpoint, file_sha256
 from core.progress import track
@@ -234,6 +234,7 @@ def _provenance(
         "attention_p": cfg.distillation.attention.p,
         "feature_sketch_channels": cfg.store.feature_sketch_channels,
         "inference": cfg.inference_for(teacher).model_dump(mode="json"),
+        "inference_overlap_used": list(aligned_overlap(spec, cfg.inference_for(teacher))),
         "preprocessing_hash": meta["preprocessing_hash"],
         "dataset_manifest_hash": meta["dataset"]["manifest_hash"],
         "entry_key": key,

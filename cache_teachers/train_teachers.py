@@ -42,7 +42,7 @@ def train_teachers(
         spec = get_spec(teacher.arch)
         inference = cfg.inference_for(teacher)
         for case_id in val:
-            check_window(spec, inference, store.case_shape(case_id), teacher.args)
+            check_window(spec, inference, store.case_shape(case_id), teacher.args, taps=False)
         torch.manual_seed(teacher.training.seed)
         model = create_model(teacher.arch, in_channels, len(class_names), teacher.args)
         dataset = PatchDataset(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from contextlib import nullcontext
 from typing import Any
 
@@ -15,7 +16,7 @@ from core.errors import ConfigError
 from core.models.registry import ModelSpec
 from core.models.taps import TapRecorder, attention_map
 
-__all__ = ["autocast", "check_window", "predict_volume", "resolve_device"]
+__all__ = ["aligned_overlap", "autocast", "check_window", "predict_volume", "resolve_device"]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -35,10 +36,54 @@ def autocast(device: torch.device, enabled: bool = True) -> Any:
     return torch.autocast(device_type="cuda", dtype=dtype)
 
 
+def _tap_stride(spec: ModelSpec) -> int:
+    """The least common multiple of the taps' strides: windows starting on it start on every tap's grid."""
+    return math.lcm(*(t.stride for t in spec.taps.values()))
+
+
+def aligned_overlap(spec: ModelSpec, cfg: InferenceConfig) -> tuple[float, ...]:
+    """Per-axis overlap that makes MONAI's windows start on every tap's grid, never overlapping less than asked.
+
+    MONAI steps windows by ``int(roi · (1 − overlap))`` and clamps the last one to the volume's end. With the
+    volume and the window multiples of the taps' stride s, the taps stitch exactly when the step is a multiple of
+    s too; so the step is rounded *down* to a multiple of s (more overlap, never less). SwinUNETR's published 96³
+    window with overlap 0.5 (step 48) steps by 32 (overlap 2/3); a 64³ window at 0.5 is unchanged.
+
+    Raises:
+        ConfigError: the window is too small to step by one stride while overlapping as asked.
+    """
+    stride = _tap_stride(spec)
+    out = []
+    for roi in cfg.roi_size:
+        step = int(roi * (1 - cfg.overlap))
+        aligned = (step // stride) * stride
+        if aligned == 0:
+            raise ConfigError(
+                f"'{spec.name}': windows of {tuple(cfg.roi_size)} with overlap {cfg.overlap} move {step} voxels, "
+                f"less than its tap stride {stride} (coarse and fine maps must stitch on their grids); use roi_size "
+                f"{2 * stride} or larger multiples with overlap 0.5, or a smaller overlap"
+            )
+        # the + 0.5 keeps int(roi · (1 − overlap)) from landing one below `aligned` through rounding
+        out.append(cfg.overlap if aligned == step else 1.0 - (aligned + 0.5) / roi)
+    return tuple(out)
+
+
 def check_window(
-    spec: ModelSpec, cfg: InferenceConfig, volume_shape: tuple[int, ...], args: dict[str, Any]
+    spec: ModelSpec,
+    cfg: InferenceConfig,
+    volume_shape: tuple[int, ...],
+    args: dict[str, Any],
+    taps: bool = True,
 ) -> None:
     """Refuse window settings that would put a tap's map off its grid or feed a network a size it rejects.
+
+    Args:
+        spec: the network's registry entry.
+        cfg: the sliding-window settings.
+        volume_shape: (X, Y, Z) of the case.
+        args: the network's constructor arguments.
+        taps: whether the coarse and fine maps are stitched too (caching); then the volume must be a multiple of
+            every tap's stride, or the maps would be cut short.
 
     Raises:
         ConfigError: naming the network, the setting and a value that works.
@@ -53,19 +98,22 @@ def check_window(
         raise ConfigError(
             f"'{spec.name}' needs inference.roi_size divisible by {spec.size_divisor}, got {tuple(roi)}"
         )
-    for name, tap in spec.taps.items():
-        step = [int(r * (1 - cfg.overlap)) for r in roi]
-        if any(s % tap.stride for s in step):
-            raise ConfigError(
-                f"'{spec.name}': windows of {tuple(roi)} with overlap {cfg.overlap} move {tuple(step)} voxels, "
-                f"not a multiple of its {name} tap stride {tap.stride}; use roi_size {2 * tap.stride} or larger "
-                "multiples with overlap 0.5"
-            )
     if any(v < r for v, r in zip(volume_shape, roi, strict=True)):
         raise ConfigError(
             f"volume {tuple(volume_shape)} is smaller than inference.roi_size {tuple(roi)}; raise "
             "preprocessing.min_size to at least the window"
         )
+    if not taps:
+        return
+    for name, tap in spec.taps.items():
+        if any(v % tap.stride for v in volume_shape) or any(r % tap.stride for r in roi):
+            raise ConfigError(
+                f"'{spec.name}': its {name} tap has stride {tap.stride}, but the case grid {tuple(volume_shape)} "
+                f"or the window {tuple(roi)} is not a multiple of it, so its {name} map would be cut short; set "
+                f"preprocessing.size_divisor (and roi_size) to a multiple of {tap.stride} and rebuild the store "
+                "(`teachcache preprocess --overwrite`)"
+            )
+    aligned_overlap(spec, cfg)
 
 
 class _TappedPredictor(nn.Module):
@@ -137,6 +185,7 @@ def predict_volume(
         if spec is None:
             logits = sliding_window_inference(x, predictor=model, **kwargs)
             return {"logits": logits[0].float().numpy()}
+        kwargs["overlap"] = aligned_overlap(spec, cfg)  # windows start on every tap's grid
         with TapRecorder(model, spec.taps) as recorder:
             predictor = _TappedPredictor(model, recorder, p, features)
             outputs = sliding_window_inference(x, predictor=predictor, **kwargs)

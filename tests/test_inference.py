@@ -59,7 +59,7 @@ def test_stitched_outputs_equal_a_whole_volume_pass(mode):
 
 def test_window_checks_name_the_fix():
     swin = get_spec("swin_unetr")
-    with pytest.raises(ConfigError, match="not a multiple of its coarse tap stride 32; use roi_size 64"):
+    with pytest.raises(ConfigError, match=r"less than its tap stride 32 .*use roi_size 64"):
         check_window(swin, InferenceConfig(roi_size=(32, 32, 32), overlap=0.5), (64, 64, 64), {})
     check_window(swin, InferenceConfig(roi_size=(64, 64, 64), overlap=0.5), (64, 64, 64), {})
     with pytest.raises(ConfigError, match="only accepts windows of its img_size"):
@@ -68,3 +68,47 @@ def test_window_checks_name_the_fix():
         )
     with pytest.raises(ConfigError, match=r"smaller than inference\.roi_size"):
         check_window(get_spec("dynunet"), InferenceConfig(roi_size=(64, 64, 64)), (32, 64, 64), {})
+
+
+def test_a_grid_that_would_cut_a_tap_map_short_is_refused():
+    # size_divisor 16 with SwinUNETR's stride-32 coarse tap: a 160-voxel axis would give 5 cells of 32 → 4
+    swin = get_spec("swin_unetr")
+    with pytest.raises(ConfigError, match=r"coarse tap has stride 32.*preprocessing\.size_divisor"):
+        check_window(swin, InferenceConfig(roi_size=(64, 64, 64), overlap=0.5), (80, 64, 64), {})
+    # the student's validation stitches no taps: the same grid is fine for it
+    check_window(swin, InferenceConfig(roi_size=(64, 64, 64), overlap=0.5), (80, 64, 64), {}, taps=False)
+
+
+def test_swin_unetr_published_96_window_stitches_exact_tap_grids():
+    from core.inference import aligned_overlap
+    from core.models import create_model
+
+    swin = get_spec("swin_unetr")
+    cfg = InferenceConfig(roi_size=(96, 96, 96), overlap=0.5, sw_batch_size=1)
+    check_window(swin, cfg, (96, 128, 160), {})
+    overlap = aligned_overlap(swin, cfg)
+    assert [int(96 * (1 - o)) for o in overlap] == [32, 32, 32], "steps of 48 rounded down to the stride"
+    assert all(o >= 0.5 for o in overlap), "never less overlap than asked"
+    torch.manual_seed(0)
+    model = create_model(
+        "swin_unetr", 1, 3, {"feature_size": 12, "depths": [1, 1, 1, 1], "num_heads": [3, 6, 12, 24]}
+    )
+    out = predict_volume(
+        model, np.random.rand(1, 96, 128, 160).astype(np.float32), cfg, torch.device("cpu"), spec=swin
+    )
+    assert out["logits"].shape == (3, 96, 128, 160)
+    assert out["coarse"].shape == (3, 4, 5) and out["fine"].shape == (48, 64, 80)
+    assert np.isfinite(out["coarse"]).all() and (out["coarse"] > 0).all(), "every coarse cell is covered"
+
+
+def test_windows_that_already_start_on_the_grid_keep_their_overlap():
+    from core.inference import aligned_overlap
+
+    assert (
+        aligned_overlap(get_spec("swin_unetr"), InferenceConfig(roi_size=(64, 64, 64), overlap=0.5))
+        == (0.5,) * 3
+    )
+    assert (
+        aligned_overlap(get_spec("swin_unetr"), InferenceConfig(roi_size=(32, 32, 32), overlap=0.0))
+        == (0.0,) * 3
+    )

@@ -235,7 +235,7 @@ def distil(
         )
 
     for case_id in val:
-        check_window(spec, cfg.inference, store.case_shape(case_id), cfg.student.args)
+        check_window(spec, cfg.inference, store.case_shape(case_id), cfg.student.args, taps=False)
     dataset = PatchDataset(
         store.location,
         train,
