@@ -61,12 +61,23 @@ def _load(config: Path):
 @app.command()
 @user_errors
 def synth(config: ConfigOption = DEFAULT_CONFIG, quiet: QuietOption = False) -> None:
-    """Write the embedded synthetic dataset to dataset.raw_dir (skipped if it is already there)."""
+    """Write the embedded synthetic dataset to dataset.raw_dir (skipped if it is already there).
+
+    With no dataset.synthetic in the config, the dataset at dataset.raw_dir is used as it is (every make target
+    runs this step first), and one without dataset.json is an error naming the folder.
+    """
     from core.data.synthetic import write_synthetic_dataset
 
     cfg = _load(config)
     if cfg.dataset.synthetic is None:
-        raise TeachCacheError(f"{config}: dataset.synthetic is not set; nothing to generate")
+        if (cfg.dataset.raw_dir / "dataset.json").is_file():
+            out.print(f"using the dataset at {cfg.dataset.raw_dir} (no dataset.synthetic: nothing to generate)")
+            return
+        raise TeachCacheError(
+            f"{config}: dataset.raw_dir {cfg.dataset.raw_dir} holds no dataset.json, and there is no "
+            "dataset.synthetic block to generate one: point raw_dir at an nnU-Net v2 raw dataset (dataset.json, "
+            "imagesTr/, labelsTr/) or add dataset.synthetic"
+        )
     if (cfg.dataset.raw_dir / "dataset.json").is_file():
         out.print(f"dataset already at {cfg.dataset.raw_dir}")
         return
