@@ -15,7 +15,7 @@ from core.experiment import fold_split, open_store_for, splits_path, teacher_dir
 from core.inference import check_window, resolve_device
 from core.losses import SegmentationLoss
 from core.models import create_model, get_spec
-from core.training import FitResult, fit
+from core.training import FitResult, fit, run_seed
 
 __all__ = ["train_teachers"]
 
@@ -43,7 +43,8 @@ def train_teachers(
         inference = cfg.inference_for(teacher)
         for case_id in val:
             check_window(spec, inference, store.case_shape(case_id), teacher.args, taps=False)
-        torch.manual_seed(teacher.training.seed)
+        seed = run_seed(cfg.seed, teacher.training.seed)
+        torch.manual_seed(seed)
         model = create_model(teacher.arch, in_channels, len(class_names), teacher.args)
         dataset = PatchDataset(
             store.location,
@@ -51,7 +52,7 @@ def train_teachers(
             teacher.training.patch_size,
             length=teacher.training.iterations_per_epoch * teacher.training.batch_size,
             foreground_oversampling=teacher.training.foreground_oversampling,
-            seed=teacher.training.seed,
+            seed=seed,
         )
         results.append(
             fit(
@@ -79,6 +80,7 @@ def train_teachers(
                     "class_names": class_names,
                     "splits_file": str(splits_path(cfg)),
                     "preprocessing_hash": cfg.preprocessing_hash(),
+                    "seed": seed,
                 },
                 progress=progress,
             )

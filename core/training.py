@@ -6,8 +6,10 @@ the store (cached maps carried in the batch); an online source computing the sam
 memory plugs in behind the same callable.
 
 Each epoch: ``iterations_per_epoch`` steps of Adam with a polynomial learning-rate decay, then (every
-``val_every`` epochs) sliding-window validation on whole validation volumes, Dice per class. Outputs in
-``out_dir``: ``metrics.csv`` (one row per epoch), ``curves.png``, ``summary.json``, and the best checkpoint.
+``val_every`` epochs, and always after the last) sliding-window validation on whole validation volumes, Dice per
+class. Outputs in ``out_dir``: ``metrics.csv`` (one row per epoch), ``curves.png``, ``summary.json``,
+``checkpoint_final.pth`` (the final model: the headline, chosen on nothing), ``validation_per_case.csv`` (the final
+model's Dice per validation case and class) and the best-on-validation checkpoint (labelled as such).
 
 A run's folder is replaced as a whole or not at all: everything is written into a staging folder beside it
 (``.<name>.partial``) and swapped in when the run ends, so a killed or failed re-run leaves the previous run's
@@ -23,7 +25,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +46,7 @@ from core.models.taps import TapRecorder
 from core.progress import ProgressBar
 from core.store import TeacherStore
 
-__all__ = ["FitResult", "count_parameters", "evaluate", "fit", "recover_run_dir"]
+__all__ = ["FitResult", "count_parameters", "evaluate", "fit", "recover_run_dir", "run_seed"]
 
 LossFn = Callable[..., dict[str, torch.Tensor]]
 TargetSource = Callable[[dict[str, torch.Tensor]], DistillationTargets]
@@ -52,7 +54,12 @@ TargetSource = Callable[[dict[str, torch.Tensor]], DistillationTargets]
 
 @dataclass(frozen=True)
 class FitResult:
-    """What a training run produced (also written as ``summary.json``)."""
+    """What a training run produced (also written as ``summary.json``).
+
+    The headline is the **final** model (``final_*``, ``checkpoint_final.pth``), as nnU-Net reports: nothing is
+    chosen on the validation cases. ``best_*`` is the epoch with the best validation Dice — chosen on the very
+    cases it is scored on, so optimistic; shown beside the final number, labelled as such.
+    """
 
     name: str
     arch: str
@@ -64,6 +71,11 @@ class FitResult:
     seconds: float
     checkpoint: str
     metrics_csv: str
+    final_mean_dice: float = float("nan")
+    final_dice_per_class: list[float] = field(default_factory=list)
+    final_epoch: int = -1
+    checkpoint_final: str = ""
+    per_case_csv: str = ""
 
 
 def _staging_dir(out_dir: Path) -> Path:
@@ -122,6 +134,14 @@ def _check_finite(terms: dict[str, torch.Tensor], name: str, epoch: int, step: i
         "of it was published (a previous run in the same folder is kept). Check the store with `teachcache "
         "verify STORE` (a cached map may hold NaN/Inf), lower training.lr, or set training.amp: false"
     )
+
+
+def run_seed(experiment_seed: int, training_seed: int) -> int:
+    """The seed of one training run, from the experiment's ``seed`` and the run's ``training.seed`` together.
+
+    Either one changes the network's initialisation and the patches drawn.
+    """
+    return int(np.random.SeedSequence([experiment_seed, training_seed]).generate_state(1)[0] % 2**31)
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -230,7 +250,7 @@ def fit(
         staging.mkdir(parents=True)
     except OSError as exc:
         raise _write_error(out_dir, exc) from None
-    final_checkpoint = checkpoint_path
+    published_checkpoint = checkpoint_path
     if checkpoint_path.resolve().is_relative_to(out_dir.resolve()):
         checkpoint_path = staging / checkpoint_path.resolve().relative_to(out_dir.resolve())
     try:
@@ -258,8 +278,10 @@ def fit(
         result = FitResult(
             **{
                 **asdict(result),
-                "checkpoint": str(final_checkpoint),
+                "checkpoint": str(published_checkpoint),
                 "metrics_csv": str(out_dir / "metrics.csv"),
+                "checkpoint_final": str(out_dir / "checkpoint_final.pth"),
+                "per_case_csv": str(out_dir / "validation_per_case.csv"),
             }
         )
         (staging / "summary.json").write_text(json.dumps({**asdict(result), **(meta or {})}, indent=2) + "\n")
@@ -311,6 +333,7 @@ def _train(
 
     rows: list[dict[str, Any]] = []
     best = (-1.0, [], 0)
+    last: tuple[float, list[float], int, np.ndarray] = (float("nan"), [], -1, np.empty((0, len(fg_names))))
     stale = 0
     started = time.perf_counter()
     metrics_csv = out_dir / "metrics.csv"
@@ -367,6 +390,7 @@ def _train(
                 mean_dice = float(np.mean(per_class))
                 row.update({f"val_dice_{n}": d for n, d in zip(fg_names, per_class, strict=True)})
                 row["val_mean_dice"] = mean_dice
+                last = (mean_dice, per_class, epoch, scores)
                 if mean_dice > best[0]:
                     best, stale = (mean_dice, per_class, epoch), 0
                     save_checkpoint(
@@ -391,6 +415,30 @@ def _train(
             if cfg.early_stopping_patience is not None and stale >= cfg.early_stopping_patience:
                 break
     _plot_curves(rows, out_dir / "curves.png", name)
+    final_checkpoint = out_dir / "checkpoint_final.pth"
+    save_checkpoint(
+        final_checkpoint,
+        model,
+        spec.name,
+        in_channels,
+        num_classes,
+        args,
+        {
+            **(meta or {}),
+            "epoch": last[2],
+            "val_mean_dice": last[0],
+            "val_dice": last[1],
+            "selection": "final",
+        },
+    )
+    per_case_csv = out_dir / "validation_per_case.csv"
+    with open(per_case_csv, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["case", *(f"dice_{n}" for n in fg_names), "mean_dice"])
+        for case_id, case_scores in zip(val_cases, last[3], strict=True):
+            writer.writerow(
+                [case_id, *(f"{d:.6f}" for d in case_scores), f"{float(np.mean(case_scores)):.6f}"]
+            )
     result = FitResult(
         name=name,
         arch=spec.name,
@@ -402,5 +450,10 @@ def _train(
         seconds=round(time.perf_counter() - started, 2),
         checkpoint=str(checkpoint_path),
         metrics_csv=str(metrics_csv),
+        final_mean_dice=last[0],
+        final_dice_per_class=list(last[1]),
+        final_epoch=last[2],
+        checkpoint_final=str(final_checkpoint),
+        per_case_csv=str(per_case_csv),
     )
     return result

@@ -71,7 +71,9 @@ def synth(config: ConfigOption = DEFAULT_CONFIG, quiet: QuietOption = False) -> 
     cfg = _load(config)
     if cfg.dataset.synthetic is None:
         if (cfg.dataset.raw_dir / "dataset.json").is_file():
-            out.print(f"using the dataset at {cfg.dataset.raw_dir} (no dataset.synthetic: nothing to generate)")
+            out.print(
+                f"using the dataset at {cfg.dataset.raw_dir} (no dataset.synthetic: nothing to generate)"
+            )
             return
         raise TeachCacheError(
             f"{config}: dataset.raw_dir {cfg.dataset.raw_dir} holds no dataset.json, and there is no "
@@ -117,7 +119,10 @@ def teachers(
 
     cfg = _load(config)
     for r in train_teachers(cfg, fold, teacher, progress=not quiet):
-        out.print(f"{r.name}: best val Dice {r.best_mean_dice:.4f} (epoch {r.best_epoch}) → {r.checkpoint}")
+        out.print(
+            f"{r.name}: final val Dice {r.final_mean_dice:.4f} (best epoch {r.best_epoch}: {r.best_mean_dice:.4f}, "
+            f"chosen on the same cases) → {r.checkpoint}"
+        )
 
 
 @app.command()
@@ -193,7 +198,10 @@ def distil(
             err.print(f"[bold yellow]warning:[/] {w.message}", highlight=False, soft_wrap=True)
         else:
             warnings.showwarning(w.message, w.category, w.filename, w.lineno)
-    out.print(f"{r.name}: best val Dice {r.best_mean_dice:.4f} (epoch {r.best_epoch}) → {r.checkpoint}")
+    out.print(
+        f"{r.name}: final val Dice {r.final_mean_dice:.4f} (best epoch {r.best_epoch}: {r.best_mean_dice:.4f}, "
+        f"chosen on the same cases) → {r.checkpoint_final}"
+    )
 
 
 @app.command()
@@ -309,11 +317,12 @@ def report(config: ConfigOption = DEFAULT_CONFIG, fold: FoldOption = 0) -> None:
     cfg = _load(config)
     rep = build_report(cfg, fold)
     t = Table(title=f"{rep['experiment']}: validation on fold {fold}")
-    for col in ("model", "arch", "val Dice", "params"):
-        t.add_column(col, justify="right" if col in ("val Dice", "params") else "left", no_wrap=True)
+    for col in ("model", "val Dice", "best epoch*", "params"):
+        t.add_column(col, justify="left" if col == "model" else "right", no_wrap=True)
     for r in rep["models"]:
-        t.add_row(r["model"], r["arch"], f"{r['dice']:.4f}", f"{r['parameters']:,}")
+        t.add_row(r["model"], f"{r['dice']:.4f}", f"{r['best_on_val_dice']:.4f}", f"{r['parameters']:,}")
     out.print(t)
+    out.print("  val Dice: the final model's. *best epoch's Dice, chosen on the same cases: optimistic.")
     for r in rep["models"]:
         if r["model"].startswith("student"):
             out.print(f"  {r['model'].removeprefix('student ')}: {r['terms']}", highlight=False)

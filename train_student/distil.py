@@ -17,7 +17,7 @@ from core.inference import check_window, resolve_device
 from core.models import ModelSpec, TapRecorder, create_model, get_spec
 from core.models.checkpoint import file_sha256
 from core.store import TeacherStore, entry_hash
-from core.training import FitResult, fit
+from core.training import FitResult, fit, run_seed
 
 __all__ = ["RawDataChangedWarning", "distil", "raw_dataset_status"]
 
@@ -193,7 +193,8 @@ def distil(
     in_channels, class_names = len(meta["channel_names"]), meta["class_names"]
     teacher_dice = {n: store.teacher_metadata(n).get("val_mean_dice") for n in store.teacher_names()}
     spec = get_spec(cfg.student.arch)
-    torch.manual_seed(cfg.training.seed)
+    seed = run_seed(cfg.seed, cfg.training.seed)
+    torch.manual_seed(seed)
     model = create_model(cfg.student.arch, in_channels, len(class_names), cfg.student.args)
     channels = None
     if dcfg.kind != "none" and any(TERMS[t.name].needs_channels for t in dcfg.terms):
@@ -242,7 +243,7 @@ def distil(
         cfg.training.patch_size,
         length=cfg.training.iterations_per_epoch * cfg.training.batch_size,
         foreground_oversampling=cfg.training.foreground_oversampling,
-        seed=cfg.training.seed,
+        seed=seed,
         targets=request,
     )
     device = resolve_device(cfg.training.device)
@@ -283,6 +284,9 @@ def distil(
             "store": store.location,
             "preprocessing_hash": cfg.preprocessing_hash(),
             "raw_dataset": raw_dataset,
+            "seed": seed,
+            "experiment_seed": cfg.seed,
+            "training_seed": cfg.training.seed,
         },
         progress=progress,
     )

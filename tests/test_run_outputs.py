@@ -1,0 +1,56 @@
+"""What a run leaves for a reviewer: the final model as headline, per-case scores, and a seed that matters."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import torch
+from typer.testing import CliRunner
+
+from cache_teachers import preprocess_dataset
+from core.models.checkpoint import load_checkpoint
+from teachcache.cli import app
+from tests.conftest import derived_config
+
+runner = CliRunner()
+
+
+def _baseline_run(trained, name: str, **changes):
+    root, data = trained
+    cfg, path = derived_config(
+        root, data, name, **{"training.epochs": 2, "training.iterations_per_epoch": 2, **changes}
+    )
+    preprocess_dataset(cfg, progress=False)
+    result = runner.invoke(app, ["distil", "-c", str(path), "--fold", "0", "--kd", "none", "-q"])
+    assert result.exit_code == 0, result.output
+    return cfg, cfg.output.runs_dir / "students" / "kd-none" / "fold_0", result.output
+
+
+def test_the_final_model_is_the_headline_with_per_case_scores(trained):
+    cfg, run, output = _baseline_run(trained, "final_headline")
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["final_epoch"] == 1 and summary["checkpoint_final"] == str(run / "checkpoint_final.pth")
+    ckpt = load_checkpoint(run / "checkpoint_final.pth")
+    assert ckpt.meta["selection"] == "final" and ckpt.meta["epoch"] == 1
+    with open(run / "validation_per_case.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["case"] for r in rows] == summary["val_cases"]
+    per_case = np.array([float(r["dice_tumour"]) for r in rows])
+    assert np.isclose(per_case.mean(), summary["final_mean_dice"], atol=1e-5)
+    assert "final val Dice" in output and "chosen on the same cases" in " ".join(output.split())
+    report = runner.invoke(app, ["report", "-c", str(cfg.output.runs_dir.parent / "final_headline.yaml")])
+    assert report.exit_code == 0, report.output
+    assert f"{summary['final_mean_dice']:.4f}" in report.output and "optimistic" in report.output
+
+
+def test_the_experiment_seed_changes_initialisation_and_patches(trained):
+    _, run_a, _ = _baseline_run(trained, "seed_a", seed=0)
+    _, run_b, _ = _baseline_run(trained, "seed_b", seed=1)
+    _, run_c, _ = _baseline_run(trained, "seed_c", seed=1)
+    a, b, c = (load_checkpoint(r / "checkpoint_final.pth").state_dict for r in (run_a, run_b, run_c))
+    assert any(not torch.equal(a[k], b[k]) for k in a), "another experiment seed trains another model"
+    assert all(torch.equal(b[k], c[k]) for k in b), "the same seed reproduces the run bit for bit"
+    seeds = {json.loads((r / "summary.json").read_text())["seed"] for r in (run_a, run_b, run_c)}
+    assert len(seeds) == 2
