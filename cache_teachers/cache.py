@@ -38,7 +38,7 @@ from core.models import get_spec
 from core.models.checkpoint import Checkpoint, build_from_checkpoint, file_sha256
 from core.progress import track
 from core.sketch import relation_errors, sketch_features
-from core.store import TeacherStore, entry_hash
+from core.store import TeacherStore, entry_hash, store_write_lock
 
 __all__ = ["KILL_AFTER_ENTRIES_ENV", "CacheSummary", "cache_teachers", "compute_entry"]
 
@@ -284,11 +284,26 @@ def cache_teachers(
         scheduler: run entries on the dask.distributed cluster at this address instead.
 
     Raises:
-        StoreError: the store is missing, stale, or cannot be written.
+        StoreError: the store is missing, stale, cannot be written, or is being written by another process (its
+            write lock, :func:`core.store.store_write_lock`, is held for the whole run).
         CheckpointError: a checkpoint is missing, unsafe, or does not fit its declared architecture.
         ConfigError: no teachers configured, window settings a network cannot use, or an unreachable scheduler.
     """
     store = open_store_for(cfg, mode="a")
+    with store_write_lock(cfg.store.path, "cache"):
+        return _cache_locked(cfg, store, overwrite, names, progress, workers, scheduler)
+
+
+def _cache_locked(
+    cfg: Config,
+    store: TeacherStore,
+    overwrite: bool,
+    names: list[str] | None,
+    progress: bool,
+    workers: int | None,
+    scheduler: str | None,
+) -> CacheSummary:
+    """The body of :func:`cache_teachers`, run under the store's write lock."""
     case_ids = store.case_ids()
     meta = store.metadata["dataset"]
     in_channels, num_classes = len(meta["channel_names"]), len(meta["class_names"])

@@ -13,7 +13,7 @@ from core.data.splits import load_splits, make_splits, splits_difference, write_
 from core.errors import StoreError, TeachCacheError
 from core.experiment import splits_path
 from core.progress import track
-from core.store import TeacherStore
+from core.store import TeacherStore, store_write_lock
 
 __all__ = ["PreprocessSummary", "preprocess_dataset"]
 
@@ -50,6 +50,23 @@ def preprocess_dataset(cfg: Config, overwrite: bool = False, progress: bool = Tr
         source = f"splits.num_folds={cfg.splits.num_folds}, splits.seed={cfg.splits.seed}"
 
     store_path = cfg.store.path
+    with store_write_lock(store_path, "preprocess"):
+        written = _preprocess_locked(cfg, ds, splits, source, split_file, overwrite, progress)
+    seconds = round(time.perf_counter() - started, 2)
+    return PreprocessSummary(len(case_ids), written, len(case_ids) - written, seconds, str(split_file))
+
+
+def _preprocess_locked(
+    cfg: Config,
+    ds: RawDataset,
+    splits: list[dict[str, list[str]]],
+    source: str,
+    split_file: Path,
+    overwrite: bool,
+    progress: bool,
+) -> int:
+    """The part of :func:`preprocess_dataset` that writes, under the store's write lock; returns cases written."""
+    store_path = cfg.store.path
     if overwrite and TeacherStore.exists(store_path):
         TeacherStore.delete(store_path)
     created = not _exists(store_path)  # nothing at all there: only then may a failure remove what was written
@@ -68,8 +85,7 @@ def preprocess_dataset(cfg: Config, overwrite: bool = False, progress: bool = Tr
                 + ("; the partly written store was removed" if created else "; complete cases are kept")
             ) from None
         raise
-    seconds = round(time.perf_counter() - started, 2)
-    return PreprocessSummary(len(case_ids), written, len(case_ids) - written, seconds, str(split_file))
+    return written
 
 
 def _exists(location: str) -> bool:

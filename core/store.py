@@ -21,10 +21,15 @@ after every array, so an interrupted write is never read.
 
 from __future__ import annotations
 
+import getpass
 import hashlib
 import json
+import os
+import socket
+import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,6 +51,7 @@ __all__ = [
     "TeacherStore",
     "compressor_for",
     "entry_hash",
+    "store_write_lock",
 ]
 
 FORMAT_NAME = "teachcache-store"
@@ -550,6 +556,81 @@ class TeacherStore:
                 if isinstance(arr, zarr.Array):
                     infos.append(_info(f"{gname}/{path}", arr))
         return infos
+
+
+def _lock_path(location: str) -> Path:
+    """The lock file of a store: ``<store>.lock`` beside a local store; for a remote URL, a file in the TeachCache
+    cache folder named after the URL (which protects writers on this machine only)."""
+    if "://" not in location or location.startswith("file://"):
+        path = Path(location.removeprefix("file://")).resolve()
+        return path.with_name(f"{path.name}.lock")
+    from core.data.layout import default_hash_cache
+
+    digest = hashlib.sha256(location.encode()).hexdigest()[:16]
+    return default_hash_cache().parent / "locks" / f"{digest}.lock"
+
+
+def _user() -> str:
+    try:
+        return getpass.getuser()
+    except Exception:  # no user name in some containers
+        return "?"
+
+
+@contextmanager
+def store_write_lock(location: str | Path, command: str) -> Iterator[None]:
+    """Hold the store's exclusive write lock for the block, or refuse at once if another process holds it.
+
+    ``teachcache preprocess`` and ``teachcache cache`` each hold it for their whole run (their dask workers write
+    under the driver's lock). It is an OS-level lock (``filelock``, ``fcntl`` on Unix): the kernel releases it when
+    its process dies, even by SIGKILL, so a killed run never blocks the next one. Who holds it (command, pid, host,
+    user, since) is written beside it, for the message the second process prints.
+
+    Raises:
+        StoreError: another process is writing the store.
+    """
+    from filelock import FileLock, Timeout
+
+    path = _lock_path(str(location))
+    info = path.with_name(f"{path.name}.json")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(path), timeout=0)
+        lock.acquire()
+    except Timeout:
+        try:
+            holder = json.loads(info.read_text())
+            who = (
+                f"`teachcache {holder['command']}`, pid {holder['pid']} on {holder['host']} (user {holder['user']}), "
+                f"since {holder['since']}"
+            )
+        except (OSError, ValueError, KeyError):
+            who = "another process"
+        raise StoreError(
+            f"{location} is being written by {who}; wait for it to finish, or stop it (a stopped run resumes where "
+            f"it was). Two writers on one store are refused: lock {path}"
+        ) from None
+    except OSError as exc:
+        raise StoreError(
+            f"cannot create the lock file {path} for {location}: {exc.strerror or exc}"
+        ) from None
+    try:
+        with suppress(OSError):  # the lock holds without its description
+            info.write_text(
+                json.dumps(
+                    {
+                        "command": command,
+                        "pid": os.getpid(),
+                        "host": socket.gethostname(),
+                        "user": _user(),
+                        "since": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+                    }
+                )
+            )
+        yield
+    finally:
+        info.unlink(missing_ok=True)
+        lock.release()
 
 
 def entry_hash(key: dict[str, Any]) -> str:
