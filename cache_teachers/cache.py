@@ -325,6 +325,7 @@ def _cache_locked(
             if overwrite
             or not store.has_entry(teacher.name, c)
             or store.entry_attrs(teacher.name, c).get("entry_hash") != wanted
+            or bool(store.missing_chunks(f"teachers/{teacher.name}/{c}"))  # a lost chunk file: recompute
         ]
         plans.append((teacher, ckpt.meta, sha, todo))
         del ckpt

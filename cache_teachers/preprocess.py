@@ -140,7 +140,7 @@ def _write_store(
     pipeline = build_preprocessing(cfg.preprocessing, ds.channel_names)
     written = 0
     for index, case in enumerate(track(ds.cases, "preprocessing", enabled=progress)):
-        if store.has_case(case.case_id):
+        if store.has_case(case.case_id) and not store.missing_chunks(f"cases/{case.case_id}"):
             continue
         pc = preprocess_case(pipeline, case, ds.num_classes)
         store.write_case(

@@ -283,6 +283,8 @@ class TeacherStore:
             compressors=compressor_for(data.dtype),
             dimension_names=list(dims),
             overwrite=True,
+            # every chunk is written, even one equal to the fill value, so a lost chunk file is detectable
+            config={"write_empty_chunks": True},
         )
 
     def _array(self, path: str) -> zarr.Array:
@@ -339,7 +341,7 @@ class TeacherStore:
         self._write_array(group, "image", image.astype(np.float32, copy=False), ("channel", *_SPATIAL))
         self._write_array(group, "label", label.astype(np.uint8, copy=False), _SPATIAL)
         self._write_array(group, "foreground", foreground.astype(np.int32, copy=False), ("point", "coord"))
-        group.attrs.update({**attrs, "shape": list(label.shape)})
+        group.attrs.update({**attrs, "shape": list(label.shape), "all_chunks": True})
         group.attrs["complete"] = True
 
     def case_attrs(self, case_id: str) -> dict[str, Any]:
@@ -445,7 +447,7 @@ class TeacherStore:
             written(f"{kind}_sketch")
         if sketch_attrs:
             attrs = {**attrs, "sketch": sketch_attrs}
-        group.attrs.update({"softmax_encoding": self.encoding.name, **strides, **attrs})
+        group.attrs.update({"softmax_encoding": self.encoding.name, **strides, **attrs, "all_chunks": True})
         group.attrs["complete"] = True
 
     def _forget_entry(self, teacher: str, case_id: str) -> None:
@@ -527,6 +529,23 @@ class TeacherStore:
                 f"{self.location}: teacher '{teacher}' was cached before sketch bases were stored (store format "
                 "< 1.2), which feature terms (ffd, rgd) need; re-run `make cache ARGS=--overwrite`"
             ) from None
+
+    def missing_chunks(self, group_path: str) -> dict[str, int] | None:
+        """Chunks lost from the arrays of a case (``cases/<case>``) or entry (``teachers/<t>/<case>``) group.
+
+        Returns:
+            ``{array name: number of chunk files missing}`` (empty when whole), or ``None`` for a group written
+            before every chunk was stored (format < 1.3), where a missing chunk cannot be told from a skipped one.
+        """
+        group = self._root[group_path]
+        if not group.attrs.get("all_chunks"):
+            return None
+        missing = {}
+        for name, arr in group.arrays():
+            lost = arr.nchunks - arr.nchunks_initialized
+            if lost:
+                missing[name] = int(lost)
+        return missing
 
     # ------------------------------------------------------------------ lazy views
     def lazy_maps(self, teacher: str, kind: str) -> dict[str, Any]:

@@ -13,10 +13,32 @@ from core.store import ATTENTION_KINDS, TeacherStore, entry_hash
 __all__ = ["verify_store"]
 
 
+def _lost_chunks(store: TeacherStore, group_path: str, where: str, fix: str) -> list[str]:
+    missing = store.missing_chunks(group_path)
+    return [
+        f"{where}: array '{name}' has lost {n} chunk file(s) (zarr would read them as fill values); {fix}"
+        for name, n in (missing or {}).items()
+    ]
+
+
+def _guarded(check, where: str, fix: str):
+    """Run a check; a chunk that cannot be decoded (truncated, corrupt) is a finding, not a crash."""
+
+    def run(*args: Any) -> list[str]:
+        try:
+            return check(*args)
+        except Exception as exc:  # codec errors come from blosc/numcodecs/zarr in many types
+            return [f"{where(*args)}: cannot decode its arrays ({type(exc).__name__}: {exc}); {fix}"]
+
+    return run
+
+
 def _check_case(store: TeacherStore, case_id: str) -> list[str]:
-    problems = []
+    fix = "rebuild it: `teachcache preprocess` rewrites a damaged case"
+    problems = _lost_chunks(store, f"cases/{case_id}", f"case {case_id}", fix)
     image = store.read_image(case_id)
     label = store.read_label(case_id)
+    store.read_foreground(case_id)  # decoded too: every chunk of the case is read once
     if image.shape[1:] != label.shape:
         problems.append(f"case {case_id}: image grid {image.shape[1:]} differs from label grid {label.shape}")
     if not np.isfinite(image).all():
@@ -28,9 +50,10 @@ def _check_entry(store: TeacherStore, teacher: str, case_id: str, prov: dict[str
     where = f"teacher {teacher}, case {case_id}"
     if not store.has_entry(teacher, case_id):
         return [f"{where}: missing or incomplete (run `make cache` to finish it)"]
-    problems = []
     attrs = store.entry_attrs(teacher, case_id)
     shape = store.case_shape(case_id)
+    fix = "`make cache` recomputes the entry"
+    problems = _lost_chunks(store, f"teachers/{teacher}/{case_id}", where, fix)
     probs = store.read_softmax(teacher, case_id)
     if probs.shape != (len(prov["class_names"]), *shape):
         problems.append(
@@ -59,6 +82,7 @@ def _check_entry(store: TeacherStore, teacher: str, case_id: str, prov: dict[str
             problems.append(f"{where}: {kind} sketch {sketch.shape}, expected {(meta['channels'], *grid)}")
         if not np.isfinite(sketch).all():
             problems.append(f"{where}: {kind} sketch contains NaN or Inf")
+        store.read_sketch_basis(teacher, case_id, kind)  # decoded too
     problems.extend(_check_entry_key(where, attrs, prov))
     return problems
 
@@ -87,38 +111,59 @@ def _check_entry_key(where: str, attrs: dict[str, Any], prov: dict[str, Any]) ->
     return []
 
 
-def verify_store(store: TeacherStore, scheduler: str = "threads") -> dict[str, Any]:
+def verify_store(
+    store: TeacherStore, scheduler: str = "threads", expected_teachers: list[str] | None = None
+) -> dict[str, Any]:
     """Check every case and every (teacher, case) entry.
 
     Checks: each case's image and label agree and are finite; every teacher has a complete entry for every
     case; decoded softmax has the case's shape, is finite and sums to 1 within 1e-3; attention maps have the
     declared stride's shape and are finite; each entry records its entry key, the key matches its hash, and it is
     the key the teacher's provenance describes (same checkpoint, architecture, inference settings, attention power,
-    sketch width, encoding and preprocessing); provenance hashes match the store's.
+    sketch width, encoding and preprocessing); provenance hashes match the store's. Every array of every case and
+    entry is decoded (a truncated or corrupt chunk is a finding), and no chunk file is missing (for groups written
+    with every chunk stored, format ≥ 1.3; older ones are counted in ``unchecked_for_lost_chunks``).
+
+    Args:
+        store: the store.
+        scheduler: dask scheduler for the per-case checks.
+        expected_teachers: teachers that must be cached (the config's); one with no entry at all is a problem.
 
     Returns:
-        ``{"ok": bool, "problems": [str, ...], "cases": int, "teachers": [str, ...], "entries_checked": int}``.
+        ``{"ok": bool, "problems": [str, ...], "cases": int, "teachers": [str, ...], "entries_checked": int,
+        "unchecked_for_lost_chunks": int}``.
     """
     meta = store.metadata
     cases = store.case_ids()
     problems: list[str] = []
-    tasks = [dask.delayed(_check_case)(store, c) for c in cases]
+    check_case = _guarded(_check_case, lambda s, c: f"case {c}", "`teachcache preprocess` rewrites it")
+    check_entry = _guarded(
+        _check_entry, lambda s, t, c, p: f"teacher {t}, case {c}", "`make cache` recomputes the entry"
+    )
+    tasks = [dask.delayed(check_case)(store, c) for c in cases]
     teachers = store.teacher_names()
+    for wanted in expected_teachers or []:
+        if wanted not in teachers:
+            problems.append(f"teacher {wanted}: configured but not cached at all (run `make cache`)")
     for teacher in teachers:
         prov = store.teacher_metadata(teacher)
         if prov.get("preprocessing_hash") != meta["preprocessing_hash"]:
             problems.append(f"teacher {teacher}: cached on other preprocessing than the store's (stale)")
         if prov.get("dataset_manifest_hash") != meta["dataset"]["manifest_hash"]:
             problems.append(f"teacher {teacher}: cached on another version of the dataset (stale)")
-        tasks += [dask.delayed(_check_entry)(store, teacher, c, prov) for c in cases]
+        tasks += [dask.delayed(check_entry)(store, teacher, c, prov) for c in cases]
     if not cases:
         problems.append("the store holds no complete case (run `make cache`)")
     for found in dask.compute(*tasks, scheduler=scheduler):
         problems.extend(found)
+    groups = [f"cases/{c}" for c in cases] + [
+        f"teachers/{t}/{c}" for t in teachers for c in cases if store.has_entry(t, c)
+    ]
     return {
         "ok": not problems,
         "problems": problems,
         "cases": len(cases),
         "teachers": teachers,
         "entries_checked": len(cases) * len(teachers),
+        "unchecked_for_lost_chunks": sum(store.missing_chunks(g) is None for g in groups),
     }

@@ -208,9 +208,16 @@ def distil(
 @user_errors
 def verify(
     store: Annotated[str, typer.Argument(help="Store path or URL.")],
+    config: Annotated[
+        Path | None,
+        typer.Option(
+            "--config", "-c", help="Also check that every teacher this experiment configures is cached."
+        ),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
-    """Check every case and teacher entry: complete, right shapes, finite, softmax sums to 1, provenance.
+    """Check every case and teacher entry: complete, no lost or corrupt chunk, right shapes, finite, softmax sums to
+    1, provenance.
 
     Exit codes: 0 the store is sound; 1 problems found (listed); 2 not a store, or a bad argument; 3 the check
     itself could not finish (the message says why) — so scripts can tell a bad store from a failed check.
@@ -218,9 +225,10 @@ def verify(
     from core.store import TeacherStore
     from core.verify import verify_store
 
+    expected = [t.name for t in _load(config).teachers] if config is not None else None
     opened = TeacherStore.open(store)
     try:
-        result = verify_store(opened)
+        result = verify_store(opened, expected_teachers=expected)
     except TeachCacheError:
         raise
     except Exception as exc:  # the check crashed: not the same as a store with problems
@@ -236,6 +244,11 @@ def verify(
         out.print(
             f"ok: {result['cases']} cases, {len(result['teachers'])} teacher(s), "
             f"{result['entries_checked']} entries checked"
+        )
+    if result["unchecked_for_lost_chunks"] and not as_json:
+        out.print(
+            f"note: {result['unchecked_for_lost_chunks']} case(s)/entries were written before every chunk was stored "
+            "(store format < 1.3): a lost chunk file cannot be detected there"
         )
     else:
         for problem in result["problems"]:

@@ -1,0 +1,76 @@
+"""`verify` finds what zarr would silently read as fill values or fail to decode, and re-running repairs it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from cache_teachers import cache_teachers, preprocess_dataset
+from core.store import TeacherStore
+from teachcache.cli import app
+from tests.conftest import derived_config
+
+runner = CliRunner()
+
+
+def _cached(trained, name: str):
+    root, data = trained
+    cfg, path = derived_config(root, data, name)
+    preprocess_dataset(cfg, progress=False)
+    cache_teachers(cfg, names=["dynunet"], progress=False)
+    assert runner.invoke(app, ["verify", cfg.store.path]).exit_code == 0
+    return cfg, path
+
+
+def _chunk(store: str, array: str) -> Path:
+    files = sorted(p for p in (Path(store) / array / "c").rglob("*") if p.is_file())
+    assert files, f"no chunk files under {array}"
+    return files[0]
+
+
+def _verify(store: str, *extra: str) -> tuple[int, str]:
+    result = runner.invoke(app, ["verify", store, *extra])
+    assert "Traceback" not in result.output
+    return result.exit_code, " ".join(result.output.split())
+
+
+def test_a_deleted_chunk_is_found_and_recomputed(trained):
+    cfg, _ = _cached(trained, "lost_chunk")
+    case = TeacherStore.open(cfg.store.path).case_ids()[0]
+    _chunk(cfg.store.path, f"teachers/dynunet/{case}/softmax").unlink()
+    code, out = _verify(cfg.store.path)
+    assert code == 1, out
+    assert f"teacher dynunet, case {case}: array 'softmax' has lost 1 chunk file(s)" in out
+    summary = cache_teachers(cfg, names=["dynunet"], progress=False)
+    assert summary.written["dynunet"] == 1, "make cache recomputes exactly the damaged entry"
+    assert _verify(cfg.store.path)[0] == 0
+
+
+def test_a_deleted_case_chunk_is_found_and_rewritten(trained):
+    cfg, _ = _cached(trained, "lost_case_chunk")
+    case = TeacherStore.open(cfg.store.path).case_ids()[1]
+    _chunk(
+        cfg.store.path, f"cases/{case}/label"
+    ).unlink()  # mostly background: zarr would have skipped it once
+    code, out = _verify(cfg.store.path)
+    assert code == 1 and f"case {case}: array 'label' has lost 1 chunk file(s)" in out, out
+    assert preprocess_dataset(cfg, progress=False).written == 1
+    assert _verify(cfg.store.path)[0] == 0
+
+
+def test_a_truncated_chunk_is_a_finding_not_a_crash(trained):
+    cfg, _ = _cached(trained, "truncated_chunk")
+    case = TeacherStore.open(cfg.store.path).case_ids()[2]
+    chunk = _chunk(cfg.store.path, f"teachers/dynunet/{case}/fine")
+    chunk.write_bytes(chunk.read_bytes()[:20])
+    code, out = _verify(cfg.store.path)
+    assert code == 1, out
+    assert f"teacher dynunet, case {case}: cannot decode its arrays" in out and "make cache" in out
+
+
+def test_verify_with_the_config_checks_every_configured_teacher(trained):
+    cfg, path = _cached(trained, "configured_teachers")
+    code, out = _verify(cfg.store.path, "--config", str(path))
+    assert code == 1, out
+    assert "teacher unetr: configured but not cached at all" in out and "teacher swin:" in out
