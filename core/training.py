@@ -39,7 +39,7 @@ from core.data.patches import PatchDataset
 from core.errors import TrainingError
 from core.inference import autocast, predict_volume
 from core.losses import DistillationTargets
-from core.metrics import dice_per_class
+from core.metrics import dice_per_class, hd95_per_class
 from core.models.checkpoint import save_checkpoint
 from core.models.registry import ModelSpec
 from core.models.taps import TapRecorder
@@ -74,6 +74,7 @@ class FitResult:
     final_mean_dice: float = float("nan")
     final_dice_per_class: list[float] = field(default_factory=list)
     final_epoch: int = -1
+    final_hd95_per_class: list[float] = field(default_factory=list)
     checkpoint_final: str = ""
     per_case_csv: str = ""
 
@@ -156,18 +157,23 @@ def evaluate(
     num_classes: int,
     device: torch.device,
     amp: bool = True,
-) -> np.ndarray:
-    """Dice per foreground class of each case, predicted with sliding windows over the whole volume.
+) -> tuple[np.ndarray, np.ndarray]:
+    """Dice and HD95 (mm) per foreground class of each case, predicted with sliding windows over the whole volume.
+
+    Both on the store's preprocessed grid, at its spacing (:func:`core.metrics.hd95_per_class` says what empty masks
+    score).
 
     Returns:
-        (N_cases, K-1) array.
+        ``(dice, hd95)``, each (N_cases, K-1).
     """
-    scores = []
+    dice, hd95 = [], []
     for case_id in case_ids:
         logits = predict_volume(model, store.read_image(case_id), inference, device, amp=amp)["logits"]
-        scores.append(dice_per_class(logits.argmax(0), store.read_label(case_id), num_classes))
+        prediction, label = logits.argmax(0), store.read_label(case_id)
+        dice.append(dice_per_class(prediction, label, num_classes))
+        hd95.append(hd95_per_class(prediction, label, num_classes, store.case_attrs(case_id)["spacing"]))
     model.train()
-    return np.asarray(scores, dtype=np.float64)
+    return np.asarray(dice, dtype=np.float64), np.asarray(hd95, dtype=np.float64)
 
 
 def _plot_curves(rows: list[dict[str, Any]], path: Path, title: str) -> None:
@@ -333,7 +339,8 @@ def _train(
 
     rows: list[dict[str, Any]] = []
     best = (-1.0, [], 0)
-    last: tuple[float, list[float], int, np.ndarray] = (float("nan"), [], -1, np.empty((0, len(fg_names))))
+    empty = np.empty((0, len(fg_names)))
+    last: tuple[float, list[float], int, np.ndarray, np.ndarray] = (float("nan"), [], -1, empty, empty)
     stale = 0
     started = time.perf_counter()
     metrics_csv = out_dir / "metrics.csv"
@@ -385,12 +392,13 @@ def _train(
             }
             validate = (epoch + 1) % cfg.val_every == 0 or epoch == cfg.epochs - 1
             if validate:
-                scores = evaluate(model, store, val_cases, inference, num_classes, device, cfg.amp)
+                scores, hd95 = evaluate(model, store, val_cases, inference, num_classes, device, cfg.amp)
                 per_class = scores.mean(axis=0).tolist()
                 mean_dice = float(np.mean(per_class))
                 row.update({f"val_dice_{n}": d for n, d in zip(fg_names, per_class, strict=True)})
                 row["val_mean_dice"] = mean_dice
-                last = (mean_dice, per_class, epoch, scores)
+                row["val_mean_hd95"] = float(hd95.mean())
+                last = (mean_dice, per_class, epoch, scores, hd95)
                 if mean_dice > best[0]:
                     best, stale = (mean_dice, per_class, epoch), 0
                     save_checkpoint(
@@ -407,6 +415,7 @@ def _train(
             else:
                 row.update({f"val_dice_{n}": "" for n in fg_names})
                 row["val_mean_dice"] = ""
+                row["val_mean_hd95"] = ""
             rows.append(row)
             with open(metrics_csv, "w", newline="") as f:
                 writer = csv.DictWriter(f, fieldnames=list(rows[0]))
@@ -434,10 +443,24 @@ def _train(
     per_case_csv = out_dir / "validation_per_case.csv"
     with open(per_case_csv, "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["case", *(f"dice_{n}" for n in fg_names), "mean_dice"])
-        for case_id, case_scores in zip(val_cases, last[3], strict=True):
+        writer.writerow(
+            [
+                "case",
+                *(f"dice_{n}" for n in fg_names),
+                "mean_dice",
+                *(f"hd95_mm_{n}" for n in fg_names),
+                "mean_hd95_mm",
+            ]
+        )
+        for case_id, case_dice, case_hd in zip(val_cases, last[3], last[4], strict=True):
             writer.writerow(
-                [case_id, *(f"{d:.6f}" for d in case_scores), f"{float(np.mean(case_scores)):.6f}"]
+                [
+                    case_id,
+                    *(f"{d:.6f}" for d in case_dice),
+                    f"{float(np.mean(case_dice)):.6f}",
+                    *(f"{h:.4f}" for h in case_hd),
+                    f"{float(np.mean(case_hd)):.4f}",
+                ]
             )
     result = FitResult(
         name=name,
@@ -453,6 +476,7 @@ def _train(
         final_mean_dice=last[0],
         final_dice_per_class=list(last[1]),
         final_epoch=last[2],
+        final_hd95_per_class=last[4].mean(axis=0).tolist() if len(last[4]) else [],
         checkpoint_final=str(final_checkpoint),
         per_case_csv=str(per_case_csv),
     )
