@@ -39,8 +39,9 @@ cache: preprocess
 distil: setup
 	$(TC) distil --config $(CONFIG) --fold $(FOLD) $(if $(KD),--kd $(KD)) $(ARGS)
 
+# every fold trained, with paired tests (make report); one fold's table with stage times (make report FOLD=0)
 report: setup
-	$(TC) report --config $(CONFIG) --fold $(FOLD)
+	$(TC) report --config $(CONFIG) $(if $(filter command line,$(origin FOLD)),--fold $(FOLD))
 
 # The whole chain on the embedded synthetic dataset, fold 0.
 demo: setup

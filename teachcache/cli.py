@@ -323,11 +323,21 @@ def inspect(
 
 @app.command()
 @user_errors
-def report(config: ConfigOption = DEFAULT_CONFIG, fold: FoldOption = 0) -> None:
-    """Print the fold's table: teachers and students (Dice, parameters) and each stage's wall time."""
+def report(
+    config: ConfigOption = DEFAULT_CONFIG,
+    fold: Annotated[
+        int | None,
+        typer.Option("--fold", "-f", help="One fold's table; without it, every fold trained.", min=0),
+    ] = None,
+) -> None:
+    """Every run over the folds it was trained on, per case, with paired tests against the no-KD student; or,
+    with --fold, one fold's table with each stage's wall time."""
     from core.report import build_report
 
     cfg = _load(config)
+    if fold is None:
+        _cv_report(cfg)
+        return
     rep = build_report(cfg, fold)
     t = Table(title=f"{rep['experiment']}: validation on fold {fold}")
     for col in ("model", "val Dice", "best epoch*", "params"):
@@ -346,6 +356,33 @@ def report(config: ConfigOption = DEFAULT_CONFIG, fold: FoldOption = 0) -> None:
         s.add_row(stage, "—" if secs is None else f"{secs:.1f}")
     out.print(s)
     out.print(f"written to {cfg.output.runs_dir}/report_fold_{fold}.md and .json")
+
+
+def _cv_report(cfg) -> None:
+    from core.cv_report import build_cv_report
+
+    rep = build_cv_report(cfg)
+    t = Table(title=f"{rep['experiment']}: final models over the folds trained (Dice per case)")
+    for col in ("run", "folds", "cases", "Dice (folds)", "Dice (cases)", "HD95 mm"):
+        t.add_column(col, justify="left" if col in ("run", "folds") else "right", no_wrap=True)
+    for r in rep["runs"]:
+        sd = r["dice_std_over_folds"]
+        t.add_row(
+            r["run"],
+            ",".join(map(str, r["folds"])),
+            str(r["cases"]),
+            f"{r['dice_mean_over_folds']:.4f}" + ("" if sd != sd else f" ± {sd:.4f}"),
+            f"{r['dice_mean_over_cases']:.4f} ± {r['dice_std_over_cases']:.4f}",
+            f"{r['hd95_mm_mean_over_cases']:.2f}",
+        )
+    out.print(t)
+    for c in rep["paired_vs_no_kd"]:
+        out.print(
+            f"  {c['run']} − no KD: Dice {c['mean_difference']:+.4f} over {c['n']} cases, Wilcoxon p = "
+            f"{c['wilcoxon_p']:.3g}, paired t p = {c['t_test_p']:.3g}",
+            highlight=False,
+        )
+    out.print(f"written to {cfg.output.runs_dir}/report.md, .json and report_dice.png")
 
 
 @app.command()

@@ -56,3 +56,43 @@ def test_the_experiment_seed_changes_initialisation_and_patches(trained):
     assert all(torch.equal(b[k], c[k]) for k in b), "the same seed reproduces the run bit for bit"
     seeds = {json.loads((r / "summary.json").read_text())["seed"] for r in (run_a, run_b, run_c)}
     assert len(seeds) == 2
+
+
+def test_paired_tests_match_hand_computed_values():
+    from core.cv_report import paired_tests
+
+    # differences 1, 2, 3, 4: mean 2.5, sd 1.291, t = 3.873 on 3 df → p = 0.0305; Wilcoxon (exact, n = 4,
+    # every difference positive) p = 2 / 2⁴ = 0.125
+    out = paired_tests([1.0, 2.0, 3.0, 4.0], [0.0, 0.0, 0.0, 0.0])
+    assert out["n"] == 4 and out["mean_difference"] == 2.5
+    assert abs(out["t_test_p"] - 0.0305) < 5e-4 and abs(out["wilcoxon_p"] - 0.125) < 1e-9
+    assert np.isnan(paired_tests([0.5, 0.5], [0.5, 0.5])["wilcoxon_p"]), "no difference: no test"
+
+
+def test_the_cross_validation_report_pairs_runs_per_case(trained):
+    from cache_teachers import cache_teachers
+
+    root, data = trained
+    cfg, path = derived_config(
+        root,
+        data,
+        "cv_report",
+        **{"training.epochs": 1, "training.iterations_per_epoch": 2, "distillation.teachers": ["dynunet"]},
+    )
+    preprocess_dataset(cfg, progress=False)
+    cache_teachers(cfg, names=["dynunet"], progress=False)
+    recipe = root / "cv_report_pwd.yaml"
+    recipe.write_text(f"extends: {path}\ndistillation: {{kind: pwd-only, terms: [{{name: pwd}}]}}\n")
+    for fold in ("0", "1"):  # the fold-0 teacher saw fold 1's validation cases: allowed and recorded here
+        for args in (["-c", str(path), "--kd", "none"], ["-c", str(recipe), "--allow-leakage"]):
+            result = runner.invoke(app, ["distil", *args, "--fold", fold, "-q"])
+            assert result.exit_code == 0, result.output
+    result = runner.invoke(app, ["report", "-c", str(path)])
+    assert result.exit_code == 0, result.output
+    report = json.loads((cfg.output.runs_dir / "report.json").read_text())
+    runs = {r["run"]: r for r in report["runs"]}
+    assert runs["student kd-none"]["folds"] == [0, 1] and runs["student kd-pwd-only"]["cases"] == 4
+    (pair,) = report["paired_vs_no_kd"]
+    assert pair["run"] == "student kd-pwd-only" and pair["n"] == 4
+    assert (cfg.output.runs_dir / "report.md").read_text().count("| student kd-") >= 3
+    assert (cfg.output.runs_dir / "report_dice.png").stat().st_size > 0
