@@ -15,14 +15,22 @@ A run's folder is replaced as a whole or not at all: everything is written into 
 (``.<name>.partial``) and swapped in when the run ends, so a killed or failed re-run leaves the previous run's
 checkpoint, metrics and summary together and untouched. A loss term that becomes NaN or infinite stops the run at
 once with a :class:`~core.errors.TrainingError` naming the term.
+
+Resume: after every epoch the staging folder gets ``checkpoint_latest.pth`` (model, optimizer, scheduler, scaler
+and RNG states, the metrics so far), written atomically. Re-running the same command after a kill continues from
+the last complete epoch and ends exactly where an uninterrupted run ends (patches depend only on seed, epoch and
+index); a partial run made with other settings (its ``run_key`` differs) is discarded and training starts afresh.
+Testing hook: ``TEACHCACHE_TEST_KILL_AT_STEP=N`` SIGKILLs the process after its N-th training step.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import os
 import shutil
+import signal
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -87,14 +95,18 @@ def _replaced_dir(out_dir: Path) -> Path:
     return out_dir.parent / f".{out_dir.name}.replaced"
 
 
-def recover_run_dir(out_dir: Path) -> None:
+KILL_AT_STEP_ENV = "TEACHCACHE_TEST_KILL_AT_STEP"
+_LATEST = "checkpoint_latest.pth"
+
+
+def recover_run_dir(out_dir: Path, keep_staging: bool = False) -> None:
     """Bring a run folder back to a whole state after a process was killed while writing or swapping it.
 
-    A leftover staging folder (a run killed before it finished) is removed; a previous run set aside by a swap that
-    was cut between its two renames is put back.
+    A leftover staging folder (a run killed before it finished) is removed, unless ``keep_staging`` (to resume
+    from it); a previous run set aside by a swap that was cut between its two renames is put back.
     """
     staging, replaced = _staging_dir(out_dir), _replaced_dir(out_dir)
-    if staging.exists():
+    if staging.exists() and not keep_staging:
         shutil.rmtree(staging)
     if replaced.exists():
         if out_dir.exists():
@@ -119,6 +131,88 @@ def _write_error(out_dir: Path, exc: OSError) -> TrainingError:
         f"cannot write the run folder {out_dir}: {exc.strerror or exc}{where}. Free space or fix permissions, or set "
         "output.runs_dir to a writable location; nothing of this run was published (a previous run there is kept)"
     )
+
+
+def _run_key(
+    name: str,
+    spec: ModelSpec,
+    args: dict[str, Any],
+    num_classes: int,
+    dataset: PatchDataset,
+    val_cases: list[str],
+    cfg: TrainingConfig,
+    inference: InferenceConfig,
+    loss_fn: LossFn,
+    meta: dict[str, Any] | None,
+) -> str:
+    """What a run is, hashed: a partial run is resumed only by the same run."""
+    payload = {
+        "name": name,
+        "arch": spec.name,
+        "args": args,
+        "num_classes": num_classes,
+        "cases": list(dataset.case_ids),
+        "patch": list(dataset.patch_size),
+        "dataset_seed": dataset.seed,
+        "length": len(dataset),
+        "targets": repr(dataset.targets),
+        "val_cases": list(val_cases),
+        "training": cfg.model_dump(mode="json"),
+        "inference": inference.model_dump(mode="json"),
+        "loss": getattr(loss_fn, "names", None),
+        "loss_weights": getattr(loss_fn, "term_weights", None),
+        "meta": meta or {},
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _resumable_state(staging: Path, key: str) -> dict[str, Any] | None:
+    """The latest state of a killed run with the same key, or ``None`` (no partial run, or another run's)."""
+    path = staging / _LATEST
+    if not path.is_file():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # an unreadable state is no state: start afresh
+        return None
+    return state if isinstance(state, dict) and state.get("run_key") == key else None
+
+
+def _save_latest(
+    path: Path,
+    key: str,
+    epoch: int,
+    model: nn.Module,
+    loss_fn: LossFn,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    scaler: Any,
+    rows: list[dict[str, Any]],
+    best: tuple[float, list[float], int],
+    stale: int,
+    last: tuple[float, list[float], int, np.ndarray, np.ndarray],
+    seconds: float,
+) -> None:
+    """Everything needed to continue after ``epoch``, written atomically (loadable with ``weights_only=True``)."""
+    state = {
+        "run_key": key,
+        "epoch": epoch,
+        "model": model.state_dict(),
+        "loss": loss_fn.state_dict() if isinstance(loss_fn, nn.Module) else {},
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict(),
+        "rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "rows": rows,
+        "best": [best[0], list(best[1]), best[2]],
+        "stale": stale,
+        "last": [last[0], list(last[1]), last[2], np.asarray(last[3]).tolist(), np.asarray(last[4]).tolist()],
+        "seconds": seconds,
+    }
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
 
 
 def _check_finite(terms: dict[str, torch.Tensor], name: str, epoch: int, step: int) -> None:
@@ -251,9 +345,14 @@ def fit(
         TrainingError: a loss term became NaN or infinite (the message names it); nothing is published.
     """
     staging = _staging_dir(out_dir)
+    key = _run_key(name, spec, args, num_classes, dataset, val_cases, cfg, inference, loss_fn, meta)
     try:
-        recover_run_dir(out_dir)
-        staging.mkdir(parents=True)
+        recover_run_dir(out_dir, keep_staging=True)
+        resume = _resumable_state(staging, key)
+        if resume is None:
+            if staging.exists():
+                shutil.rmtree(staging)
+            staging.mkdir(parents=True)
     except OSError as exc:
         raise _write_error(out_dir, exc) from None
     published_checkpoint = checkpoint_path
@@ -280,6 +379,8 @@ def fit(
             capture_taps=capture_taps,
             meta=meta,
             progress=progress,
+            resume=resume,
+            run_key=key,
         )
         result = FitResult(
             **{
@@ -290,6 +391,7 @@ def fit(
                 "per_case_csv": str(out_dir / "validation_per_case.csv"),
             }
         )
+        (staging / _LATEST).unlink(missing_ok=True)  # the optimizer state is for resuming only
         (staging / "summary.json").write_text(json.dumps({**asdict(result), **(meta or {})}, indent=2) + "\n")
     except OSError as exc:
         shutil.rmtree(staging, ignore_errors=True)
@@ -325,6 +427,8 @@ def _train(
     capture_taps: bool,
     meta: dict[str, Any] | None,
     progress: bool,
+    resume: dict[str, Any] | None = None,
+    run_key: str = "",
 ) -> FitResult:
     """The loop itself, writing into ``out_dir`` (the staging folder); see :func:`fit`."""
     model.to(device)
@@ -346,8 +450,33 @@ def _train(
     metrics_csv = out_dir / "metrics.csv"
     recorder = TapRecorder(model, spec.taps) if capture_taps else None
     total_steps = cfg.epochs * cfg.iterations_per_epoch
+    first_epoch, seconds_before = 0, 0.0
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        if isinstance(loss_fn, nn.Module):
+            loss_fn.load_state_dict(resume["loss"])
+        optimizer.load_state_dict(resume["optimizer"])
+        scheduler.load_state_dict(resume["scheduler"])
+        scaler.load_state_dict(resume["scaler"])
+        torch.set_rng_state(resume["rng"])
+        if resume.get("cuda_rng") and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(resume["cuda_rng"])
+        rows, stale, seconds_before = list(resume["rows"]), int(resume["stale"]), float(resume["seconds"])
+        best = (float(resume["best"][0]), list(resume["best"][1]), int(resume["best"][2]))
+        d, per_class, ep, dice, hd = resume["last"]
+        last = (
+            float(d),
+            list(per_class),
+            int(ep),
+            np.asarray(dice).reshape(-1, len(fg_names)),
+            np.asarray(hd).reshape(-1, len(fg_names)),
+        )
+        first_epoch = int(resume["epoch"]) + 1
+    kill_at = int(os.environ.get(KILL_AT_STEP_ENV, "0") or 0)
+    steps_done = first_epoch * cfg.iterations_per_epoch
     with ProgressBar(f"training {name}", total_steps, enabled=progress) as bar:
-        for epoch in range(cfg.epochs):
+        bar.advance(steps_done)
+        for epoch in range(first_epoch, cfg.epochs):
             dataset.set_epoch(epoch)
             loader = DataLoader(
                 dataset,
@@ -380,6 +509,9 @@ def _train(
                 for k, v in terms.items():
                     sums[k] = sums.get(k, 0.0) + float(v.detach())
                 steps += 1
+                steps_done += 1
+                if kill_at and steps_done == kill_at:  # the resume test's kill, mid-epoch
+                    os.kill(os.getpid(), signal.SIGKILL)
                 bar.advance(
                     status=f"loss {float(terms['total'].detach()):.3f} best Dice {max(best[0], 0):.3f}"
                 )
@@ -421,6 +553,21 @@ def _train(
                 writer = csv.DictWriter(f, fieldnames=list(rows[0]))
                 writer.writeheader()
                 writer.writerows(rows)
+            _save_latest(
+                out_dir / _LATEST,
+                run_key,
+                epoch,
+                model,
+                loss_fn,
+                optimizer,
+                scheduler,
+                scaler,
+                rows,
+                best,
+                stale,
+                last,
+                seconds_before + time.perf_counter() - started,
+            )
             if cfg.early_stopping_patience is not None and stale >= cfg.early_stopping_patience:
                 break
     _plot_curves(rows, out_dir / "curves.png", name)
@@ -470,7 +617,7 @@ def _train(
         best_dice_per_class=list(best[1]),
         best_epoch=best[2],
         epochs_run=len(rows),
-        seconds=round(time.perf_counter() - started, 2),
+        seconds=round(seconds_before + time.perf_counter() - started, 2),
         checkpoint=str(checkpoint_path),
         metrics_csv=str(metrics_csv),
         final_mean_dice=last[0],

@@ -42,7 +42,8 @@ def test_the_final_model_is_the_headline_with_per_case_scores(trained):
     hd95 = np.array([float(r["hd95_mm_tumour"]) for r in rows])
     assert (hd95 >= 0).all() and np.isclose(hd95.mean(), summary["final_hd95_per_class"][0], atol=1e-3)
     assert "final val Dice" in output and "chosen on the same cases" in " ".join(output.split())
-    report = runner.invoke(app, ["report", "-c", str(cfg.output.runs_dir.parent / "final_headline.yaml")])
+    config = str(cfg.output.runs_dir.parent / "final_headline.yaml")
+    report = runner.invoke(app, ["report", "-c", config, "--fold", "0"])
     assert report.exit_code == 0, report.output
     assert f"{summary['final_mean_dice']:.4f}" in report.output and "optimistic" in report.output
 
@@ -96,3 +97,57 @@ def test_the_cross_validation_report_pairs_runs_per_case(trained):
     assert pair["run"] == "student kd-pwd-only" and pair["n"] == 4
     assert (cfg.output.runs_dir / "report.md").read_text().count("| student kd-") >= 3
     assert (cfg.output.runs_dir / "report_dice.png").stat().st_size > 0
+
+
+def test_a_killed_run_resumes_and_ends_where_an_uninterrupted_run_ends(trained, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    import yaml
+
+    from cache_teachers import cache_teachers
+
+    root, data = trained
+    cfg, path = derived_config(
+        root,
+        data,
+        "resume",
+        **{"training.epochs": 3, "training.iterations_per_epoch": 2, "distillation.teachers": ["dynunet"]},
+    )
+    preprocess_dataset(cfg, progress=False)
+    cache_teachers(cfg, names=["dynunet"], progress=False)
+    reference = yaml.safe_load(path.read_text())
+    reference["output"]["runs_dir"] = str(tmp_path / "uninterrupted")
+    ref_path = tmp_path / "reference.yaml"
+    ref_path.write_text(yaml.safe_dump(reference))
+    assert runner.invoke(app, ["distil", "-c", str(ref_path), "--fold", "0", "-q"]).exit_code == 0
+
+    command = [sys.executable, "-m", "teachcache", "distil", "-c", str(path), "--fold", "0", "-q"]
+    killed = subprocess.run(
+        command, env={**os.environ, "TEACHCACHE_TEST_KILL_AT_STEP": "3"}, capture_output=True
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    run = cfg.output.runs_dir / "students" / "kd-teachformer" / "fold_0"
+    partial = run.parent / ".fold_0.partial"
+    assert not run.exists() and (partial / "checkpoint_latest.pth").is_file(), (
+        "killed mid-epoch 1, epoch 0 kept"
+    )
+    state = torch.load(partial / "checkpoint_latest.pth", weights_only=True)
+    assert state["epoch"] == 0
+    epoch0_seconds = state["rows"][0]["seconds"]
+    resumed = subprocess.run(command, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert not partial.exists() and not (run / "checkpoint_latest.pth").exists()
+
+    uninterrupted = tmp_path / "uninterrupted" / "students" / "kd-teachformer" / "fold_0"
+    a = load_checkpoint(run / "checkpoint_final.pth").state_dict
+    b = load_checkpoint(uninterrupted / "checkpoint_final.pth").state_dict
+    assert all(torch.equal(a[k], b[k]) for k in a), "bit-identical weights"
+    rows_a = list(csv.DictReader((run / "metrics.csv").read_text().splitlines()))
+    rows_b = list(csv.DictReader((uninterrupted / "metrics.csv").read_text().splitlines()))
+    assert float(rows_a[0]["seconds"]) == epoch0_seconds, "epoch 0 was resumed, not trained again"
+    assert [{k: v for k, v in r.items() if k != "seconds"} for r in rows_a] == [
+        {k: v for k, v in r.items() if k != "seconds"} for r in rows_b
+    ]
