@@ -188,16 +188,22 @@ def distil(
         )
     import warnings
 
-    from train_student.distil import RawDataChangedWarning
+    from train_student.distil import RawDataChangedWarning, TapGridWarning
 
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", RawDataChangedWarning)
-        r = run(cfg, fold, kd, progress=not quiet, allow_leakage=allow_leakage)
-    for w in caught:
-        if issubclass(w.category, RawDataChangedWarning):
-            err.print(f"[bold yellow]warning:[/] {w.message}", highlight=False, soft_wrap=True)
+    shown = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:  # type: ignore[no-untyped-def]
+        # ours are one line for the user, printed as they happen (before training starts); others as Python does
+        if issubclass(category, (RawDataChangedWarning, TapGridWarning)):
+            err.print(f"[bold yellow]warning:[/] {message}", highlight=False, soft_wrap=True)
         else:
-            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+            shown(message, category, filename, lineno, file, line)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", RawDataChangedWarning)
+        warnings.simplefilter("always", TapGridWarning)
+        warnings.showwarning = show
+        r = run(cfg, fold, kd, progress=not quiet, allow_leakage=allow_leakage)
     out.print(
         f"{r.name}: final val Dice {r.final_mean_dice:.4f} (best epoch {r.best_epoch}: {r.best_mean_dice:.4f}, "
         f"chosen on the same cases) → {r.checkpoint_final}"

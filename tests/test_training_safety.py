@@ -92,3 +92,24 @@ def test_an_unwritable_runs_folder_is_one_message(trained, tmp_path):
     result = runner.invoke(app, ["distil", "-c", str(path), "--fold", "0", "--kd", "none", "-q"])
     assert result.exit_code == 2, result.output
     assert "Traceback" not in result.output and "cannot write the run folder" in result.output
+
+
+def test_a_one_cell_tap_grid_is_a_clear_warning(trained):
+    # the tiny SwinUNETR's coarse tap has stride 32: on a 32³ patch its map is one cell, the afs term exactly 0
+    root, data = trained
+    cfg, path = derived_config(
+        root,
+        data,
+        "one_cell",
+        **{"training.epochs": 1, "training.iterations_per_epoch": 1, "distillation.teachers": ["swin"]},
+    )
+    preprocess_dataset(cfg, progress=False)
+    cache_teachers(cfg, names=["swin"], progress=False)
+    result = runner.invoke(app, ["distil", "-c", str(path), "--fold", "0", "-q"])
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    assert (
+        "warning: teacher 'swin': its coarse map (stride 32) covers a training patch of (32, 32, 32) with 1×1×1"
+        in text
+    )
+    assert "fine map" not in text, "the stride-2 fine map has 16 cells per axis: no warning"

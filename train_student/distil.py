@@ -19,7 +19,7 @@ from core.models.checkpoint import file_sha256
 from core.store import TeacherStore, entry_hash
 from core.training import FitResult, fit, run_seed
 
-__all__ = ["RawDataChangedWarning", "distil", "raw_dataset_status"]
+__all__ = ["RawDataChangedWarning", "TapGridWarning", "distil", "raw_dataset_status"]
 
 
 def _check_teachers(
@@ -104,6 +104,38 @@ def _short(value: Any) -> str:
     """A value for a one-line message: hashes cut to 12 characters."""
     text = value if isinstance(value, str) else json.dumps(value)
     return f"{text[:12]}…" if isinstance(value, str) and len(value) == 64 else text
+
+
+class TapGridWarning(UserWarning):
+    """A teacher's tap map covers a training patch with fewer than 2 cells on some axis: its term carries nothing."""
+
+
+def _warn_small_tap_grids(
+    store: TeacherStore, teachers: list[str], needs: frozenset[str], patch_size: tuple[int, ...]
+) -> None:
+    """Warn when a map-based term would compare maps of one cell per axis on a training patch.
+
+    A normalised map of one cell is the same for every network, so an attention or relation term on it is exactly
+    zero (SwinUNETR's stride-32 coarse map on a 32³ patch): the term costs time and teaches nothing.
+    """
+    used = {tap for tap in ("coarse", "fine") if {tap, f"{tap}_sketch", f"{tap}_features"} & needs}
+    for name in teachers:
+        taps = store.teacher_metadata(name).get("taps", {})
+        for tap in sorted(used):
+            stride = taps.get(tap, {}).get("stride")
+            if not stride:
+                continue
+            cells = [p // stride for p in patch_size]
+            if min(cells) < 2:
+                warnings.warn(
+                    TapGridWarning(
+                        f"teacher '{name}': its {tap} map (stride {stride}) covers a training patch of "
+                        f"{tuple(patch_size)} with {'×'.join(map(str, cells))} cell(s), so its {tap} term compares "
+                        f"one number per axis and carries nothing; raise training.patch_size to at least "
+                        f"{2 * stride} on every axis, or leave that teacher or tap out (term args: taps)"
+                    ),
+                    stacklevel=2,
+                )
 
 
 class RawDataChangedWarning(UserWarning):
@@ -234,6 +266,7 @@ def distil(
             sketches=bool({"coarse_sketch", "fine_sketch"} & loss.needs),
             features=bool({"coarse_features", "fine_features"} & loss.needs),
         )
+        _warn_small_tap_grids(store, teachers, loss.needs, cfg.training.patch_size)
 
     for case_id in val:
         check_window(spec, cfg.inference, store.case_shape(case_id), cfg.student.args, taps=False)
