@@ -53,6 +53,7 @@ def train_teachers(
             length=teacher.training.iterations_per_epoch * teacher.training.batch_size,
             foreground_oversampling=teacher.training.foreground_oversampling,
             seed=seed,
+            augmentation=teacher.training.augmentation,
         )
         results.append(
             fit(

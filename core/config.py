@@ -23,6 +23,7 @@ from core.errors import ConfigError
 
 __all__ = [
     "AttentionConfig",
+    "AugmentationConfig",
     "Config",
     "DatasetConfig",
     "DistillationConfig",
@@ -116,6 +117,31 @@ class ModelConfig(_Strict):
     args: dict[str, Any] = Field(default_factory=dict)
 
 
+class AugmentationConfig(_Strict):
+    """Training-patch augmentation (MONAI dictionary transforms, ``docs/augmentation.md``).
+
+    Spatial transforms act jointly on the image, the label and every cached teacher map (each on its own grid);
+    intensity transforms act on the image only — views the teachers never saw (Beyer et al., 2022).
+    """
+
+    flip: bool = True
+    rotate90: bool = True
+    rotate_degrees: float = Field(0.0, ge=0, le=180)
+    scale: float = Field(0.0, ge=0, lt=1)
+    spatial_prob: float = Field(0.2, ge=0, le=1)
+    noise_std: float = Field(0.0, ge=0)
+    gamma: tuple[float, float] | None = None
+    shift: float = Field(0.0, ge=0)
+    intensity_prob: float = Field(0.15, ge=0, le=1)
+
+    @field_validator("gamma")
+    @classmethod
+    def _gamma_range(cls, v: tuple[float, float] | None) -> tuple[float, float] | None:
+        if v is not None and not 0 < v[0] <= v[1]:
+            raise ValueError("gamma must be [low, high] with 0 < low <= high")
+        return v
+
+
 class TrainingConfig(_Strict):
     """The training loop shared by demo teachers and students."""
 
@@ -133,6 +159,7 @@ class TrainingConfig(_Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     amp: bool = True
     seed: int = 0
+    augmentation: AugmentationConfig = Field(default_factory=AugmentationConfig)
 
 
 class InferenceConfig(_Strict):

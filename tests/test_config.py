@@ -122,3 +122,13 @@ def test_every_ablation_recipe_loads_and_builds(path):
         cfg.distillation, teacher_dice={t.name: 0.5 for t in cfg.teachers}, channels=channels
     )
     assert objective.uses_teachers == (path.stem != "none")
+
+
+def test_augmentation_keys_are_validated(tmp_path):
+    data = tiny_config_dict(tmp_path)
+    data["training"]["augmentation"] = {"gamma": [2.0, 0.5], "rotate_degrees": 15}
+    with pytest.raises(ConfigError, match=r"training\.augmentation\.gamma: gamma must be \[low, high\]"):
+        load_config(write_config(tmp_path, data))
+    data["training"]["augmentation"] = {"gamma": [0.7, 1.5], "noise_std": 0.1}
+    cfg = load_config(write_config(tmp_path, data))
+    assert cfg.training.augmentation.gamma == (0.7, 1.5) and cfg.training.augmentation.flip

@@ -78,3 +78,55 @@ def test_patches_depend_only_on_seed_epoch_and_index(labelled_store):
     assert torch.equal(a[2]["image"], b[2]["image"])
     b.set_epoch(1)
     assert not torch.equal(a[2]["image"], b[2]["image"])
+
+
+def _aligned_sample():
+    """A 32³ patch whose label, teacher softmax (one-hot, smoothed) and coarse map all come from one ball."""
+    import torch.nn.functional as F
+
+    g = torch.stack(torch.meshgrid(*[torch.arange(32.0)] * 3, indexing="ij"))
+    ball = ((g - torch.tensor([12.0, 18.0, 15.0]).view(3, 1, 1, 1)) ** 2).sum(0) < 64
+    label = ball[None].long()
+    probs = torch.stack([~ball, ball]).float() * 0.9 + 0.05
+    coarse = F.avg_pool3d(ball[None, None].float(), 4)[0]
+    image = torch.cat([ball[None].float() * 2 - 1, torch.rand(1, 32, 32, 32)])
+    return {"image": image, "label": label, "softmax/t": probs, "coarse/t": coarse}
+
+
+def test_rotation_and_scaling_move_image_label_and_every_map_together():
+    import torch.nn.functional as F
+
+    from core.config import AugmentationConfig
+    from core.data.patches import build_augmentation
+
+    cfg = AugmentationConfig(flip=False, rotate90=False, rotate_degrees=30, scale=0.2, spatial_prob=1.0)
+    augment = build_augmentation(["softmax/t", "coarse/t"], cfg, (32, 32, 32))
+    augment.set_random_state(seed=3)
+    before = _aligned_sample()
+    out = augment(before)
+    label = out["label"].as_tensor()[0]
+    assert not torch.equal(label, before["label"][0]), "the patch was transformed"
+    probs = out["softmax/t"].as_tensor()
+    assert torch.allclose(probs.sum(0), torch.ones(32, 32, 32), atol=1e-5), "still distributions"
+    assert (probs.argmax(0) == label).float().mean() > 0.98, "teacher softmax follows the label"
+    assert ((out["image"].as_tensor()[0] > 0) == (label == 1)).float().mean() > 0.98, "image follows too"
+    pooled = F.avg_pool3d(label[None, None].float(), 4)[0, 0]
+    coarse = out["coarse/t"].as_tensor()[0]
+    assert coarse.shape == (8, 8, 8)
+    assert torch.corrcoef(torch.stack([pooled.flatten(), coarse.flatten()]))[0, 1] > 0.9, "coarse map follows"
+
+
+def test_intensity_augmentation_touches_the_image_only():
+    from core.config import AugmentationConfig
+    from core.data.patches import build_augmentation
+
+    cfg = AugmentationConfig(
+        flip=False, rotate90=False, noise_std=0.5, gamma=(0.5, 2.0), shift=0.3, intensity_prob=1.0
+    )
+    augment = build_augmentation(["softmax/t", "coarse/t"], cfg, (32, 32, 32))
+    augment.set_random_state(seed=4)
+    before = _aligned_sample()
+    out = augment({k: v.clone() for k, v in before.items()})
+    assert not torch.allclose(torch.as_tensor(out["image"]), before["image"])
+    for key in ("label", "softmax/t", "coarse/t"):
+        assert torch.equal(torch.as_tensor(out[key]), before[key]), f"{key} untouched"

@@ -278,6 +278,7 @@ def distil(
         foreground_oversampling=cfg.training.foreground_oversampling,
         seed=seed,
         targets=request,
+        augmentation=cfg.training.augmentation,
     )
     device = resolve_device(cfg.training.device)
     out_dir = student_dir(cfg, dcfg.kind, fold)

@@ -11,19 +11,38 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from monai.data import MetaTensor
-from monai.transforms import Compose, RandFlipd, RandRotate90d
+from monai.transforms import (
+    Affine,
+    Compose,
+    MapTransform,
+    RandAdjustContrastd,
+    RandFlipd,
+    RandGaussianNoised,
+    RandomizableTransform,
+    RandRotate90d,
+    RandShiftIntensityd,
+)
 from torch.utils.data import Dataset
 
+from core.config import AugmentationConfig
 from core.errors import StoreError
 from core.losses import DistillationTargets
 from core.store import ATTENTION_KINDS, Box, TeacherStore
 
-__all__ = ["PatchDataset", "TargetRequest", "crop_map", "targets_from_batch"]
+__all__ = [
+    "PatchDataset",
+    "RandJointAffined",
+    "TargetRequest",
+    "build_augmentation",
+    "crop_map",
+    "targets_from_batch",
+]
 
 
 @dataclass(frozen=True)
@@ -80,14 +99,108 @@ def crop_map(
     for o, p, s, n, m in zip(start, size, stride, cells, amap.shape[1:], strict=True):
         centres = o + (np.arange(n) + 0.5) * (p / n)  # case-voxel coordinates of output cell centres
         u = centres / s - 0.5  # map-voxel coordinates
-        axes.append(torch.as_tensor(2.0 * u / (m - 1) - 1.0 if m > 1 else np.zeros_like(u), dtype=torch.float32))
+        axes.append(
+            torch.as_tensor(2.0 * u / (m - 1) - 1.0 if m > 1 else np.zeros_like(u), dtype=torch.float32)
+        )
     gx, gy, gz = torch.meshgrid(*axes, indexing="ij")
     grid = torch.stack((gz, gy, gx), dim=-1)[None]  # grid_sample wants (W, H, D) order last
     src = torch.as_tensor(amap, dtype=torch.float32)[None]
     return F.grid_sample(src, grid, mode="bilinear", padding_mode="border", align_corners=True)[0]
 
 
-def targets_from_batch(batch: dict[str, torch.Tensor], request: TargetRequest, device: torch.device) -> DistillationTargets:
+class RandJointAffined(MapTransform, RandomizableTransform):
+    """A random rotation and scaling about the centre, the same for every key, each resampled on its own grid.
+
+    MONAI's ``RandAffined`` resamples every key onto the first key's spatial size, which would put a tap map of
+    8³ cells onto the image's 32³ grid; here each key keeps its own grid (MONAI ``Affine`` per key, one draw of
+    the parameters). Labels (``label_keys``) by nearest neighbour, everything else bilinearly; borders replicated.
+
+    Args:
+        keys: keys to transform, arrays (C, X, Y, Z).
+        label_keys: keys resampled by nearest neighbour.
+        prob: probability of transforming a sample at all.
+        max_angle: rotations drawn uniformly in ±max_angle radians about each axis.
+        max_scale: scale factors drawn uniformly in 1 ± max_scale per axis.
+    """
+
+    def __init__(
+        self,
+        keys: Sequence[str],
+        label_keys: Sequence[str],
+        prob: float,
+        max_angle: float,
+        max_scale: float,
+    ):
+        MapTransform.__init__(self, keys)
+        RandomizableTransform.__init__(self, prob)
+        self.label_keys = set(label_keys)
+        self.max_angle, self.max_scale = max_angle, max_scale
+        self._rotate: list[float] = [0.0, 0.0, 0.0]
+        self._scale: list[float] = [1.0, 1.0, 1.0]
+
+    def randomize(self, data: Any = None) -> None:
+        super().randomize(None)
+        self._rotate = [float(self.R.uniform(-self.max_angle, self.max_angle)) for _ in range(3)]
+        self._scale = [float(1.0 + self.R.uniform(-self.max_scale, self.max_scale)) for _ in range(3)]
+
+    def __call__(self, data: dict[str, Any]) -> dict[str, Any]:
+        d = dict(data)
+        self.randomize()
+        if not self._do_transform:
+            return d
+        for key in self.key_iterator(d):
+            mode = "nearest" if key in self.label_keys else "bilinear"
+            affine = Affine(
+                rotate_params=self._rotate, scale_params=self._scale, padding_mode="border", image_only=True
+            )
+            img = d[key]
+            d[key] = affine(img, spatial_size=tuple(img.shape[1:]), mode=mode)
+        return d
+
+
+def build_augmentation(
+    target_keys: Sequence[str], cfg: AugmentationConfig, patch_size: Sequence[int]
+) -> Compose:
+    """MONAI dictionary transforms for a training patch and the teacher data cut to the same view.
+
+    Spatial transforms (flips, 90° rotations in the x-y plane when it is square, small rotations and scaling about
+    the patch centre) get the same random parameters for ``image``, ``label`` and every key in ``target_keys``, each
+    resampled on its own grid (maps of a coarser tap cover the same patch with fewer cells, so a rotation about the
+    centre is the same rotation on every grid): images, probabilities and maps bilinearly (a convex combination of
+    distributions is a distribution), labels by nearest neighbour, borders replicated. Intensity transforms
+    (gaussian noise, gamma, per-channel shifts) touch ``image`` only.
+    """
+    keys = ["image", "label", *target_keys]
+    transforms: list[Any] = []
+    if cfg.flip:
+        transforms += [RandFlipd(keys=keys, prob=0.5, spatial_axis=axis) for axis in range(3)]
+    if cfg.rotate90 and patch_size[0] == patch_size[1]:
+        transforms.append(RandRotate90d(keys=keys, prob=0.5, spatial_axes=(0, 1)))
+    if cfg.rotate_degrees > 0 or cfg.scale > 0:
+        angle = float(np.deg2rad(cfg.rotate_degrees))
+        transforms.append(
+            RandJointAffined(
+                keys=keys,
+                label_keys=("label",),
+                prob=cfg.spatial_prob,
+                max_angle=angle,
+                max_scale=cfg.scale,
+            )
+        )
+    if cfg.noise_std > 0:
+        transforms.append(RandGaussianNoised(keys="image", prob=cfg.intensity_prob, std=cfg.noise_std))
+    if cfg.gamma is not None:
+        transforms.append(RandAdjustContrastd(keys="image", prob=cfg.intensity_prob, gamma=cfg.gamma))
+    if cfg.shift > 0:
+        transforms.append(
+            RandShiftIntensityd(keys="image", prob=cfg.intensity_prob, offsets=cfg.shift, channel_wise=True)
+        )
+    return Compose(transforms)
+
+
+def targets_from_batch(
+    batch: dict[str, torch.Tensor], request: TargetRequest, device: torch.device
+) -> DistillationTargets:
     """Gather a collated batch's cached teacher data into the loss's target layout."""
     targets: DistillationTargets = {}
     for kind in request.kinds():
@@ -110,7 +223,8 @@ class PatchDataset(Dataset):
         foreground_oversampling: fraction of patches centred near a foreground voxel.
         seed: base seed; an item depends on (seed, epoch, index) only.
         targets: teacher data to attach, or ``None``.
-        augment: random flips on every axis and 90° rotations in the x-y plane, applied to all keys jointly.
+        augment: apply ``augmentation`` (see :func:`build_augmentation`); ``False`` for none.
+        augmentation: what to apply; default: flips on every axis and 90° rotations in the x-y plane.
     """
 
     def __init__(
@@ -123,6 +237,7 @@ class PatchDataset(Dataset):
         seed: int = 0,
         targets: TargetRequest | None = None,
         augment: bool = True,
+        augmentation: AugmentationConfig | None = None,
     ):
         if not case_ids:
             raise StoreError("no training cases to sample patches from")
@@ -138,11 +253,9 @@ class PatchDataset(Dataset):
         self._store: TeacherStore | None = None
         self._maps: dict[tuple[str, str, str], tuple[np.ndarray, tuple[float, ...]]] = {}
         self._fg: dict[str, np.ndarray] = {}
-        keys = ["image", "label", *self._target_keys()]
-        transforms = [RandFlipd(keys=keys, prob=0.5, spatial_axis=axis) for axis in range(3)]
-        if self.patch_size[0] == self.patch_size[1]:
-            transforms.append(RandRotate90d(keys=keys, prob=0.5, spatial_axes=(0, 1)))
-        self._augment = Compose(transforms)
+        self._augment = build_augmentation(
+            self._target_keys(), augmentation or AugmentationConfig(), self.patch_size
+        )
 
     def _target_keys(self) -> list[str]:
         if self.targets is None:
@@ -220,4 +333,6 @@ class PatchDataset(Dataset):
         if self.augment:
             self._augment.set_random_state(seed=int(rng.integers(2**31)))
             sample = self._augment(sample)
-        return {k: v.as_tensor() if isinstance(v, MetaTensor) else torch.as_tensor(v) for k, v in sample.items()}
+        return {
+            k: v.as_tensor() if isinstance(v, MetaTensor) else torch.as_tensor(v) for k, v in sample.items()
+        }
