@@ -136,7 +136,7 @@ def _check_headers(case: CaseFiles) -> tuple[np.ndarray, tuple[int, int, int]]:
         if len(shape) != 3 and not (len(shape) == 4 and shape[3] == 1):
             raise DatasetError(
                 f"case '{case.case_id}': {path} has shape {shape}; every file must be one 3-D volume (an nnU-Net "
-                "raw dataset stores each modality as its own CASE_XXXX file: split 4-D images into channels)"
+                "raw dataset stores each modality as its own file, CASE_0000, CASE_0001, …: split 4-D images into channels)"
             )
     grids = {p: (tuple(int(s) for s in img.shape[:3]), np.asarray(img.affine)) for p, img in headers.items()}
     ref_path, (ref_shape, ref_affine) = next(iter(grids.items()))
