@@ -15,7 +15,7 @@ from core.experiment import fold_split, open_store_for, splits_path, teacher_dir
 from core.inference import check_window, resolve_device
 from core.losses import SegmentationLoss
 from core.models import create_model, get_spec
-from core.training import FitResult, fit, run_seed
+from core.training import FitResult, TrainingRun, fit, run_seed
 
 __all__ = ["train_teachers"]
 
@@ -57,32 +57,34 @@ def train_teachers(
         )
         results.append(
             fit(
-                name=f"teacher {teacher.name}",
-                model=model,
-                spec=spec,
-                args=teacher.args,
-                in_channels=in_channels,
-                num_classes=len(class_names),
-                dataset=dataset,
-                store=store,
-                val_cases=val,
-                cfg=teacher.training,
-                inference=inference,
-                loss_fn=DistillationObjective(SegmentationLoss(teacher.training.focal_gamma), []),
-                out_dir=teacher_dir(cfg, teacher.name, fold),
-                checkpoint_path=teacher.checkpoint,
-                device=resolve_device(teacher.training.device),
-                meta={
-                    "role": "teacher",
-                    "teacher": teacher.name,
-                    "fold": fold,
-                    "train_cases": train,
-                    "val_cases": val,
-                    "class_names": class_names,
-                    "splits_file": str(splits_path(cfg)),
-                    "preprocessing_hash": cfg.preprocessing_hash(),
-                    "seed": seed,
-                },
+                TrainingRun(
+                    name=f"teacher {teacher.name}",
+                    model=model,
+                    spec=spec,
+                    args=teacher.args,
+                    in_channels=in_channels,
+                    num_classes=len(class_names),
+                    dataset=dataset,
+                    store=store,
+                    val_cases=val,
+                    cfg=teacher.training,
+                    inference=inference,
+                    loss_fn=DistillationObjective(SegmentationLoss(teacher.training.focal_gamma), []),
+                    out_dir=teacher_dir(cfg, teacher.name, fold),
+                    checkpoint_path=teacher.checkpoint,
+                    device=resolve_device(teacher.training.device),
+                    meta={
+                        "role": "teacher",
+                        "teacher": teacher.name,
+                        "fold": fold,
+                        "train_cases": train,
+                        "val_cases": val,
+                        "class_names": class_names,
+                        "splits_file": str(splits_path(cfg)),
+                        "preprocessing_hash": cfg.preprocessing_hash(),
+                        "seed": seed,
+                    },
+                ),
                 progress=progress,
             )
         )

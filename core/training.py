@@ -54,7 +54,7 @@ from core.models.taps import TapRecorder
 from core.progress import ProgressBar
 from core.store import TeacherStore
 
-__all__ = ["FitResult", "count_parameters", "evaluate", "fit", "recover_run_dir", "run_seed"]
+__all__ = ["FitResult", "TrainingRun", "count_parameters", "evaluate", "fit", "recover_run_dir", "run_seed"]
 
 LossFn = Callable[..., dict[str, torch.Tensor]]
 TargetSource = Callable[[dict[str, torch.Tensor]], DistillationTargets]
@@ -133,35 +133,24 @@ def _write_error(out_dir: Path, exc: OSError) -> TrainingError:
     )
 
 
-def _run_key(
-    name: str,
-    spec: ModelSpec,
-    args: dict[str, Any],
-    num_classes: int,
-    dataset: PatchDataset,
-    val_cases: list[str],
-    cfg: TrainingConfig,
-    inference: InferenceConfig,
-    loss_fn: LossFn,
-    meta: dict[str, Any] | None,
-) -> str:
+def _run_key(run: TrainingRun) -> str:
     """What a run is, hashed: a partial run is resumed only by the same run."""
     payload = {
-        "name": name,
-        "arch": spec.name,
-        "args": args,
-        "num_classes": num_classes,
-        "cases": list(dataset.case_ids),
-        "patch": list(dataset.patch_size),
-        "dataset_seed": dataset.seed,
-        "length": len(dataset),
-        "targets": repr(dataset.targets),
-        "val_cases": list(val_cases),
-        "training": cfg.model_dump(mode="json"),
-        "inference": inference.model_dump(mode="json"),
-        "loss": getattr(loss_fn, "names", None),
-        "loss_weights": getattr(loss_fn, "term_weights", None),
-        "meta": meta or {},
+        "name": run.name,
+        "arch": run.spec.name,
+        "args": run.args,
+        "num_classes": run.num_classes,
+        "cases": list(run.dataset.case_ids),
+        "patch": list(run.dataset.patch_size),
+        "dataset_seed": run.dataset.seed,
+        "length": len(run.dataset),
+        "targets": repr(run.dataset.targets),
+        "val_cases": list(run.val_cases),
+        "training": run.cfg.model_dump(mode="json"),
+        "inference": run.inference.model_dump(mode="json"),
+        "loss": getattr(run.loss_fn, "names", None),
+        "loss_weights": getattr(run.loss_fn, "term_weights", None),
+        "meta": run.meta or {},
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -296,36 +285,16 @@ def _plot_curves(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def fit(
-    *,
-    name: str,
-    model: nn.Module,
-    spec: ModelSpec,
-    args: dict[str, Any],
-    in_channels: int,
-    num_classes: int,
-    dataset: PatchDataset,
-    store: TeacherStore,
-    val_cases: list[str],
-    cfg: TrainingConfig,
-    inference: InferenceConfig,
-    loss_fn: LossFn,
-    out_dir: Path,
-    checkpoint_path: Path,
-    device: torch.device,
-    target_source: TargetSource | None = None,
-    capture_taps: bool = False,
-    meta: dict[str, Any] | None = None,
-    progress: bool = True,
-) -> FitResult:
-    """Train ``model`` and keep the checkpoint with the best validation mean Dice.
+@dataclass(frozen=True, eq=False)
+class TrainingRun:
+    """One training run: what to train, on which patches and cases, with which loss, and where its files go.
 
-    Args:
+    Attributes:
         name: run name shown in the progress bar and summary.
-        model: the network (moved to ``device`` here).
+        model: the network (moved to ``device`` when trained).
         spec: its registry entry (taps, name).
-        args: its constructor arguments, recorded in the checkpoint.
-        in_channels: input modalities, recorded in the checkpoint.
+        args: its constructor arguments, recorded in the checkpoints.
+        in_channels: input modalities, recorded in the checkpoints.
         num_classes: K including background.
         dataset: training patches.
         store: the store holding the validation cases.
@@ -333,19 +302,45 @@ def fit(
         cfg: loop settings.
         inference: sliding-window settings for validation.
         loss_fn: ``loss_fn(logits, label, taps, targets) -> {"total": ..., term: ...}``.
-        out_dir: where metrics, curves and the summary go.
-        checkpoint_path: where the best checkpoint goes.
+        out_dir: the run's folder: metrics, curves, summary, checkpoints.
+        checkpoint_path: where the best-on-validation checkpoint goes (inside ``out_dir`` or elsewhere).
         device: training device.
         target_source: turns a batch into distillation targets; ``None`` when not distilling.
         capture_taps: record the model's coarse and fine features for the loss.
-        meta: extra fields recorded in the checkpoint (fold, training cases, …).
-        progress: show a progress bar.
+        meta: extra fields recorded in the checkpoints and summary (fold, training cases, …).
+    """
+
+    name: str
+    model: nn.Module
+    spec: ModelSpec
+    args: dict[str, Any]
+    in_channels: int
+    num_classes: int
+    dataset: PatchDataset
+    store: TeacherStore
+    val_cases: list[str]
+    cfg: TrainingConfig
+    inference: InferenceConfig
+    loss_fn: LossFn
+    out_dir: Path
+    checkpoint_path: Path
+    device: torch.device
+    target_source: TargetSource | None = None
+    capture_taps: bool = False
+    meta: dict[str, Any] | None = None
+
+
+def fit(run: TrainingRun, progress: bool = True) -> FitResult:
+    """Train ``run.model``: write everything into a staging folder, resume a killed run of the same key, and swap
+    the finished folder in whole.
 
     Raises:
-        TrainingError: a loss term became NaN or infinite (the message names it); nothing is published.
+        TrainingError: a loss term became NaN or infinite (the message names it), or the run folder cannot be
+            written; nothing is published.
     """
+    out_dir, meta = run.out_dir, run.meta
     staging = _staging_dir(out_dir)
-    key = _run_key(name, spec, args, num_classes, dataset, val_cases, cfg, inference, loss_fn, meta)
+    key = _run_key(run)
     try:
         recover_run_dir(out_dir, keep_staging=True)
         resume = _resumable_state(staging, key)
@@ -355,33 +350,11 @@ def fit(
             staging.mkdir(parents=True)
     except OSError as exc:
         raise _write_error(out_dir, exc) from None
-    published_checkpoint = checkpoint_path
+    checkpoint_path = published_checkpoint = run.checkpoint_path
     if checkpoint_path.resolve().is_relative_to(out_dir.resolve()):
         checkpoint_path = staging / checkpoint_path.resolve().relative_to(out_dir.resolve())
     try:
-        result = _train(
-            name=name,
-            model=model,
-            spec=spec,
-            args=args,
-            in_channels=in_channels,
-            num_classes=num_classes,
-            dataset=dataset,
-            store=store,
-            val_cases=val_cases,
-            cfg=cfg,
-            inference=inference,
-            loss_fn=loss_fn,
-            out_dir=staging,
-            checkpoint_path=checkpoint_path,
-            device=device,
-            target_source=target_source,
-            capture_taps=capture_taps,
-            meta=meta,
-            progress=progress,
-            resume=resume,
-            run_key=key,
-        )
+        result = _train(run, staging, checkpoint_path, progress, resume, key)
         result = FitResult(
             **{
                 **asdict(result),
@@ -407,30 +380,18 @@ def fit(
 
 
 def _train(
-    *,
-    name: str,
-    model: nn.Module,
-    spec: ModelSpec,
-    args: dict[str, Any],
-    in_channels: int,
-    num_classes: int,
-    dataset: PatchDataset,
-    store: TeacherStore,
-    val_cases: list[str],
-    cfg: TrainingConfig,
-    inference: InferenceConfig,
-    loss_fn: LossFn,
+    run: TrainingRun,
     out_dir: Path,
     checkpoint_path: Path,
-    device: torch.device,
-    target_source: TargetSource | None,
-    capture_taps: bool,
-    meta: dict[str, Any] | None,
     progress: bool,
     resume: dict[str, Any] | None = None,
     run_key: str = "",
 ) -> FitResult:
     """The loop itself, writing into ``out_dir`` (the staging folder); see :func:`fit`."""
+    name, model, spec, args = run.name, run.model, run.spec, run.args
+    in_channels, num_classes, dataset, store = run.in_channels, run.num_classes, run.dataset, run.store
+    val_cases, cfg, inference, loss_fn = run.val_cases, run.cfg, run.inference, run.loss_fn
+    device, target_source, capture_taps, meta = run.device, run.target_source, run.capture_taps, run.meta
     model.to(device)
     # terms with learnable parts (MSKD's student-side projections) train with the model; only the model is saved
     extra = list(loss_fn.to(device).parameters()) if isinstance(loss_fn, nn.Module) else []

@@ -17,7 +17,7 @@ from core.inference import check_window, resolve_device
 from core.models import ModelSpec, TapRecorder, create_model, get_spec
 from core.models.checkpoint import file_sha256
 from core.store import TeacherStore, entry_hash
-from core.training import FitResult, fit, run_seed
+from core.training import FitResult, TrainingRun, fit, run_seed
 
 __all__ = ["RawDataChangedWarning", "TapGridWarning", "distil", "raw_dataset_status"]
 
@@ -283,44 +283,46 @@ def distil(
     device = resolve_device(cfg.training.device)
     out_dir = student_dir(cfg, dcfg.kind, fold)
     return fit(
-        name=f"student kd-{dcfg.kind}",
-        model=model,
-        spec=spec,
-        args=cfg.student.args,
-        in_channels=in_channels,
-        num_classes=len(class_names),
-        dataset=dataset,
-        store=store,
-        val_cases=val,
-        cfg=cfg.training,
-        inference=cfg.inference,
-        loss_fn=loss,
-        out_dir=out_dir,
-        checkpoint_path=out_dir / "checkpoint_best.pth",
-        device=device,
-        target_source=(lambda batch: targets_from_batch(batch, request, device)) if request else None,
-        capture_taps=bool(
-            {"coarse", "fine", "coarse_sketch", "fine_sketch", "coarse_features", "fine_features"}
-            & loss.needs
+        TrainingRun(
+            name=f"student kd-{dcfg.kind}",
+            model=model,
+            spec=spec,
+            args=cfg.student.args,
+            in_channels=in_channels,
+            num_classes=len(class_names),
+            dataset=dataset,
+            store=store,
+            val_cases=val,
+            cfg=cfg.training,
+            inference=cfg.inference,
+            loss_fn=loss,
+            out_dir=out_dir,
+            checkpoint_path=out_dir / "checkpoint_best.pth",
+            device=device,
+            target_source=(lambda batch: targets_from_batch(batch, request, device)) if request else None,
+            capture_taps=bool(
+                {"coarse", "fine", "coarse_sketch", "fine_sketch", "coarse_features", "fine_features"}
+                & loss.needs
+            ),
+            meta={
+                "role": "student",
+                "fold": fold,
+                "train_cases": train,
+                "val_cases": val,
+                "class_names": class_names,
+                "distillation": dcfg.model_dump(mode="json"),
+                "teachers": {t: store.teacher_metadata(t)["checkpoint_sha256"] for t in teachers},
+                "allow_leakage": allow_leakage,
+                "leaked_val_cases": leakage,
+                "splits_from": store.location,  # the store's own folds (train_cases / val_cases above)
+                "splits_file": str(cfg.splits.file) if cfg.splits.file else None,
+                "store": store.location,
+                "preprocessing_hash": cfg.preprocessing_hash(),
+                "raw_dataset": raw_dataset,
+                "seed": seed,
+                "experiment_seed": cfg.seed,
+                "training_seed": cfg.training.seed,
+            },
         ),
-        meta={
-            "role": "student",
-            "fold": fold,
-            "train_cases": train,
-            "val_cases": val,
-            "class_names": class_names,
-            "distillation": dcfg.model_dump(mode="json"),
-            "teachers": {t: store.teacher_metadata(t)["checkpoint_sha256"] for t in teachers},
-            "allow_leakage": allow_leakage,
-            "leaked_val_cases": leakage,
-            "splits_from": store.location,  # the store's own folds (train_cases / val_cases above)
-            "splits_file": str(cfg.splits.file) if cfg.splits.file else None,
-            "store": store.location,
-            "preprocessing_hash": cfg.preprocessing_hash(),
-            "raw_dataset": raw_dataset,
-            "seed": seed,
-            "experiment_seed": cfg.seed,
-            "training_seed": cfg.training.seed,
-        },
         progress=progress,
     )
