@@ -6,18 +6,38 @@ and points each teacher's ``checkpoint`` at their own trained weights.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from core.config import Config
 from core.data.patches import PatchDataset
 from core.distillation import DistillationObjective
+from core.errors import CheckpointError
 from core.experiment import fold_split, open_store_for, splits_path, teacher_dir
 from core.inference import check_window, resolve_device
 from core.losses import SegmentationLoss
 from core.models import create_model, get_spec
+from core.models.checkpoint import load_checkpoint
 from core.training import FitResult, TrainingRun, fit, run_seed
 
 __all__ = ["train_teachers"]
+
+
+def _refuse_foreign_checkpoint(path: Path, name: str, fold: int, run_dir: Path) -> None:
+    """Training writes the teacher's ``checkpoint`` path: never over weights it did not make for this fold."""
+    if not path.is_file() or path.resolve().is_relative_to(run_dir.resolve()):
+        return
+    try:
+        meta = load_checkpoint(path).meta
+    except CheckpointError:
+        meta = {}
+    if meta.get("role") != "teacher" or meta.get("fold") != fold:
+        made = f"fold {meta.get('fold')}" if meta.get("role") == "teacher" else "not by `teachcache teachers`"
+        raise CheckpointError(
+            f"teacher '{name}': training fold {fold} would overwrite {path}, which holds weights made {made}; "
+            f"point teachers[{name}].checkpoint at a path of this fold (e.g. inside {run_dir}) or move the file"
+        )
 
 
 def train_teachers(
@@ -39,6 +59,9 @@ def train_teachers(
     teachers = [cfg.teacher(n) for n in names] if names else list(cfg.teachers)
     results = []
     for teacher in teachers:
+        _refuse_foreign_checkpoint(
+            teacher.checkpoint, teacher.name, fold, teacher_dir(cfg, teacher.name, fold)
+        )
         spec = get_spec(teacher.arch)
         inference = cfg.inference_for(teacher)
         for case_id in val:

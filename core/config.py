@@ -155,6 +155,17 @@ class TrainingConfig(_Strict):
     val_every: int = Field(1, ge=1)
     early_stopping_patience: int | None = Field(None, ge=1)
     focal_gamma: float = Field(2.0, ge=0)
+
+    @field_validator("focal_gamma")
+    @classmethod
+    def _gamma_derivable(cls, v: float) -> float:
+        if 0 < v < 1:
+            raise ValueError(
+                "focal_gamma must be 0 (cross-entropy) or >= 1: (1 − p)^γ with 0 < γ < 1 has an infinite "
+                "derivative where the softmax saturates, which turns gradients into NaN"
+            )
+        return v
+
     num_workers: int = Field(0, ge=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     amp: bool = True

@@ -133,7 +133,8 @@ def entry_key(
         "checkpoint_sha256": checkpoint_sha256,
         "arch": teacher.arch,
         "args": teacher.args,
-        "inference": cfg.inference_for(teacher).model_dump(mode="json"),
+        # sw_batch_size only batches windows: it changes no output, so it does not make an entry stale
+        "inference": cfg.inference_for(teacher).model_dump(mode="json", exclude={"sw_batch_size"}),
         "attention_p": float(cfg.distillation.attention.p),
         "feature_sketch_channels": cfg.store.feature_sketch_channels,
         "softmax_encoding": encoding.name,

@@ -659,10 +659,15 @@ def entry_hash(key: dict[str, Any]) -> str:
 
 
 def _is_empty_group(location: str) -> bool:
-    """True for a Zarr group with no attributes and no members."""
+    """True for a folder holding nothing but the ``zarr.json`` of a group with no attributes (nothing to lose)."""
+    import fsspec
+
     try:
         group = _open_group(location, mode="r", use_consolidated=False)
-        return not dict(group.attrs) and not list(group.keys())
+        if dict(group.attrs) or list(group.keys()):
+            return False
+        fs, root = fsspec.core.url_to_fs(location)
+        return [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(root, detail=False)] == ["zarr.json"]
     except Exception:  # not a readable group: not ours to remove
         return False
 

@@ -350,9 +350,12 @@ def fit(run: TrainingRun, progress: bool = True) -> FitResult:
             staging.mkdir(parents=True)
     except OSError as exc:
         raise _write_error(out_dir, exc) from None
-    checkpoint_path = published_checkpoint = run.checkpoint_path
-    if checkpoint_path.resolve().is_relative_to(out_dir.resolve()):
-        checkpoint_path = staging / checkpoint_path.resolve().relative_to(out_dir.resolve())
+    published_checkpoint = run.checkpoint_path
+    inside = published_checkpoint.resolve().is_relative_to(out_dir.resolve())
+    # the best checkpoint is always written into the staging folder; one configured outside the run folder (a
+    # teacher's `checkpoint` path) is copied there only once the run has been published
+    relative = published_checkpoint.resolve().relative_to(out_dir.resolve()) if inside else None
+    checkpoint_path = staging / (relative or published_checkpoint.name)
     try:
         result = _train(run, staging, checkpoint_path, progress, resume, key)
         result = FitResult(
@@ -369,11 +372,18 @@ def fit(run: TrainingRun, progress: bool = True) -> FitResult:
     except OSError as exc:
         shutil.rmtree(staging, ignore_errors=True)
         raise _write_error(out_dir, exc) from None
+    except (KeyboardInterrupt, SystemExit):
+        raise  # interrupted: the staging folder and its checkpoint_latest.pth stay, so re-running resumes
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     try:
         _publish_run_dir(staging, out_dir)
+        if relative is None:  # copy the published best checkpoint to its configured place, atomically
+            published_checkpoint.parent.mkdir(parents=True, exist_ok=True)
+            tmp = published_checkpoint.with_name(f".{published_checkpoint.name}.tmp")
+            shutil.copyfile(out_dir / published_checkpoint.name, tmp)
+            os.replace(tmp, published_checkpoint)
     except OSError as exc:
         raise _write_error(out_dir, exc) from None
     return result

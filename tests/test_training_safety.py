@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import numpy as np
@@ -113,3 +114,33 @@ def test_a_one_cell_tap_grid_is_a_clear_warning(trained):
         in text
     )
     assert "fine map" not in text, "the stride-2 fine map has 16 cells per axis: no warning"
+
+
+def test_training_never_overwrites_a_teacher_checkpoint_it_did_not_make_for_this_fold(trained, tmp_path):
+    import shutil
+
+    root, data = trained
+    own = tmp_path / "my_teacher.pth"
+    shutil.copyfile(data["teachers"][2]["checkpoint"], own)  # made by `teachers` for fold 0
+    before = own.read_bytes()
+    cfg, path = derived_config(root, data, "foreign_ckpt", **{"teachers.2.checkpoint": str(own)})
+    preprocess_dataset(cfg, progress=False)
+    result = runner.invoke(app, ["teachers", "-c", str(path), "--fold", "1", "-t", "dynunet", "-q"])
+    assert result.exit_code == 2, result.output
+    assert "would overwrite" in result.output and "fold 0" in result.output
+    assert own.read_bytes() == before
+
+
+def test_an_empty_zarr_folder_with_user_files_is_never_removed(tmp_path):
+    import zarr
+
+    from core.store import TeacherStore
+
+    folder = tmp_path / "store.zarr"
+    zarr.open_group(str(folder), mode="w")
+    (folder / "notes.txt").write_text("mine")
+    with contextlib.suppress(Exception):  # refusing is fine; deleting is not
+        TeacherStore.create(
+            folder, dataset={"manifest_hash": "x"}, preprocessing={}, preprocessing_hash="h", splits=[]
+        )
+    assert (folder / "notes.txt").read_text() == "mine"
