@@ -24,6 +24,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
 	touch $@
 
+# writes the synthetic dataset when the config has dataset.synthetic; for your own data it only checks that
+# dataset.raw_dir holds dataset.json, so every target below works on an nnU-Net raw dataset as it is
 data: setup
 	$(TC) synth --config $(CONFIG)
 

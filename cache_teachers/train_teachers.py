@@ -65,7 +65,15 @@ def train_teachers(
         spec = get_spec(teacher.arch)
         inference = cfg.inference_for(teacher)
         for case_id in val:
-            check_window(spec, inference, store.case_shape(case_id), teacher.args, taps=False)
+            check_window(
+                spec,
+                inference,
+                store.case_shape(case_id),
+                teacher.args,
+                taps=False,
+                name=teacher.name,
+                case_id=case_id,
+            )
         seed = run_seed(cfg.seed, teacher.training.seed)
         torch.manual_seed(seed)
         model = create_model(teacher.arch, in_channels, len(class_names), teacher.args)

@@ -41,13 +41,28 @@ def _tap_stride(spec: ModelSpec) -> int:
     return math.lcm(*(t.stride for t in spec.taps.values()))
 
 
-def aligned_overlap(spec: ModelSpec, cfg: InferenceConfig) -> tuple[float, ...]:
+def _who(spec: ModelSpec, name: str | None, case_id: str | None = None) -> str:
+    """How a message names the network: ``'swin' (swin_unetr), case 'X'``, or just ``'swin_unetr'``."""
+    who = f"'{name}' ({spec.name})" if name and name != spec.name else f"'{spec.name}'"
+    return f"{who}, case '{case_id}'" if case_id else who
+
+
+def aligned_overlap(spec: ModelSpec, cfg: InferenceConfig, name: str | None = None) -> tuple[float, ...]:
     """Per-axis overlap that makes MONAI's windows start on every tap's grid, never overlapping less than asked.
 
     MONAI steps windows by ``int(roi · (1 − overlap))`` and clamps the last one to the volume's end. With the
     volume and the window multiples of the taps' stride s, the taps stitch exactly when the step is a multiple of
     s too; so the step is rounded *down* to a multiple of s (more overlap, never less). SwinUNETR's published 96³
     window with overlap 0.5 (step 48) steps by 32 (overlap 2/3); a 64³ window at 0.5 is unchanged.
+
+    Args:
+        spec: the network's registry entry (its taps' strides).
+        cfg: the sliding-window settings.
+        name: the teacher's configured name, for messages.
+
+    Returns:
+        One overlap per axis, to pass to MONAI's ``sliding_window_inference`` (recorded as
+        ``inference_overlap_used``).
 
     Raises:
         ConfigError: the window is too small to step by one stride while overlapping as asked.
@@ -59,9 +74,9 @@ def aligned_overlap(spec: ModelSpec, cfg: InferenceConfig) -> tuple[float, ...]:
         aligned = (step // stride) * stride
         if aligned == 0:
             raise ConfigError(
-                f"'{spec.name}': windows of {tuple(cfg.roi_size)} with overlap {cfg.overlap} move {step} voxels, "
-                f"less than its tap stride {stride} (coarse and fine maps must stitch on their grids); use roi_size "
-                f"{2 * stride} or larger multiples with overlap 0.5, or a smaller overlap"
+                f"{_who(spec, name)}: windows of {tuple(cfg.roi_size)} with overlap {cfg.overlap} move {step} "
+                f"voxels, less than its tap stride {stride} (coarse and fine maps must stitch on their grids); use "
+                f"roi_size {2 * stride} or larger multiples with overlap 0.5, or a smaller overlap"
             )
         # the + 0.5 keeps int(roi · (1 − overlap)) from landing one below `aligned` through rounding
         out.append(cfg.overlap if aligned == step else 1.0 - (aligned + 0.5) / roi)
@@ -74,46 +89,63 @@ def check_window(
     volume_shape: tuple[int, ...],
     args: dict[str, Any],
     taps: bool = True,
+    *,
+    name: str | None = None,
+    case_id: str | None = None,
 ) -> None:
     """Refuse window settings that would put a tap's map off its grid or feed a network a size it rejects.
+
+    Called for every case before anything is written (caching) or trained (validation windows), so a bad setting
+    stops a run at its start, never after hours.
 
     Args:
         spec: the network's registry entry.
         cfg: the sliding-window settings.
         volume_shape: (X, Y, Z) of the case.
         args: the network's constructor arguments.
-        taps: whether the coarse and fine maps are stitched too (caching); then the volume must be a multiple of
-            every tap's stride, or the maps would be cut short.
+        taps: whether the coarse and fine maps are stitched too (caching); then the case grid and the window must
+            be multiples of every tap's stride, or a map would be cut short (an 80-voxel axis, fine for
+            size_divisor 16, holds 2.5 cells of a stride-32 tap: its map would keep 2, read back as stride 40).
+        name: the teacher's (or student's) configured name, for messages.
+        case_id: the case whose grid is checked, for messages.
 
     Raises:
-        ConfigError: naming the network, the setting and a value that works.
+        ConfigError: naming the network, the case, the setting and a value that works.
     """
     roi = cfg.roi_size
+    who = _who(spec, name)
     img = spec.input_size(args)
     if img is not None and tuple(roi) != img:
         raise ConfigError(
-            f"'{spec.name}' only accepts windows of its img_size {img}; set its inference.roi_size to it"
+            f"{who} only accepts windows of its img_size {img}; set its inference.roi_size to it"
         )
     if any(r % spec.size_divisor for r in roi):
         raise ConfigError(
-            f"'{spec.name}' needs inference.roi_size divisible by {spec.size_divisor}, got {tuple(roi)}"
+            f"{who} needs inference.roi_size divisible by {spec.size_divisor}, got {tuple(roi)}"
         )
     if any(v < r for v, r in zip(volume_shape, roi, strict=True)):
         raise ConfigError(
-            f"volume {tuple(volume_shape)} is smaller than inference.roi_size {tuple(roi)}; raise "
-            "preprocessing.min_size to at least the window"
+            f"{_who(spec, name, case_id)}: volume {tuple(volume_shape)} is smaller than inference.roi_size "
+            f"{tuple(roi)}; raise preprocessing.min_size to at least the window and rebuild the store "
+            "(`teachcache preprocess --overwrite`)"
         )
     if not taps:
         return
-    for name, tap in spec.taps.items():
-        if any(v % tap.stride for v in volume_shape) or any(r % tap.stride for r in roi):
+    lcm = _tap_stride(spec)
+    for kind, tap in spec.taps.items():
+        if any(v % tap.stride for v in volume_shape):
             raise ConfigError(
-                f"'{spec.name}': its {name} tap has stride {tap.stride}, but the case grid {tuple(volume_shape)} "
-                f"or the window {tuple(roi)} is not a multiple of it, so its {name} map would be cut short; set "
-                f"preprocessing.size_divisor (and roi_size) to a multiple of {tap.stride} and rebuild the store "
+                f"{_who(spec, name, case_id)}: its {kind} tap has stride {tap.stride}, but the case grid "
+                f"{tuple(volume_shape)} is not a multiple of it, so its {kind} map would be cut short; set "
+                f"preprocessing.size_divisor to a multiple of {lcm} (e.g. {lcm}) and rebuild the store "
                 "(`teachcache preprocess --overwrite`)"
             )
-    aligned_overlap(spec, cfg)
+        if any(r % tap.stride for r in roi):
+            raise ConfigError(
+                f"{who}: its {kind} tap has stride {tap.stride}, but the window {tuple(roi)} is not a multiple of "
+                f"it, so its {kind} map would be cut short; set its inference.roi_size to a multiple of {lcm}"
+            )
+    aligned_overlap(spec, cfg, name)
 
 
 class _TappedPredictor(nn.Module):

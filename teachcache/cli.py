@@ -67,6 +67,7 @@ def synth(config: ConfigOption = DEFAULT_CONFIG, quiet: QuietOption = False) -> 
     runs this step first), and one without dataset.json is an error naming the folder.
     """
     from core.data.synthetic import write_synthetic_dataset
+    from core.errors import DatasetError
 
     cfg = _load(config)
     if cfg.dataset.synthetic is None:
@@ -75,7 +76,7 @@ def synth(config: ConfigOption = DEFAULT_CONFIG, quiet: QuietOption = False) -> 
                 f"using the dataset at {cfg.dataset.raw_dir} (no dataset.synthetic: nothing to generate)"
             )
             return
-        raise TeachCacheError(
+        raise DatasetError(
             f"{config}: dataset.raw_dir {cfg.dataset.raw_dir} holds no dataset.json, and there is no "
             "dataset.synthetic block to generate one: point raw_dir at an nnU-Net v2 raw dataset (dataset.json, "
             "imagesTr/, labelsTr/) or add dataset.synthetic"

@@ -57,6 +57,18 @@ def test_stitched_outputs_equal_a_whole_volume_pass(mode):
     assert np.allclose(out["fine"], attention_map(nn.functional.avg_pool3d(x, 2))[0, 0].numpy(), rtol=1e-4)
 
 
+def test_a_step_rounded_down_to_the_tap_stride_stitches_exactly():
+    # a 48³ window at overlap 0.5 would step by 24, off the stride-16 coarse grid; it steps by 16 instead
+    image = torch.rand(2, 80, 64, 48) + 0.5
+    cfg = InferenceConfig(roi_size=(48, 48, 48), overlap=0.5)
+    check_window(SPEC, cfg, tuple(image.shape[1:]), {})
+    out = predict_volume(_Equivariant(), image.numpy(), cfg, torch.device("cpu"), spec=SPEC)
+    x = image[None]
+    assert out["coarse"].shape == (5, 4, 3) and out["fine"].shape == (40, 32, 24)
+    assert np.allclose(out["coarse"], attention_map(nn.functional.avg_pool3d(x, 16))[0, 0].numpy(), rtol=1e-4)
+    assert np.allclose(out["fine"], attention_map(nn.functional.avg_pool3d(x, 2))[0, 0].numpy(), rtol=1e-4)
+
+
 def test_window_checks_name_the_fix():
     swin = get_spec("swin_unetr")
     with pytest.raises(ConfigError, match=r"less than its tap stride 32 .*use roi_size 64"):
@@ -71,7 +83,7 @@ def test_window_checks_name_the_fix():
 
 
 def test_a_grid_that_would_cut_a_tap_map_short_is_refused():
-    # size_divisor 16 with SwinUNETR's stride-32 coarse tap: a 160-voxel axis would give 5 cells of 32 → 4
+    # size_divisor 16 with SwinUNETR's stride-32 coarse tap: an 80-voxel axis holds 2.5 cells; its map would keep 2
     swin = get_spec("swin_unetr")
     with pytest.raises(ConfigError, match=r"coarse tap has stride 32.*preprocessing\.size_divisor"):
         check_window(swin, InferenceConfig(roi_size=(64, 64, 64), overlap=0.5), (80, 64, 64), {})
@@ -112,3 +124,47 @@ def test_windows_that_already_start_on_the_grid_keep_their_overlap():
         aligned_overlap(get_spec("swin_unetr"), InferenceConfig(roi_size=(32, 32, 32), overlap=0.0))
         == (0.0,) * 3
     )
+
+
+def test_a_refusal_names_the_teacher_and_the_case():
+    swin = get_spec("swin_unetr")
+    cfg = InferenceConfig(roi_size=(64, 64, 64), overlap=0.5)
+    with pytest.raises(
+        ConfigError, match=r"^'big_swin' \(swin_unetr\), case 'HN_007': its coarse tap has stride 32"
+    ):
+        check_window(swin, cfg, (80, 64, 64), {}, name="big_swin", case_id="HN_007")
+    # a network that accepts 48-voxel windows (size divisor 16) but taps at stride 32
+    deep = ModelSpec("deep", lambda *a: _Equivariant(), TapSpec("coarse", 32), TapSpec("fine", 2), 16)
+    with pytest.raises(ConfigError, match=r"^'deep': its coarse tap has stride 32, but the window \(48, 64"):
+        check_window(deep, InferenceConfig(roi_size=(48, 64, 64)), (96, 64, 64), {})
+
+
+def test_caching_refuses_a_grid_that_would_cut_a_tap_map_short_before_writing_anything(tmp_path):
+    """size_divisor 16 leaves 48-voxel axes: fine for DynUNet (stride 16), 1.5 cells of SwinUNETR's coarse tap."""
+    from cache_teachers import cache_teachers, preprocess_dataset
+    from core.config import load_config
+    from core.data.synthetic import write_synthetic_dataset
+    from core.models import create_model
+    from core.store import TeacherStore
+    from tests.conftest import tiny_config_dict, write_config
+
+    data = tiny_config_dict(tmp_path)
+    data["dataset"]["synthetic"]["num_cases"] = 3
+    data["preprocessing"].update(size_divisor=16, min_size=[48, 32, 32])
+    data["teachers"] = [t for t in data["teachers"] if t["name"] in ("dynunet", "swin")]
+    cfg = load_config(write_config(tmp_path, data))
+    write_synthetic_dataset(cfg.dataset.synthetic, cfg.dataset.raw_dir, progress=False)
+    preprocess_dataset(cfg, progress=False)
+    store = TeacherStore.open(cfg.store.path)
+    assert store.case_shape(store.case_ids()[0])[0] == 48
+    meta = store.metadata["dataset"]
+    for teacher in cfg.teachers:  # untrained weights of the right architecture: the window check comes first
+        teacher.checkpoint.parent.mkdir(parents=True, exist_ok=True)
+        model = create_model(teacher.arch, len(meta["channel_names"]), len(meta["class_names"]), teacher.args)
+        torch.save(model.state_dict(), teacher.checkpoint)
+    with pytest.raises(
+        ConfigError, match=r"coarse tap has stride 32.*preprocessing\.size_divisor to a multiple of 32"
+    ):
+        cache_teachers(cfg, progress=False)
+    store = TeacherStore.open(cfg.store.path)
+    assert not any(store.has_entry(t.name, c) for t in cfg.teachers for c in store.case_ids())

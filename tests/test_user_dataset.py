@@ -1,12 +1,16 @@
 """A user's own nnU-Net raw dataset through the README's `make` commands: no `synthetic` block, four classes, two
 MRI modalities, odd sizes and a rotated, anisotropic affine — none of the demo's conveniences.
+
+The cases are resampled to 64 × 64 × 32 voxels, so every teacher's maps are stitched from several windows.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
+import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -14,10 +18,14 @@ import numpy as np
 import pytest
 import yaml
 
+from core.models import get_spec
 from core.store import TeacherStore
 from tests.conftest import TINY_TEACHER_TRAINING
 
 REPO = Path(__file__).resolve().parents[1]
+# The environment running this test, absolute; its stamp is assumed up to date (`make -o`), so a test never
+# re-creates or re-installs a virtual environment, even when pyproject.toml is newer than the stamp.
+VENV = Path(sys.executable).parent.parent
 CLASSES = {"background": 0, "gland": 1, "lesion": 2, "vessel": 3}
 SHAPE = (37, 45, 19)
 SPACING = (1.2, 1.1, 3.3)
@@ -77,7 +85,8 @@ def user_config(root: Path, raw: Path) -> Path:
     config = {
         "experiment": "my_mri",
         "dataset": {"raw_dir": str(raw)},  # no `synthetic` block: the user's own data
-        "preprocessing": {"target_spacing": [2.0, 2.0, 2.0], "min_size": [32, 32, 32], "size_divisor": 32},
+        # 37 × 45 × 19 voxels of 1.2 × 1.1 × 3.3 mm → about 44 × 50 × 21 at this spacing → padded to 64 × 64 × 32
+        "preprocessing": {"target_spacing": [1.0, 1.0, 3.0], "min_size": [32, 32, 32], "size_divisor": 32},
         "splits": {"num_folds": 3},
         "store": {"path": str(root / "store.zarr"), "chunk_size": [32, 32, 32]},
         "inference": {"roi_size": [32, 32, 32], "overlap": 0.5, "sw_batch_size": 2},
@@ -107,10 +116,19 @@ def user_config(root: Path, raw: Path) -> Path:
     return path
 
 
-def make(*args: str) -> str:
-    result = subprocess.run(
-        ["make", "--no-print-directory", "-C", str(REPO), *args], capture_output=True, text=True, timeout=600
+def run_make(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    """``make -C <repo> ARGS`` with this test's environment as ``VENV``, never re-installed; tables not cut short."""
+    return subprocess.run(
+        ["make", "--no-print-directory", "-C", str(REPO), f"VENV={VENV}", "-o", f"{VENV}/.installed", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "COLUMNS": "200"},
     )
+
+
+def make(*args: str) -> str:
+    result = run_make(*args)
     assert result.returncode == 0, f"make {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}"
     assert "Traceback" not in result.stderr
     return result.stdout + result.stderr
@@ -127,6 +145,7 @@ def user_run(tmp_path_factory):
         "distil": make("distil", "FOLD=0", config),
         "distil-none": make("distil", "FOLD=0", "KD=none", config),
         "report": make("report", "FOLD=0", config),
+        "report-all": make("report", config),
     }
     return root, outputs
 
@@ -138,10 +157,15 @@ def test_every_make_target_runs_on_a_raw_dataset_without_a_synthetic_block(user_
     assert len(store.case_ids()) == 6
     for case in store.case_ids():
         shape = store.case_shape(case)
-        assert all(s % 32 == 0 for s in shape), "odd sizes are padded to the size divisor"
+        assert shape == (64, 64, 32), "odd sizes are resampled, then padded to the size divisor"
         for teacher in ("unetr", "dynunet"):
             probs = store.read_softmax(teacher, case, temperature=2.0)
             assert probs.shape == (4, *shape) and np.allclose(probs.sum(0), 1.0, atol=1e-3)
+            for kind, tap in get_spec(teacher).taps.items():  # stitched from 3 × 3 windows, none cut short
+                amap, stride = store.read_attention(teacher, case, kind)
+                assert stride == (tap.stride,) * 3
+                assert amap.shape == tuple(s // tap.stride for s in shape)
+                assert np.isfinite(amap).all() and (amap > 0).all()
     assert store.metadata["dataset"]["class_names"] == list(CLASSES)
 
 
@@ -150,20 +174,19 @@ def test_the_student_is_scored_per_class_and_reported(user_run):
     for kind in ("teachformer", "none"):
         run = root / "runs" / "students" / f"kd-{kind}" / "fold_0"
         summary = json.loads((run / "summary.json").read_text())
-        assert len(summary["best_dice_per_class"]) == 3, "gland, lesion and vessel each scored"
+        assert summary["class_names"] == list(CLASSES)
+        for key in ("final_dice_per_class", "best_dice_per_class", "final_hd95_per_class"):
+            assert len(summary[key]) == 3, f"{key}: gland, lesion and vessel each scored"
         header = (run / "metrics.csv").read_text().splitlines()[0].split(",")
         assert {"val_dice_gland", "val_dice_lesion", "val_dice_vessel"} <= set(header)
-    assert "student kd-none" in outputs["report"] and "student kd-teachformer" in outputs["report"]
+    for report in (outputs["report"], outputs["report-all"]):
+        for run in ("teacher unetr", "teacher dynunet", "student kd-none", "student kd-teachformer"):
+            assert run in report
 
 
 def test_a_config_without_synthetic_or_dataset_says_which_folder(tmp_path):
     config = user_config(tmp_path, tmp_path / "nowhere")
-    result = subprocess.run(
-        ["make", "--no-print-directory", "-C", str(REPO), "cache", f"CONFIG={config}"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    result = run_make("cache", f"CONFIG={config}", timeout=300)
     assert result.returncode != 0
     assert "holds no dataset.json" in result.stderr and str(tmp_path / "nowhere") in result.stderr
     assert "Traceback" not in result.stderr
