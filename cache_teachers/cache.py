@@ -289,8 +289,9 @@ def cache_teachers(
         CheckpointError: a checkpoint is missing, unsafe, or does not fit its declared architecture.
         ConfigError: no teachers configured, window settings a network cannot use, or an unreachable scheduler.
     """
-    store = open_store_for(cfg, mode="a")
+    # the lock first: a second run is refused with the holder's name whatever state the first left the store in
     with store_write_lock(cfg.store.path, "cache"):
+        store = open_store_for(cfg, mode="a")
         return _cache_locked(cfg, store, overwrite, names, progress, workers, scheduler)
 
 

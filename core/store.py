@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import getpass
 import hashlib
+import itertools
 import json
 import os
 import socket
@@ -547,6 +548,28 @@ class TeacherStore:
                 missing[name] = int(lost)
         return missing
 
+    def undecodable_chunks(self, group_path: str) -> dict[str, list[str]]:
+        """Stored chunks of a case or entry group's arrays that cannot be decoded (truncated, corrupt).
+
+        Decodes every chunk of every array of the group one by one: slow, meant to locate the damage once a
+        whole-array read of the group has failed.
+
+        Returns:
+            ``{array name: [store keys of its undecodable chunks, e.g. "teachers/t/c/fine/c/0/0/0"]}``; empty when
+            every stored chunk decodes (a missing chunk reads as fill values here: see :meth:`missing_chunks`).
+        """
+        damaged = {}
+        for name, arr in self._root[group_path].arrays():
+            bad = []
+            for coords in itertools.product(*(range(n) for n in arr.cdata_shape)):
+                try:
+                    arr.get_block_selection(coords)
+                except Exception:  # codec errors come from blosc, numcodecs and zarr in many types
+                    bad.append(f"{arr.path}/{arr.metadata.encode_chunk_key(coords)}")
+            if bad:
+                damaged[name] = bad
+        return damaged
+
     # ------------------------------------------------------------------ lazy views
     def lazy_maps(self, teacher: str, kind: str) -> dict[str, Any]:
         """A lazy dask array per case of one teacher's ``kind`` (``"softmax"``, ``"coarse"`` or ``"fine"``).
@@ -577,15 +600,24 @@ class TeacherStore:
         return infos
 
 
+def _is_remote(location: str) -> bool:
+    """True for an fsspec URL other than ``file://``: no lock file can sit beside it."""
+    return "://" in location and not location.startswith("file://")
+
+
 def _lock_path(location: str) -> Path:
-    """The lock file of a store: ``<store>.lock`` beside a local store; for a remote URL, a file in the TeachCache
-    cache folder named after the URL (which protects writers on this machine only)."""
-    if "://" not in location or location.startswith("file://"):
+    """The write lock file of a store.
+
+    ``<store>.lock`` beside a local store (never inside the Zarr group). A remote URL (``s3://…``) has no place
+    for a lock file that every machine would see, so its lock is a file in the TeachCache cache folder named after
+    the URL: it keeps two writers on this machine apart, not writers on two machines.
+    """
+    if not _is_remote(location):
         path = Path(location.removeprefix("file://")).resolve()
         return path.with_name(f"{path.name}.lock")
     from core.data.layout import default_hash_cache
 
-    digest = hashlib.sha256(location.encode()).hexdigest()[:16]
+    digest = hashlib.sha256(location.rstrip("/").encode()).hexdigest()[:16]  # one lock for `url` and `url/`
     return default_hash_cache().parent / "locks" / f"{digest}.lock"
 
 
@@ -603,10 +635,14 @@ def store_write_lock(location: str | Path, command: str) -> Iterator[None]:
     ``teachcache preprocess`` and ``teachcache cache`` each hold it for their whole run (their dask workers write
     under the driver's lock). It is an OS-level lock (``filelock``, ``fcntl`` on Unix): the kernel releases it when
     its process dies, even by SIGKILL, so a killed run never blocks the next one. Who holds it (command, pid, host,
-    user, since) is written beside it, for the message the second process prints.
+    user, since) is written beside it (``<lock>.json``), for the message the second process prints.
+
+    Args:
+        location: the store's path or fsspec URL (the store need not exist yet).
+        command: the teachcache command taking the lock (``"preprocess"``, ``"cache"``), named to a second writer.
 
     Raises:
-        StoreError: another process is writing the store.
+        StoreError: another process is writing the store, or the lock file cannot be created or locked.
     """
     from filelock import FileLock, Timeout
 
@@ -629,10 +665,15 @@ def store_write_lock(location: str | Path, command: str) -> Iterator[None]:
             f"{location} is being written by {who}; wait for it to finish, or stop it (a stopped run resumes where "
             f"it was). Two writers on one store are refused: lock {path}"
         ) from None
-    except OSError as exc:
-        raise StoreError(
-            f"cannot create the lock file {path} for {location}: {exc.strerror or exc}"
-        ) from None
+    # NotImplementedError: what filelock < 4 raises on a file system without flock
+    except (OSError, NotImplementedError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        fix = (
+            "set TEACHCACHE_CACHE_DIR to a writable local folder"
+            if _is_remote(str(location))
+            else f"the folder {path.parent} must be writable, on a file system with file locks"
+        )
+        raise StoreError(f"cannot take the write lock {path} for {location}: {reason}; {fix}") from None
     try:
         with suppress(OSError):  # the lock holds without its description
             info.write_text(

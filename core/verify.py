@@ -7,10 +7,15 @@ from typing import Any
 import dask
 import numpy as np
 
+from core.errors import StoreError
 from core.experiment import entry_key_difference
 from core.store import ATTENTION_KINDS, TeacherStore, entry_hash
 
 __all__ = ["verify_store"]
+
+
+_ENTRY_FIX = "run `make cache`, which recomputes the entry"
+_CASE_FIX = "run `make cache`, whose `teachcache preprocess` rewrites the case"
 
 
 def _lost_chunks(store: TeacherStore, group_path: str, where: str, fix: str) -> list[str]:
@@ -21,21 +26,46 @@ def _lost_chunks(store: TeacherStore, group_path: str, where: str, fix: str) -> 
     ]
 
 
-def _guarded(check, where: str, fix: str):
-    """Run a check; a chunk that cannot be decoded (truncated, corrupt) is a finding, not a crash."""
+def _unreadable(store: TeacherStore, group_path: str, where: str, fix: str, exc: Exception) -> list[str]:
+    """Why a whole-array read of a group failed: each undecodable chunk, named with its array and file.
 
-    def run(*args: Any) -> list[str]:
-        try:
-            return check(*args)
-        except Exception as exc:  # codec errors come from blosc/numcodecs/zarr in many types
-            return [f"{where(*args)}: cannot decode its arrays ({type(exc).__name__}: {exc}); {fix}"]
+    A damaged chunk file is still present, so `make cache` would skip its entry: the fix is to delete it (then the
+    chunk is lost, which `make cache` repairs), or the group's folder when no single chunk is to blame.
+    """
+    try:
+        damaged = store.undecodable_chunks(group_path)
+    except Exception:  # the group's own metadata is unreadable: report what the read said
+        damaged = {}
+    if not damaged:
+        return [
+            f"{where}: cannot be read ({type(exc).__name__}: {exc}); delete {store.location}/{group_path} and {fix}"
+        ]
+    return [
+        f"{where}: array '{name}' has {len(keys)} corrupt or truncated chunk file(s) "
+        f"({', '.join(f'{store.location}/{k}' for k in keys)}); delete them and {fix}"
+        for name, keys in damaged.items()
+    ]
 
-    return run
+
+def _check_case_guarded(store: TeacherStore, case_id: str) -> list[str]:
+    """:func:`_check_case`, with a chunk that cannot be decoded as a finding, not a crash."""
+    try:
+        return _check_case(store, case_id)
+    except Exception as exc:  # codec errors come from blosc, numcodecs and zarr in many types
+        return _unreadable(store, f"cases/{case_id}", f"case {case_id}", _CASE_FIX, exc)
+
+
+def _check_entry_guarded(store: TeacherStore, teacher: str, case_id: str, prov: dict[str, Any]) -> list[str]:
+    """:func:`_check_entry`, with a chunk that cannot be decoded as a finding, not a crash."""
+    try:
+        return _check_entry(store, teacher, case_id, prov)
+    except Exception as exc:  # codec errors come from blosc, numcodecs and zarr in many types
+        where = f"teacher {teacher}, case {case_id}"
+        return _unreadable(store, f"teachers/{teacher}/{case_id}", where, _ENTRY_FIX, exc)
 
 
 def _check_case(store: TeacherStore, case_id: str) -> list[str]:
-    fix = "rebuild it: `teachcache preprocess` rewrites a damaged case"
-    problems = _lost_chunks(store, f"cases/{case_id}", f"case {case_id}", fix)
+    problems = _lost_chunks(store, f"cases/{case_id}", f"case {case_id}", _CASE_FIX)
     image = store.read_image(case_id)
     label = store.read_label(case_id)
     store.read_foreground(case_id)  # decoded too: every chunk of the case is read once
@@ -52,8 +82,7 @@ def _check_entry(store: TeacherStore, teacher: str, case_id: str, prov: dict[str
         return [f"{where}: missing or incomplete (run `make cache` to finish it)"]
     attrs = store.entry_attrs(teacher, case_id)
     shape = store.case_shape(case_id)
-    fix = "`make cache` recomputes the entry"
-    problems = _lost_chunks(store, f"teachers/{teacher}/{case_id}", where, fix)
+    problems = _lost_chunks(store, f"teachers/{teacher}/{case_id}", where, _ENTRY_FIX)
     probs = store.read_softmax(teacher, case_id)
     if probs.shape != (len(prov["class_names"]), *shape):
         problems.append(
@@ -120,9 +149,10 @@ def verify_store(
     case; decoded softmax has the case's shape, is finite and sums to 1 within 1e-3; attention maps have the
     declared stride's shape and are finite; each entry records its entry key, the key matches its hash, and it is
     the key the teacher's provenance describes (same checkpoint, architecture, inference settings, attention power,
-    sketch width, encoding and preprocessing); provenance hashes match the store's. Every array of every case and
-    entry is decoded (a truncated or corrupt chunk is a finding), and no chunk file is missing (for groups written
-    with every chunk stored, format ≥ 1.3; older ones are counted in ``unchecked_for_lost_chunks``).
+    sketch width, encoding and preprocessing); provenance hashes match the store's. Every chunk of every array of
+    every case and entry is decoded (a truncated or corrupt chunk is a finding naming its array and file, not a
+    crash), and no chunk file is missing (for groups written with every chunk stored, ``all_chunks``, format ≥ 1.3;
+    older ones are counted in ``unchecked_for_lost_chunks``).
 
     Args:
         store: the store.
@@ -136,28 +166,35 @@ def verify_store(
     meta = store.metadata
     cases = store.case_ids()
     problems: list[str] = []
-    check_case = _guarded(_check_case, lambda s, c: f"case {c}", "`teachcache preprocess` rewrites it")
-    check_entry = _guarded(
-        _check_entry, lambda s, t, c, p: f"teacher {t}, case {c}", "`make cache` recomputes the entry"
-    )
-    tasks = [dask.delayed(check_case)(store, c) for c in cases]
+    tasks = [dask.delayed(_check_case_guarded)(store, c) for c in cases]
     teachers = store.teacher_names()
     for wanted in expected_teachers or []:
         if wanted not in teachers:
             problems.append(f"teacher {wanted}: configured but not cached at all (run `make cache`)")
     for teacher in teachers:
-        prov = store.teacher_metadata(teacher)
+        try:
+            prov = store.teacher_metadata(teacher)
+        except StoreError:  # its group was made, its provenance not yet written, when a run was stopped
+            problems.append(
+                f"teacher {teacher}: records no provenance (its caching was stopped); run `make cache`"
+            )
+            continue
         if prov.get("preprocessing_hash") != meta["preprocessing_hash"]:
-            problems.append(f"teacher {teacher}: cached on other preprocessing than the store's (stale)")
+            problems.append(
+                f"teacher {teacher}: cached on other preprocessing than the store's (stale); run `make cache`"
+            )
         if prov.get("dataset_manifest_hash") != meta["dataset"]["manifest_hash"]:
-            problems.append(f"teacher {teacher}: cached on another version of the dataset (stale)")
-        tasks += [dask.delayed(check_entry)(store, teacher, c, prov) for c in cases]
+            problems.append(
+                f"teacher {teacher}: cached on another version of the dataset (stale); recompute it: "
+                f"`teachcache cache -c CONFIG -t {teacher} --overwrite`"
+            )
+        tasks += [dask.delayed(_check_entry_guarded)(store, teacher, c, prov) for c in cases]
     if not cases:
         problems.append("the store holds no complete case (run `make cache`)")
     for found in dask.compute(*tasks, scheduler=scheduler):
         problems.extend(found)
-    groups = [f"cases/{c}" for c in cases] + [
-        f"teachers/{t}/{c}" for t in teachers for c in cases if store.has_entry(t, c)
+    written = [store.case_attrs(c) for c in cases] + [
+        store.entry_attrs(t, c) for t in teachers for c in cases if store.has_entry(t, c)
     ]
     return {
         "ok": not problems,
@@ -165,5 +202,5 @@ def verify_store(
         "cases": len(cases),
         "teachers": teachers,
         "entries_checked": len(cases) * len(teachers),
-        "unchecked_for_lost_chunks": sum(store.missing_chunks(g) is None for g in groups),
+        "unchecked_for_lost_chunks": sum(not attrs.get("all_chunks") for attrs in written),
     }

@@ -252,17 +252,28 @@ def verify(
             f"ok: {result['cases']} cases, {len(result['teachers'])} teacher(s), "
             f"{result['entries_checked']} entries checked"
         )
-    if result["unchecked_for_lost_chunks"] and not as_json:
-        out.print(
-            f"note: {result['unchecked_for_lost_chunks']} case(s)/entries were written before every chunk was stored "
-            "(store format < 1.3): a lost chunk file cannot be detected there"
-        )
     else:
         for problem in result["problems"]:
             err.print(f"[red]problem:[/] {problem}", highlight=False, soft_wrap=True)
         err.print(f"{len(result['problems'])} problem(s) in {store}")
+    if not as_json:
+        for note in _verify_notes(result, config is not None):
+            out.print(f"note: {note}", highlight=False, soft_wrap=True)
     if not result["ok"]:
         raise typer.Exit(code=1)
+
+
+def _verify_notes(result: dict[str, Any], with_config: bool) -> list[str]:
+    """What ``verify`` could not check: old groups' lost chunks; which teachers a store without them should hold."""
+    notes = []
+    if result["unchecked_for_lost_chunks"]:
+        notes.append(
+            f"{result['unchecked_for_lost_chunks']} case(s)/entries were written before every chunk was stored "
+            "(store format < 1.3): a lost chunk file cannot be detected there"
+        )
+    if not result["teachers"] and not with_config:
+        notes.append("no teacher is cached yet; pass -c CONFIG to check that every configured teacher is")
+    return notes
 
 
 def _bytes(n: int) -> str:

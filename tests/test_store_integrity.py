@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import zarr
 from typer.testing import CliRunner
 
 from cache_teachers import cache_teachers, preprocess_dataset
-from core.store import TeacherStore
+from core.store import TeacherStore, store_write_lock
 from teachcache.cli import app
 from tests.conftest import derived_config
 
@@ -59,14 +60,41 @@ def test_a_deleted_case_chunk_is_found_and_rewritten(trained):
     assert _verify(cfg.store.path)[0] == 0
 
 
-def test_a_truncated_chunk_is_a_finding_not_a_crash(trained):
+def test_a_truncated_chunk_is_named_and_its_fix_works(trained):
     cfg, _ = _cached(trained, "truncated_chunk")
     case = TeacherStore.open(cfg.store.path).case_ids()[2]
-    chunk = _chunk(cfg.store.path, f"teachers/dynunet/{case}/fine")
-    chunk.write_bytes(chunk.read_bytes()[:20])
+    damaged = [
+        _chunk(cfg.store.path, f"teachers/dynunet/{case}/fine"),
+        _chunk(cfg.store.path, f"cases/{case}/image"),
+    ]
+    for chunk in damaged:
+        chunk.write_bytes(chunk.read_bytes()[:20])
     code, out = _verify(cfg.store.path)
     assert code == 1, out
-    assert f"teacher dynunet, case {case}: cannot decode its arrays" in out and "make cache" in out
+    assert (
+        f"teacher dynunet, case {case}: array 'fine' has 1 corrupt or truncated chunk file(s) ({damaged[0]}); "
+        "delete them and run `make cache`"
+    ) in out
+    assert f"case {case}: array 'image' has 1 corrupt or truncated chunk file(s) ({damaged[1]})" in out
+    for chunk in damaged:  # what the message says to do
+        chunk.unlink()
+    assert preprocess_dataset(cfg, progress=False).written == 1
+    assert cache_teachers(cfg, names=["dynunet"], progress=False).written["dynunet"] == 1
+    assert _verify(cfg.store.path)[0] == 0
+
+
+def test_every_problem_is_printed_beside_the_notes(trained):
+    cfg, _ = _cached(trained, "problems_and_notes")
+    first, second = TeacherStore.open(cfg.store.path).case_ids()[:2]
+    root = zarr.open_group(cfg.store.path, mode="a")
+    del root[f"teachers/dynunet/{first}"].attrs["all_chunks"]  # as an older TeachCache wrote it
+    _chunk(cfg.store.path, f"teachers/dynunet/{second}/coarse").unlink()
+    root.require_group("teachers/ghost")  # a run stopped between making the group and writing its provenance
+    code, out = _verify(cfg.store.path)
+    assert code == 1, out
+    assert f"teacher dynunet, case {second}: array 'coarse' has lost 1 chunk file(s)" in out
+    assert "teacher ghost: records no provenance" in out and "2 problem(s)" in out
+    assert "note: 1 case(s)/entries were written before every chunk was stored" in out
 
 
 def test_verify_with_the_config_checks_every_configured_teacher(trained):
@@ -74,3 +102,16 @@ def test_verify_with_the_config_checks_every_configured_teacher(trained):
     code, out = _verify(cfg.store.path, "--config", str(path))
     assert code == 1, out
     assert "teacher unetr: configured but not cached at all" in out and "teacher swin:" in out
+
+
+def test_a_store_being_rebuilt_refuses_cache_naming_the_writer(trained):
+    root, data = trained
+    cfg, path = derived_config(root, data, "being_rebuilt")
+    with store_write_lock(cfg.store.path, "preprocess"):  # a first preprocess, before its first case
+        result = runner.invoke(app, ["cache", "-c", str(path), "-t", "dynunet", "-q"])
+    assert result.exit_code == 2 and "is being written by `teachcache preprocess`, pid" in result.output, (
+        result.output
+    )
+    preprocess_dataset(cfg, progress=False)
+    code, out = _verify(cfg.store.path)
+    assert code == 0 and "note: no teacher is cached yet; pass -c CONFIG" in out, out
