@@ -5,6 +5,7 @@ VENV   ?= .venv
 TORCH  ?= torch==2.13.0
 CONFIG ?= configs/demo.yaml
 FOLD   ?= 0
+FOLDS  ?=
 KD     ?=
 WORKERS ?=
 ARGS   ?=
@@ -13,7 +14,7 @@ BIN := $(VENV)/bin
 TC  := $(BIN)/teachcache
 STAMP := $(VENV)/.installed
 
-.PHONY: setup data preprocess teachers cache distil report demo bench-store test lint format clean
+.PHONY: setup data preprocess teachers cache distil cv report demo bench-store test lint format clean
 
 setup: $(STAMP)
 
@@ -35,11 +36,18 @@ preprocess: data
 teachers: preprocess
 	$(TC) teachers --config $(CONFIG) --fold $(FOLD)
 
+# FOLD=k caches fold k's per-fold teachers; without it, every fold whose teacher checkpoints exist
 cache: preprocess
-	$(TC) cache --config $(CONFIG) $(if $(WORKERS),--workers $(WORKERS)) $(ARGS)
+	$(TC) cache --config $(CONFIG) $(if $(filter command line,$(origin FOLD)),--fold $(FOLD)) $(if $(WORKERS),--workers $(WORKERS)) $(ARGS)
 
 distil: setup
 	$(TC) distil --config $(CONFIG) --fold $(FOLD) $(if $(KD),--kd $(KD)) $(ARGS)
+
+# cross-validation: every fold (or FOLDS=0,1) of teachers → cache → no-KD and distilled students → report; re-run
+# to resume (finished runs are skipped)
+comma := ,
+cv: preprocess
+	$(TC) cv --config $(CONFIG) $(foreach k,$(subst $(comma), ,$(FOLDS)),--fold $(k))
 
 # every fold trained, with paired tests (make report); one fold's table with stage times (make report FOLD=0)
 report: setup
@@ -50,7 +58,7 @@ demo: setup
 	$(TC) synth --config $(CONFIG)
 	$(TC) preprocess --config $(CONFIG)
 	$(TC) teachers --config $(CONFIG) --fold 0
-	$(MAKE) --no-print-directory cache CONFIG=$(CONFIG)
+	$(MAKE) --no-print-directory cache CONFIG=$(CONFIG) FOLD=0
 	$(MAKE) --no-print-directory distil CONFIG=$(CONFIG) FOLD=0 KD=none
 	$(MAKE) --no-print-directory distil CONFIG=$(CONFIG) FOLD=0
 	$(TC) report --config $(CONFIG) --fold 0

@@ -43,7 +43,7 @@ def _teacher_logits(cfg: Config, cases: list[str]) -> list[np.ndarray]:
     meta = store.metadata["dataset"]
     device = resolve_device(cfg.training.device)
     out = []
-    for teacher in cfg.teachers:
+    for teacher in (t.for_fold(0) for t in cfg.teachers):  # fold 0's checkpoints, the ones the demo trains
         model, _ = build_from_checkpoint(
             teacher.checkpoint,
             teacher.arch,
@@ -110,7 +110,7 @@ def bench_patch_read(cfg: Config, repeats: int = 50) -> dict[str, float]:
     """Mean and 95th-percentile seconds to read one training patch with every teacher's cached maps."""
     store = open_store_for(cfg)
     train, _ = fold_split(cfg, store, 0)
-    teachers = tuple(t.name for t in cfg.distilled_teachers())
+    teachers = tuple(t.store_key(0) for t in cfg.distilled_teachers())  # fold 0: the one it reads
     ds = PatchDataset(
         store.location,
         train,
@@ -141,7 +141,7 @@ def store_costs(cfg: Config) -> dict[str, float]:
     """Stored bytes per case voxel of each array kind (per teacher for teacher arrays), from the demo store."""
     store = open_store_for(cfg)
     voxels = sum(int(np.prod(store.case_shape(c))) for c in store.case_ids())
-    teachers = max(1, len(store.teacher_names()))
+    teachers = max(1, len(store.teacher_keys()))
     totals: dict[str, int] = {}
     for info in store.array_infos():
         parts = info.path.split("/")
@@ -157,7 +157,7 @@ def sketch_fidelity(cfg: Config) -> list[dict[str, object]]:
     """Per teacher and tap: sketch width, kept energy, and relative errors of cosine similarities (mean, max)."""
     store = open_store_for(cfg)
     rows = []
-    for teacher in store.teacher_names():
+    for teacher in store.teacher_keys():
         per_kind: dict[str, list[dict[str, float]]] = {}
         for case in store.case_ids():
             if store.has_entry(teacher, case):

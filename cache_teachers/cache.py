@@ -31,8 +31,8 @@ import torch
 from torch import nn
 
 from core.config import Config, TeacherConfig
-from core.errors import ConfigError, StoreError, TeachCacheError
-from core.experiment import entry_key, open_store_for
+from core.errors import CheckpointError, ConfigError, StoreError, TeachCacheError
+from core.experiment import entry_key, open_store_for, store_splits
 from core.inference import aligned_overlap, check_window, predict_volume, resolve_device
 from core.models import get_spec
 from core.models.checkpoint import Checkpoint, build_from_checkpoint, file_sha256
@@ -40,7 +40,7 @@ from core.progress import track
 from core.sketch import relation_errors, sketch_features
 from core.store import TeacherStore, entry_hash, store_write_lock
 
-__all__ = ["KILL_AFTER_ENTRIES_ENV", "CacheSummary", "cache_teachers", "compute_entry"]
+__all__ = ["KILL_AFTER_ENTRIES_ENV", "CacheSummary", "cache_teachers", "cache_units", "compute_entry"]
 
 KILL_AFTER_ENTRIES_ENV = "TEACHCACHE_TEST_KILL_AFTER_ENTRIES"
 
@@ -86,6 +86,12 @@ def _kill_hook() -> Callable[[str], None] | None:
     return kill
 
 
+def _bound(cfg: Config, name: str, fold: int | None) -> TeacherConfig:
+    """The configured teacher ``name``, with fold ``fold``'s checkpoint when it has one per fold."""
+    teacher = cfg.teacher(name)
+    return teacher.for_fold(fold) if fold is not None else teacher
+
+
 def _load_teacher(teacher: TeacherConfig, in_channels: int, num_classes: int) -> tuple[nn.Module, Checkpoint]:
     return build_from_checkpoint(teacher.checkpoint, teacher.arch, in_channels, num_classes, teacher.args)
 
@@ -129,10 +135,17 @@ def _entry_device(cfg: Config) -> torch.device:
     return device
 
 
-def compute_entry(cfg: Config, teacher_name: str, case_id: str, sha: str) -> str:
+def compute_entry(cfg: Config, teacher_name: str, fold: int | None, case_id: str, sha: str) -> str:
     """Compute one teacher's outputs for one case and write them as a complete store entry.
 
     Runs in the calling process or on a dask worker; either way it opens the store itself.
+
+    Args:
+        cfg: the experiment.
+        teacher_name: the configured teacher.
+        fold: the fold whose checkpoint is used (``None`` for a teacher with one checkpoint for every fold).
+        case_id: the case.
+        sha: SHA-256 of the checkpoint file (checked when the run was planned).
 
     Returns:
         ``case_id``, for progress reporting.
@@ -141,7 +154,7 @@ def compute_entry(cfg: Config, teacher_name: str, case_id: str, sha: str) -> str
         StoreError: the store cannot be written (full disk, read-only destination); entries already complete
             are untouched and this one stays incomplete, so re-running resumes.
     """
-    teacher = cfg.teacher(teacher_name)
+    teacher = _bound(cfg, teacher_name, fold)
     device = _entry_device(cfg)
     store = _process_store(cfg)
     model = _process_model(cfg, teacher, sha, device)
@@ -161,7 +174,7 @@ def compute_entry(cfg: Config, teacher_name: str, case_id: str, sha: str) -> str
     key = entry_key(cfg, teacher, sha, store)
     try:
         store.write_entry(
-            teacher.name,
+            teacher.store_key(fold or 0),
             case_id,
             out["logits"],
             out["coarse"],
@@ -175,7 +188,7 @@ def compute_entry(cfg: Config, teacher_name: str, case_id: str, sha: str) -> str
         )
     except OSError as exc:
         raise StoreError(
-            f"cannot write teacher '{teacher.name}', case '{case_id}' to {cfg.store.path}: "
+            f"cannot write teacher '{teacher.store_key(fold or 0)}', case '{case_id}' to {cfg.store.path}: "
             f"{exc.strerror or exc}. Free space or fix permissions, then re-run `make cache` to resume; "
             "complete entries are kept"
         ) from None
@@ -212,13 +225,21 @@ def _sketches(out: dict[str, np.ndarray], k: int) -> dict[str, tuple[np.ndarray,
 
 
 def _provenance(
-    cfg: Config, teacher: TeacherConfig, ckpt_meta: dict[str, Any], sha: str, store: TeacherStore
+    cfg: Config,
+    teacher: TeacherConfig,
+    fold: int | None,
+    ckpt_meta: dict[str, Any],
+    sha: str,
+    store: TeacherStore,
 ) -> dict[str, Any]:
-    """The teacher's provenance, describing the last caching run; each entry records its own ``entry_key``."""
+    """The teacher copy's provenance, describing the last caching run; each entry records its own ``entry_key``."""
     meta = store.metadata
     spec = get_spec(teacher.arch)
     key = entry_key(cfg, teacher, sha, store)
     return {
+        "name": teacher.name,
+        "slot": teacher.store_key(fold or 0).rsplit("/", 1)[1],
+        "cached_for_fold": fold,
         "arch": teacher.arch,
         "args": teacher.args,
         "in_channels": len(meta["dataset"]["channel_names"]),
@@ -229,7 +250,10 @@ def _provenance(
         "fold": ckpt_meta.get("fold"),
         "train_cases": ckpt_meta.get("train_cases"),
         "splits_file": ckpt_meta.get("splits_file"),
+        "val_cases": ckpt_meta.get("val_cases"),
         "val_mean_dice": ckpt_meta.get("val_mean_dice"),
+        "holdout_mean_dice": ckpt_meta.get("holdout_mean_dice"),
+        "holdout_cases": ckpt_meta.get("holdout_cases"),
         "taps": {k: {"module": t.module, "stride": t.stride} for k, t in spec.taps.items()},
         "attention_p": cfg.distillation.attention.p,
         "feature_sketch_channels": cfg.store.feature_sketch_channels,
@@ -268,12 +292,16 @@ def cache_teachers(
     progress: bool = True,
     workers: int | None = None,
     scheduler: str | None = None,
+    folds: list[int] | None = None,
 ) -> CacheSummary:
     """Cache every configured teacher (or those in ``names``) over every case of the store.
 
-    Every checkpoint is loaded and checked against its declared architecture before anything is written. An
-    entry is skipped when it is complete and its ``entry_hash`` equals the one the current config and checkpoint
-    bytes give (:func:`core.experiment.entry_key`), unless ``overwrite``; any other entry is rewritten whole.
+    A teacher whose ``checkpoint`` holds ``{fold}`` has one checkpoint per fold and is cached once per fold, under
+    ``<name>/fold_<k>``; a teacher with one checkpoint is cached once, under ``<name>/all_folds``. Every checkpoint
+    is loaded and checked against its declared architecture (and, for a per-fold teacher, against the fold it
+    records) before anything is written. An entry is skipped when it is complete and its ``entry_hash`` equals the
+    one the current config and checkpoint bytes give (:func:`core.experiment.entry_key`), unless ``overwrite``;
+    any other entry is rewritten whole.
 
     Args:
         cfg: the experiment.
@@ -282,17 +310,71 @@ def cache_teachers(
         progress: show progress bars.
         workers: run entries on a LocalCluster of this many worker processes (``None``: in this process).
         scheduler: run entries on the dask.distributed cluster at this address instead.
+        folds: the folds whose per-fold teachers to cache; ``None``: every fold for which the teacher's checkpoint
+            exists (at least one must).
 
     Raises:
         StoreError: the store is missing, stale, cannot be written, or is being written by another process (its
             write lock, :func:`core.store.store_write_lock`, is held for the whole run).
-        CheckpointError: a checkpoint is missing, unsafe, or does not fit its declared architecture.
-        ConfigError: no teachers configured, window settings a network cannot use, or an unreachable scheduler.
+        CheckpointError: a checkpoint is missing, unsafe, made for another fold, or does not fit its declared
+            architecture.
+        ConfigError: no teachers configured, a fold the store's splits do not have, window settings a network
+            cannot use, or an unreachable scheduler.
     """
     # the lock first: a second run is refused with the holder's name whatever state the first left the store in
     with store_write_lock(cfg.store.path, "cache"):
         store = open_store_for(cfg, mode="a")
-        return _cache_locked(cfg, store, overwrite, names, progress, workers, scheduler)
+        return _cache_locked(cfg, store, overwrite, names, progress, workers, scheduler, folds)
+
+
+def cache_units(
+    cfg: Config, store: TeacherStore, names: list[str] | None, folds: list[int] | None
+) -> list[tuple[TeacherConfig, int | None]]:
+    """The (teacher, fold) copies a caching run writes: per-fold teachers bound to each fold, others once (fold
+    ``None``).
+
+    Raises:
+        ConfigError: no teachers, or a fold outside the store's splits.
+        CheckpointError: ``folds`` is ``None`` and a per-fold teacher has a checkpoint for no fold.
+    """
+    teachers = [cfg.teacher(n) for n in names] if names else list(cfg.teachers)
+    if not teachers:
+        raise ConfigError("no teachers in the config: add entries under 'teachers'")
+    num_folds = len(store_splits(cfg, store))
+    for fold in folds or []:
+        if not 0 <= fold < num_folds:
+            raise ConfigError(
+                f"fold {fold} does not exist: {store.location} was split into {num_folds} folds (0–{num_folds - 1})"
+            )
+    units: list[tuple[TeacherConfig, int | None]] = []
+    for teacher in teachers:
+        if not teacher.per_fold:
+            units.append((teacher, None))
+            continue
+        wanted = (
+            folds
+            if folds is not None
+            else [k for k in range(num_folds) if teacher.for_fold(k).checkpoint.is_file()]
+        )
+        if not wanted:
+            raise CheckpointError(
+                f"teacher '{teacher.name}': no checkpoint for any fold ({teacher.for_fold(0).checkpoint} … "
+                f"{teacher.for_fold(num_folds - 1).checkpoint} are all missing); train it (`make teachers FOLD=0`) "
+                "or point teachers[].checkpoint at your weights"
+            )
+        units += [(teacher.for_fold(k), k) for k in wanted]
+    return units
+
+
+def _check_fold(teacher: TeacherConfig, fold: int | None, ckpt_meta: dict[str, Any]) -> None:
+    """A per-fold teacher's checkpoint must not say it was trained for another fold."""
+    made_for = ckpt_meta.get("fold")
+    if fold is not None and made_for is not None and made_for != fold:
+        raise CheckpointError(
+            f"teacher '{teacher.name}': {teacher.checkpoint} is the checkpoint for fold {fold}, but it records being "
+            f"trained for fold {made_for}; its fold-{fold} student would learn from a teacher that saw its "
+            f"validation cases. Train fold {fold}'s teacher (`make teachers FOLD={fold}`) or fix the path"
+        )
 
 
 def _cache_locked(
@@ -303,49 +385,57 @@ def _cache_locked(
     progress: bool,
     workers: int | None,
     scheduler: str | None,
+    folds: list[int] | None,
 ) -> CacheSummary:
     """The body of :func:`cache_teachers`, run under the store's write lock."""
     case_ids = store.case_ids()
     meta = store.metadata["dataset"]
     in_channels, num_classes = len(meta["channel_names"]), len(meta["class_names"])
-    teachers = [cfg.teacher(n) for n in names] if names else list(cfg.teachers)
-    if not teachers:
-        raise ConfigError("no teachers in the config: add entries under 'teachers'")
+    units = cache_units(cfg, store, names, folds)
 
     plans = []
-    for teacher in teachers:  # check every teacher before writing anything; keep none in memory
+    for teacher, fold in units:  # check every teacher before writing anything; keep none in memory
         spec = get_spec(teacher.arch)
         _, ckpt = _load_teacher(teacher, in_channels, num_classes)
+        _check_fold(teacher, fold, ckpt.meta)
         for case_id in case_ids:
-            check_window(spec, cfg.inference_for(teacher), store.case_shape(case_id), teacher.args)
+            check_window(
+                spec,
+                cfg.inference_for(teacher),
+                store.case_shape(case_id),
+                teacher.args,
+                name=teacher.name,
+                case_id=case_id,
+            )
         sha = file_sha256(teacher.checkpoint)
+        key = teacher.store_key(fold or 0)
         wanted = entry_hash(entry_key(cfg, teacher, sha, store))
         todo = [
             c
             for c in case_ids
             if overwrite
-            or not store.has_entry(teacher.name, c)
-            or store.entry_attrs(teacher.name, c).get("entry_hash") != wanted
-            or bool(store.missing_chunks(f"teachers/{teacher.name}/{c}"))  # a lost chunk file: recompute
+            or not store.has_entry(key, c)
+            or store.entry_attrs(key, c).get("entry_hash") != wanted
+            or bool(store.missing_chunks(f"teachers/{key}/{c}"))  # a lost chunk file: recompute
         ]
-        plans.append((teacher, ckpt.meta, sha, todo))
+        plans.append((teacher, fold, key, ckpt.meta, sha, todo))
         del ckpt
 
     summary = CacheSummary()
     client = _client(workers, scheduler) if (workers or scheduler) else None
     try:
-        for teacher, ckpt_meta, sha, todo in plans:
+        for teacher, fold, key, ckpt_meta, sha, todo in plans:
             started = time.perf_counter()
-            provenance = _provenance(cfg, teacher, ckpt_meta, sha, store)
-            if not todo and teacher.name in store.teacher_names():  # a no-op run keeps the last run's time
-                previous = store.teacher_metadata(teacher.name).get("cache_seconds")
+            provenance = _provenance(cfg, teacher, fold, ckpt_meta, sha, store)
+            if not todo and key in store.teacher_keys():  # a no-op run keeps the last run's time
+                previous = store.teacher_metadata(key).get("cache_seconds")
                 if previous is not None:
                     provenance["cache_seconds"] = previous
-            store.write_teacher_metadata(teacher.name, provenance)
-            label = f"caching {teacher.name}"
+            store.write_teacher_metadata(key, provenance)
+            label = f"caching {key}"
             if client is None:
                 for case_id in track(todo, label, enabled=progress):
-                    compute_entry(cfg, teacher.name, case_id, sha)
+                    compute_entry(cfg, teacher.name, fold, case_id, sha)
                 release_process_state()
             else:
                 from distributed import as_completed
@@ -354,6 +444,7 @@ def _cache_locked(
                     compute_entry,
                     [cfg] * len(todo),
                     [teacher.name] * len(todo),
+                    [fold] * len(todo),
                     todo,
                     [sha] * len(todo),
                     pure=False,
@@ -361,12 +452,12 @@ def _cache_locked(
                 for future in track(as_completed(futures), label, total=len(todo), enabled=progress):
                     future.result()  # re-raises a worker's error here
             seconds = round(time.perf_counter() - started, 2)
-            summary.written[teacher.name] = len(todo)
-            summary.skipped[teacher.name] = len(case_ids) - len(todo)
-            summary.seconds[teacher.name] = seconds
+            summary.written[key] = len(todo)
+            summary.skipped[key] = len(case_ids) - len(todo)
+            summary.seconds[key] = seconds
             if todo:
-                prov = store.teacher_metadata(teacher.name)
-                store.write_teacher_metadata(teacher.name, {**prov, "cache_seconds": seconds})
+                prov = store.teacher_metadata(key)
+                store.write_teacher_metadata(key, {**prov, "cache_seconds": seconds})
     finally:
         if client is not None:
             cluster = client.cluster

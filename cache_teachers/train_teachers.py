@@ -12,6 +12,7 @@ import torch
 
 from core.config import Config
 from core.data.patches import PatchDataset
+from core.data.splits import holdout_split
 from core.distillation import DistillationObjective
 from core.errors import CheckpointError
 from core.experiment import fold_split, open_store_for, splits_path, teacher_dir
@@ -41,12 +42,18 @@ def _refuse_foreign_checkpoint(path: Path, name: str, fold: int, run_dir: Path) 
 
 
 def train_teachers(
-    cfg: Config, fold: int, names: list[str] | None = None, progress: bool = True
+    cfg: Config,
+    fold: int,
+    names: list[str] | None = None,
+    progress: bool = True,
+    skip_done: bool = False,
 ) -> list[FitResult]:
     """Train each configured teacher (or those in ``names``) on ``fold``'s training cases.
 
-    Each checkpoint is written to the teacher's ``checkpoint`` path and records the architecture, its arguments,
-    the fold and the exact training cases (for the store's leakage check).
+    Each checkpoint is written to the teacher's ``checkpoint`` path (``{fold}`` replaced by ``fold``): the final model,
+    or the epoch chosen on the cases ``training.holdout`` carves out of the fold's training cases, whose Dice is
+    then the teacher's for ``teacher_weights: dice``. It records the architecture, its arguments, the fold and the
+    exact training cases (for the store's leakage check).
 
     Raises:
         StoreError: the store is missing or stale (run ``teachcache preprocess``).
@@ -56,7 +63,9 @@ def train_teachers(
     train, val = fold_split(cfg, store, fold)
     meta = store.metadata["dataset"]
     in_channels, class_names = len(meta["channel_names"]), meta["class_names"]
-    teachers = [cfg.teacher(n) for n in names] if names else list(cfg.teachers)
+    teachers = (
+        [cfg.teacher(n).for_fold(fold) for n in names] if names else [t.for_fold(fold) for t in cfg.teachers]
+    )
     results = []
     for teacher in teachers:
         _refuse_foreign_checkpoint(
@@ -75,11 +84,12 @@ def train_teachers(
                 case_id=case_id,
             )
         seed = run_seed(cfg.seed, teacher.training.seed)
+        fit_cases, holdout = holdout_split(train, teacher.training.holdout, seed)
         torch.manual_seed(seed)
         model = create_model(teacher.arch, in_channels, len(class_names), teacher.args)
         dataset = PatchDataset(
             store.location,
-            train,
+            fit_cases,
             teacher.training.patch_size,
             length=teacher.training.iterations_per_epoch * teacher.training.batch_size,
             foreground_oversampling=teacher.training.foreground_oversampling,
@@ -104,11 +114,14 @@ def train_teachers(
                     out_dir=teacher_dir(cfg, teacher.name, fold),
                     checkpoint_path=teacher.checkpoint,
                     device=resolve_device(teacher.training.device),
+                    holdout_cases=holdout,
+                    skip_done=skip_done,
                     meta={
                         "role": "teacher",
                         "teacher": teacher.name,
                         "fold": fold,
-                        "train_cases": train,
+                        "train_cases": train,  # the fold's training cases, held-out ones included
+                        "fit_cases": fit_cases,
                         "val_cases": val,
                         "class_names": class_names,
                         "splits_file": str(splits_path(cfg)),

@@ -17,7 +17,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from core.errors import ConfigError
 
@@ -153,7 +161,11 @@ class TrainingConfig(_Strict):
     weight_decay: float = Field(1e-4, ge=0)
     foreground_oversampling: float = Field(0.33, ge=0, le=1)
     val_every: int = Field(1, ge=1)
-    early_stopping_patience: int | None = Field(None, ge=1)
+    # the fraction of the fold's training cases held out (not trained on) to choose the checkpoint, stop early and
+    # measure a teacher's Dice for teacher_weights: dice; 0: the final model is the headline, nothing is chosen
+    holdout: float = Field(0.0, ge=0, lt=0.5)
+    # epochs without a better held-out Dice before training stops (the paper's 40); only with holdout > 0
+    early_stopping_patience: int | None = Field(40, ge=1)
     focal_gamma: float = Field(2.0, ge=0)
 
     @field_validator("focal_gamma")
@@ -182,6 +194,10 @@ class InferenceConfig(_Strict):
     mode: Literal["gaussian", "constant"] = "gaussian"
 
 
+FOLD_PLACEHOLDER = "{fold}"
+ALL_FOLDS = "all_folds"
+
+
 class TeacherConfig(ModelConfig):
     """A teacher: registry architecture, its checkpoint, and (for demo teachers) how to train it."""
 
@@ -189,6 +205,44 @@ class TeacherConfig(ModelConfig):
     checkpoint: Path
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     inference: InferenceConfig | None = None
+
+    @field_validator("checkpoint")
+    @classmethod
+    def _fold_template(cls, v: Path) -> Path:
+        rest = str(v).replace(FOLD_PLACEHOLDER, "")
+        if "{" in rest or "}" in rest:
+            raise ValueError(
+                f"the only placeholder a checkpoint path may hold is {FOLD_PLACEHOLDER} (one checkpoint per fold), "
+                f"got {v}"
+            )
+        return v
+
+    # the fold a per-fold teacher was bound to by for_fold (its checkpoint path no longer shows {fold})
+    _bound_fold: int | None = PrivateAttr(default=None)
+
+    @property
+    def per_fold(self) -> bool:
+        """One checkpoint per fold (``checkpoint`` holds ``{fold}``), or one for every fold (trained elsewhere)."""
+        return self._bound_fold is not None or FOLD_PLACEHOLDER in str(self.checkpoint)
+
+    def store_key(self, fold: int) -> str:
+        """Where fold ``fold``'s copy of this teacher lives in the store: ``<name>/fold_<k>`` for a per-fold teacher,
+        ``<name>/all_folds`` for one checkpoint used in every fold (docs/store-format.md)."""
+        if self._bound_fold is not None and self._bound_fold != fold:
+            raise ValueError(f"teacher '{self.name}' is bound to fold {self._bound_fold}, not {fold}")
+        return f"{self.name}/fold_{fold}" if self.per_fold else f"{self.name}/{ALL_FOLDS}"
+
+    def for_fold(self, fold: int) -> TeacherConfig:
+        """This teacher with ``{fold}`` in its checkpoint path replaced by ``fold`` (itself when not per fold)."""
+        if not self.per_fold or self._bound_fold == fold:
+            return self
+        if self._bound_fold is not None:
+            raise ValueError(f"teacher '{self.name}' is bound to fold {self._bound_fold}, not {fold}")
+        bound = self.model_copy(
+            update={"checkpoint": Path(str(self.checkpoint).replace(FOLD_PLACEHOLDER, str(fold)))}
+        )
+        bound._bound_fold = fold
+        return bound
 
 
 class AttentionConfig(_Strict):

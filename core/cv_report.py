@@ -1,6 +1,7 @@
 """The cross-validation report: every run kind over every fold it was trained on, per case, with paired tests.
 
-Reads only what runs wrote (``summary.json`` and ``validation_per_case.csv`` of the final models) under
+Reads only what runs wrote (``summary.json`` and ``validation_per_case.csv`` of the headline models: final, or
+chosen on held-out training cases) under
 ``runs_dir/students/kd-<kind>/fold_<k>/`` and ``runs_dir/teachers/<name>/fold_<k>/``. Writes
 ``runs_dir/report.json``, ``report.md`` and ``report_dice.png`` (per-case Dice of each run kind).
 """
@@ -167,7 +168,7 @@ def _plot(cases_of: dict[str, dict[str, tuple[float, float]]], path: Path, title
         range(1, len(names) + 1), [n.replace("student ", "").replace("teacher ", "T ") for n in names]
     )
     ax.tick_params(axis="x", rotation=30)
-    ax.set_ylabel("Dice per validation case (final models)")
+    ax.set_ylabel("Dice per validation case (headline models)")
     ax.set_ylim(0, 1)
     ax.set_title(f"{title}: every fold trained")
     fig.tight_layout()

@@ -19,7 +19,7 @@ def describe_store(store: TeacherStore) -> dict[str, Any]:
     meta = store.metadata
     cases = store.case_ids()
     teachers = []
-    for name in store.teacher_names():
+    for name in store.teacher_keys():
         prov = store.teacher_metadata(name)
         complete = sum(store.has_entry(name, c) for c in cases)
         teachers.append(
@@ -43,7 +43,7 @@ def describe_store(store: TeacherStore) -> dict[str, Any]:
             {
                 "case_id": c,
                 "shape": list(store.case_shape(c)),
-                "teachers_complete": [t for t in store.teacher_names() if store.has_entry(t, c)],
+                "teachers_complete": [t for t in store.teacher_keys() if store.has_entry(t, c)],
             }
             for c in cases
         ],

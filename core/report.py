@@ -41,8 +41,9 @@ def build_report(cfg: Config, fold: int) -> dict[str, Any]:
                 {
                     "model": f"teacher {t.name}",
                     "arch": s["arch"],
-                    "dice": s.get("final_mean_dice", float("nan")),
-                    "dice_per_class": s.get("final_dice_per_class", []),
+                    "dice": s.get("headline_mean_dice", s.get("final_mean_dice", float("nan"))),
+                    "dice_per_class": s.get("headline_dice_per_class", s.get("final_dice_per_class", [])),
+                    "selection": s.get("headline", "final"),
                     "best_on_val_dice": s["best_mean_dice"],
                     "best_on_val_epoch": s["best_epoch"],
                     "parameters": s["parameters"],
@@ -59,8 +60,9 @@ def build_report(cfg: Config, fold: int) -> dict[str, Any]:
                 {
                     "model": f"student kd-{kind}",
                     "arch": s["arch"],
-                    "dice": s.get("final_mean_dice", float("nan")),
-                    "dice_per_class": s.get("final_dice_per_class", []),
+                    "dice": s.get("headline_mean_dice", s.get("final_mean_dice", float("nan"))),
+                    "dice_per_class": s.get("headline_dice_per_class", s.get("final_dice_per_class", [])),
+                    "selection": s.get("headline", "final"),
                     "best_on_val_dice": s["best_mean_dice"],
                     "best_on_val_epoch": s["best_epoch"],
                     "parameters": s["parameters"],
@@ -74,7 +76,8 @@ def build_report(cfg: Config, fold: int) -> dict[str, Any]:
     if TeacherStore.exists(cfg.store.path):
         store = TeacherStore.open(cfg.store.path)
         stages["preprocess"] = store.metadata.get("preprocess_seconds")
-        secs = [store.teacher_metadata(n).get("cache_seconds") for n in store.teacher_names()]
+        keys = [k for k in store.teacher_keys() if k.rsplit("/", 1)[1] in (f"fold_{fold}", "all_folds")]
+        secs = [store.teacher_metadata(k).get("cache_seconds") for k in keys]
         stages["cache"] = round(sum(s for s in secs if s), 2) if any(secs) else None
     stages["train teachers"] = round(
         sum(r["train_seconds"] for r in rows if r["model"].startswith("teacher")), 2
@@ -93,18 +96,20 @@ def report_markdown(report: dict[str, Any]) -> str:
     lines = [
         f"# {report['experiment']}: fold {report['fold']}",
         "",
-        "| model | arch | distillation terms | val Dice, final model | best epoch's val Dice (optimistic) | params |",
-        "|---|---|---|---:|---:|---:|",
+        "| model | arch | distillation terms | val Dice | model chosen by | best epoch's val Dice (optimistic) | params |",
+        "|---|---|---|---:|---|---:|---:|",
     ]
     for r in report["models"]:
+        chosen = "held-out training cases" if r.get("selection") == "holdout" else "final model"
         lines.append(
-            f"| {r['model']} | {r['arch']} | {r.get('terms', '—')} | {r['dice']:.4f} | "
+            f"| {r['model']} | {r['arch']} | {r.get('terms', '—')} | {r['dice']:.4f} | {chosen} | "
             f"{r['best_on_val_dice']:.4f} (epoch {r['best_on_val_epoch']}) | {r['parameters']:,} |"
         )
     lines += [
         "",
-        "Val Dice is the final model's, on the fold's validation cases (nothing chosen on them). The best epoch's "
-        "Dice is chosen on the same cases it is scored on, so it is optimistic: shown for comparison only.",
+        "Val Dice is the headline model's on the fold's validation cases, chosen without them: the final model, or "
+        "the epoch with the best Dice on cases held out of training (training.holdout). The best epoch's Dice is "
+        "chosen on the same cases it is scored on, so it is optimistic: shown for comparison only.",
     ]
     lines += ["", "| stage | wall time (s) |", "|---|---:|"]
     for stage, secs in report["stage_seconds"].items():

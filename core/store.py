@@ -9,11 +9,15 @@ below is spelled only here. A store is one Zarr v3 group holding the preprocesse
 <store>/cases/<case>/image            (C, X, Y, Z) float32
 <store>/cases/<case>/label            (X, Y, Z) uint8
 <store>/cases/<case>/foreground       (N, 4) int32: class, x, y, z of sampled foreground voxels
-<store>/teachers/<teacher>/           attrs["teachcache"]: provenance
-<store>/teachers/<teacher>/<case>/softmax   the class distribution, encoded (core.encoding)
-<store>/teachers/<teacher>/<case>/coarse    (x, y, z) attention map of the deepest encoder feature
-<store>/teachers/<teacher>/<case>/fine      (x, y, z) attention map of the second-to-last decoder feature
+<store>/teachers/<name>/<slot>/              attrs["teachcache"]: provenance
+<store>/teachers/<name>/<slot>/<case>/softmax   the class distribution, encoded (core.encoding)
+<store>/teachers/<name>/<slot>/<case>/coarse    (x, y, z) attention map of the deepest encoder feature
+<store>/teachers/<name>/<slot>/<case>/fine      (x, y, z) attention map of the second-to-last decoder feature
 ```
+
+``<slot>`` is ``fold_<k>`` for a teacher trained per fold (the copy fold k's student learns from, which never saw
+fold k's validation cases) or ``all_folds`` for one checkpoint used in every fold. Every method taking a
+``teacher`` takes its *key*, ``"<name>/<slot>"`` (:meth:`core.config.TeacherConfig.store_key`).
 
 A case or (teacher, case) entry is visible only once its group's ``complete`` attribute is true; it is written
 after every array, so an interrupted write is never read.
@@ -26,6 +30,7 @@ import hashlib
 import itertools
 import json
 import os
+import re
 import socket
 import time
 import warnings
@@ -56,7 +61,9 @@ __all__ = [
 ]
 
 FORMAT_NAME = "teachcache-store"
-FORMAT_VERSION = "1.3"
+FORMAT_VERSION = "2.0"
+# a teacher key: "<name>/fold_<k>" or "<name>/all_folds"
+_SLOT = re.compile(r"^(fold_[0-9]+|all_folds)$")
 ATTENTION_KINDS = ("coarse", "fine")
 
 _ATTR = "teachcache"
@@ -233,6 +240,14 @@ class TeacherStore:
                 f"{location} is a Zarr group but not a TeachCache store (no '{_ATTR}' attributes)"
             )
         version = str(meta.get("format_version", "?"))
+        if version.split(".")[0] == "1":
+            raise StoreError(
+                f"{location} has store format {version}, which keeps one copy of each teacher for every fold (a "
+                "teacher trained on one fold has seen the validation cases of the others); this TeachCache keeps "
+                f"each teacher per fold (format {FORMAT_VERSION}, docs/store-format.md). Rebuild the store: "
+                "`teachcache preprocess -c CONFIG --overwrite`, then `make cache` (or set store.path to a new "
+                "location and keep the old store for the TeachCache that wrote it)"
+            )
         if version.split(".")[0] != FORMAT_VERSION.split(".")[0]:
             raise StoreError(
                 f"{location} has store format {version}; this TeachCache reads format {FORMAT_VERSION.split('.')[0]}.x. "
@@ -368,8 +383,13 @@ class TeacherStore:
         return self._array(f"cases/{case_id}/foreground")[...]
 
     # ------------------------------------------------------------------ teachers
-    def teacher_names(self) -> list[str]:
-        return sorted(self._root["teachers"].group_keys())
+    def teacher_keys(self) -> list[str]:
+        """Every cached teacher copy, as ``"<name>/<slot>"`` keys (``unetr/fold_0``, ``nnunet/all_folds``)."""
+        teachers = self._root["teachers"]
+        keys = []
+        for name in sorted(teachers.group_keys()):
+            keys += [f"{name}/{slot}" for slot in sorted(teachers[name].group_keys()) if _SLOT.match(slot)]
+        return keys
 
     def write_teacher_metadata(self, teacher: str, provenance: dict[str, Any]) -> None:
         group = self._root.require_group(f"teachers/{teacher}")
@@ -379,9 +399,12 @@ class TeacherStore:
         try:
             return dict(self._root[f"teachers/{teacher}"].attrs[_ATTR])
         except KeyError:
-            known = ", ".join(self.teacher_names()) or "none"
+            known = ", ".join(self.teacher_keys()) or "none"
+            slot = teacher.rsplit("/", 1)[-1]
+            fold = slot.removeprefix("fold_") if slot.startswith("fold_") else None
+            how = f"`make cache FOLD={fold}`" if fold is not None else "`make cache`"
             raise StoreError(
-                f"{self.location}: teacher '{teacher}' is not cached (cached: {known}); run `make cache`"
+                f"{self.location}: teacher '{teacher}' is not cached (cached: {known}); run {how}"
             ) from None
 
     def has_entry(self, teacher: str, case_id: str) -> bool:
@@ -532,7 +555,7 @@ class TeacherStore:
             ) from None
 
     def missing_chunks(self, group_path: str) -> dict[str, int] | None:
-        """Chunks lost from the arrays of a case (``cases/<case>``) or entry (``teachers/<t>/<case>``) group.
+        """Chunks lost from the arrays of a case (``cases/<case>``) or entry (``teachers/<key>/<case>``) group.
 
         Returns:
             ``{array name: number of chunk files missing}`` (empty when whole), or ``None`` for a group written

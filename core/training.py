@@ -8,8 +8,13 @@ memory plugs in behind the same callable.
 Each epoch: ``iterations_per_epoch`` steps of Adam with a polynomial learning-rate decay, then (every
 ``val_every`` epochs, and always after the last) sliding-window validation on whole validation volumes, Dice per
 class. Outputs in ``out_dir``: ``metrics.csv`` (one row per epoch), ``curves.png``, ``summary.json``,
-``checkpoint_final.pth`` (the final model: the headline, chosen on nothing), ``validation_per_case.csv`` (the final
-model's Dice per validation case and class) and the best-on-validation checkpoint (labelled as such).
+``checkpoint_final.pth`` (the final model), ``checkpoint_selected.pth`` (with held-out cases: the epoch with the best
+Dice on them), ``validation_per_case.csv`` (the headline model's Dice and HD95 per validation case and class) and
+``checkpoint_best.pth``, the best-on-validation checkpoint (chosen on the cases it is scored on: labelled as such).
+
+The headline model is chosen without looking at the validation cases: the final model (as nnU-Net reports), or,
+when ``training.holdout`` carves cases out of the training cases, the epoch with the best Dice on those; early
+stopping (``early_stopping_patience`` epochs without a better held-out Dice) uses the same signal.
 
 A run's folder is replaced as a whole or not at all: everything is written into a staging folder beside it
 (``.<name>.partial``) and swapped in when the run ends, so a killed or failed re-run leaves the previous run's
@@ -33,7 +38,7 @@ import shutil
 import signal
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -64,9 +69,10 @@ TargetSource = Callable[[dict[str, torch.Tensor]], DistillationTargets]
 class FitResult:
     """What a training run produced (also written as ``summary.json``).
 
-    The headline is the **final** model (``final_*``, ``checkpoint_final.pth``), as nnU-Net reports: nothing is
-    chosen on the validation cases. ``best_*`` is the epoch with the best validation Dice — chosen on the very
-    cases it is scored on, so optimistic; shown beside the final number, labelled as such.
+    The headline (``headline_*``, ``checkpoint``) is chosen without the validation cases: the **final** model
+    (``final_*``, ``checkpoint_final.pth``), as nnU-Net reports, or the epoch with the best Dice on cases held out of
+    training (``headline == "holdout"``). ``best_*`` is the epoch with the best validation Dice — chosen on the very
+    cases it is scored on, so optimistic; shown beside the headline, labelled as such.
     """
 
     name: str
@@ -85,6 +91,13 @@ class FitResult:
     final_hd95_per_class: list[float] = field(default_factory=list)
     checkpoint_final: str = ""
     per_case_csv: str = ""
+    headline: str = "final"
+    headline_epoch: int = -1
+    headline_mean_dice: float = float("nan")
+    headline_dice_per_class: list[float] = field(default_factory=list)
+    headline_hd95_per_class: list[float] = field(default_factory=list)
+    holdout_cases: list[str] = field(default_factory=list)
+    holdout_mean_dice: float | None = None
 
 
 def _staging_dir(out_dir: Path) -> Path:
@@ -97,6 +110,8 @@ def _replaced_dir(out_dir: Path) -> Path:
 
 KILL_AT_STEP_ENV = "TEACHCACHE_TEST_KILL_AT_STEP"
 _LATEST = "checkpoint_latest.pth"
+_FINAL, _SELECTED, _BEST = "checkpoint_final.pth", "checkpoint_selected.pth", "checkpoint_best.pth"
+_OWN_CHECKPOINTS = (_FINAL, _SELECTED, _BEST, _LATEST)
 
 
 def recover_run_dir(out_dir: Path, keep_staging: bool = False) -> None:
@@ -146,6 +161,7 @@ def _run_key(run: TrainingRun) -> str:
         "length": len(run.dataset),
         "targets": repr(run.dataset.targets),
         "val_cases": list(run.val_cases),
+        "holdout_cases": list(run.holdout_cases),
         "training": run.cfg.model_dump(mode="json"),
         "inference": run.inference.model_dump(mode="json"),
         "loss": getattr(run.loss_fn, "names", None),
@@ -153,6 +169,18 @@ def _run_key(run: TrainingRun) -> str:
         "meta": run.meta or {},
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _finished_run(out_dir: Path, key: str, exported: Path | None) -> FitResult | None:
+    """The result of the finished run in ``out_dir`` when it is the run ``key`` describes, else ``None``."""
+    try:
+        summary = json.loads((out_dir / "summary.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if summary.get("run_key") != key or (exported is not None and not exported.is_file()):
+        return None
+    names = {f.name for f in fields(FitResult)}
+    return FitResult(**{k: v for k, v in summary.items() if k in names})
 
 
 def _resumable_state(staging: Path, key: str) -> dict[str, Any] | None:
@@ -181,6 +209,7 @@ def _save_latest(
     stale: int,
     last: tuple[float, list[float], int, np.ndarray, np.ndarray],
     seconds: float,
+    selected: tuple[float, int, list[float], np.ndarray, np.ndarray],
 ) -> None:
     """Everything needed to continue after ``epoch``, written atomically (loadable with ``weights_only=True``)."""
     state = {
@@ -198,6 +227,13 @@ def _save_latest(
         "stale": stale,
         "last": [last[0], list(last[1]), last[2], np.asarray(last[3]).tolist(), np.asarray(last[4]).tolist()],
         "seconds": seconds,
+        "selected": [
+            selected[0],
+            selected[1],
+            list(selected[2]),
+            np.asarray(selected[3]).tolist(),
+            np.asarray(selected[4]).tolist(),
+        ],
     }
     tmp = path.with_name(f".{path.name}.tmp")
     torch.save(state, tmp)
@@ -303,11 +339,16 @@ class TrainingRun:
         inference: sliding-window settings for validation.
         loss_fn: ``loss_fn(logits, label, taps, targets) -> {"total": ..., term: ...}``.
         out_dir: the run's folder: metrics, curves, summary, checkpoints.
-        checkpoint_path: where the best-on-validation checkpoint goes (inside ``out_dir`` or elsewhere).
+        checkpoint_path: where a copy of the headline checkpoint goes (a teacher's configured ``checkpoint``,
+            inside ``out_dir`` or elsewhere); ``None``: only the run folder's own checkpoints.
         device: training device.
         target_source: turns a batch into distillation targets; ``None`` when not distilling.
         capture_taps: record the model's coarse and fine features for the loss.
         meta: extra fields recorded in the checkpoints and summary (fold, training cases, …).
+        holdout_cases: training cases held out of ``dataset`` to choose the headline checkpoint and stop early
+            (``training.holdout``); empty: the final model is the headline.
+        skip_done: when the run folder already holds a finished run with the same key (same settings, cases,
+            seed, loss), return its result instead of training again (``make cv`` re-run).
     """
 
     name: str
@@ -323,11 +364,13 @@ class TrainingRun:
     inference: InferenceConfig
     loss_fn: LossFn
     out_dir: Path
-    checkpoint_path: Path
+    checkpoint_path: Path | None
     device: torch.device
     target_source: TargetSource | None = None
     capture_taps: bool = False
     meta: dict[str, Any] | None = None
+    holdout_cases: list[str] = field(default_factory=list)
+    skip_done: bool = False
 
 
 def fit(run: TrainingRun, progress: bool = True) -> FitResult:
@@ -339,8 +382,22 @@ def fit(run: TrainingRun, progress: bool = True) -> FitResult:
             written; nothing is published.
     """
     out_dir, meta = run.out_dir, run.meta
+    exported = run.checkpoint_path
+    inside = exported is not None and exported.resolve().is_relative_to(out_dir.resolve())
+    # a copy of the headline checkpoint inside the run folder is made in the staging folder; one configured outside
+    # it (a teacher's `checkpoint` path) only once the run has been published
+    relative = exported.resolve().relative_to(out_dir.resolve()) if inside and exported is not None else None
+    if relative is not None and str(relative) in _OWN_CHECKPOINTS:
+        raise TrainingError(
+            f"{run.name}: {exported} would overwrite the run folder's own {relative}; name the checkpoint to cache "
+            "something else (e.g. teacher.pth)"
+        )
     staging = _staging_dir(out_dir)
     key = _run_key(run)
+    if run.skip_done:
+        done = _finished_run(out_dir, key, exported)
+        if done is not None:
+            return done
     try:
         recover_run_dir(out_dir, keep_staging=True)
         resume = _resumable_state(staging, key)
@@ -350,25 +407,24 @@ def fit(run: TrainingRun, progress: bool = True) -> FitResult:
             staging.mkdir(parents=True)
     except OSError as exc:
         raise _write_error(out_dir, exc) from None
-    published_checkpoint = run.checkpoint_path
-    inside = published_checkpoint.resolve().is_relative_to(out_dir.resolve())
-    # the best checkpoint is always written into the staging folder; one configured outside the run folder (a
-    # teacher's `checkpoint` path) is copied there only once the run has been published
-    relative = published_checkpoint.resolve().relative_to(out_dir.resolve()) if inside else None
-    checkpoint_path = staging / (relative or published_checkpoint.name)
     try:
-        result = _train(run, staging, checkpoint_path, progress, resume, key)
+        result = _train(run, staging, progress, resume, key)
+        headline = result.checkpoint  # its file name in the run folder
+        if relative is not None:
+            (staging / relative).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(staging / headline, staging / relative)
         result = FitResult(
             **{
                 **asdict(result),
-                "checkpoint": str(published_checkpoint),
+                "checkpoint": str(exported if exported is not None else out_dir / result.checkpoint),
                 "metrics_csv": str(out_dir / "metrics.csv"),
-                "checkpoint_final": str(out_dir / "checkpoint_final.pth"),
+                "checkpoint_final": str(out_dir / _FINAL),
                 "per_case_csv": str(out_dir / "validation_per_case.csv"),
             }
         )
         (staging / _LATEST).unlink(missing_ok=True)  # the optimizer state is for resuming only
-        (staging / "summary.json").write_text(json.dumps({**asdict(result), **(meta or {})}, indent=2) + "\n")
+        summary = {**asdict(result), **(meta or {}), "run_key": key}
+        (staging / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     except OSError as exc:
         shutil.rmtree(staging, ignore_errors=True)
         raise _write_error(out_dir, exc) from None
@@ -379,11 +435,11 @@ def fit(run: TrainingRun, progress: bool = True) -> FitResult:
         raise
     try:
         _publish_run_dir(staging, out_dir)
-        if relative is None:  # copy the published best checkpoint to its configured place, atomically
-            published_checkpoint.parent.mkdir(parents=True, exist_ok=True)
-            tmp = published_checkpoint.with_name(f".{published_checkpoint.name}.tmp")
-            shutil.copyfile(out_dir / published_checkpoint.name, tmp)
-            os.replace(tmp, published_checkpoint)
+        if exported is not None and relative is None:  # copy the headline to its configured place, atomically
+            exported.parent.mkdir(parents=True, exist_ok=True)
+            tmp = exported.with_name(f".{exported.name}.tmp")
+            shutil.copyfile(out_dir / headline, tmp)
+            os.replace(tmp, exported)
     except OSError as exc:
         raise _write_error(out_dir, exc) from None
     return result
@@ -392,7 +448,6 @@ def fit(run: TrainingRun, progress: bool = True) -> FitResult:
 def _train(
     run: TrainingRun,
     out_dir: Path,
-    checkpoint_path: Path,
     progress: bool,
     resume: dict[str, Any] | None = None,
     run_key: str = "",
@@ -416,7 +471,10 @@ def _train(
     best = (-1.0, [], 0)
     empty = np.empty((0, len(fg_names)))
     last: tuple[float, list[float], int, np.ndarray, np.ndarray] = (float("nan"), [], -1, empty, empty)
-    stale = 0
+    # the epoch chosen on the held-out cases: (held-out Dice, epoch, its validation Dice per class, per case, HD95)
+    selected: tuple[float, int, list[float], np.ndarray, np.ndarray] = (-1.0, -1, [], empty, empty)
+    holdout = list(run.holdout_cases)
+    stale = 0  # epochs since the held-out Dice last improved
     started = time.perf_counter()
     metrics_csv = out_dir / "metrics.csv"
     recorder = TapRecorder(model, spec.taps) if capture_taps else None
@@ -439,6 +497,14 @@ def _train(
             float(d),
             list(per_class),
             int(ep),
+            np.asarray(dice).reshape(-1, len(fg_names)),
+            np.asarray(hd).reshape(-1, len(fg_names)),
+        )
+        h, ep, per_class, dice, hd = resume["selected"]
+        selected = (
+            float(h),
+            int(ep),
+            list(per_class),
             np.asarray(dice).reshape(-1, len(fg_names)),
             np.asarray(hd).reshape(-1, len(fg_names)),
         )
@@ -503,22 +569,52 @@ def _train(
                 row["val_mean_hd95"] = float(hd95.mean())
                 last = (mean_dice, per_class, epoch, scores, hd95)
                 if mean_dice > best[0]:
-                    best, stale = (mean_dice, per_class, epoch), 0
+                    best = (mean_dice, per_class, epoch)
                     save_checkpoint(
-                        checkpoint_path,
+                        out_dir / _BEST,
                         model,
                         spec.name,
                         in_channels,
                         num_classes,
                         args,
-                        {**(meta or {}), "epoch": epoch, "val_mean_dice": mean_dice, "val_dice": per_class},
+                        {
+                            **(meta or {}),
+                            "epoch": epoch,
+                            "val_mean_dice": mean_dice,
+                            "val_dice": per_class,
+                            "selection": "best on the validation cases (optimistic)",
+                        },
                     )
-                else:
-                    stale += 1
+                if holdout:
+                    held, _ = evaluate(model, store, holdout, inference, num_classes, device, cfg.amp)
+                    held_dice = float(held.mean(axis=0).mean())
+                    row["holdout_mean_dice"] = held_dice
+                    if held_dice > selected[0]:
+                        selected = (held_dice, epoch, per_class, scores, hd95)
+                        save_checkpoint(
+                            out_dir / _SELECTED,
+                            model,
+                            spec.name,
+                            in_channels,
+                            num_classes,
+                            args,
+                            {
+                                **(meta or {}),
+                                "epoch": epoch,
+                                "val_mean_dice": mean_dice,
+                                "val_dice": per_class,
+                                "holdout_mean_dice": held_dice,
+                                "holdout_cases": holdout,
+                                "selection": "best on the held-out training cases",
+                            },
+                        )
+                    stale = epoch - selected[1]
             else:
                 row.update({f"val_dice_{n}": "" for n in fg_names})
                 row["val_mean_dice"] = ""
                 row["val_mean_hd95"] = ""
+                if holdout:
+                    row["holdout_mean_dice"] = ""
             rows.append(row)
             with open(metrics_csv, "w", newline="") as f:
                 writer = csv.DictWriter(f, fieldnames=list(rows[0]))
@@ -538,11 +634,13 @@ def _train(
                 stale,
                 last,
                 seconds_before + time.perf_counter() - started,
+                selected,
             )
-            if cfg.early_stopping_patience is not None and stale >= cfg.early_stopping_patience:
-                break
+            if holdout and cfg.early_stopping_patience is not None and stale >= cfg.early_stopping_patience:
+                break  # on the held-out cases, never on the validation cases
     _plot_curves(rows, out_dir / "curves.png", name)
-    final_checkpoint = out_dir / "checkpoint_final.pth"
+    final_checkpoint = out_dir / _FINAL
+    final_holdout = rows[-1].get("holdout_mean_dice") if holdout else None
     save_checkpoint(
         final_checkpoint,
         model,
@@ -556,8 +654,16 @@ def _train(
             "val_mean_dice": last[0],
             "val_dice": last[1],
             "selection": "final",
+            **({"holdout_mean_dice": final_holdout, "holdout_cases": holdout} if holdout else {}),
         },
     )
+    # the headline: chosen on the held-out cases when there are some, else the final model
+    if holdout:
+        _, epoch, per_class, scores, hd95 = selected
+        headline = ("holdout", _SELECTED, epoch, float(np.mean(per_class)), per_class, scores, hd95)
+    else:
+        headline = ("final", _FINAL, last[2], last[0], last[1], last[3], last[4])
+    kind, headline_file, headline_epoch, headline_dice, headline_per_class, case_dice, case_hd95 = headline
     per_case_csv = out_dir / "validation_per_case.csv"
     with open(per_case_csv, "w", newline="") as f:
         writer = csv.writer(f)
@@ -570,14 +676,14 @@ def _train(
                 "mean_hd95_mm",
             ]
         )
-        for case_id, case_dice, case_hd in zip(val_cases, last[3], last[4], strict=True):
+        for case_id, one_dice, one_hd in zip(val_cases, case_dice, case_hd95, strict=True):
             writer.writerow(
                 [
                     case_id,
-                    *(f"{d:.6f}" for d in case_dice),
-                    f"{float(np.mean(case_dice)):.6f}",
-                    *(f"{h:.4f}" for h in case_hd),
-                    f"{float(np.mean(case_hd)):.4f}",
+                    *(f"{d:.6f}" for d in one_dice),
+                    f"{float(np.mean(one_dice)):.6f}",
+                    *(f"{h:.4f}" for h in one_hd),
+                    f"{float(np.mean(one_hd)):.4f}",
                 ]
             )
     result = FitResult(
@@ -589,7 +695,7 @@ def _train(
         best_epoch=best[2],
         epochs_run=len(rows),
         seconds=round(seconds_before + time.perf_counter() - started, 2),
-        checkpoint=str(checkpoint_path),
+        checkpoint=headline_file,
         metrics_csv=str(metrics_csv),
         final_mean_dice=last[0],
         final_dice_per_class=list(last[1]),
@@ -597,5 +703,12 @@ def _train(
         final_hd95_per_class=last[4].mean(axis=0).tolist() if len(last[4]) else [],
         checkpoint_final=str(final_checkpoint),
         per_case_csv=str(per_case_csv),
+        headline=kind,
+        headline_epoch=headline_epoch,
+        headline_mean_dice=headline_dice,
+        headline_dice_per_class=list(headline_per_class),
+        headline_hd95_per_class=case_hd95.mean(axis=0).tolist() if len(case_hd95) else [],
+        holdout_cases=holdout,
+        holdout_mean_dice=selected[0] if holdout else None,
     )
     return result

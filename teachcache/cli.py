@@ -120,10 +120,7 @@ def teachers(
 
     cfg = _load(config)
     for r in train_teachers(cfg, fold, teacher, progress=not quiet):
-        out.print(
-            f"{r.name}: final val Dice {r.final_mean_dice:.4f} (best epoch {r.best_epoch}: {r.best_mean_dice:.4f}, "
-            f"chosen on the same cases) → {r.checkpoint}"
-        )
+        out.print(_fit_line(r), highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -141,14 +138,31 @@ def cache(
     scheduler: Annotated[
         str | None, typer.Option(help="Spread entries over the dask.distributed scheduler at this address.")
     ] = None,
+    fold: Annotated[
+        list[int] | None,
+        typer.Option(
+            "--fold",
+            "-f",
+            help="Cache this fold's per-fold teachers (repeatable); default: every fold with checkpoints.",
+            min=0,
+        ),
+    ] = None,
     quiet: QuietOption = False,
 ) -> None:
-    """Run each teacher once over every case and write its softmax and attention maps into the store."""
+    """Run each teacher once over every case and write its softmax and attention maps into the store.
+
+    A teacher whose checkpoint path holds {fold} is cached once per fold, from that fold's checkpoint."""
     from cache_teachers import cache_teachers
 
     cfg = _load(config)
     s = cache_teachers(
-        cfg, overwrite=overwrite, names=teacher, progress=not quiet, workers=workers, scheduler=scheduler
+        cfg,
+        overwrite=overwrite,
+        names=teacher,
+        progress=not quiet,
+        workers=workers,
+        scheduler=scheduler,
+        folds=fold,
     )
     for name in s.written:
         out.print(
@@ -205,9 +219,37 @@ def distil(
         warnings.simplefilter("always", TapGridWarning)
         warnings.showwarning = show
         r = run(cfg, fold, kd, progress=not quiet, allow_leakage=allow_leakage)
-    out.print(
-        f"{r.name}: final val Dice {r.final_mean_dice:.4f} (best epoch {r.best_epoch}: {r.best_mean_dice:.4f}, "
-        f"chosen on the same cases) → {r.checkpoint_final}"
+    out.print(_fit_line(r), highlight=False, soft_wrap=True)
+
+
+@app.command()
+@user_errors
+def cv(
+    config: ConfigOption = DEFAULT_CONFIG,
+    fold: Annotated[
+        list[int] | None,
+        typer.Option("--fold", "-f", help="Only this fold (repeatable); default: every fold.", min=0),
+    ] = None,
+    quiet: QuietOption = False,
+) -> None:
+    """Cross-validation: per fold, train the teachers, cache them, train the no-KD and the distilled student; then
+    the report. Re-running skips what is finished and resumes what was killed."""
+    from teachcache.cv import run_cv
+
+    cfg = _load(config)
+    run_cv(cfg, fold, progress=not quiet, say=lambda line: out.print(line, highlight=False))
+    out.print(f"report: {cfg.output.runs_dir / 'report.md'}")
+
+
+def _fit_line(r: Any) -> str:
+    """One run's result: the headline (chosen without the validation cases) and the optimistic best-on-validation."""
+    if r.headline == "holdout":
+        what = f"epoch {r.headline_epoch}, chosen on {len(r.holdout_cases)} held-out training case(s)"
+    else:
+        what = "final model"
+    return (
+        f"{r.name}: val Dice {r.headline_mean_dice:.4f} ({what}; best-on-validation epoch {r.best_epoch}: "
+        f"{r.best_mean_dice:.4f}, chosen on the same cases) → {r.checkpoint}"
     )
 
 
@@ -305,7 +347,7 @@ def inspect(
         f"{_bytes(info['stored_bytes'])} stored"
     )
     t = Table(title="teachers")
-    for col in ("teacher", "arch", "fold", "complete", "checkpoint sha256", "cache s"):
+    for col in ("teacher", "arch", "trained on fold", "complete", "checkpoint sha256", "cache s"):
         t.add_column(col)
     for row in info["teachers"]:
         t.add_row(

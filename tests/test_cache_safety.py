@@ -34,7 +34,9 @@ def test_a_teacher_producing_nan_is_refused_naming_teacher_and_case(trained, tmp
     assert "Traceback" not in result.output
     assert "teacher 'dynunet' produced NaN or Inf on case 'SYNPETCT_000'" in result.output
     store = TeacherStore.open(cfg.store.path)
-    assert not any(store.has_entry("dynunet", c) for c in store.case_ids()), "nothing non-finite is cached"
+    assert not any(store.has_entry("dynunet/all_folds", c) for c in store.case_ids()), (
+        "nothing non-finite is cached"
+    )
 
 
 def test_a_no_op_rerun_keeps_the_recorded_cache_time(trained):
@@ -42,11 +44,11 @@ def test_a_no_op_rerun_keeps_the_recorded_cache_time(trained):
     cfg, _ = derived_config(root, data, "noop_rerun")
     preprocess_dataset(cfg, progress=False)
     cache_teachers(cfg, names=["dynunet"], progress=False)
-    seconds = TeacherStore.open(cfg.store.path).teacher_metadata("dynunet")["cache_seconds"]
+    seconds = TeacherStore.open(cfg.store.path).teacher_metadata("dynunet/all_folds")["cache_seconds"]
     assert seconds > 0
     summary = cache_teachers(cfg, names=["dynunet"], progress=False)
-    assert summary.written["dynunet"] == 0
-    assert TeacherStore.open(cfg.store.path).teacher_metadata("dynunet")["cache_seconds"] == seconds
+    assert summary.written["dynunet/all_folds"] == 0
+    assert TeacherStore.open(cfg.store.path).teacher_metadata("dynunet/all_folds")["cache_seconds"] == seconds
 
 
 def test_cache_before_preprocess_says_so_and_writes_nothing(tmp_path):

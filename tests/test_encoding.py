@@ -191,9 +191,11 @@ def test_the_store_format_documents_a_decoder_that_works(tmp_path):
         {},
     )
     store.write_entry(
-        "unetr", "SYNPETCT_000", z, np.ones((1, 1, 1), np.float32), np.ones((4, 4, 4), np.float32)
+        "unetr/fold_0", "SYNPETCT_000", z, np.ones((1, 1, 1), np.float32), np.ones((4, 4, 4), np.float32)
     )
     scope: dict = {}
     exec(snippet.replace("runs/demo/store.zarr", str(tmp_path / "s.zarr")), scope)
-    expected = TeacherStore.open(tmp_path / "s.zarr").read_softmax("unetr", "SYNPETCT_000", temperature=2.0)
+    expected = TeacherStore.open(tmp_path / "s.zarr").read_softmax(
+        "unetr/fold_0", "SYNPETCT_000", temperature=2.0
+    )
     assert np.allclose(scope["p"], expected, atol=1e-5)

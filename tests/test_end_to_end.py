@@ -40,7 +40,7 @@ def cached(tmp_path_factory):
     assert "make cache" in out
     out = run("cache", "-c", config, "-q", code=2)  # checkpoints do not exist yet
     assert "checkpoint not found" in out and "make teachers" in out
-    assert TeacherStore.open(root / "store.zarr").teacher_names() == [], "nothing half-written"
+    assert TeacherStore.open(root / "store.zarr").teacher_keys() == [], "nothing half-written"
     run("teachers", "-c", config, "--fold", "0", "-q")
     run("cache", "-c", config, "-q")
     return config
@@ -50,9 +50,13 @@ def test_cache_holds_every_teacher_case_and_array(cached):
     cfg = load_config(cached)
     store = TeacherStore.open(cfg.store.path)
     cases = store.case_ids()
-    assert len(cases) == 6 and store.teacher_names() == ["dynunet", "swin", "unetr"]
+    assert len(cases) == 6 and store.teacher_keys() == [
+        "dynunet/all_folds",
+        "swin/all_folds",
+        "unetr/all_folds",
+    ]
     strides = {"unetr": (16, 2), "swin": (32, 2), "dynunet": (16, 2)}
-    for teacher in store.teacher_names():
+    for teacher in store.teacher_keys():
         prov = store.teacher_metadata(teacher)
         assert len(prov["checkpoint_sha256"]) == 64 and prov["fold"] == 0 and prov["train_cases"]
         for case in cases:
@@ -60,7 +64,7 @@ def test_cache_holds_every_teacher_case_and_array(cached):
             probs = store.read_softmax(teacher, case)
             assert probs.shape == (2, *shape)
             assert np.allclose(probs.sum(0), 1.0, atol=1e-3)
-            for kind, stride in zip(ATTENTION_KINDS, strides[teacher], strict=True):
+            for kind, stride in zip(ATTENTION_KINDS, strides[teacher.split("/")[0]], strict=True):
                 amap, recorded = store.read_attention(teacher, case, kind)
                 assert amap.shape == tuple(s // stride for s in shape)
                 assert recorded == (stride,) * 3 and np.isfinite(amap).all() and (amap >= 0).all()
@@ -74,11 +78,11 @@ def test_rerunning_cache_skips_complete_entries(cached):
 def test_inspect_json_and_table(cached):
     cfg = load_config(cached)
     info = json.loads(run("inspect", str(cfg.store.path), "--json"))
-    assert {t["name"] for t in info["teachers"]} == {"unetr", "swin", "dynunet"}
+    assert {t["name"] for t in info["teachers"]} == {"unetr/all_folds", "swin/all_folds", "dynunet/all_folds"}
     assert len(info["cases"]) == 6
     paths = {a["path"] for a in info["arrays"]}
     case = info["cases"][0]["case_id"]
-    assert {f"teachers/unetr/{case}/{k}" for k in ("softmax", "coarse", "fine")} <= paths
+    assert {f"teachers/unetr/all_folds/{case}/{k}" for k in ("softmax", "coarse", "fine")} <= paths
     assert all(a["stored_bytes"] > 0 and a["codecs"] for a in info["arrays"])
     table = run("inspect", str(cfg.store.path))
     assert "softmax" in table and "Blosc" in table
@@ -153,7 +157,9 @@ def test_stale_store_and_bad_checkpoint_are_refused(cached, tmp_path):
     out = run("cache", "-c", str(wrong), "--overwrite", "-q", code=2)
     assert "holds a 'dynunet' network but the config declares 'unetr'" in out
     store = zarr.open_group(data["store"]["path"], mode="r")
-    assert store["teachers/unetr"].attrs["teachcache"]["arch"] == "unetr", "existing entries untouched"
+    assert store["teachers/unetr/all_folds"].attrs["teachcache"]["arch"] == "unetr", (
+        "existing entries untouched"
+    )
 
 
 def test_help_lists_every_command():
@@ -211,7 +217,7 @@ def test_three_modality_mri_through_both_stages(tmp_path):
     case = store.case_ids()[0]
     assert store.metadata["dataset"]["channel_names"] == ["T2W", "ADC", "HBV"]
     assert store.read_image(case).shape[0] == 3
-    assert store.read_softmax("dynunet", case).shape[0] == 2
+    assert store.read_softmax("dynunet/all_folds", case).shape[0] == 2
     ckpt = load_checkpoint(
         cfg.output.runs_dir / "students" / "kd-teachformer" / "fold_0" / "checkpoint_best.pth"
     )

@@ -41,7 +41,8 @@ def test_the_final_model_is_the_headline_with_per_case_scores(trained):
     assert np.isclose(per_case.mean(), summary["final_mean_dice"], atol=1e-5)
     hd95 = np.array([float(r["hd95_mm_tumour"]) for r in rows])
     assert (hd95 >= 0).all() and np.isclose(hd95.mean(), summary["final_hd95_per_class"][0], atol=1e-3)
-    assert "final val Dice" in output and "chosen on the same cases" in " ".join(output.split())
+    assert "(final model;" in output and "chosen on the same cases" in " ".join(output.split())
+    assert summary["headline"] == "final" and summary["headline_mean_dice"] == summary["final_mean_dice"]
     config = str(cfg.output.runs_dir.parent / "final_headline.yaml")
     report = runner.invoke(app, ["report", "-c", config, "--fold", "0"])
     assert report.exit_code == 0, report.output

@@ -95,18 +95,20 @@ def _changed_checkpoint(data: dict, path: Path) -> str:
 def test_changed_settings_recompute_every_entry_and_record_them(trained, base, change, value, field):
     cfg = _copy(trained, base, f"recompute_{field}", **{change: value})
     summary = cache_teachers(cfg, names=["dynunet"], progress=False)
-    assert summary.written["dynunet"] == 6 and summary.skipped["dynunet"] == 0
+    assert summary.written["dynunet/all_folds"] == 6 and summary.skipped["dynunet/all_folds"] == 0
     store = TeacherStore.open(cfg.store.path)
-    old = TeacherStore.open(base.store.path).entry_attrs("dynunet", store.case_ids()[0])["entry_key"]
+    old = TeacherStore.open(base.store.path).entry_attrs("dynunet/all_folds", store.case_ids()[0])[
+        "entry_key"
+    ]
     for case in store.case_ids():
-        key = store.entry_attrs("dynunet", case)["entry_key"]
+        key = store.entry_attrs("dynunet/all_folds", case)["entry_key"]
         assert key[field] != old[field] and key["checkpoint_sha256"] == old["checkpoint_sha256"]
     assert (
-        store.entry_attrs("dynunet", store.case_ids()[0])["entry_key"]["attention_p"]
+        store.entry_attrs("dynunet/all_folds", store.case_ids()[0])["entry_key"]["attention_p"]
         == cfg.distillation.attention.p
     )
     again = cache_teachers(cfg, names=["dynunet"], progress=False)
-    assert again.written["dynunet"] == 0 and again.skipped["dynunet"] == 6
+    assert again.written["dynunet/all_folds"] == 0 and again.skipped["dynunet/all_folds"] == 6
 
 
 @pytest.mark.parametrize("what", ["attention_p", "checkpoint_sha256"])
@@ -127,13 +129,15 @@ def test_distil_and_verify_refuse_a_store_mixing_old_and_new_entries(
         distil(cfg, fold=0, progress=False)
 
     store = TeacherStore.open(cfg.store.path)
-    wanted = store.teacher_metadata("dynunet")["entry_key"][what]
-    assert wanted != TeacherStore.open(base.store.path).teacher_metadata("dynunet")["entry_key"][what]
+    wanted = store.teacher_metadata("dynunet/all_folds")["entry_key"][what]
+    assert (
+        wanted != TeacherStore.open(base.store.path).teacher_metadata("dynunet/all_folds")["entry_key"][what]
+    )
     train, _ = fold_split(cfg, store, 0)
-    stale = [c for c in train if store.entry_attrs("dynunet", c)["entry_key"][what] != wanted]
+    stale = [c for c in train if store.entry_attrs("dynunet/all_folds", c)["entry_key"][what] != wanted]
     assert stale, "some training cases still hold entries of the old settings"
     message = str(info.value)
-    assert f"teacher 'dynunet' has {len(stale)} of the {len(train)} training case(s)" in message
+    assert f"teacher 'dynunet/all_folds' has {len(stale)} of the {len(train)} training case(s)" in message
     assert stale[0] in message and what in message and "run `make cache` to recompute them" in message
 
     result = runner.invoke(app, ["verify", cfg.store.path])
@@ -141,7 +145,7 @@ def test_distil_and_verify_refuse_a_store_mixing_old_and_new_entries(
     assert re.search(rf"case {stale[0]}: computed with other settings .*differs in .*{what}", result.output)
 
     summary = cache_teachers(cfg, names=["dynunet"], progress=False)  # `make cache` finishes the job
-    assert summary.written["dynunet"] == 4 and summary.skipped["dynunet"] == 2
+    assert summary.written["dynunet/all_folds"] == 4 and summary.skipped["dynunet/all_folds"] == 2
     assert runner.invoke(app, ["verify", cfg.store.path]).exit_code == 0
 
 
@@ -158,15 +162,15 @@ def test_rewritten_entry_keeps_nothing_of_the_old_one(trained, base):
         np.eye(8, 3, dtype=np.float32),
         {"channels": 3},
     )
-    store.write_entry("dynunet", case, logits, coarse, fine, {"coarse": sketch}, old_only="yes")
-    assert store.has_sketch("dynunet", case, "coarse")
+    store.write_entry("dynunet/all_folds", case, logits, coarse, fine, {"coarse": sketch}, old_only="yes")
+    assert store.has_sketch("dynunet/all_folds", case, "coarse")
 
-    store.write_entry("dynunet", case, logits, coarse, fine, None, checkpoint_sha256="new")
-    attrs = store.entry_attrs("dynunet", case)
+    store.write_entry("dynunet/all_folds", case, logits, coarse, fine, None, checkpoint_sha256="new")
+    attrs = store.entry_attrs("dynunet/all_folds", case)
     assert "sketch" not in attrs and "old_only" not in attrs and attrs["checkpoint_sha256"] == "new"
     assert not (Path(cfg.store.path) / "teachers" / "dynunet" / case / "coarse_sketch").exists()
     assert not (Path(cfg.store.path) / "teachers" / "dynunet" / case / "coarse_sketch_basis").exists()
-    assert np.allclose(store.read_softmax("dynunet", case).sum(0), 1.0, atol=1e-3)
+    assert np.allclose(store.read_softmax("dynunet/all_folds", case).sum(0), 1.0, atol=1e-3)
 
     class Killed(Exception):
         pass
@@ -176,8 +180,8 @@ def test_rewritten_entry_keeps_nothing_of_the_old_one(trained, base):
             raise Killed
 
     with pytest.raises(Killed):
-        store.write_entry("dynunet", case, logits, coarse, fine, on_array=die_midway)
-    assert not store.has_entry("dynunet", case), (
+        store.write_entry("dynunet/all_folds", case, logits, coarse, fine, on_array=die_midway)
+    assert not store.has_entry("dynunet/all_folds", case), (
         "an interrupted rewrite is incomplete, never old and new mixed"
     )
 

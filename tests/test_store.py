@@ -102,6 +102,12 @@ def test_refuses_missing_foreign_and_future_stores(tmp_path):
     root.attrs["teachcache"] = {**root.attrs["teachcache"], "format_version": "99.0"}
     with pytest.raises(StoreError, match=r"format 99\.0"):
         TeacherStore.open(tmp_path / "future.zarr")
+    root.attrs["teachcache"] = {**root.attrs["teachcache"], "format_version": "1.3"}
+    with pytest.raises(
+        StoreError, match=r"format 1\.3, which keeps one copy of each teacher for every fold"
+    ) as err:
+        TeacherStore.open(tmp_path / "future.zarr")
+    assert "--overwrite" in str(err.value), "the message says how to rebuild"
 
 
 def test_create_refuses_other_preprocessing(tmp_path):

@@ -39,12 +39,12 @@ def _verify(store: str, *extra: str) -> tuple[int, str]:
 def test_a_deleted_chunk_is_found_and_recomputed(trained):
     cfg, _ = _cached(trained, "lost_chunk")
     case = TeacherStore.open(cfg.store.path).case_ids()[0]
-    _chunk(cfg.store.path, f"teachers/dynunet/{case}/softmax").unlink()
+    _chunk(cfg.store.path, f"teachers/dynunet/all_folds/{case}/softmax").unlink()
     code, out = _verify(cfg.store.path)
     assert code == 1, out
-    assert f"teacher dynunet, case {case}: array 'softmax' has lost 1 chunk file(s)" in out
+    assert f"teacher dynunet/all_folds, case {case}: array 'softmax' has lost 1 chunk file(s)" in out
     summary = cache_teachers(cfg, names=["dynunet"], progress=False)
-    assert summary.written["dynunet"] == 1, "make cache recomputes exactly the damaged entry"
+    assert summary.written["dynunet/all_folds"] == 1, "make cache recomputes exactly the damaged entry"
     assert _verify(cfg.store.path)[0] == 0
 
 
@@ -64,7 +64,7 @@ def test_a_truncated_chunk_is_named_and_its_fix_works(trained):
     cfg, _ = _cached(trained, "truncated_chunk")
     case = TeacherStore.open(cfg.store.path).case_ids()[2]
     damaged = [
-        _chunk(cfg.store.path, f"teachers/dynunet/{case}/fine"),
+        _chunk(cfg.store.path, f"teachers/dynunet/all_folds/{case}/fine"),
         _chunk(cfg.store.path, f"cases/{case}/image"),
     ]
     for chunk in damaged:
@@ -72,14 +72,14 @@ def test_a_truncated_chunk_is_named_and_its_fix_works(trained):
     code, out = _verify(cfg.store.path)
     assert code == 1, out
     assert (
-        f"teacher dynunet, case {case}: array 'fine' has 1 corrupt or truncated chunk file(s) ({damaged[0]}); "
+        f"teacher dynunet/all_folds, case {case}: array 'fine' has 1 corrupt or truncated chunk file(s) ({damaged[0]}); "
         "delete them and run `make cache`"
     ) in out
     assert f"case {case}: array 'image' has 1 corrupt or truncated chunk file(s) ({damaged[1]})" in out
     for chunk in damaged:  # what the message says to do
         chunk.unlink()
     assert preprocess_dataset(cfg, progress=False).written == 1
-    assert cache_teachers(cfg, names=["dynunet"], progress=False).written["dynunet"] == 1
+    assert cache_teachers(cfg, names=["dynunet"], progress=False).written["dynunet/all_folds"] == 1
     assert _verify(cfg.store.path)[0] == 0
 
 
@@ -87,13 +87,15 @@ def test_every_problem_is_printed_beside_the_notes(trained):
     cfg, _ = _cached(trained, "problems_and_notes")
     first, second = TeacherStore.open(cfg.store.path).case_ids()[:2]
     root = zarr.open_group(cfg.store.path, mode="a")
-    del root[f"teachers/dynunet/{first}"].attrs["all_chunks"]  # as an older TeachCache wrote it
-    _chunk(cfg.store.path, f"teachers/dynunet/{second}/coarse").unlink()
-    root.require_group("teachers/ghost")  # a run stopped between making the group and writing its provenance
+    del root[f"teachers/dynunet/all_folds/{first}"].attrs["all_chunks"]  # as an older TeachCache wrote it
+    _chunk(cfg.store.path, f"teachers/dynunet/all_folds/{second}/coarse").unlink()
+    root.require_group(
+        "teachers/ghost/fold_1"
+    )  # a run stopped between making the group and writing its provenance
     code, out = _verify(cfg.store.path)
     assert code == 1, out
-    assert f"teacher dynunet, case {second}: array 'coarse' has lost 1 chunk file(s)" in out
-    assert "teacher ghost: records no provenance" in out and "2 problem(s)" in out
+    assert f"teacher dynunet/all_folds, case {second}: array 'coarse' has lost 1 chunk file(s)" in out
+    assert "teacher ghost/fold_1: records no provenance" in out and "2 problem(s)" in out
     assert "note: 1 case(s)/entries were written before every chunk was stored" in out
 
 

@@ -54,15 +54,15 @@ def test_verify_reports_clean_store_and_each_problem(trained):
     store = TeacherStore.open(cfg.store.path)
     first, second = store.case_ids()[:2]
     root = zarr.open_group(cfg.store.path, mode="a")
-    root[f"teachers/dynunet/{first}"].attrs["complete"] = False
-    coarse = root[f"teachers/dynunet/{second}/coarse"]
+    root[f"teachers/dynunet/all_folds/{first}"].attrs["complete"] = False
+    coarse = root[f"teachers/dynunet/all_folds/{second}/coarse"]
     broken = coarse[...]
     broken.flat[0] = np.nan
     coarse[...] = broken
     result = runner.invoke(app, ["verify", cfg.store.path])
     assert result.exit_code == 1
-    assert f"teacher dynunet, case {first}: missing or incomplete" in result.output
-    assert f"teacher dynunet, case {second}: coarse map contains NaN" in result.output
+    assert f"teacher dynunet/all_folds, case {first}: missing or incomplete" in result.output
+    assert f"teacher dynunet/all_folds, case {second}: coarse map contains NaN" in result.output
 
 
 def test_two_workers_write_the_same_bits_as_one(trained):
@@ -74,7 +74,7 @@ def test_two_workers_write_the_same_bits_as_one(trained):
     assert len(a) == 2 * 6 * 3 and a.keys() == b.keys()
     for key in a:
         assert np.array_equal(a[key], b[key]), key
-    assert TeacherStore.open(two.store.path).teacher_names() == ["dynunet", "unetr"]
+    assert TeacherStore.open(two.store.path).teacher_keys() == ["dynunet/all_folds", "unetr/all_folds"]
 
 
 def _cache_cli(config, *extra, kill_after: int | None = None):
@@ -104,12 +104,13 @@ def _entry_states(path: str) -> tuple[int, list[str]]:
     """(number of complete entries, entries whose group exists with ``complete`` false) of the store at ``path``."""
     root = zarr.open_group(path, mode="r", use_consolidated=False)  # a killed run consolidates nothing
     complete, partial = 0, []
-    for teacher, group in root["teachers"].groups():
-        for case, entry in group.groups():
-            if entry.attrs.get("complete") is True:
-                complete += 1
-            else:
-                partial.append(f"{teacher}/{case}")
+    for teacher, copies in root["teachers"].groups():
+        for slot, group in copies.groups():
+            for case, entry in group.groups():
+                if entry.attrs.get("complete") is True:
+                    complete += 1
+                else:
+                    partial.append(f"{teacher}/{slot}/{case}")
     return complete, partial
 
 
@@ -134,7 +135,9 @@ def test_sigkill_and_resume_is_bit_identical(trained):
     for key in a:
         assert np.array_equal(a[key], b[key]), key
     store = TeacherStore.open(killed.store.path)
-    assert all(store.has_entry(t, c) for t in ("dynunet", "unetr") for c in store.case_ids())
+    assert all(
+        store.has_entry(t, c) for t in ("dynunet/all_folds", "unetr/all_folds") for c in store.case_ids()
+    )
 
 
 def test_file_url_store(trained):
@@ -143,7 +146,7 @@ def test_file_url_store(trained):
     cache_teachers(cfg, names=["dynunet"], progress=False)
     store = TeacherStore.open(cfg.store.path)
     case = store.case_ids()[0]
-    assert np.allclose(store.read_softmax("dynunet", case).sum(0), 1.0, atol=1e-3)
+    assert np.allclose(store.read_softmax("dynunet/all_folds", case).sum(0), 1.0, atol=1e-3)
     assert (root / "url_store.zarr" / "zarr.json").is_file()
 
 
@@ -154,12 +157,12 @@ def test_leakage_is_refused_unless_allowed_and_recorded(trained):
         update={"distillation": cfg.distillation.model_copy(update={"teachers": ["dynunet"]})}
     )
     with pytest.raises(
-        StoreError, match=r"teacher 'dynunet' was trained on \d+ validation case\(s\) of this fold"
+        StoreError, match=r"teacher 'dynunet/all_folds' was trained on \d+ validation case\(s\) of this fold"
     ):
         distil(cfg, fold=1, progress=False)  # the demo teachers were trained on fold 0
     result = distil(cfg, fold=1, progress=False, allow_leakage=True)
     meta = load_checkpoint(result.checkpoint).meta
-    assert meta["allow_leakage"] is True and meta["leaked_val_cases"]["dynunet"]
+    assert meta["allow_leakage"] is True and meta["leaked_val_cases"]["dynunet/all_folds"]
     distil(cfg, fold=0, progress=False)  # fold 0: no leakage
 
 
@@ -200,10 +203,10 @@ def test_full_disk_keeps_complete_entries_and_says_how_to_resume(trained, monkey
     with pytest.raises(StoreError, match=rf"{text}.*re-run `make cache` to resume"):
         cache_teachers(cfg, names=["dynunet"], progress=False)
     store = TeacherStore.open(cfg.store.path)
-    assert sum(store.has_entry("dynunet", c) for c in store.case_ids()) == 2
+    assert sum(store.has_entry("dynunet/all_folds", c) for c in store.case_ids()) == 2
     monkeypatch.setattr(TeacherStore, "write_entry", real_write)
     summary = cache_teachers(cfg, names=["dynunet"], progress=False)
-    assert summary.written["dynunet"] == 4 and summary.skipped["dynunet"] == 2
+    assert summary.written["dynunet/all_folds"] == 4 and summary.skipped["dynunet/all_folds"] == 2
 
 
 def test_truncated_store_is_refused(trained):
@@ -222,9 +225,9 @@ def test_feature_sketches_are_cached_and_keep_relations(trained):
     case = store.case_ids()[0]
     shape = store.case_shape(case)
     for kind, stride in (("coarse", 16), ("fine", 2)):
-        sketch, recorded = store.read_sketch("dynunet", case, kind)
+        sketch, recorded = store.read_sketch("dynunet/all_folds", case, kind)
         assert sketch.shape == (4, *(s // stride for s in shape)) and recorded == (stride,) * 3
-        meta = store.entry_attrs("dynunet", case)["sketch"][kind]
+        meta = store.entry_attrs("dynunet/all_folds", case)["sketch"][kind]
         assert 0.0 < meta["energy"] <= 1.0 and meta["voxel_cosine"] >= 0.0
     assert runner.invoke(app, ["verify", cfg.store.path]).exit_code == 0
     summary = cache_teachers(
@@ -232,17 +235,17 @@ def test_feature_sketches_are_cached_and_keep_relations(trained):
         names=["dynunet"],
         progress=False,
     )
-    assert summary.written["dynunet"] == 6, "changing the sketch width recomputes the entries"
+    assert summary.written["dynunet/all_folds"] == 6, "changing the sketch width recomputes the entries"
 
 
 def test_lazy_dask_view_reads_nothing_until_computed(trained):
     cfg, _ = _cached(trained, "lazy")
     cache_teachers(cfg, names=["dynunet"], progress=False)
     store = TeacherStore.open(cfg.store.path)
-    views = store.lazy_maps("dynunet", "fine")
+    views = store.lazy_maps("dynunet/all_folds", "fine")
     assert sorted(views) == store.case_ids()
     case = store.case_ids()[0]
-    amap, _ = store.read_attention("dynunet", case, "fine")
+    amap, _ = store.read_attention("dynunet/all_folds", case, "fine")
     assert np.array_equal(views[case].compute().astype(np.float32), amap)
     total = sum(v.sum() for v in views.values()).compute()  # one dask graph over every case
     assert np.isfinite(total) and total > 0

@@ -42,8 +42,8 @@ def test_a_non_finite_term_stops_training_naming_it_and_keeps_the_previous_run(t
     before = _fingerprint(out_dir)
     # a store written by a teacher that produced NaN in its coarse attention maps (no longer cached today)
     root = zarr.open_group(cfg.store.path, mode="a")
-    for case in root["teachers/dynunet"].group_keys():
-        arr = root[f"teachers/dynunet/{case}/coarse"]
+    for case in root["teachers/dynunet/all_folds"].group_keys():
+        arr = root[f"teachers/dynunet/all_folds/{case}/coarse"]
         arr[...] = np.full(arr.shape, np.nan, dtype=arr.dtype)
     result = runner.invoke(app, ["distil", "-c", str(path), "--fold", "0", "-q"])
     assert result.exit_code == 2, result.output
@@ -66,7 +66,9 @@ def test_a_rerun_replaces_the_run_folder_whole(trained):
     assert runner.invoke(app, ["distil", "-c", str(path), "--fold", "0", "--kd", "none", "-q"]).exit_code == 0
     assert not (out_dir / "leftover.txt").exists(), "nothing of the first run survives beside the second"
     second = json.loads((out_dir / "summary.json").read_text())
-    assert second["checkpoint"] == first["checkpoint"] == str(out_dir / "checkpoint_best.pth")
+    assert second["checkpoint"] == first["checkpoint"] == str(out_dir / "checkpoint_final.pth"), (
+        "the headline"
+    )
     assert (out_dir / "checkpoint_best.pth").is_file() and (out_dir / "metrics.csv").is_file()
 
 
@@ -110,7 +112,7 @@ def test_a_one_cell_tap_grid_is_a_clear_warning(trained):
     assert result.exit_code == 0, result.output
     text = " ".join(result.output.split())
     assert (
-        "warning: teacher 'swin': its coarse map (stride 32) covers a training patch of (32, 32, 32) with 1×1×1"
+        "warning: teacher 'swin/all_folds': its coarse map (stride 32) covers a training patch of (32, 32, 32) with 1×1×1"
         in text
     )
     assert "fine map" not in text, "the stride-2 fine map has 16 cells per axis: no warning"

@@ -95,14 +95,14 @@ def user_config(root: Path, raw: Path) -> Path:
                 "name": "unetr",
                 "arch": "unetr",
                 "args": {"img_size": 32, "feature_size": 4, "hidden_size": 48, "mlp_dim": 96, "num_heads": 4},
-                "checkpoint": str(root / "runs" / "teachers" / "unetr" / "fold_0" / "checkpoint_best.pth"),
+                "checkpoint": str(root / "runs" / "teachers" / "unetr" / "fold_{fold}" / "teacher.pth"),
                 "training": tiny,
             },
             {
                 "name": "dynunet",
                 "arch": "dynunet",
                 "args": {"filters": [4, 8, 16, 32, 48]},
-                "checkpoint": str(root / "runs" / "teachers" / "dynunet" / "fold_0" / "checkpoint_best.pth"),
+                "checkpoint": str(root / "runs" / "teachers" / "dynunet" / "fold_{fold}" / "teacher.pth"),
                 "training": tiny,
             },
         ],
@@ -158,10 +158,13 @@ def test_every_make_target_runs_on_a_raw_dataset_without_a_synthetic_block(user_
     for case in store.case_ids():
         shape = store.case_shape(case)
         assert shape == (64, 64, 32), "odd sizes are resampled, then padded to the size divisor"
-        for teacher in ("unetr", "dynunet"):
+        assert store.teacher_keys() == ["dynunet/fold_0", "unetr/fold_0"], "per-fold teachers, fold 0 cached"
+        for teacher in ("unetr/fold_0", "dynunet/fold_0"):
             probs = store.read_softmax(teacher, case, temperature=2.0)
             assert probs.shape == (4, *shape) and np.allclose(probs.sum(0), 1.0, atol=1e-3)
-            for kind, tap in get_spec(teacher).taps.items():  # stitched from 3 × 3 windows, none cut short
+            for kind, tap in get_spec(
+                teacher.split("/")[0]
+            ).taps.items():  # stitched from 3 × 3 windows, none cut short
                 amap, stride = store.read_attention(teacher, case, kind)
                 assert stride == (tap.stride,) * 3
                 assert amap.shape == tuple(s // tap.stride for s in shape)

@@ -10,6 +10,7 @@ import torch
 
 from core.config import Config
 from core.data.patches import PatchDataset, TargetRequest, targets_from_batch
+from core.data.splits import holdout_split
 from core.distillation import TERMS, build_objective
 from core.errors import ConfigError, StoreError
 from core.experiment import entry_key, entry_key_difference, fold_split, open_store_for, student_dir
@@ -25,7 +26,7 @@ __all__ = ["RawDataChangedWarning", "TapGridWarning", "distil", "raw_dataset_sta
 def _check_teachers(
     cfg: Config,
     store: TeacherStore,
-    teachers: list[str],
+    fold: int,
     train: list[str],
     val: list[str],
     allow_leakage: bool,
@@ -39,19 +40,19 @@ def _check_teachers(
     array is read.
 
     Returns:
-        Per teacher, the validation cases it was trained on (``None`` when its checkpoint did not record its
-        training cases, so leakage could not be checked).
+        Per teacher key (``<name>/fold_<k>`` or ``<name>/all_folds``), the validation cases it was trained on
+        (``None`` when its checkpoint did not record its training cases, so leakage could not be checked).
     """
     leakage: dict[str, list[str] | None] = {}
-    for name in teachers:
-        prov = store.teacher_metadata(name)  # StoreError "not cached: run make cache"
+    for configured in cfg.distilled_teachers():
+        teacher, name = configured.for_fold(fold), configured.store_key(fold)
+        prov = store.teacher_metadata(name)  # StoreError "not cached: run make cache FOLD=k"
         missing = [c for c in train if not store.has_entry(name, c)]
         if missing:
             raise StoreError(
                 f"{store.location}: teacher '{name}' has no complete cache for {len(missing)} training case(s) "
                 f"({', '.join(missing[:3])}{'…' if len(missing) > 3 else ''}); run `make cache` to finish it"
             )
-        teacher = cfg.teacher(name)
         sha = prov["checkpoint_sha256"]
         if teacher.checkpoint.is_file():
             sha = file_sha256(teacher.checkpoint)
@@ -174,7 +175,13 @@ def raw_dataset_status(cfg: Config, store: TeacherStore) -> str:
 
 
 def _tap_channels(
-    cfg: Config, store: TeacherStore, model: torch.nn.Module, spec: ModelSpec, in_channels: int, case_id: str
+    cfg: Config,
+    store: TeacherStore,
+    model: torch.nn.Module,
+    spec: ModelSpec,
+    in_channels: int,
+    case_id: str,
+    fold: int,
 ) -> dict[str, Any]:
     """Tap widths of the student (one forward pass on a zero patch) and of each teacher (its sketches' records)."""
     with TapRecorder(model, spec.taps) as recorder, torch.no_grad():
@@ -183,21 +190,48 @@ def _tap_channels(
     student = {tap: int(f.shape[1]) for tap, f in recorder.features.items()}
     teachers = {}
     for t in cfg.distilled_teachers():
-        store.teacher_metadata(t.name)  # StoreError "not cached: run make cache"
-        sketch = (
-            store.entry_attrs(t.name, case_id).get("sketch") if store.has_entry(t.name, case_id) else None
-        )
+        key = t.store_key(fold)
+        store.teacher_metadata(key)  # StoreError "not cached: run make cache"
+        sketch = store.entry_attrs(key, case_id).get("sketch") if store.has_entry(key, case_id) else None
         if not sketch:
             raise StoreError(
-                f"the configured feature terms need feature sketches, which {t.name} was cached without; set "
+                f"the configured feature terms need feature sketches, which {key} was cached without; set "
                 "store.feature_sketch_channels and re-run `make cache`"
             )
-        teachers[t.name] = {tap: int(sketch[tap]["channels_in"]) for tap in ("coarse", "fine")}
+        teachers[key] = {tap: int(sketch[tap]["channels_in"]) for tap in ("coarse", "fine")}
     return {"student": student, "teachers": teachers}
 
 
+def _teacher_dice(store: TeacherStore, keys: list[str], val: list[str]) -> dict[str, float | None]:
+    """Each teacher's Dice for ``teacher_weights: dice``, measured on cases the student is not scored on.
+
+    The Dice on the cases held out of the teacher's own training (``training.holdout``, recorded as
+    ``holdout_mean_dice``); for a teacher trained elsewhere, the validation Dice its checkpoint records when its
+    validation cases are known and none is one of ``val``. ``None`` when neither is available.
+    """
+    dice: dict[str, float | None] = {}
+    for key in keys:
+        if key not in store.teacher_keys():
+            dice[key] = None
+            continue
+        prov = store.teacher_metadata(key)
+        own_val = prov.get("val_cases")
+        if prov.get("holdout_mean_dice") is not None:
+            dice[key] = float(prov["holdout_mean_dice"])
+        elif prov.get("val_mean_dice") is not None and own_val is not None and not set(own_val) & set(val):
+            dice[key] = float(prov["val_mean_dice"])
+        else:
+            dice[key] = None
+    return dice
+
+
 def distil(
-    cfg: Config, fold: int, kd: str | None = None, progress: bool = True, allow_leakage: bool = False
+    cfg: Config,
+    fold: int,
+    kd: str | None = None,
+    progress: bool = True,
+    allow_leakage: bool = False,
+    skip_done: bool = False,
 ) -> FitResult:
     """Train ``cfg.student`` on ``fold``'s training cases, reading only the store.
 
@@ -208,6 +242,7 @@ def distil(
         progress: show a progress bar.
         allow_leakage: accept teachers whose training cases include this fold's validation cases; the leaked
             cases are recorded in the checkpoint and ``summary.json``.
+        skip_done: return the finished run already in the run folder when it is this very run (``make cv``).
 
     Returns:
         The run's :class:`~core.training.FitResult`; files go to ``runs_dir/students/kd-<kind>/fold_<k>/``.
@@ -223,33 +258,38 @@ def distil(
     raw_dataset = raw_dataset_status(cfg, store)
     meta = store.metadata["dataset"]
     in_channels, class_names = len(meta["channel_names"]), meta["class_names"]
-    teacher_dice = {n: store.teacher_metadata(n).get("val_mean_dice") for n in store.teacher_names()}
+    keys = [t.store_key(fold) for t in cfg.distilled_teachers()]
+    teacher_dice = _teacher_dice(store, keys, val)
     spec = get_spec(cfg.student.arch)
     seed = run_seed(cfg.seed, cfg.training.seed)
+    fit_cases, holdout = holdout_split(train, cfg.training.holdout, seed)
     torch.manual_seed(seed)
     model = create_model(cfg.student.arch, in_channels, len(class_names), cfg.student.args)
     channels = None
     if dcfg.kind != "none" and any(TERMS[t.name].needs_channels for t in dcfg.terms):
-        channels = _tap_channels(cfg, store, model, spec, in_channels, train[0])
+        channels = _tap_channels(cfg, store, model, spec, in_channels, train[0], fold)
     loss = build_objective(dcfg, cfg.training.focal_gamma, teacher_dice, channels)
     request = None
     teachers: list[str] = []
     leakage: dict[str, list[str] | None] = {}
     if loss.uses_teachers:
-        teachers = [t.name for t in cfg.distilled_teachers()]
+        teachers = keys
         if not teachers:
             raise ConfigError("distillation terms are configured but no teachers are")
-        if not store.teacher_names():
+        if not store.teacher_keys():
             raise StoreError(
-                f"{store.location} holds no teacher outputs yet; run `make cache` before `make distil`"
+                f"{store.location} holds no teacher outputs yet; run `make cache FOLD={fold}` before `make distil`"
             )
-        leakage = _check_teachers(cfg, store, teachers, train, val, allow_leakage)
+        leakage = _check_teachers(cfg, store, fold, train, val, allow_leakage)
         for term in dcfg.terms:
             unknown = [t for t in teachers if teacher_dice.get(t) is None]
             if term.teacher_weights == "dice" and term.weight > 0 and unknown:
                 raise ConfigError(
-                    f"distillation term '{term.name}' weighs teachers by validation Dice, which the store does not "
-                    f"record for {', '.join(unknown)} (their checkpoints did not say); use 'uniform' or 'confidence'"
+                    f"distillation term '{term.name}' weighs teachers by their Dice on cases held out of their "
+                    f"own training, which the store does not record for {', '.join(unknown)} (a teacher's Dice on "
+                    f"fold {fold}'s validation cases is never used: the student is scored there). Train the "
+                    "teachers with training.holdout > 0 (`make teachers`, then `make cache`), or use "
+                    "teacher_weights 'uniform' or 'confidence'"
                 )
         if {"coarse_sketch", "fine_sketch", "coarse_features", "fine_features"} & loss.needs:
             lacking = [t for t in teachers if not store.has_sketch(t, train[0], "fine")]
@@ -272,7 +312,7 @@ def distil(
         check_window(spec, cfg.inference, store.case_shape(case_id), cfg.student.args, taps=False)
     dataset = PatchDataset(
         store.location,
-        train,
+        fit_cases,
         cfg.training.patch_size,
         length=cfg.training.iterations_per_epoch * cfg.training.batch_size,
         foreground_oversampling=cfg.training.foreground_oversampling,
@@ -297,7 +337,9 @@ def distil(
             inference=cfg.inference,
             loss_fn=loss,
             out_dir=out_dir,
-            checkpoint_path=out_dir / "checkpoint_best.pth",
+            checkpoint_path=None,
+            holdout_cases=holdout,
+            skip_done=skip_done,
             device=device,
             target_source=(lambda batch: targets_from_batch(batch, request, device)) if request else None,
             capture_taps=bool(
@@ -307,7 +349,8 @@ def distil(
             meta={
                 "role": "student",
                 "fold": fold,
-                "train_cases": train,
+                "train_cases": train,  # the fold's training cases, held-out ones included
+                "fit_cases": fit_cases,
                 "val_cases": val,
                 "class_names": class_names,
                 "distillation": dcfg.model_dump(mode="json"),

@@ -9,7 +9,15 @@ import numpy as np
 
 from core.errors import ConfigError, DatasetError
 
-__all__ = ["check_splits", "fold_cases", "load_splits", "make_splits", "splits_difference", "write_splits"]
+__all__ = [
+    "check_splits",
+    "fold_cases",
+    "holdout_split",
+    "load_splits",
+    "make_splits",
+    "splits_difference",
+    "write_splits",
+]
 
 Splits = list[dict[str, list[str]]]
 
@@ -111,4 +119,33 @@ def fold_cases(splits: Splits, fold: int) -> tuple[list[str], list[str]]:
     """``(train, val)`` case ids of ``fold``."""
     if not 0 <= fold < len(splits):
         raise ConfigError(f"fold {fold} does not exist: the splits have folds 0..{len(splits) - 1}")
-    return list(splits[fold]["train"]), list(splits[fold]["val"])
+    train, val = list(splits[fold]["train"]), list(splits[fold]["val"])
+    for part, cases in (("training", train), ("validation", val)):
+        if not cases:
+            raise ConfigError(
+                f"fold {fold} has no {part} cases; use fewer folds (splits.num_folds) or a splits file whose every "
+                "fold has both"
+            )
+    return train, val
+
+
+def holdout_split(train: list[str], fraction: float, seed: int) -> tuple[list[str], list[str]]:
+    """Carve ``fraction`` of a fold's training cases out for model selection: ``(fit, holdout)``.
+
+    The held-out cases are not trained on; they choose the checkpoint, stop training early and measure a teacher's
+    Dice for ``teacher_weights: dice``, so nothing is chosen on the fold's validation cases. At least one case is
+    held out when ``fraction > 0`` and at least one is left to train on. Deterministic for ``seed``; both lists keep
+    ``train``'s order.
+
+    Raises:
+        ConfigError: ``fraction > 0`` with fewer than 2 training cases.
+    """
+    if fraction <= 0:
+        return list(train), []
+    if len(train) < 2:
+        raise ConfigError(
+            f"training.holdout {fraction} needs at least 2 training cases to hold one out; the fold has {len(train)}"
+        )
+    count = min(len(train) - 1, max(1, round(fraction * len(train))))
+    chosen = set(np.random.default_rng(seed).choice(len(train), size=count, replace=False).tolist())
+    return [c for i, c in enumerate(train) if i not in chosen], [c for i, c in enumerate(train) if i in chosen]

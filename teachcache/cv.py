@@ -1,0 +1,75 @@
+"""``make cv``: the whole chain — teachers, cache, no-KD student, distilled student — over the folds, resumable.
+
+Each fold's teachers are trained (when the config trains them: their checkpoint for the fold is missing or was made
+by ``teachcache teachers``), cached under ``<name>/fold_<k>``, and the fold's two students trained from the store.
+Re-running skips every run already finished with the same settings (its ``run_key``) and every entry already cached,
+and resumes a killed run from its last epoch; the cross-validation report is written at the end.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from core.config import Config
+from core.errors import ConfigError
+from core.experiment import open_store_for, store_splits, teacher_dir
+
+__all__ = ["CvSummary", "run_cv"]
+
+
+@dataclass
+class CvSummary:
+    """The folds run, and per fold the runs trained or found finished (``"<run>: <headline Dice>"``)."""
+
+    folds: list[int]
+    runs: dict[int, list[str]] = field(default_factory=dict)
+
+
+def _trains_teacher(cfg: Config, name: str, fold: int) -> bool:
+    """A teacher is trained here when its fold checkpoint is missing or is one ``teachcache teachers`` made."""
+    teacher = cfg.teacher(name).for_fold(fold)
+    return not teacher.checkpoint.is_file() or (teacher_dir(cfg, name, fold) / "summary.json").is_file()
+
+
+def run_cv(
+    cfg: Config,
+    folds: list[int] | None = None,
+    progress: bool = True,
+    say: Callable[[str], None] = print,
+) -> CvSummary:
+    """Run the chain for ``folds`` (default: every fold of the store's splits) and write the CV report.
+
+    Raises:
+        ConfigError: a fold the splits do not have.
+        StoreError, CheckpointError, TrainingError: as the stages raise them (each names its fix).
+    """
+    from cache_teachers import cache_teachers, train_teachers
+    from core.cv_report import build_cv_report
+    from train_student import distil
+
+    num_folds = len(store_splits(cfg, open_store_for(cfg)))
+    folds = list(range(num_folds)) if folds is None else folds
+    bad = [k for k in folds if not 0 <= k < num_folds]
+    if bad:
+        raise ConfigError(
+            f"fold(s) {', '.join(map(str, bad))} do not exist: the store's splits have folds 0–{num_folds - 1}"
+        )
+    summary = CvSummary(folds=folds)
+    for fold in folds:
+        done = summary.runs.setdefault(fold, [])
+        own = [t.name for t in cfg.teachers if _trains_teacher(cfg, t.name, fold)]
+        if own:
+            for r in train_teachers(cfg, fold, own, progress=progress, skip_done=True):
+                done.append(f"{r.name}: {r.headline_mean_dice:.4f}")
+                say(f"fold {fold}: {done[-1]}")
+        cached = cache_teachers(cfg, folds=[fold], progress=progress)
+        say(
+            f"fold {fold}: cached {sum(cached.written.values())} entries, {sum(cached.skipped.values())} already"
+        )
+        for kd in ("none", None):
+            r = distil(cfg, fold, kd, progress=progress, skip_done=True)
+            done.append(f"{r.name}: {r.headline_mean_dice:.4f}")
+            say(f"fold {fold}: {done[-1]}")
+    build_cv_report(cfg)
+    return summary

@@ -1,0 +1,187 @@
+"""Cross-validation as a user runs it: per-fold teachers in the store, `teachcache cv` over folds, resumable, and
+model selection that never looks at the validation cases."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from core.config import load_config
+from core.data.splits import holdout_split
+from core.errors import ConfigError
+from core.store import TeacherStore
+from teachcache.cli import app
+from tests.conftest import TINY_TEACHER_TRAINING, tiny_config_dict, write_config
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def per_fold(tmp_path_factory):
+    """A tiny experiment whose one teacher has a checkpoint per fold (``{fold}`` in its path), held-out selection for
+    the teacher (its Dice weighs it) and Dice-weighted distillation; `teachcache cv` run on folds 0 and 1."""
+    from cache_teachers import preprocess_dataset
+    from core.data.synthetic import write_synthetic_dataset
+
+    root = tmp_path_factory.mktemp("per_fold")
+    data = tiny_config_dict(root)
+    teacher = next(t for t in data["teachers"] if t["name"] == "dynunet")
+    teacher["checkpoint"] = str(root / "runs" / "teachers" / "dynunet" / "fold_{fold}" / "teacher.pth")
+    teacher["training"] = {**TINY_TEACHER_TRAINING, "holdout": 0.3}
+    data["teachers"] = [teacher]
+    data["training"]["epochs"] = 1
+    data["distillation"]["terms"] = [{"name": "pwd", "weight": 1.0, "teacher_weights": "dice"}]
+    path = write_config(root, data)
+    cfg = load_config(path)
+    write_synthetic_dataset(cfg.dataset.synthetic, cfg.dataset.raw_dir, progress=False)
+    preprocess_dataset(cfg, progress=False)
+    result = runner.invoke(app, ["cv", "-c", str(path), "--fold", "0", "--fold", "1", "-q"])
+    assert result.exit_code == 0, result.output
+    return cfg, path, result.output
+
+
+def test_each_fold_has_its_own_teacher_which_never_saw_that_folds_validation_cases(per_fold):
+    cfg, _, _ = per_fold
+    store = TeacherStore.open(cfg.store.path)
+    assert store.teacher_keys() == ["dynunet/fold_0", "dynunet/fold_1"]
+    splits = store.metadata["splits"]
+    for fold in (0, 1):
+        prov = store.teacher_metadata(f"dynunet/fold_{fold}")
+        assert prov["fold"] == prov["cached_for_fold"] == fold and prov["slot"] == f"fold_{fold}"
+        assert not set(prov["train_cases"]) & set(splits[fold]["val"]), (
+            "the fold's teacher never saw its val cases"
+        )
+        assert all(store.has_entry(f"dynunet/fold_{fold}", c) for c in store.case_ids())
+        summary = json.loads(
+            (
+                cfg.output.runs_dir / "students" / "kd-teachformer" / f"fold_{fold}" / "summary.json"
+            ).read_text()
+        )
+        assert list(summary["teachers"]) == [f"dynunet/fold_{fold}"], (
+            "fold k's student learns from fold k's teacher"
+        )
+    sha = {store.teacher_metadata(f"dynunet/fold_{k}")["checkpoint_sha256"] for k in (0, 1)}
+    assert len(sha) == 2, "two folds, two different teachers"
+
+
+def test_teacher_dice_weights_come_from_cases_held_out_of_the_teachers_training(per_fold):
+    cfg, _, _ = per_fold
+    store = TeacherStore.open(cfg.store.path)
+    splits = store.metadata["splits"]
+    for fold in (0, 1):
+        prov = store.teacher_metadata(f"dynunet/fold_{fold}")
+        held = prov["holdout_cases"]
+        assert held and set(held) <= set(splits[fold]["train"]) and not set(held) & set(splits[fold]["val"])
+        assert 0.0 <= prov["holdout_mean_dice"] <= 1.0
+        teacher_run = json.loads(
+            (cfg.output.runs_dir / "teachers" / "dynunet" / f"fold_{fold}" / "summary.json").read_text()
+        )
+        assert not set(held) & set(teacher_run["fit_cases"]), "held-out cases are not trained on"
+        assert teacher_run["headline"] == "holdout"
+
+
+def test_the_cv_report_and_a_rerun_that_trains_nothing(per_fold):
+    cfg, path, output = per_fold
+    report = cfg.output.runs_dir / "report.md"
+    assert report.is_file() and "kd-teachformer" in report.read_text()
+    assert "fold 1: student kd-teachformer" in output
+    summaries = sorted(cfg.output.runs_dir.rglob("summary.json"))
+    assert len(summaries) == 6, summaries  # 2 folds × (teacher, kd-none, kd-teachformer)
+    before = {p: p.stat().st_mtime_ns for p in summaries}
+    again = runner.invoke(app, ["cv", "-c", str(path), "--fold", "0", "--fold", "1", "-q"])
+    assert again.exit_code == 0, again.output
+    assert {p: p.stat().st_mtime_ns for p in summaries} == before, "a finished run is not trained again"
+    assert "cached 0 entries" in again.output
+
+
+def test_a_checkpoint_made_for_another_fold_is_refused(per_fold):
+    cfg, path, _ = per_fold
+    fold0 = cfg.teachers[0].for_fold(0).checkpoint
+    fold2 = cfg.teachers[0].for_fold(2).checkpoint
+    fold2.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(fold0, fold2)
+    try:
+        result = runner.invoke(app, ["cache", "-c", str(path), "--fold", "2", "-q"])
+    finally:
+        fold2.unlink()
+    assert result.exit_code == 2, result.output
+    assert "records being trained for fold 0" in result.output and "make teachers FOLD=2" in result.output
+
+
+def test_bad_folds_are_refused_naming_the_fix(per_fold):
+    _, path, _ = per_fold
+    result = runner.invoke(app, ["cv", "-c", str(path), "--fold", "7", "-q"])
+    assert result.exit_code == 2 and "fold(s) 7 do not exist" in result.output, result.output
+    result = runner.invoke(app, ["cache", "-c", str(path), "--fold", "7", "-q"])
+    assert result.exit_code == 2 and "fold 7 does not exist" in result.output, result.output
+    result = runner.invoke(app, ["distil", "-c", str(path), "--fold", "2", "-q"])
+    assert result.exit_code == 2, result.output
+    assert "'dynunet/fold_2' is not cached" in result.output and "make cache FOLD=2" in result.output
+
+
+def test_dice_weights_without_held_out_teacher_dice_are_refused(per_fold, tmp_path):
+    cfg, path, _ = per_fold
+    # the same experiment, its teacher without held-out cases: only its fold's validation Dice is known
+    import yaml
+
+    data = yaml.safe_load(Path(path).read_text())
+    data["teachers"][0]["training"].pop("holdout")
+    data["output"]["runs_dir"] = str(tmp_path / "runs")
+    data["teachers"][0]["checkpoint"] = str(tmp_path / "teachers" / "fold_{fold}.pth")
+    other = tmp_path / "no_holdout.yaml"
+    other.write_text(yaml.safe_dump(data))
+    assert runner.invoke(app, ["teachers", "-c", str(other), "--fold", "0", "-q"]).exit_code == 0
+    # its own store slot: cache into a copy of the store so the module's store stays as cv left it
+    shutil.copytree(cfg.store.path, tmp_path / "store.zarr")
+    data["store"]["path"] = str(tmp_path / "store.zarr")
+    other.write_text(yaml.safe_dump(data))
+    assert runner.invoke(app, ["cache", "-c", str(other), "--fold", "0", "-q", "--overwrite"]).exit_code == 0
+    result = runner.invoke(app, ["distil", "-c", str(other), "--fold", "0", "-q"])
+    assert result.exit_code == 2, result.output
+    assert "held out of their own training" in result.output and "training.holdout > 0" in result.output
+
+
+def test_student_selection_on_held_out_training_cases(per_fold, tmp_path):
+    import yaml
+
+    _, path, _ = per_fold
+    data = yaml.safe_load(Path(path).read_text())
+    data["training"].update({"holdout": 0.3, "epochs": 2})
+    data["output"]["runs_dir"] = str(tmp_path / "runs")
+    other = tmp_path / "holdout.yaml"
+    other.write_text(yaml.safe_dump(data))
+    result = runner.invoke(app, ["distil", "-c", str(other), "--fold", "0", "--kd", "none", "-q"])
+    assert result.exit_code == 0, result.output
+    assert "chosen on 1 held-out training case(s)" in result.output
+    run = tmp_path / "runs" / "students" / "kd-none" / "fold_0"
+    summary = json.loads((run / "summary.json").read_text())
+    held, val = summary["holdout_cases"], summary["val_cases"]
+    assert summary["headline"] == "holdout" and summary["checkpoint"] == str(run / "checkpoint_selected.pth")
+    assert len(held) == 1 and set(held) <= set(summary["train_cases"])
+    assert not set(held) & set(summary["fit_cases"]) and not set(held) & set(val)
+    rows = list(csv.DictReader((run / "metrics.csv").read_text().splitlines()))
+    assert all(r["holdout_mean_dice"] != "" for r in rows), (
+        "the held-out Dice is measured at every validation"
+    )
+    best_epoch = max(range(len(rows)), key=lambda i: float(rows[i]["holdout_mean_dice"]))
+    assert summary["headline_epoch"] == best_epoch, "the headline epoch is the best on the held-out cases"
+    assert summary["headline_mean_dice"] == pytest.approx(float(rows[best_epoch]["val_mean_dice"]))
+    per_case = list(csv.DictReader((run / "validation_per_case.csv").read_text().splitlines()))
+    assert [r["case"] for r in per_case] == val
+
+
+def test_holdout_split_is_deterministic_and_leaves_cases_to_train_on():
+    train = [f"c{i}" for i in range(10)]
+    fit, held = holdout_split(train, 0.2, seed=3)
+    assert (
+        len(held) == 2 and sorted(fit + held) == sorted(train) and (fit, held) == holdout_split(train, 0.2, 3)
+    )
+    assert holdout_split(train, 0.0, 3) == (train, [])
+    assert len(holdout_split(["a", "b"], 0.4, 0)[1]) == 1
+    with pytest.raises(ConfigError, match="at least 2 training cases"):
+        holdout_split(["a"], 0.2, 0)
