@@ -178,7 +178,15 @@ class TrainingConfig(_Strict):
             )
         return v
 
-    num_workers: int = Field(0, ge=0)
+    num_workers: int | Literal["auto"] = "auto"
+
+    @field_validator("num_workers")
+    @classmethod
+    def _workers(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and v < 0:
+            raise ValueError("num_workers must be 'auto' or a number ≥ 0")
+        return v
+
     device: Literal["auto", "cpu", "cuda"] = "auto"
     amp: bool = True
     seed: int = 0

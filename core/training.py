@@ -48,7 +48,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from core.config import InferenceConfig, TrainingConfig
-from core.data.patches import PatchDataset
+from core.data.patches import EpochSampler, PatchDataset
 from core.errors import TrainingError
 from core.inference import autocast, predict_volume
 from core.losses import DistillationTargets
@@ -262,6 +262,14 @@ def run_seed(experiment_seed: int, training_seed: int) -> int:
     Either one changes the network's initialisation and the patches drawn.
     """
     return int(np.random.SeedSequence([experiment_seed, training_seed]).generate_state(1)[0] % 2**31)
+
+
+def resolve_num_workers(setting: int | str, device: torch.device) -> int:
+    """``training.num_workers``: a number, or ``"auto"`` — 0 on CPU (the workers would take the cores the model
+    trains on), and on CUDA half the CPU cores, at most 8, so patches are read while the GPU trains."""
+    if setting != "auto":
+        return int(setting)
+    return min(8, max(1, (os.cpu_count() or 2) // 2)) if device.type == "cuda" else 0
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -511,17 +519,23 @@ def _train(
         first_epoch = int(resume["epoch"]) + 1
     kill_at = int(os.environ.get(KILL_AT_STEP_ENV, "0") or 0)
     steps_done = first_epoch * cfg.iterations_per_epoch
+    workers = resolve_num_workers(cfg.num_workers, device)
+    sampler = EpochSampler(len(dataset))
+    # one loader for the whole run: its worker processes (each with the store open) persist across epochs
+    loader = DataLoader(
+        dataset,
+        batch_size=cfg.batch_size,
+        sampler=sampler,
+        num_workers=workers,
+        multiprocessing_context="spawn" if workers > 0 else None,
+        persistent_workers=workers > 0,
+        pin_memory=device.type == "cuda",
+    )
     with ProgressBar(f"training {name}", total_steps, enabled=progress) as bar:
         bar.advance(steps_done)
         for epoch in range(first_epoch, cfg.epochs):
             dataset.set_epoch(epoch)
-            loader = DataLoader(
-                dataset,
-                batch_size=cfg.batch_size,
-                num_workers=cfg.num_workers,
-                multiprocessing_context="spawn" if cfg.num_workers > 0 else None,
-                pin_memory=device.type == "cuda",
-            )
+            sampler.set_epoch(epoch)
             model.train()
             sums: dict[str, float] = {}
             epoch_start = time.perf_counter()

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from core.data.patches import PatchDataset, TargetRequest, crop_map
+from core.data.patches import EpochSampler, PatchDataset, TargetRequest, crop_map
 from core.data.preprocessing import foreground_locations
 from core.store import TeacherStore
 
@@ -78,6 +78,29 @@ def test_patches_depend_only_on_seed_epoch_and_index(labelled_store):
     assert torch.equal(a[2]["image"], b[2]["image"])
     b.set_epoch(1)
     assert not torch.equal(a[2]["image"], b[2]["image"])
+
+
+def test_persistent_workers_draw_each_epochs_own_patches(labelled_store):
+    """One DataLoader for the whole run, its worker kept alive: epoch e's batches are exactly set_epoch(e)'s."""
+    from torch.utils.data import DataLoader
+
+    ds = PatchDataset(labelled_store, ["c"], (32, 32, 32), length=4, seed=5)
+    sampler = EpochSampler(len(ds))
+    loader = DataLoader(
+        ds,
+        batch_size=2,
+        sampler=sampler,
+        num_workers=1,
+        persistent_workers=True,
+        multiprocessing_context="spawn",
+    )
+    reference = PatchDataset(labelled_store, ["c"], (32, 32, 32), length=4, seed=5)
+    for epoch in (0, 1, 2):
+        sampler.set_epoch(epoch)  # the worker's copy of the dataset never sees set_epoch
+        got = torch.cat([batch["image"] for batch in loader])
+        reference.set_epoch(epoch)
+        expected = torch.stack([reference[i]["image"] for i in range(4)])
+        assert torch.equal(got, expected), f"epoch {epoch}"
 
 
 def _aligned_sample():

@@ -36,6 +36,7 @@ from core.losses import DistillationTargets
 from core.store import ATTENTION_KINDS, Box, TeacherStore
 
 __all__ = [
+    "EpochSampler",
     "PatchDataset",
     "RandJointAffined",
     "TargetRequest",
@@ -305,7 +306,9 @@ class PatchDataset(Dataset):
         return self._maps[key]
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        rng = np.random.default_rng([self.seed, self.epoch, index])
+        # an index past the end carries its epoch (EpochSampler): persistent workers never see set_epoch
+        epoch, index = divmod(index, self.length) if index >= self.length else (self.epoch, index)
+        rng = np.random.default_rng([self.seed, epoch, index])
         case_id = self.case_ids[int(rng.integers(len(self.case_ids)))]
         start, box = self._box(rng, case_id)
         sample: dict[str, torch.Tensor] = {
@@ -336,3 +339,25 @@ class PatchDataset(Dataset):
         return {
             k: v.as_tensor() if isinstance(v, MetaTensor) else torch.as_tensor(v) for k, v in sample.items()
         }
+
+
+class EpochSampler(torch.utils.data.Sampler[int]):
+    """The indices of one epoch of a :class:`PatchDataset`, in order, each carrying the epoch (``epoch · length + i``).
+
+    With ``persistent_workers`` the worker processes keep their own copy of the dataset, so
+    :meth:`PatchDataset.set_epoch` in the main process never reaches them; the epoch travels in the index instead,
+    and the patches are exactly those of ``set_epoch(epoch)`` then indices ``0 … length − 1``.
+    """
+
+    def __init__(self, length: int) -> None:
+        self.length = length
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __iter__(self):
+        return iter(range(self.epoch * self.length, (self.epoch + 1) * self.length))
