@@ -8,6 +8,7 @@ FOLD   ?= 0
 FOLDS  ?=
 KD     ?=
 WORKERS ?=
+GPUS   ?=
 ARGS   ?=
 
 BIN := $(VENV)/bin
@@ -40,8 +41,9 @@ teachers: preprocess
 cache: preprocess
 	$(TC) cache --config $(CONFIG) $(if $(filter command line,$(origin FOLD)),--fold $(FOLD)) $(if $(WORKERS),--workers $(WORKERS)) $(ARGS)
 
+# GPUS=n: data-parallel on n processes (torchrun, DistributedDataParallel; NCCL on CUDA, gloo on CPU)
 distil: setup
-	$(TC) distil --config $(CONFIG) --fold $(FOLD) $(if $(KD),--kd $(KD)) $(ARGS)
+	$(if $(GPUS),$(BIN)/torchrun --standalone --nproc_per_node=$(GPUS) -m teachcache,$(TC)) distil --config $(CONFIG) --fold $(FOLD) $(if $(KD),--kd $(KD)) $(ARGS)
 
 # cross-validation: every fold (or FOLDS=0,1) of teachers → cache → no-KD and distilled students → report; re-run
 # to resume (finished runs are skipped)

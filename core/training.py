@@ -38,7 +38,7 @@ import shutil
 import signal
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -47,8 +47,10 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from core import distributed
 from core.config import InferenceConfig, TrainingConfig
 from core.data.patches import EpochSampler, PatchDataset
+from core.distributed import Distributed
 from core.errors import TrainingError
 from core.inference import autocast, predict_volume
 from core.losses import DistillationTargets
@@ -98,6 +100,8 @@ class FitResult:
     headline_hd95_per_class: list[float] = field(default_factory=list)
     holdout_cases: list[str] = field(default_factory=list)
     holdout_mean_dice: float | None = None
+    world_size: int = 1
+    replicas_identical: bool | None = None
 
 
 def _staging_dir(out_dir: Path) -> Path:
@@ -238,6 +242,13 @@ def _save_latest(
     tmp = path.with_name(f".{path.name}.tmp")
     torch.save(state, tmp)
     os.replace(tmp, path)
+
+
+def _write_epoch(metrics_csv: Path, rows: list[dict[str, Any]]) -> None:
+    with open(metrics_csv, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
 
 
 def _check_finite(terms: dict[str, torch.Tensor], name: str, epoch: int, step: int) -> None:
@@ -406,6 +417,14 @@ def fit(run: TrainingRun, progress: bool = True) -> FitResult:
         done = _finished_run(out_dir, key, exported)
         if done is not None:
             return done
+    ctx = Distributed.from_env()
+    if ctx.active:
+        run = replace(run, device=distributed.setup(ctx, run.device))
+    if not ctx.main:  # process 0 prepares, writes and publishes the run folder; the others train beside it
+        distributed.barrier(ctx)
+        result = _train(run, staging, False, _resumable_state(staging, key), key, ctx)
+        distributed.barrier(ctx)
+        return result
     try:
         recover_run_dir(out_dir, keep_staging=True)
         resume = _resumable_state(staging, key)
@@ -415,8 +434,9 @@ def fit(run: TrainingRun, progress: bool = True) -> FitResult:
             staging.mkdir(parents=True)
     except OSError as exc:
         raise _write_error(out_dir, exc) from None
+    distributed.barrier(ctx)  # the staging folder (and the state to resume from) is ready for every process
     try:
-        result = _train(run, staging, progress, resume, key)
+        result = _train(run, staging, progress, resume, key, ctx)
         headline = result.checkpoint  # its file name in the run folder
         if relative is not None:
             (staging / relative).parent.mkdir(parents=True, exist_ok=True)
@@ -450,6 +470,7 @@ def fit(run: TrainingRun, progress: bool = True) -> FitResult:
             os.replace(tmp, exported)
     except OSError as exc:
         raise _write_error(out_dir, exc) from None
+    distributed.barrier(ctx)
     return result
 
 
@@ -459,13 +480,25 @@ def _train(
     progress: bool,
     resume: dict[str, Any] | None = None,
     run_key: str = "",
+    ctx: Distributed | None = None,
 ) -> FitResult:
-    """The loop itself, writing into ``out_dir`` (the staging folder); see :func:`fit`."""
+    """The loop itself, writing into ``out_dir`` (the staging folder); see :func:`fit`.
+
+    Under ``torchrun`` (``ctx.active``) every process trains a DDP replica on its own patches (the global batch is
+    ``batch_size × world``); process 0 alone validates and writes files, and tells the others when to stop.
+    """
+    ctx = ctx or Distributed()
+    main = ctx.main
     name, model, spec, args = run.name, run.model, run.spec, run.args
     in_channels, num_classes, dataset, store = run.in_channels, run.num_classes, run.dataset, run.store
     val_cases, cfg, inference, loss_fn = run.val_cases, run.cfg, run.inference, run.loss_fn
     device, target_source, capture_taps, meta = run.device, run.target_source, run.capture_taps, run.meta
     model.to(device)
+    train_model: nn.Module = model
+    if ctx.active:
+        train_model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
     # terms with learnable parts (MSKD's student-side projections) train with the model; only the model is saved
     extra = list(loss_fn.to(device).parameters()) if isinstance(loss_fn, nn.Module) else []
     optimizer = torch.optim.Adam([*model.parameters(), *extra], lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -520,7 +553,7 @@ def _train(
     kill_at = int(os.environ.get(KILL_AT_STEP_ENV, "0") or 0)
     steps_done = first_epoch * cfg.iterations_per_epoch
     workers = resolve_num_workers(cfg.num_workers, device)
-    sampler = EpochSampler(len(dataset))
+    sampler = EpochSampler(len(dataset), ctx.rank, ctx.world)
     # one loader for the whole run: its worker processes (each with the store open) persist across epochs
     loader = DataLoader(
         dataset,
@@ -531,7 +564,7 @@ def _train(
         persistent_workers=workers > 0,
         pin_memory=device.type == "cuda",
     )
-    with ProgressBar(f"training {name}", total_steps, enabled=progress) as bar:
+    with ProgressBar(f"training {name}", total_steps, enabled=progress and main) as bar:
         bar.advance(steps_done)
         for epoch in range(first_epoch, cfg.epochs):
             dataset.set_epoch(epoch)
@@ -548,13 +581,14 @@ def _train(
                 with autocast(device, cfg.amp):
                     if recorder is not None:
                         with recorder:
-                            logits = model(image)
+                            logits = train_model(image)
                         taps = dict(recorder.features)
                     else:
-                        logits, taps = model(image), None
+                        logits, taps = train_model(image), None
                     terms = loss_fn(logits, label, taps, targets)
                 _check_finite(terms, name, epoch, steps)
                 scaler.scale(terms["total"]).backward()
+                distributed.average_gradients(extra, ctx)  # DDP averages the model's own
                 scaler.step(optimizer)
                 scaler.update()
                 for k, v in terms.items():
@@ -574,7 +608,7 @@ def _train(
                 **{f"loss_{k}": v / max(steps, 1) for k, v in sums.items()},
             }
             validate = (epoch + 1) % cfg.val_every == 0 or epoch == cfg.epochs - 1
-            if validate:
+            if validate and main:
                 scores, hd95 = evaluate(model, store, val_cases, inference, num_classes, device, cfg.amp)
                 per_class = scores.mean(axis=0).tolist()
                 mean_dice = float(np.mean(per_class))
@@ -630,28 +664,34 @@ def _train(
                 if holdout:
                     row["holdout_mean_dice"] = ""
             rows.append(row)
-            with open(metrics_csv, "w", newline="") as f:
-                writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-                writer.writeheader()
-                writer.writerows(rows)
-            _save_latest(
-                out_dir / _LATEST,
-                run_key,
-                epoch,
-                model,
-                loss_fn,
-                optimizer,
-                scheduler,
-                scaler,
-                rows,
-                best,
-                stale,
-                last,
-                seconds_before + time.perf_counter() - started,
-                selected,
+            stop = (
+                bool(holdout)
+                and cfg.early_stopping_patience is not None
+                and stale >= cfg.early_stopping_patience
             )
-            if holdout and cfg.early_stopping_patience is not None and stale >= cfg.early_stopping_patience:
+            if main:
+                _write_epoch(metrics_csv, rows)
+                _save_latest(
+                    out_dir / _LATEST,
+                    run_key,
+                    epoch,
+                    model,
+                    loss_fn,
+                    optimizer,
+                    scheduler,
+                    scaler,
+                    rows,
+                    best,
+                    stale,
+                    last,
+                    seconds_before + time.perf_counter() - started,
+                    selected,
+                )
+            if distributed.broadcast_flag(ctx, stop, device):
                 break  # on the held-out cases, never on the validation cases
+    identical = distributed.replicas_identical(model, ctx, device) if ctx.active else None
+    if not main:
+        return FitResult(name, spec.name, count_parameters(model), -1.0, [], -1, len(rows), 0.0, "", "")
     _plot_curves(rows, out_dir / "curves.png", name)
     final_checkpoint = out_dir / _FINAL
     final_holdout = rows[-1].get("holdout_mean_dice") if holdout else None
@@ -724,5 +764,7 @@ def _train(
         headline_hd95_per_class=case_hd95.mean(axis=0).tolist() if len(case_hd95) else [],
         holdout_cases=holdout,
         holdout_mean_dice=selected[0] if holdout else None,
+        world_size=ctx.world,
+        replicas_identical=identical,
     )
     return result

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -219,7 +220,8 @@ def distil(
         warnings.simplefilter("always", TapGridWarning)
         warnings.showwarning = show
         r = run(cfg, fold, kd, progress=not quiet, allow_leakage=allow_leakage)
-    out.print(_fit_line(r), highlight=False, soft_wrap=True)
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun (make distil GPUS=n), process 0 speaks
+        out.print(_fit_line(r), highlight=False, soft_wrap=True)
 
 
 @app.command()

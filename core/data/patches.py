@@ -346,11 +346,13 @@ class EpochSampler(torch.utils.data.Sampler[int]):
 
     With ``persistent_workers`` the worker processes keep their own copy of the dataset, so
     :meth:`PatchDataset.set_epoch` in the main process never reaches them; the epoch travels in the index instead,
-    and the patches are exactly those of ``set_epoch(epoch)`` then indices ``0 … length − 1``.
+    and the patches are exactly those of ``set_epoch(epoch)`` then indices ``0 … length − 1``. Under data-parallel
+    training each of the ``world`` processes draws its own ``length`` patches: process r of epoch e draws those of
+    the dataset's epoch ``e · world + r`` (with one process, epoch e's own).
     """
 
-    def __init__(self, length: int) -> None:
-        self.length = length
+    def __init__(self, length: int, rank: int = 0, world: int = 1) -> None:
+        self.length, self.rank, self.world = length, rank, world
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -360,4 +362,5 @@ class EpochSampler(torch.utils.data.Sampler[int]):
         return self.length
 
     def __iter__(self):
-        return iter(range(self.epoch * self.length, (self.epoch + 1) * self.length))
+        first = (self.epoch * self.world + self.rank) * self.length
+        return iter(range(first, first + self.length))
