@@ -6,6 +6,7 @@ TORCH  ?= torch==2.13.0
 CONFIG ?= configs/demo.yaml
 FOLD   ?= 0
 FOLDS  ?=
+SEEDS  ?=
 KD     ?=
 WORKERS ?=
 GPUS   ?=
@@ -49,7 +50,7 @@ distil: setup
 # to resume (finished runs are skipped)
 comma := ,
 cv: preprocess
-	$(TC) cv --config $(CONFIG) $(foreach k,$(subst $(comma), ,$(FOLDS)),--fold $(k))
+	$(TC) cv --config $(CONFIG) $(foreach k,$(subst $(comma), ,$(FOLDS)),--fold $(k)) $(foreach s,$(subst $(comma), ,$(SEEDS)),--seed $(s))
 
 # every fold trained, with paired tests (make report); one fold's table with stage times (make report FOLD=0)
 report: setup

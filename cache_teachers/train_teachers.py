@@ -59,8 +59,11 @@ def train_teachers(
         StoreError: the store is missing or stale (run ``teachcache preprocess``).
         ConfigError: an unknown teacher name, or window settings a network cannot use.
     """
+    from train_student.distil import raw_dataset_status
+
     store = open_store_for(cfg)
     train, val = fold_split(cfg, store, fold)
+    raw_dataset = raw_dataset_status(cfg, store)
     meta = store.metadata["dataset"]
     in_channels, class_names = len(meta["channel_names"]), meta["class_names"]
     teachers = (
@@ -116,6 +119,7 @@ def train_teachers(
                     device=resolve_device(teacher.training.device),
                     holdout_cases=holdout,
                     skip_done=skip_done,
+                    original_geometry=raw_dataset == "matches",
                     meta={
                         "role": "teacher",
                         "teacher": teacher.name,

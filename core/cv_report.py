@@ -24,17 +24,56 @@ __all__ = ["build_cv_report", "cv_report_markdown", "paired_tests"]
 BASELINE = "student kd-none"
 
 
-def _runs(cfg: Config) -> dict[str, dict[int, Path]]:
-    """``{run name: {fold: run folder}}`` for every finished run (a summary and per-case scores)."""
-    found: dict[str, dict[int, Path]] = {}
-    for role, pattern in (("teacher", "teachers/*/fold_*"), ("student", "students/kd-*/fold_*")):
+def _runs(cfg: Config) -> dict[str, dict[tuple[int, int | None], Path]]:
+    """``{run name: {(fold, seed): run folder}}`` for every finished run (a summary and per-case scores); ``seed`` is
+    ``None`` for the config's own seed, else a repeat's (``kd-<kind>/seed_<s>/fold_<k>``)."""
+    found: dict[str, dict[tuple[int, int | None], Path]] = {}
+    patterns = (
+        ("teacher", "teachers/*/fold_*"),
+        ("student", "students/kd-*/fold_*"),
+        ("student", "students/kd-*/seed_*/fold_*"),
+    )
+    for role, pattern in patterns:
         for folder in sorted(cfg.output.runs_dir.glob(pattern)):
             if not ((folder / "summary.json").is_file() and (folder / "validation_per_case.csv").is_file()):
                 continue
-            name = f"{role} {folder.parent.name}"
+            repeat = folder.parent.name.startswith("seed_")
+            name = f"{role} {(folder.parent.parent if repeat else folder.parent).name}"
+            seed = int(folder.parent.name.removeprefix("seed_")) if repeat else None
             fold = int(folder.name.removeprefix("fold_"))
-            found.setdefault(name, {})[fold] = folder
+            found.setdefault(name, {})[(fold, seed)] = folder
     return found
+
+
+def _ensemble(cfg: Config, folds: list[int]) -> dict[str, tuple[float, float]]:
+    """Per validation case (``"<fold>/<case>"``), the Dice and HD95 of the teachers' ensemble: the argmax of their
+    cached class distributions averaged with equal weights, read from the store (the teachers distilled on each fold,
+    as stage 2 reads them). Folds whose teachers are not all cached are left out."""
+    from core.experiment import fold_split, open_store_for
+    from core.metrics import dice_per_class, hd95_per_class
+
+    try:
+        store = open_store_for(cfg)
+    except TeachCacheError:
+        return {}
+    teachers = cfg.distilled_teachers()
+    cached = set(store.teacher_keys())
+    num_classes = len(store.metadata["dataset"]["class_names"])
+    out: dict[str, tuple[float, float]] = {}
+    for fold in folds:
+        keys = [t.store_key(fold) for t in teachers]
+        _, val = fold_split(cfg, store, fold)
+        if not keys or not set(keys) <= cached or not all(store.has_entry(k, c) for k in keys for c in val):
+            continue
+        for case in val:
+            mean = np.mean([store.read_softmax(k, case) for k in keys], axis=0)
+            prediction, label = mean.argmax(0), store.read_label(case)
+            spacing = store.case_attrs(case)["spacing"]
+            out[f"{fold}/{case}"] = (
+                float(np.mean(dice_per_class(prediction, label, num_classes))),
+                float(np.mean(hd95_per_class(prediction, label, num_classes, spacing))),
+            )
+    return out
 
 
 def _per_case(folder: Path) -> dict[str, tuple[float, float]]:
@@ -76,31 +115,46 @@ def build_cv_report(cfg: Config) -> dict[str, Any]:
             f"no finished run with per-case scores under {cfg.output.runs_dir}; run `make distil FOLD=k` first"
         )
     rows, cases_of = [], {}
-    for name, folds in runs.items():
-        per_case: dict[str, tuple[float, float]] = {}
-        fold_dice = []
+    all_folds: set[int] = set()
+    for name, found in runs.items():
+        # per case: the mean over the seeds it was trained with (the case is the unit of the paired tests)
+        by_case: dict[str, list[tuple[float, float]]] = {}
+        seed_fold_dice: dict[int | None, dict[int, float]] = {}
         params = None
-        for fold, folder in sorted(folds.items()):
+        for (fold, seed), folder in sorted(found.items(), key=lambda kv: (kv[0][0], kv[0][1] or -1)):
             scores = _per_case(folder)
-            per_case.update({f"{fold}/{c}": v for c, v in scores.items()})
-            fold_dice.append(float(np.mean([v[0] for v in scores.values()])))
+            for c, v in scores.items():
+                by_case.setdefault(f"{fold}/{c}", []).append(v)
+            seed_fold_dice.setdefault(seed, {})[fold] = float(np.mean([v[0] for v in scores.values()]))
             params = json.loads((folder / "summary.json").read_text()).get("parameters")
-        cases_of[name] = per_case
-        dice = np.array([v[0] for v in per_case.values()])
-        hd = np.array([v[1] for v in per_case.values()])
+        per_case = {
+            c: (float(np.mean([v[0] for v in vs])), float(np.mean([v[1] for v in vs])))
+            for c, vs in by_case.items()
+        }
+        folds = sorted({fold for fold, _ in found})
+        all_folds |= set(folds)
+        fold_dice = [float(np.mean([d[f] for d in seed_fold_dice.values() if f in d])) for f in folds]
+        # seed spread: the sd over seeds of the mean over folds, from seeds that trained every fold
+        complete = [np.mean(list(d.values())) for d in seed_fold_dice.values() if set(d) == set(folds)]
         rows.append(
-            {
-                "run": name,
-                "folds": sorted(folds),
-                "cases": len(per_case),
-                "dice_mean_over_folds": float(np.mean(fold_dice)),
-                "dice_std_over_folds": float(np.std(fold_dice, ddof=1)) if len(fold_dice) > 1 else math.nan,
-                "dice_mean_over_cases": float(dice.mean()),
-                "dice_std_over_cases": float(dice.std(ddof=1)) if len(dice) > 1 else math.nan,
-                "hd95_mm_mean_over_cases": float(hd.mean()),
-                "parameters": params,
+            _row(name, folds, per_case, fold_dice, params)
+            | {
+                "seeds": len(seed_fold_dice),
+                "dice_std_over_seeds": float(np.std(complete, ddof=1)) if len(complete) > 1 else math.nan,
             }
         )
+        cases_of[name] = per_case
+    ensemble = _ensemble(cfg, sorted(all_folds))
+    if ensemble:
+        ens_folds = sorted({int(c.split("/")[0]) for c in ensemble})
+        fold_dice = [
+            float(np.mean([v[0] for c, v in ensemble.items() if c.startswith(f"{f}/")])) for f in ens_folds
+        ]
+        name = "teacher ensemble (cached, equal weights)"
+        rows.append(
+            _row(name, ens_folds, ensemble, fold_dice, None) | {"seeds": 1, "dice_std_over_seeds": math.nan}
+        )
+        cases_of[name] = ensemble
     comparisons = []
     if BASELINE in cases_of:
         base = cases_of[BASELINE]
@@ -110,12 +164,58 @@ def build_cv_report(cfg: Config) -> dict[str, Any]:
             common = sorted(set(per_case) & set(base))
             test = paired_tests([per_case[c][0] for c in common], [base[c][0] for c in common])
             comparisons.append({"run": name, "against": BASELINE, "metric": "dice", **test})
-    report = {"experiment": cfg.experiment, "runs": rows, "paired_vs_no_kd": comparisons}
+    against_ensemble = []
+    ensemble_name = "teacher ensemble (cached, equal weights)"
+    if ensemble_name in cases_of:
+        teachers = cases_of[ensemble_name]
+        for name, per_case in cases_of.items():
+            common = sorted(set(per_case) & set(teachers))
+            if not name.startswith("student") or not common:
+                continue
+            student = float(np.mean([per_case[c][0] for c in common]))
+            reference = float(np.mean([teachers[c][0] for c in common]))
+            against_ensemble.append(
+                {
+                    "run": name,
+                    "n": len(common),
+                    "dice": student,
+                    "ensemble_dice": reference,
+                    "ratio": student / reference if reference > 0 else math.nan,
+                }
+            )
+    report = {
+        "experiment": cfg.experiment,
+        "runs": rows,
+        "paired_vs_no_kd": comparisons,
+        "against_teacher_ensemble": against_ensemble,
+    }
     out = cfg.output.runs_dir / "report"
     out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
     out.with_suffix(".md").write_text(cv_report_markdown(report))
     _plot(cases_of, cfg.output.runs_dir / "report_dice.png", cfg.experiment)
     return report
+
+
+def _row(
+    name: str,
+    folds: list[int],
+    per_case: dict[str, tuple[float, float]],
+    fold_dice: list[float],
+    params: int | None,
+) -> dict[str, Any]:
+    dice = np.array([v[0] for v in per_case.values()])
+    hd = np.array([v[1] for v in per_case.values()])
+    return {
+        "run": name,
+        "folds": folds,
+        "cases": len(per_case),
+        "dice_mean_over_folds": float(np.mean(fold_dice)),
+        "dice_std_over_folds": float(np.std(fold_dice, ddof=1)) if len(fold_dice) > 1 else math.nan,
+        "dice_mean_over_cases": float(dice.mean()),
+        "dice_std_over_cases": float(dice.std(ddof=1)) if len(dice) > 1 else math.nan,
+        "hd95_mm_mean_over_cases": float(hd.mean()),
+        "parameters": params,
+    }
 
 
 def _fmt(v: float, digits: int = 4) -> str:
@@ -126,17 +226,21 @@ def cv_report_markdown(report: dict[str, Any]) -> str:
     lines = [
         f"# {report['experiment']}: cross-validation",
         "",
-        "Final models (nothing chosen on the validation cases). Dice and HD95 averaged over foreground classes per "
-        "case; ± is the standard deviation over folds, and over cases.",
+        "Headline models (chosen without the validation cases: the final model, or the epoch best on held-out "
+        "training cases). Dice and HD95 averaged over foreground classes per case; ± is the standard deviation over "
+        "folds, over cases, and over seeds (a run repeated with several training seeds is averaged per case first). "
+        "The teacher ensemble is the argmax of the distilled teachers' cached distributions, averaged.",
         "",
-        "| run | folds | cases | Dice, mean ± sd over folds | Dice, mean ± sd over cases | HD95 mm | params |",
-        "|---|---|---:|---:|---:|---:|---:|",
+        "| run | folds | seeds | cases | Dice, mean ± sd over folds | Dice, mean ± sd over cases | sd over seeds "
+        "| HD95 mm | params |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in report["runs"]:
         lines.append(
-            f"| {r['run']} | {','.join(map(str, r['folds']))} | {r['cases']} | "
+            f"| {r['run']} | {','.join(map(str, r['folds']))} | {r.get('seeds', 1)} | {r['cases']} | "
             f"{_fmt(r['dice_mean_over_folds'])} ± {_fmt(r['dice_std_over_folds'])} | "
             f"{_fmt(r['dice_mean_over_cases'])} ± {_fmt(r['dice_std_over_cases'])} | "
+            f"{_fmt(r.get('dice_std_over_seeds', math.nan))} | "
             f"{_fmt(r['hd95_mm_mean_over_cases'], 2)} | {r['parameters'] or '—'} |"
         )
     if report["paired_vs_no_kd"]:
@@ -151,6 +255,18 @@ def cv_report_markdown(report: dict[str, Any]) -> str:
             lines.append(
                 f"| {c['run']} | {c['n']} | {_fmt(c['mean_difference'])} | {_fmt(c['wilcoxon_p'])} | "
                 f"{_fmt(c['t_test_p'])} |"
+            )
+    if report.get("against_teacher_ensemble"):
+        lines += [
+            "",
+            "Each student against the teacher ensemble on the same cases (the share of the ensemble's Dice it reaches):",
+            "",
+            "| run | cases | student Dice | ensemble Dice | ratio |",
+            "|---|---:|---:|---:|---:|",
+        ]
+        for c in report["against_teacher_ensemble"]:
+            lines.append(
+                f"| {c['run']} | {c['n']} | {_fmt(c['dice'])} | {_fmt(c['ensemble_dice'])} | {_fmt(c['ratio'], 3)} |"
             )
     return "\n".join(lines) + "\n"
 

@@ -4,7 +4,8 @@ Layout under ``output.runs_dir``::
 
     splits_final.json                              a copy of the store's folds (unless splits.file is set)
     teachers/<teacher>/fold_<k>/                   metrics.csv, curves.png, summary.json
-    students/kd-<kind>/fold_<k>/                   checkpoint_best.pth, metrics.csv, curves.png, summary.json
+    students/kd-<kind>/fold_<k>/                   checkpoint_final.pth, metrics.csv, curves.png, summary.json
+    students/kd-<kind>/seed_<s>/fold_<k>/          the same run repeated with training seed s (make cv SEEDS=…)
     report_fold_<k>.json, report_fold_<k>.md
 """
 
@@ -44,8 +45,10 @@ def teacher_dir(cfg: Config, teacher: str, fold: int) -> Path:
     return cfg.output.runs_dir / "teachers" / teacher / f"fold_{fold}"
 
 
-def student_dir(cfg: Config, kind: str, fold: int) -> Path:
-    return cfg.output.runs_dir / "students" / f"kd-{kind}" / f"fold_{fold}"
+def student_dir(cfg: Config, kind: str, fold: int, seed: int | None = None) -> Path:
+    """``students/kd-<kind>/fold_<k>``; a repeat with another training seed: ``students/kd-<kind>/seed_<s>/fold_<k>``."""
+    base = cfg.output.runs_dir / "students" / f"kd-{kind}"
+    return (base if seed is None else base / f"seed_{seed}") / f"fold_{fold}"
 
 
 def open_store_for(cfg: Config, mode: str = "r") -> TeacherStore:

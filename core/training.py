@@ -37,6 +37,7 @@ import os
 import shutil
 import signal
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -55,13 +56,22 @@ from core.errors import TrainingError
 from core.inference import autocast, predict_volume
 from core.losses import DistillationTargets
 from core.metrics import dice_per_class, hd95_per_class
-from core.models.checkpoint import save_checkpoint
+from core.models.checkpoint import load_checkpoint, save_checkpoint
 from core.models.registry import ModelSpec
 from core.models.taps import TapRecorder
 from core.progress import ProgressBar
 from core.store import TeacherStore
 
-__all__ = ["FitResult", "TrainingRun", "count_parameters", "evaluate", "fit", "recover_run_dir", "run_seed"]
+__all__ = [
+    "FitResult",
+    "ResumeDiscardedWarning",
+    "TrainingRun",
+    "count_parameters",
+    "evaluate",
+    "fit",
+    "recover_run_dir",
+    "run_seed",
+]
 
 LossFn = Callable[..., dict[str, torch.Tensor]]
 TargetSource = Callable[[dict[str, torch.Tensor]], DistillationTargets]
@@ -102,6 +112,7 @@ class FitResult:
     holdout_mean_dice: float | None = None
     world_size: int = 1
     replicas_identical: bool | None = None
+    evaluated_in: str = "preprocessed grid"
 
 
 def _staging_dir(out_dir: Path) -> Path:
@@ -154,6 +165,11 @@ def _write_error(out_dir: Path, exc: OSError) -> TrainingError:
 
 def _run_key(run: TrainingRun) -> str:
     """What a run is, hashed: a partial run is resumed only by the same run."""
+    return hashlib.sha256(json.dumps(_run_fields(run), sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _run_fields(run: TrainingRun) -> dict[str, Any]:
+    """What a run is: its settings, cases, seed and loss, as JSON-able values (flattened to dotted keys)."""
     payload = {
         "name": run.name,
         "arch": run.spec.name,
@@ -172,7 +188,50 @@ def _run_key(run: TrainingRun) -> str:
         "loss_weights": getattr(run.loss_fn, "term_weights", None),
         "meta": run.meta or {},
     }
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+    return json.loads(json.dumps(payload, sort_keys=True, default=str))
+
+
+def _dotted(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict) and tree:
+        out: dict[str, Any] = {}
+        for k, v in tree.items():
+            out.update(_dotted(v, f"{prefix}{k}."))
+        return out
+    return {prefix.rstrip("."): tree}
+
+
+class ResumeDiscardedWarning(UserWarning):
+    """A killed run was found in the staging folder, made with other settings: it is discarded, training starts
+    afresh."""
+
+
+def _warn_if_discarding(staging: Path, run: TrainingRun, key: str) -> None:
+    """Say what differs when a killed run of other settings is about to be discarded."""
+    path = staging / _LATEST
+    if not path.is_file():
+        return
+    state: Any = None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        before = _dotted(json.loads(state.get("run_fields", "{}")))
+    except Exception:  # an unreadable state: nothing to name
+        before = {}
+    if isinstance(state, dict) and state.get("run_key") == key:
+        return
+    now = _dotted(_run_fields(run))
+    changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k)) if before else []
+    what = (
+        f"differs in {', '.join(changed[:6])}{'…' if len(changed) > 6 else ''}"
+        if changed
+        else "is unreadable"
+    )
+    warnings.warn(
+        ResumeDiscardedWarning(
+            f"{run.name}: the killed run in {staging} {what} — it cannot be resumed with these settings, so it is "
+            "discarded and training starts afresh (restore the old settings before re-running to resume it instead)"
+        ),
+        stacklevel=3,
+    )
 
 
 def _finished_run(out_dir: Path, key: str, exported: Path | None) -> FitResult | None:
@@ -202,6 +261,7 @@ def _resumable_state(staging: Path, key: str) -> dict[str, Any] | None:
 def _save_latest(
     path: Path,
     key: str,
+    fields_of_run: dict[str, Any],
     epoch: int,
     model: nn.Module,
     loss_fn: LossFn,
@@ -218,6 +278,7 @@ def _save_latest(
     """Everything needed to continue after ``epoch``, written atomically (loadable with ``weights_only=True``)."""
     state = {
         "run_key": key,
+        "run_fields": json.dumps(fields_of_run),
         "epoch": epoch,
         "model": model.state_dict(),
         "loss": loss_fn.state_dict() if isinstance(loss_fn, nn.Module) else {},
@@ -295,21 +356,38 @@ def evaluate(
     num_classes: int,
     device: torch.device,
     amp: bool = True,
+    original: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Dice and HD95 (mm) per foreground class of each case, predicted with sliding windows over the whole volume.
 
-    Both on the store's preprocessed grid, at its spacing (:func:`core.metrics.hd95_per_class` says what empty masks
-    score).
+    On the store's preprocessed grid, at its spacing; with ``original``, in the case's original geometry: the
+    prediction resampled back onto the original grid (:mod:`core.geometry`) and scored against the original label
+    file, at the original spacing, as nnU-Net evaluates. :func:`core.metrics.hd95_per_class` says what empty masks
+    score.
 
     Returns:
         ``(dice, hd95)``, each (N_cases, K-1).
     """
+    from core.geometry import original_label, original_spacing, to_original_geometry
+
     dice, hd95 = [], []
     for case_id in case_ids:
         logits = predict_volume(model, store.read_image(case_id), inference, device, amp=amp)["logits"]
-        prediction, label = logits.argmax(0), store.read_label(case_id)
+        attrs = store.case_attrs(case_id)
+        prediction, label, spacing = logits.argmax(0), store.read_label(case_id), attrs["spacing"]
+        if original:
+            reference = original_label(store, case_id)
+            if reference is None:
+                raise TrainingError(
+                    f"case '{case_id}': its original label file {attrs['source_files'][-1]} is not at hand to score "
+                    "in the original geometry"
+                )
+            prediction = to_original_geometry(
+                prediction, attrs["affine"], attrs["original_affine"], attrs["original_shape"]
+            )
+            label, spacing = reference, original_spacing(attrs["original_affine"])
         dice.append(dice_per_class(prediction, label, num_classes))
-        hd95.append(hd95_per_class(prediction, label, num_classes, store.case_attrs(case_id)["spacing"]))
+        hd95.append(hd95_per_class(prediction, label, num_classes, spacing))
     model.train()
     return np.asarray(dice, dtype=np.float64), np.asarray(hd95, dtype=np.float64)
 
@@ -368,6 +446,9 @@ class TrainingRun:
             (``training.holdout``); empty: the final model is the headline.
         skip_done: when the run folder already holds a finished run with the same key (same settings, cases,
             seed, loss), return its result instead of training again (``make cv`` re-run).
+        original_geometry: score the headline model once more at the end in each validation case's original
+            geometry (needs the raw label files, unchanged since preprocessing); its per-case scores are then the
+            run's headline. In-training validation stays on the preprocessed grid.
     """
 
     name: str
@@ -390,6 +471,7 @@ class TrainingRun:
     meta: dict[str, Any] | None = None
     holdout_cases: list[str] = field(default_factory=list)
     skip_done: bool = False
+    original_geometry: bool = False
 
 
 def fit(run: TrainingRun, progress: bool = True) -> FitResult:
@@ -429,6 +511,7 @@ def fit(run: TrainingRun, progress: bool = True) -> FitResult:
         recover_run_dir(out_dir, keep_staging=True)
         resume = _resumable_state(staging, key)
         if resume is None:
+            _warn_if_discarding(staging, run, key)
             if staging.exists():
                 shutil.rmtree(staging)
             staging.mkdir(parents=True)
@@ -489,6 +572,7 @@ def _train(
     """
     ctx = ctx or Distributed()
     main = ctx.main
+    run_fields = _run_fields(run)
     name, model, spec, args = run.name, run.model, run.spec, run.args
     in_channels, num_classes, dataset, store = run.in_channels, run.num_classes, run.dataset, run.store
     val_cases, cfg, inference, loss_fn = run.val_cases, run.cfg, run.inference, run.loss_fn
@@ -674,6 +758,7 @@ def _train(
                 _save_latest(
                     out_dir / _LATEST,
                     run_key,
+                    run_fields,
                     epoch,
                     model,
                     loss_fn,
@@ -718,6 +803,16 @@ def _train(
     else:
         headline = ("final", _FINAL, last[2], last[0], last[1], last[3], last[4])
     kind, headline_file, headline_epoch, headline_dice, headline_per_class, case_dice, case_hd95 = headline
+    evaluated_in = "preprocessed grid"
+    if run.original_geometry:  # the headline model, scored as nnU-Net scores: on the original grid and labels
+        if holdout:
+            model.load_state_dict(load_checkpoint(out_dir / _SELECTED).state_dict)
+        case_dice, case_hd95 = evaluate(
+            model, store, val_cases, inference, num_classes, device, cfg.amp, original=True
+        )
+        headline_per_class = case_dice.mean(axis=0).tolist()
+        headline_dice = float(np.mean(headline_per_class))
+        evaluated_in = "original geometry"
     per_case_csv = out_dir / "validation_per_case.csv"
     with open(per_case_csv, "w", newline="") as f:
         writer = csv.writer(f)
@@ -766,5 +861,6 @@ def _train(
         holdout_mean_dice=selected[0] if holdout else None,
         world_size=ctx.world,
         replicas_identical=identical,
+        evaluated_in=evaluated_in,
     )
     return result

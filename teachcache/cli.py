@@ -189,6 +189,12 @@ def distil(
             help="Distil from teachers trained on this fold's validation cases (recorded in the run)."
         ),
     ] = False,
+    seed: Annotated[
+        int | None,
+        typer.Option(
+            help="Repeat the run with this training seed (into kd-<kind>/seed_<s>/fold_<k>).", min=0
+        ),
+    ] = None,
     quiet: QuietOption = False,
 ) -> None:
     """Train the student for one fold from the store (no teacher in memory)."""
@@ -204,13 +210,14 @@ def distil(
         )
     import warnings
 
+    from core.training import ResumeDiscardedWarning
     from train_student.distil import RawDataChangedWarning, TapGridWarning
 
     shown = warnings.showwarning
 
     def show(message, category, filename, lineno, file=None, line=None) -> None:  # type: ignore[no-untyped-def]
         # ours are one line for the user, printed as they happen (before training starts); others as Python does
-        if issubclass(category, (RawDataChangedWarning, TapGridWarning)):
+        if issubclass(category, (RawDataChangedWarning, TapGridWarning, ResumeDiscardedWarning)):
             err.print(f"[bold yellow]warning:[/] {message}", highlight=False, soft_wrap=True)
         else:
             shown(message, category, filename, lineno, file, line)
@@ -218,8 +225,9 @@ def distil(
     with warnings.catch_warnings():
         warnings.simplefilter("always", RawDataChangedWarning)
         warnings.simplefilter("always", TapGridWarning)
+        warnings.simplefilter("always", ResumeDiscardedWarning)
         warnings.showwarning = show
-        r = run(cfg, fold, kd, progress=not quiet, allow_leakage=allow_leakage)
+        r = run(cfg, fold, kd, progress=not quiet, allow_leakage=allow_leakage, seed=seed)
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun (make distil GPUS=n), process 0 speaks
         out.print(_fit_line(r), highlight=False, soft_wrap=True)
 
@@ -232,6 +240,10 @@ def cv(
         list[int] | None,
         typer.Option("--fold", "-f", help="Only this fold (repeatable); default: every fold.", min=0),
     ] = None,
+    seed: Annotated[
+        list[int] | None,
+        typer.Option("--seed", help="Repeat every student run with this training seed (repeatable).", min=0),
+    ] = None,
     quiet: QuietOption = False,
 ) -> None:
     """Cross-validation: per fold, train the teachers, cache them, train the no-KD and the distilled student; then
@@ -239,7 +251,7 @@ def cv(
     from teachcache.cv import run_cv
 
     cfg = _load(config)
-    run_cv(cfg, fold, progress=not quiet, say=lambda line: out.print(line, highlight=False))
+    run_cv(cfg, fold, progress=not quiet, say=lambda line: out.print(line, highlight=False), seeds=seed)
     out.print(f"report: {cfg.output.runs_dir / 'report.md'}")
 
 
@@ -424,7 +436,7 @@ def _cv_report(cfg) -> None:
     from core.cv_report import build_cv_report
 
     rep = build_cv_report(cfg)
-    t = Table(title=f"{rep['experiment']}: final models over the folds trained (Dice per case)")
+    t = Table(title=f"{rep['experiment']}: headline models over the folds trained (Dice per case)")
     for col in ("run", "folds", "cases", "Dice (folds)", "Dice (cases)", "HD95 mm"):
         t.add_column(col, justify="left" if col in ("run", "folds") else "right", no_wrap=True)
     for r in rep["runs"]:
@@ -442,6 +454,12 @@ def _cv_report(cfg) -> None:
         out.print(
             f"  {c['run']} − no KD: Dice {c['mean_difference']:+.4f} over {c['n']} cases, Wilcoxon p = "
             f"{c['wilcoxon_p']:.3g}, paired t p = {c['t_test_p']:.3g}",
+            highlight=False,
+        )
+    for c in rep.get("against_teacher_ensemble", []):
+        out.print(
+            f"  {c['run']}: {c['ratio']:.1%} of the teacher ensemble's Dice ({c['dice']:.4f} / "
+            f"{c['ensemble_dice']:.4f}, {c['n']} cases)",
             highlight=False,
         )
     out.print(f"written to {cfg.output.runs_dir}/report.md, .json and report_dice.png")

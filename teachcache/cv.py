@@ -37,8 +37,12 @@ def run_cv(
     folds: list[int] | None = None,
     progress: bool = True,
     say: Callable[[str], None] = print,
+    seeds: list[int] | None = None,
 ) -> CvSummary:
     """Run the chain for ``folds`` (default: every fold of the store's splits) and write the CV report.
+
+    With ``seeds``, each student run is repeated with each training seed (teachers are trained once per fold); the
+    config's own ``training.seed`` trains into the usual folder, others into ``kd-<kind>/seed_<s>/``.
 
     Raises:
         ConfigError: a fold the splits do not have.
@@ -67,9 +71,10 @@ def run_cv(
         say(
             f"fold {fold}: cached {sum(cached.written.values())} entries, {sum(cached.skipped.values())} already"
         )
-        for kd in ("none", None):
-            r = distil(cfg, fold, kd, progress=progress, skip_done=True)
-            done.append(f"{r.name}: {r.headline_mean_dice:.4f}")
-            say(f"fold {fold}: {done[-1]}")
+        for seed in seeds or [cfg.training.seed]:
+            for kd in ("none", None):
+                r = distil(cfg, fold, kd, progress=progress, skip_done=True, seed=seed)
+                done.append(f"{r.name} (seed {seed}): {r.headline_mean_dice:.4f}")
+                say(f"fold {fold}: {done[-1]}")
     build_cv_report(cfg)
     return summary

@@ -99,6 +99,29 @@ def test_the_cv_report_and_a_rerun_that_trains_nothing(per_fold):
     assert "cached 0 entries" in again.output
 
 
+def test_the_report_has_the_teacher_ensemble_and_seed_repeats(per_fold):
+    cfg, path, _ = per_fold
+    result = runner.invoke(app, ["cv", "-c", str(path), "--fold", "0", "--seed", "0", "--seed", "3", "-q"])
+    assert result.exit_code == 0, result.output
+    repeat = cfg.output.runs_dir / "students" / "kd-none" / "seed_3" / "fold_0" / "summary.json"
+    first = cfg.output.runs_dir / "students" / "kd-none" / "fold_0" / "summary.json"
+    assert (
+        json.loads(repeat.read_text())["training_seed"] == 3
+        and json.loads(first.read_text())["training_seed"] == 0
+    )
+    assert json.loads(repeat.read_text())["seed"] != json.loads(first.read_text())["seed"], "another run seed"
+    report = json.loads((cfg.output.runs_dir / "report.json").read_text())
+    rows = {r["run"]: r for r in report["runs"]}
+    assert rows["student kd-none"]["seeds"] == 2 and rows["student kd-none"]["folds"] == [0, 1]
+    ensemble = rows["teacher ensemble (cached, equal weights)"]
+    assert ensemble["folds"] == [0, 1] and ensemble["cases"] == rows["student kd-none"]["cases"]
+    against = {c["run"]: c for c in report["against_teacher_ensemble"]}
+    assert against["student kd-none"]["ratio"] == pytest.approx(
+        against["student kd-none"]["dice"] / against["student kd-none"]["ensemble_dice"]
+    )
+    assert "| sd over seeds |" in (cfg.output.runs_dir / "report.md").read_text()
+
+
 def test_a_checkpoint_made_for_another_fold_is_refused(per_fold):
     cfg, path, _ = per_fold
     fold0 = cfg.teachers[0].for_fold(0).checkpoint

@@ -232,6 +232,7 @@ def distil(
     progress: bool = True,
     allow_leakage: bool = False,
     skip_done: bool = False,
+    seed: int | None = None,
 ) -> FitResult:
     """Train ``cfg.student`` on ``fold``'s training cases, reading only the store.
 
@@ -243,6 +244,8 @@ def distil(
         allow_leakage: accept teachers whose training cases include this fold's validation cases; the leaked
             cases are recorded in the checkpoint and ``summary.json``.
         skip_done: return the finished run already in the run folder when it is this very run (``make cv``).
+        seed: repeat the run with this ``training.seed`` (its folder: ``kd-<kind>/seed_<seed>/fold_<k>``); the
+            config's own seed (or ``None``) trains into ``kd-<kind>/fold_<k>``.
 
     Returns:
         The run's :class:`~core.training.FitResult`; files go to ``runs_dir/students/kd-<kind>/fold_<k>/``.
@@ -253,6 +256,9 @@ def distil(
             ``allow_leakage``, or a ``splits.file`` that disagrees with the store's folds.
     """
     dcfg = cfg.distillation if kd is None else cfg.distillation.model_copy(update={"kind": kd})
+    repeat = seed is not None and seed != cfg.training.seed
+    if repeat:
+        cfg = cfg.model_copy(update={"training": cfg.training.model_copy(update={"seed": seed})})
     store = open_store_for(cfg)
     train, val = fold_split(cfg, store, fold)
     raw_dataset = raw_dataset_status(cfg, store)
@@ -321,7 +327,7 @@ def distil(
         augmentation=cfg.training.augmentation,
     )
     device = resolve_device(cfg.training.device)
-    out_dir = student_dir(cfg, dcfg.kind, fold)
+    out_dir = student_dir(cfg, dcfg.kind, fold, cfg.training.seed if repeat else None)
     return fit(
         TrainingRun(
             name=f"student kd-{dcfg.kind}",
@@ -340,6 +346,7 @@ def distil(
             checkpoint_path=None,
             holdout_cases=holdout,
             skip_done=skip_done,
+            original_geometry=raw_dataset == "matches",
             device=device,
             target_source=(lambda batch: targets_from_batch(batch, request, device)) if request else None,
             capture_taps=bool(
