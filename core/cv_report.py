@@ -120,13 +120,17 @@ def build_cv_report(cfg: Config) -> dict[str, Any]:
         # per case: the mean over the seeds it was trained with (the case is the unit of the paired tests)
         by_case: dict[str, list[tuple[float, float]]] = {}
         seed_fold_dice: dict[int | None, dict[int, float]] = {}
-        params = None
+        params, gflops, latency = None, None, []
         for (fold, seed), folder in sorted(found.items(), key=lambda kv: (kv[0][0], kv[0][1] or -1)):
             scores = _per_case(folder)
             for c, v in scores.items():
                 by_case.setdefault(f"{fold}/{c}", []).append(v)
             seed_fold_dice.setdefault(seed, {})[fold] = float(np.mean([v[0] for v in scores.values()]))
-            params = json.loads((folder / "summary.json").read_text()).get("parameters")
+            summary = json.loads((folder / "summary.json").read_text())
+            params, gflops = summary.get("parameters"), summary.get("gflops_per_window")
+            seconds = summary.get("seconds_per_volume")
+            if isinstance(seconds, int | float) and math.isfinite(seconds):
+                latency.append(float(seconds))
         per_case = {
             c: (float(np.mean([v[0] for v in vs])), float(np.mean([v[1] for v in vs])))
             for c, vs in by_case.items()
@@ -139,6 +143,8 @@ def build_cv_report(cfg: Config) -> dict[str, Any]:
         rows.append(
             _row(name, folds, per_case, fold_dice, params)
             | {
+                "gflops_per_window": gflops,
+                "seconds_per_volume": float(np.mean(latency)) if latency else math.nan,
                 "seeds": len(seed_fold_dice),
                 "dice_std_over_seeds": float(np.std(complete, ddof=1)) if len(complete) > 1 else math.nan,
             }
@@ -232,8 +238,8 @@ def cv_report_markdown(report: dict[str, Any]) -> str:
         "The teacher ensemble is the argmax of the distilled teachers' cached distributions, averaged.",
         "",
         "| run | folds | seeds | cases | Dice, mean ± sd over folds | Dice, mean ± sd over cases | sd over seeds "
-        "| HD95 mm | params |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| HD95 mm | params | GFLOPs / window | s / volume |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in report["runs"]:
         lines.append(
@@ -241,7 +247,8 @@ def cv_report_markdown(report: dict[str, Any]) -> str:
             f"{_fmt(r['dice_mean_over_folds'])} ± {_fmt(r['dice_std_over_folds'])} | "
             f"{_fmt(r['dice_mean_over_cases'])} ± {_fmt(r['dice_std_over_cases'])} | "
             f"{_fmt(r.get('dice_std_over_seeds', math.nan))} | "
-            f"{_fmt(r['hd95_mm_mean_over_cases'], 2)} | {r['parameters'] or '—'} |"
+            f"{_fmt(r['hd95_mm_mean_over_cases'], 2)} | {r['parameters'] or '—'} | "
+            f"{_fmt(r.get('gflops_per_window'), 2)} | {_fmt(r.get('seconds_per_volume', math.nan), 2)} |"
         )
     if report["paired_vs_no_kd"]:
         lines += [

@@ -113,6 +113,8 @@ class FitResult:
     world_size: int = 1
     replicas_identical: bool | None = None
     evaluated_in: str = "preprocessed grid"
+    seconds_per_volume: float = float("nan")
+    gflops_per_window: float | None = None
 
 
 def _staging_dir(out_dir: Path) -> Path:
@@ -344,6 +346,21 @@ def resolve_num_workers(setting: int | str, device: torch.device) -> int:
     return min(8, max(1, (os.cpu_count() or 2) // 2)) if device.type == "cuda" else 0
 
 
+def _gflops(
+    arch: str, inference: InferenceConfig, in_channels: int, num_classes: int, args: dict[str, Any]
+) -> float | None:
+    """Forward GFLOPs of one sliding window (cubic windows; ``None`` for others or when counting fails)."""
+    from core.models.profile import profile_model
+
+    size = inference.roi_size
+    if len(set(size)) != 1:
+        return None
+    try:
+        return round(profile_model(arch, size[0], in_channels, num_classes, args).gflops, 3)
+    except Exception:  # a count is a nicety; never fail a finished run over it
+        return None
+
+
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
@@ -357,6 +374,7 @@ def evaluate(
     device: torch.device,
     amp: bool = True,
     original: bool = False,
+    timings: list[float] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Dice and HD95 (mm) per foreground class of each case, predicted with sliding windows over the whole volume.
 
@@ -365,6 +383,10 @@ def evaluate(
     file, at the original spacing, as nnU-Net evaluates. :func:`core.metrics.hd95_per_class` says what empty masks
     score.
 
+    Args:
+        timings: when given, each case's prediction time in seconds (sliding windows over the whole volume) is
+            appended to it.
+
     Returns:
         ``(dice, hd95)``, each (N_cases, K-1).
     """
@@ -372,7 +394,11 @@ def evaluate(
 
     dice, hd95 = [], []
     for case_id in case_ids:
-        logits = predict_volume(model, store.read_image(case_id), inference, device, amp=amp)["logits"]
+        image = store.read_image(case_id)
+        started = time.perf_counter()
+        logits = predict_volume(model, image, inference, device, amp=amp)["logits"]
+        if timings is not None:
+            timings.append(time.perf_counter() - started)
         attrs = store.case_attrs(case_id)
         prediction, label, spacing = logits.argmax(0), store.read_label(case_id), attrs["spacing"]
         if original:
@@ -600,6 +626,7 @@ def _train(
     selected: tuple[float, int, list[float], np.ndarray, np.ndarray] = (-1.0, -1, [], empty, empty)
     holdout = list(run.holdout_cases)
     stale = 0  # epochs since the held-out Dice last improved
+    latency = float("nan")  # seconds to predict one validation volume (the last validation's mean)
     started = time.perf_counter()
     metrics_csv = out_dir / "metrics.csv"
     recorder = TapRecorder(model, spec.taps) if capture_taps else None
@@ -693,7 +720,11 @@ def _train(
             }
             validate = (epoch + 1) % cfg.val_every == 0 or epoch == cfg.epochs - 1
             if validate and main:
-                scores, hd95 = evaluate(model, store, val_cases, inference, num_classes, device, cfg.amp)
+                timings: list[float] = []
+                scores, hd95 = evaluate(
+                    model, store, val_cases, inference, num_classes, device, cfg.amp, timings=timings
+                )
+                latency = float(np.mean(timings)) if timings else latency
                 per_class = scores.mean(axis=0).tolist()
                 mean_dice = float(np.mean(per_class))
                 row.update({f"val_dice_{n}": d for n, d in zip(fg_names, per_class, strict=True)})
@@ -862,5 +893,7 @@ def _train(
         world_size=ctx.world,
         replicas_identical=identical,
         evaluated_in=evaluated_in,
+        seconds_per_volume=latency,
+        gflops_per_window=_gflops(spec.name, inference, in_channels, num_classes, args),
     )
     return result
