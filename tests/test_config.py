@@ -27,6 +27,12 @@ def test_mri_demo_config_is_valid():
     assert cfg.store.path != load_config(REPO / "configs" / "demo.yaml").store.path
 
 
+def test_thin_demo_config_is_valid():
+    cfg = load_config(REPO / "configs" / "demo-thin.yaml")
+    assert cfg.dataset.synthetic is not None and cfg.dataset.synthetic.kind == "thin"
+    assert all(t.per_fold for t in cfg.teachers)
+
+
 def test_unknown_key_is_named(tmp_path):
     data = tiny_config_dict(tmp_path)
     data["training"]["epochz"] = 3

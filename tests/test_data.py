@@ -77,6 +77,28 @@ def test_mri_variant_has_three_channels_and_mimics():
         )
 
 
+def test_thin_variant_has_thin_vessels_nodules_and_a_mimic_per_channel(tmp_path):
+    from scipy import ndimage
+
+    cfg = SyntheticConfig(kind="thin", num_cases=4, shape=(96, 96, 40), spacing=(1.0, 1.0, 2.0))
+    for i in range(4):
+        (t1, t2), label, _ = generate_case(cfg, i)
+        vessel, nodule = label == 1, label == 2
+        assert vessel.sum() > 100 and nodule.sum() > 50, "every case holds both classes"
+        in_plane = np.ones((3, 3, 1), bool)
+        assert ndimage.binary_erosion(vessel, in_plane, iterations=2).sum() < 0.02 * vessel.sum(), (
+            "vessels are at most ~4 mm across: two in-plane erosions leave (almost) nothing"
+        )
+        assert ndimage.binary_erosion(nodule, in_plane, iterations=2).sum() > 0, "nodules are blobs"
+        away = ~_dilate(label > 0, 2)
+        assert ((t1 > 550) & (t2 < 450) & away).sum() > 20, "T1-bright tubes that are not vessels (nerves)"
+        assert np.median(t1[nodule]) < 350 and np.median(t2[nodule]) > 500
+    write_synthetic_dataset(cfg.model_copy(update={"num_cases": 2}), tmp_path / "thin", progress=False)
+    dataset = read_raw_dataset(tmp_path / "thin")
+    assert dataset.class_names == ["background", "vessel", "nodule"] and len(dataset.cases) == 2
+    assert [c.case_id for c in dataset.cases] == ["SYNTHIN_000", "SYNTHIN_001"]
+
+
 def test_written_layout_and_affines(raw):
     desc = json.loads((raw / "dataset.json").read_text())
     assert desc["channel_names"] == {"0": "CT", "1": "PET"} and desc["file_ending"] == ".nii.gz"
