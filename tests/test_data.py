@@ -140,6 +140,8 @@ def test_splits_are_patient_level_seeded_folds(tmp_path):
         load_splits(tmp_path / "splits_final.json", ids[:-1])
     with pytest.raises(ConfigError, match="fold 5 does not exist"):
         fold_cases(splits, 5)
+    with pytest.raises(ConfigError, match="fold 1 has no training cases"):
+        fold_cases([splits[0], {"train": [], "val": ids}], 1)
 
 
 def test_preprocessing_resamples_reorients_normalises_and_pads(raw):
