@@ -10,6 +10,8 @@ SEEDS  ?=
 KD     ?=
 WORKERS ?=
 GPUS   ?=
+KD_SOURCE ?=
+ONLINE ?=
 ARGS   ?=
 
 BIN := $(VENV)/bin
@@ -44,13 +46,13 @@ cache: preprocess
 
 # GPUS=n: data-parallel on n processes (torchrun, DistributedDataParallel; NCCL on CUDA, gloo on CPU)
 distil: setup
-	$(if $(GPUS),$(BIN)/torchrun --standalone --nproc_per_node=$(GPUS) -m teachcache,$(TC)) distil --config $(CONFIG) --fold $(FOLD) $(if $(KD),--kd $(KD)) $(ARGS)
+	$(if $(GPUS),$(BIN)/torchrun --standalone --nproc_per_node=$(GPUS) -m teachcache,$(TC)) distil --config $(CONFIG) --fold $(FOLD) $(if $(KD),--kd $(KD)) $(if $(KD_SOURCE),--source $(KD_SOURCE)) $(ARGS)
 
 # cross-validation: every fold (or FOLDS=0,1) of teachers → cache → no-KD and distilled students → report; re-run
 # to resume (finished runs are skipped)
 comma := ,
 cv: preprocess
-	$(TC) cv --config $(CONFIG) $(foreach k,$(subst $(comma), ,$(FOLDS)),--fold $(k)) $(foreach s,$(subst $(comma), ,$(SEEDS)),--seed $(s))
+	$(TC) cv --config $(CONFIG) $(foreach k,$(subst $(comma), ,$(FOLDS)),--fold $(k)) $(foreach s,$(subst $(comma), ,$(SEEDS)),--seed $(s)) $(if $(ONLINE),--online)
 
 # every fold trained, with paired tests (make report); one fold's table with stage times (make report FOLD=0)
 report: setup

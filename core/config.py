@@ -287,6 +287,8 @@ class DistillationConfig(_Strict):
     """The recipe the student is trained with: a name, a temperature, and weighted terms."""
 
     kind: str = Field("teachformer", pattern=r"^[A-Za-z0-9_.-]+$")
+    # where the targets come from: the store ("cache"), or the fold's teachers in memory on each batch ("online")
+    source: Literal["cache", "online"] = "cache"
     temperature: float = Field(2.0, gt=0)
     terms: list[TermConfig] = Field(default_factory=_teachformer_terms)
     attention: AttentionConfig = Field(default_factory=AttentionConfig)

@@ -170,6 +170,13 @@ def build_cv_report(cfg: Config) -> dict[str, Any]:
             common = sorted(set(per_case) & set(base))
             test = paired_tests([per_case[c][0] for c in common], [base[c][0] for c in common])
             comparisons.append({"run": name, "against": BASELINE, "metric": "dice", **test})
+    cached_vs_online = []
+    for name, per_case in cases_of.items():
+        cached = name.removesuffix("-online")
+        if name.startswith("student") and name.endswith("-online") and cached in cases_of:
+            common = sorted(set(per_case) & set(cases_of[cached]))
+            test = paired_tests([cases_of[cached][c][0] for c in common], [per_case[c][0] for c in common])
+            cached_vs_online.append({"run": cached, "against": name, "metric": "dice", **test})
     against_ensemble = []
     ensemble_name = "teacher ensemble (cached, equal weights)"
     if ensemble_name in cases_of:
@@ -193,6 +200,7 @@ def build_cv_report(cfg: Config) -> dict[str, Any]:
         "experiment": cfg.experiment,
         "runs": rows,
         "paired_vs_no_kd": comparisons,
+        "cached_vs_online": cached_vs_online,
         "against_teacher_ensemble": against_ensemble,
     }
     out = cfg.output.runs_dir / "report"
@@ -262,6 +270,19 @@ def cv_report_markdown(report: dict[str, Any]) -> str:
             lines.append(
                 f"| {c['run']} | {c['n']} | {_fmt(c['mean_difference'])} | {_fmt(c['wilcoxon_p'])} | "
                 f"{_fmt(c['t_test_p'])} |"
+            )
+    if report.get("cached_vs_online"):
+        lines += [
+            "",
+            "Distilled from the cache against the same recipe distilled online (teachers in memory), per case:",
+            "",
+            "| cached run | online run | cases | Dice difference (cached − online) | Wilcoxon p | paired t p |",
+            "|---|---|---:|---:|---:|---:|",
+        ]
+        for c in report["cached_vs_online"]:
+            lines.append(
+                f"| {c['run']} | {c['against']} | {c['n']} | {_fmt(c['mean_difference'])} | "
+                f"{_fmt(c['wilcoxon_p'])} | {_fmt(c['t_test_p'])} |"
             )
     if report.get("against_teacher_ensemble"):
         lines += [

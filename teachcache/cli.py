@@ -195,6 +195,13 @@ def distil(
             help="Repeat the run with this training seed (into kd-<kind>/seed_<s>/fold_<k>).", min=0
         ),
     ] = None,
+    source: Annotated[
+        str | None,
+        typer.Option(
+            help="'cache' (targets from the store) or 'online' (the fold's teachers in memory, into "
+            "kd-<kind>-online/); default: distillation.source."
+        ),
+    ] = None,
     quiet: QuietOption = False,
 ) -> None:
     """Train the student for one fold from the store (no teacher in memory)."""
@@ -227,7 +234,9 @@ def distil(
         warnings.simplefilter("always", TapGridWarning)
         warnings.simplefilter("always", ResumeDiscardedWarning)
         warnings.showwarning = show
-        r = run(cfg, fold, kd, progress=not quiet, allow_leakage=allow_leakage, seed=seed)
+        if source not in (None, "cache", "online"):
+            raise TeachCacheError(f"--source {source}: use 'cache' or 'online'")
+        r = run(cfg, fold, kd, progress=not quiet, allow_leakage=allow_leakage, seed=seed, source=source)
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun (make distil GPUS=n), process 0 speaks
         out.print(_fit_line(r), highlight=False, soft_wrap=True)
 
@@ -244,6 +253,10 @@ def cv(
         list[int] | None,
         typer.Option("--seed", help="Repeat every student run with this training seed (repeatable).", min=0),
     ] = None,
+    online: Annotated[
+        bool,
+        typer.Option(help="Also train each distilled student online (teachers in memory), the baseline."),
+    ] = False,
     quiet: QuietOption = False,
 ) -> None:
     """Cross-validation: per fold, train the teachers, cache them, train the no-KD and the distilled student; then
@@ -251,7 +264,14 @@ def cv(
     from teachcache.cv import run_cv
 
     cfg = _load(config)
-    run_cv(cfg, fold, progress=not quiet, say=lambda line: out.print(line, highlight=False), seeds=seed)
+    run_cv(
+        cfg,
+        fold,
+        progress=not quiet,
+        say=lambda line: out.print(line, highlight=False),
+        seeds=seed,
+        online=online,
+    )
     out.print(f"report: {cfg.output.runs_dir / 'report.md'}")
 
 

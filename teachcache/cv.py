@@ -38,11 +38,13 @@ def run_cv(
     progress: bool = True,
     say: Callable[[str], None] = print,
     seeds: list[int] | None = None,
+    online: bool = False,
 ) -> CvSummary:
     """Run the chain for ``folds`` (default: every fold of the store's splits) and write the CV report.
 
     With ``seeds``, each student run is repeated with each training seed (teachers are trained once per fold); the
-    config's own ``training.seed`` trains into the usual folder, others into ``kd-<kind>/seed_<s>/``.
+    config's own ``training.seed`` trains into the usual folder, others into ``kd-<kind>/seed_<s>/``. With
+    ``online``, each distilled student is also trained with the teachers in memory (``kd-<kind>-online/``).
 
     Raises:
         ConfigError: a fold the splits do not have.
@@ -72,8 +74,9 @@ def run_cv(
             f"fold {fold}: cached {sum(cached.written.values())} entries, {sum(cached.skipped.values())} already"
         )
         for seed in seeds or [cfg.training.seed]:
-            for kd in ("none", None):
-                r = distil(cfg, fold, kd, progress=progress, skip_done=True, seed=seed)
+            runs = [("none", None), (None, None)] + ([(None, "online")] if online else [])
+            for kd, source in runs:
+                r = distil(cfg, fold, kd, progress=progress, skip_done=True, seed=seed, source=source)
                 done.append(f"{r.name} (seed {seed}): {r.headline_mean_dice:.4f}")
                 say(f"fold {fold}: {done[-1]}")
     build_cv_report(cfg)

@@ -80,9 +80,15 @@ def test_mri_variant_has_three_channels_and_mimics():
 def test_thin_variant_has_thin_vessels_nodules_and_a_mimic_per_channel(tmp_path):
     from scipy import ndimage
 
+    from core.data.synthetic import _Grid, _thin_signal
+
     cfg = SyntheticConfig(kind="thin", num_cases=4, shape=(96, 96, 40), spacing=(1.0, 1.0, 2.0))
     for i in range(4):
-        (t1, t2), label, _ = generate_case(cfg, i)
+        _, label, _ = generate_case(cfg, i)
+        (t1, t2), signal_label, _ = _thin_signal(
+            np.random.default_rng([cfg.seed, i]), _Grid((96, 96, 40), (1.0, 1.0, 2.0))
+        )
+        assert np.array_equal(label, signal_label), "the noiseless signal is the case's"
         vessel, nodule = label == 1, label == 2
         assert vessel.sum() > 100 and nodule.sum() > 50, "every case holds both classes"
         in_plane = np.ones((3, 3, 1), bool)

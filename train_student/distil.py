@@ -17,6 +17,7 @@ from core.experiment import entry_key, entry_key_difference, fold_split, open_st
 from core.inference import check_window, resolve_device
 from core.models import ModelSpec, TapRecorder, create_model, get_spec
 from core.models.checkpoint import file_sha256
+from core.online import OnlineTargets
 from core.store import TeacherStore, entry_hash
 from core.training import FitResult, TrainingRun, fit, run_seed
 
@@ -202,6 +203,70 @@ def _tap_channels(
     return {"student": student, "teachers": teachers}
 
 
+def _refuse_offline_only_terms(dcfg: Any) -> None:
+    """Online teachers give softmax and attention maps; terms on cached feature sketches need the store."""
+    from core.online import ONLINE_KINDS
+
+    offline = [t.name for t in dcfg.terms if t.weight > 0 and not TERMS[t.name].needs <= ONLINE_KINDS]
+    if offline:
+        raise ConfigError(
+            f"distillation terms {', '.join(offline)} read the store's feature sketches, which online teachers do "
+            "not produce; online distillation trains softmax and attention terms (teachformer, pwd-only, "
+            "afs-only, cwd, dist). Use distillation.source: cache for these"
+        )
+
+
+def _online_teachers(
+    cfg: Config, fold: int, val: list[str], in_channels: int, num_classes: int
+) -> tuple[
+    list[tuple[str, torch.nn.Module, ModelSpec]], dict[str, float | None], dict[str, str], dict[str, Any]
+]:
+    """Load fold ``fold``'s distilled teachers from their checkpoints, for online distillation.
+
+    Returns:
+        ``(teachers, dice, sha256, leakage)``: ``(key, model, spec)`` per teacher; each teacher's held-out Dice (for
+        ``teacher_weights: dice``); each checkpoint's SHA-256; per teacher, the validation cases it was trained on.
+
+    Raises:
+        CheckpointError: a checkpoint is missing, unsafe, or does not fit its architecture.
+        ConfigError: a fixed-input teacher (UNETR) whose input size is not the training patch size.
+    """
+    from core.models.checkpoint import build_from_checkpoint
+
+    live, dice, shas, leakage = [], {}, {}, {}
+    for configured in cfg.distilled_teachers():
+        teacher, key = configured.for_fold(fold), configured.store_key(fold)
+        spec = get_spec(teacher.arch)
+        fixed = spec.input_size(teacher.args)
+        if fixed is not None and tuple(fixed) != tuple(cfg.training.patch_size):
+            raise ConfigError(
+                f"teacher '{teacher.name}' ({teacher.arch}) only accepts inputs of {tuple(fixed)}, but online "
+                f"distillation feeds it the training patches of {tuple(cfg.training.patch_size)}; use the cache, or "
+                "set training.patch_size to its input size"
+            )
+        model, ckpt = build_from_checkpoint(
+            teacher.checkpoint, teacher.arch, in_channels, num_classes, teacher.args
+        )
+        live.append((key, model, spec))
+        shas[key] = file_sha256(teacher.checkpoint)
+        held = ckpt.meta.get("holdout_mean_dice")
+        dice[key] = float(held) if held is not None else None
+        trained_on = ckpt.meta.get("train_cases")
+        leakage[key] = sorted(set(trained_on) & set(val)) if trained_on is not None else None
+    return live, dice, shas, leakage
+
+
+def _refuse_leakage(leakage: dict[str, Any], fold: int, allow_leakage: bool) -> None:
+    for key, leaked in leakage.items():
+        if leaked and not allow_leakage:
+            raise StoreError(
+                f"teacher '{key}' was trained on {len(leaked)} validation case(s) of fold {fold} "
+                f"({', '.join(leaked[:3])}{'…' if len(leaked) > 3 else ''}): its targets would leak the validation "
+                "labels. Use teachers trained on this fold's training cases, or pass --allow-leakage (recorded in "
+                "the run's outputs)"
+            )
+
+
 def _teacher_dice(store: TeacherStore, keys: list[str], val: list[str]) -> dict[str, float | None]:
     """Each teacher's Dice for ``teacher_weights: dice``, measured on cases the student is not scored on.
 
@@ -233,6 +298,7 @@ def distil(
     allow_leakage: bool = False,
     skip_done: bool = False,
     seed: int | None = None,
+    source: str | None = None,
 ) -> FitResult:
     """Train ``cfg.student`` on ``fold``'s training cases, reading only the store.
 
@@ -246,6 +312,8 @@ def distil(
         skip_done: return the finished run already in the run folder when it is this very run (``make cv``).
         seed: repeat the run with this ``training.seed`` (its folder: ``kd-<kind>/seed_<seed>/fold_<k>``); the
             config's own seed (or ``None``) trains into ``kd-<kind>/fold_<k>``.
+        source: override ``distillation.source``: ``"cache"`` (targets from the store) or ``"online"`` (the fold's
+            teachers in memory compute them on each augmented batch; runs go to ``kd-<kind>-online/``).
 
     Returns:
         The run's :class:`~core.training.FitResult`; files go to ``runs_dir/students/kd-<kind>/fold_<k>/``.
@@ -256,6 +324,11 @@ def distil(
             ``allow_leakage``, or a ``splits.file`` that disagrees with the store's folds.
     """
     dcfg = cfg.distillation if kd is None else cfg.distillation.model_copy(update={"kind": kd})
+    if source is not None:
+        dcfg = dcfg.model_copy(update={"source": source})
+    online = dcfg.source == "online" and dcfg.kind != "none"
+    if online:
+        _refuse_offline_only_terms(dcfg)
     repeat = seed is not None and seed != cfg.training.seed
     if repeat:
         cfg = cfg.model_copy(update={"training": cfg.training.model_copy(update={"seed": seed})})
@@ -265,7 +338,12 @@ def distil(
     meta = store.metadata["dataset"]
     in_channels, class_names = len(meta["channel_names"]), meta["class_names"]
     keys = [t.store_key(fold) for t in cfg.distilled_teachers()]
-    teacher_dice = _teacher_dice(store, keys, val)
+    device = resolve_device(cfg.training.device)
+    live: list[tuple[str, torch.nn.Module, ModelSpec]] = []
+    if online:
+        live, teacher_dice, shas, leakage = _online_teachers(cfg, fold, val, in_channels, len(class_names))
+    else:
+        teacher_dice = _teacher_dice(store, keys, val)
     spec = get_spec(cfg.student.arch)
     seed = run_seed(cfg.seed, cfg.training.seed)
     fit_cases, holdout = holdout_split(train, cfg.training.holdout, seed)
@@ -277,8 +355,19 @@ def distil(
     loss = build_objective(dcfg, cfg.training.focal_gamma, teacher_dice, channels)
     request = None
     teachers: list[str] = []
-    leakage: dict[str, list[str] | None] = {}
-    if loss.uses_teachers:
+    if not online:
+        leakage: dict[str, list[str] | None] = {}
+        shas: dict[str, str] = {}
+    if loss.uses_teachers and online:
+        teachers = keys
+        _refuse_leakage(leakage, fold, allow_leakage)
+        request = TargetRequest(
+            teachers=tuple(teachers),
+            temperature=dcfg.temperature,
+            softmax="softmax" in loss.needs,
+            attention=bool({"coarse", "fine"} & loss.needs),
+        )
+    elif loss.uses_teachers:
         teachers = keys
         if not teachers:
             raise ConfigError("distillation terms are configured but no teachers are")
@@ -323,11 +412,17 @@ def distil(
         length=cfg.training.iterations_per_epoch * cfg.training.batch_size,
         foreground_oversampling=cfg.training.foreground_oversampling,
         seed=seed,
-        targets=request,
+        targets=None if online else request,
         augmentation=cfg.training.augmentation,
     )
-    device = resolve_device(cfg.training.device)
-    out_dir = student_dir(cfg, dcfg.kind, fold, cfg.training.seed if repeat else None)
+    out_dir = student_dir(
+        cfg, f"{dcfg.kind}-online" if online else dcfg.kind, fold, cfg.training.seed if repeat else None
+    )
+    target_source = None
+    if request is not None and online:
+        target_source = OnlineTargets(live, request, dcfg.attention.p, device, cfg.training.amp)
+    elif request is not None:
+        target_source = lambda batch: targets_from_batch(batch, request, device)  # noqa: E731
     return fit(
         TrainingRun(
             name=f"student kd-{dcfg.kind}",
@@ -348,7 +443,7 @@ def distil(
             skip_done=skip_done,
             original_geometry=raw_dataset == "matches",
             device=device,
-            target_source=(lambda batch: targets_from_batch(batch, request, device)) if request else None,
+            target_source=target_source,
             capture_taps=bool(
                 {"coarse", "fine", "coarse_sketch", "fine_sketch", "coarse_features", "fine_features"}
                 & loss.needs
@@ -361,7 +456,10 @@ def distil(
                 "val_cases": val,
                 "class_names": class_names,
                 "distillation": dcfg.model_dump(mode="json"),
-                "teachers": {t: store.teacher_metadata(t)["checkpoint_sha256"] for t in teachers},
+                "teachers": shas
+                if online
+                else {t: store.teacher_metadata(t)["checkpoint_sha256"] for t in teachers},
+                "source": "online" if online else "cache",
                 "allow_leakage": allow_leakage,
                 "leaked_val_cases": leakage,
                 "splits_from": store.location,  # the store's own folds (train_cases / val_cases above)

@@ -180,6 +180,16 @@ def _tube(
 
 
 def _thin_case(rng: np.random.Generator, g: _Grid) -> tuple[list[np.ndarray], np.ndarray]:
+    (t1, t2), label, body = _thin_signal(rng, g)
+    out = []
+    for vol, sd in ((t1, 150.0), (t2, 150.0)):  # low SNR: a vessel is 2 noise sd above tissue, voxel by voxel
+        vol = _smooth(vol, 0.5, g.spacing) + rng.normal(0.0, sd, g.shape).astype(np.float32) * body
+        out.append(np.clip(vol, 0.0, None).astype(np.float32))
+    return out, label
+
+
+def _thin_signal(rng: np.random.Generator, g: _Grid) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
+    """The ``thin`` variant before blur and noise: ``([t1, t2], label, body mask)``."""
     grid = g.coords_mm()
     extent = np.array(g.shape) * np.array(g.spacing) / 2.0
     body_c = rng.uniform(-0.05, 0.05, size=3) * extent
@@ -205,11 +215,7 @@ def _thin_case(rng: np.random.Generator, g: _Grid) -> tuple[list[np.ndarray], np
     for nodule in nodules:  # dark on T1, bright on T2
         t1[nodule], t2[nodule] = 250.0, 650.0
         label[nodule] = 2
-    out = []
-    for vol, sd in ((t1, 30.0), (t2, 30.0)):
-        vol = _smooth(vol, 0.5, g.spacing) + rng.normal(0.0, sd, g.shape).astype(np.float32) * body
-        out.append(np.clip(vol, 0.0, None).astype(np.float32))
-    return out, label
+    return [t1, t2], label, body
 
 
 _VARIANTS = {"petct": _petct_case, "mri": _mri_case, "thin": _thin_case}

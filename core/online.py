@@ -1,0 +1,75 @@
+"""Online distillation: the fold's teachers in memory compute the targets on every training batch.
+
+The baseline the cache must match (TeachFormer's own regime). :class:`OnlineTargets` is a *target source* like the
+store's (``core.training``): it turns a batch into :data:`~core.losses.DistillationTargets` with the same keys, shapes
+and conventions, so every softmax and attention term trains unchanged from either source. Differences from the
+cache, by design: the teachers see the batch as augmented (the cache holds the un-augmented whole volume, cropped),
+each patch alone (the cache stitches overlapping windows), and exact float32 probabilities (the cache stores an
+encoding).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from core.data.patches import TargetRequest
+from core.inference import autocast
+from core.losses import DistillationTargets
+from core.models.registry import ModelSpec
+from core.models.taps import TapRecorder, attention_map
+from core.store import ATTENTION_KINDS
+
+__all__ = ["ONLINE_KINDS", "OnlineTargets"]
+
+# what live teachers provide; feature sketches are a property of the cache (PCA per case)
+ONLINE_KINDS = frozenset({"softmax", *ATTENTION_KINDS})
+
+
+def _unit_rms(amap: torch.Tensor) -> torch.Tensor:
+    """Each sample's map scaled to unit root-mean-square, as the store keeps maps (the losses normalise anyway)."""
+    flat = amap.flatten(1)
+    norm = flat.norm(dim=1).clamp_min(1e-12) / flat.shape[1] ** 0.5
+    return amap / norm.view(-1, *([1] * (amap.dim() - 1)))
+
+
+class OnlineTargets:
+    """Distillation targets computed by teachers held in memory, on each (augmented) batch.
+
+    Args:
+        teachers: ``(key, model, spec)`` per teacher; ``key`` names it in the targets as the store would
+            (``<name>/fold_<k>``); the model is moved to ``device`` and set to evaluation mode.
+        request: what to compute (softmax at ``request.temperature``, attention maps).
+        p: the attention maps' power.
+        device: where the teachers run.
+        amp: mixed precision on CUDA.
+    """
+
+    def __init__(
+        self,
+        teachers: list[tuple[str, nn.Module, ModelSpec]],
+        request: TargetRequest,
+        p: float,
+        device: torch.device,
+        amp: bool = True,
+    ) -> None:
+        if request.sketches or request.features:
+            raise ValueError("online targets provide softmax and attention maps, not feature sketches")
+        self.teachers = [(key, model.to(device).eval(), spec) for key, model, spec in teachers]
+        for _, model, _ in self.teachers:
+            model.requires_grad_(False)
+        self.request, self.p, self.device, self.amp = request, p, device, amp
+
+    def __call__(self, batch: dict[str, torch.Tensor]) -> DistillationTargets:
+        image = batch["image"].to(self.device, non_blocking=True)
+        targets: DistillationTargets = {kind: {} for kind in self.request.kinds()}
+        with torch.no_grad(), autocast(self.device, self.amp):
+            for key, model, spec in self.teachers:
+                with TapRecorder(model, spec.taps) as recorder:
+                    logits = model(image).float()
+                if self.request.softmax:
+                    targets["softmax"][key] = torch.softmax(logits / self.request.temperature, dim=1)
+                if self.request.attention:
+                    for kind in ATTENTION_KINDS:
+                        targets[kind][key] = _unit_rms(attention_map(recorder.features[kind], self.p))
+        return targets

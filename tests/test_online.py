@@ -1,0 +1,85 @@
+"""Online distillation: the fold's teachers in memory give the targets the cache gives, and a student trains from
+them without any cached teacher."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import torch
+from typer.testing import CliRunner
+
+from cache_teachers import cache_teachers, preprocess_dataset
+from core.data.patches import PatchDataset, TargetRequest
+from core.models import get_spec
+from core.models.checkpoint import build_from_checkpoint, file_sha256
+from core.online import OnlineTargets
+from core.store import TeacherStore
+from teachcache.cli import app
+from tests.conftest import derived_config
+
+runner = CliRunner()
+
+
+def test_online_targets_equal_the_cached_ones_on_the_same_view(trained):
+    """A patch that is the whole (32³) volume, not augmented: the teacher sees what the cache's one window saw."""
+    root, data = trained
+    cfg, _ = derived_config(root, data, "online_equal", **{"distillation.teachers": ["dynunet"]})
+    preprocess_dataset(cfg, progress=False)
+    cache_teachers(cfg, names=["dynunet"], progress=False)
+    store = TeacherStore.open(cfg.store.path)
+    case = next(c for c in store.case_ids() if store.case_shape(c) == (32, 32, 32))
+    request = TargetRequest(teachers=("dynunet/all_folds",), temperature=2.0)
+    cached = PatchDataset(store.location, [case], (32, 32, 32), length=1, targets=request, augment=False)[0]
+    teacher = cfg.teacher("dynunet")
+    model, _ = build_from_checkpoint(teacher.checkpoint, teacher.arch, 2, 2, teacher.args)
+    live = OnlineTargets(
+        [("dynunet/all_folds", model, get_spec("dynunet"))], request, 2.0, torch.device("cpu")
+    )
+    online = live({"image": cached["image"][None]})
+    probs = online["softmax"]["dynunet/all_folds"][0]
+    assert probs.shape == cached["softmax/dynunet/all_folds"].shape
+    assert (probs - cached["softmax/dynunet/all_folds"]).abs().max() < 0.02, "the encoding's error only"
+    for kind in ("coarse", "fine"):
+        a, b = online[kind]["dynunet/all_folds"][0].flatten(), cached[f"{kind}/dynunet/all_folds"].flatten()
+        assert a.shape == b.shape
+        assert torch.nn.functional.cosine_similarity(a, b, dim=0) > 0.999, kind
+        assert np.isclose(float(a.pow(2).mean().sqrt()), 1.0, atol=1e-4), "unit RMS, as the store keeps maps"
+
+
+def test_a_student_distils_online_from_checkpoints_with_nothing_cached(trained):
+    root, data = trained
+    cfg, path = derived_config(
+        root,
+        data,
+        "online_run",
+        **{
+            "distillation.teachers": ["dynunet", "unetr"],
+            "training.epochs": 1,
+            "training.iterations_per_epoch": 2,
+        },
+    )
+    preprocess_dataset(cfg, progress=False)  # no `make cache`: the teachers run in memory
+    result = runner.invoke(app, ["distil", "-c", str(path), "--fold", "0", "--source", "online", "-q"])
+    assert result.exit_code == 0, result.output
+    run = cfg.output.runs_dir / "students" / "kd-teachformer-online" / "fold_0"
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["source"] == "online" and summary["epochs_run"] == 1
+    assert summary["teachers"] == {
+        "dynunet/all_folds": file_sha256(cfg.teacher("dynunet").checkpoint),
+        "unetr/all_folds": file_sha256(cfg.teacher("unetr").checkpoint),
+    }
+    assert TeacherStore.open(cfg.store.path).teacher_keys() == [], "nothing was cached"
+
+
+def test_terms_on_cached_sketches_are_refused_online(trained):
+    root, data = trained
+    _, path = derived_config(
+        root,
+        data,
+        "online_refused",
+        **{"distillation.kind": "relation", "distillation.terms": [{"name": "affinity", "weight": 1.0}]},
+    )
+    result = runner.invoke(app, ["distil", "-c", str(path), "--fold", "0", "--source", "online", "-q"])
+    assert result.exit_code == 2, result.output
+    assert "affinity read the store's feature sketches" in " ".join(result.output.split())
