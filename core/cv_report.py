@@ -48,14 +48,24 @@ def _runs(cfg: Config) -> dict[str, dict[tuple[int, int | None], Path]]:
 def _ensemble(cfg: Config, folds: list[int]) -> dict[str, tuple[float, float]]:
     """Per validation case (``"<fold>/<case>"``), the Dice and HD95 of the teachers' ensemble: the argmax of their
     cached class distributions averaged with equal weights, read from the store (the teachers distilled on each fold,
-    as stage 2 reads them). Folds whose teachers are not all cached are left out."""
+    as stage 2 reads them). Scored like the runs' headlines: in the original geometry when the raw dataset the store
+    was made from is at hand, else on the preprocessed grid. Folds whose teachers are not all cached are left out."""
+    from core.data.layout import read_raw_dataset
     from core.experiment import fold_split, open_store_for
+    from core.geometry import original_label, original_spacing, to_original_geometry
     from core.metrics import dice_per_class, hd95_per_class
 
     try:
         store = open_store_for(cfg)
     except TeachCacheError:
         return {}
+    try:
+        original = (
+            read_raw_dataset(cfg.dataset.raw_dir).manifest_hash()
+            == store.metadata["dataset"]["manifest_hash"]
+        )
+    except (TeachCacheError, OSError):
+        original = False
     teachers = cfg.distilled_teachers()
     cached = set(store.teacher_keys())
     num_classes = len(store.metadata["dataset"]["class_names"])
@@ -67,8 +77,13 @@ def _ensemble(cfg: Config, folds: list[int]) -> dict[str, tuple[float, float]]:
             continue
         for case in val:
             mean = np.mean([store.read_softmax(k, case) for k in keys], axis=0)
-            prediction, label = mean.argmax(0), store.read_label(case)
-            spacing = store.case_attrs(case)["spacing"]
+            attrs = store.case_attrs(case)
+            prediction, label, spacing = mean.argmax(0), store.read_label(case), attrs["spacing"]
+            if original:
+                prediction = to_original_geometry(
+                    prediction, attrs["affine"], attrs["original_affine"], attrs["original_shape"]
+                )
+                label, spacing = original_label(store, case), original_spacing(attrs["original_affine"])
             out[f"{fold}/{case}"] = (
                 float(np.mean(dice_per_class(prediction, label, num_classes))),
                 float(np.mean(hd95_per_class(prediction, label, num_classes, spacing))),
