@@ -256,6 +256,22 @@ def _online_teachers(
     return live, dice, shas, leakage
 
 
+def _refuse_unknown_dice(
+    dcfg: Any, keys: list[str], teacher_dice: dict[str, float | None], fold: int
+) -> None:
+    """``teacher_weights: dice`` needs each teacher's Dice on cases held out of its own training."""
+    unknown = [t for t in keys if teacher_dice.get(t) is None]
+    for term in dcfg.terms:
+        if term.teacher_weights == "dice" and term.weight > 0 and unknown:
+            raise ConfigError(
+                f"distillation term '{term.name}' weighs teachers by their Dice on cases held out of their own "
+                f"training, which is not recorded for {', '.join(unknown)} (a teacher's Dice on fold {fold}'s "
+                "validation cases is never used: the student is scored there). Train the teachers with "
+                "training.holdout > 0 (`make teachers`, then `make cache`), or use teacher_weights 'uniform' or "
+                "'confidence'"
+            )
+
+
 def _refuse_leakage(leakage: dict[str, Any], fold: int, allow_leakage: bool) -> None:
     for key, leaked in leakage.items():
         if leaked and not allow_leakage:
@@ -359,6 +375,7 @@ def distil(
         leakage: dict[str, list[str] | None] = {}
         shas: dict[str, str] = {}
     if loss.uses_teachers and online:
+        _refuse_unknown_dice(dcfg, keys, teacher_dice, fold)
         teachers = keys
         _refuse_leakage(leakage, fold, allow_leakage)
         request = TargetRequest(
@@ -376,16 +393,7 @@ def distil(
                 f"{store.location} holds no teacher outputs yet; run `make cache FOLD={fold}` before `make distil`"
             )
         leakage = _check_teachers(cfg, store, fold, train, val, allow_leakage)
-        for term in dcfg.terms:
-            unknown = [t for t in teachers if teacher_dice.get(t) is None]
-            if term.teacher_weights == "dice" and term.weight > 0 and unknown:
-                raise ConfigError(
-                    f"distillation term '{term.name}' weighs teachers by their Dice on cases held out of their "
-                    f"own training, which the store does not record for {', '.join(unknown)} (a teacher's Dice on "
-                    f"fold {fold}'s validation cases is never used: the student is scored there). Train the "
-                    "teachers with training.holdout > 0 (`make teachers`, then `make cache`), or use "
-                    "teacher_weights 'uniform' or 'confidence'"
-                )
+        _refuse_unknown_dice(dcfg, keys, teacher_dice, fold)
         if {"coarse_sketch", "fine_sketch", "coarse_features", "fine_features"} & loss.needs:
             lacking = [t for t in teachers if not store.has_sketch(t, train[0], "fine")]
             if lacking:
