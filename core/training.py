@@ -215,18 +215,18 @@ def _warn_if_discarding(staging: Path, run: TrainingRun, key: str) -> None:
     state: Any = None
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-        before = _dotted(json.loads(state.get("run_fields", "{}")))
     except Exception:  # an unreadable state: nothing to name
-        before = {}
+        state = None
     if isinstance(state, dict) and state.get("run_key") == key:
         return
-    now = _dotted(_run_fields(run))
-    changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k)) if before else []
-    what = (
-        f"differs in {', '.join(changed[:6])}{'…' if len(changed) > 6 else ''}"
-        if changed
-        else "is unreadable"
-    )
+    if not isinstance(state, dict):
+        what = "is unreadable"
+    elif "run_fields" not in state:
+        what = "was written by an older TeachCache"
+    else:
+        before, now = _dotted(json.loads(state["run_fields"])), _dotted(_run_fields(run))
+        changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
+        what = f"differs in {', '.join(changed[:6])}{'…' if len(changed) > 6 else ''}"
     warnings.warn(
         ResumeDiscardedWarning(
             f"{run.name}: the killed run in {staging} {what} — it cannot be resumed with these settings, so it is "

@@ -9,7 +9,8 @@ import functools
 import json
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -120,7 +121,9 @@ def teachers(
     from cache_teachers import train_teachers
 
     cfg = _load(config)
-    for r in train_teachers(cfg, fold, teacher, progress=not quiet):
+    with _one_line_warnings():
+        results = train_teachers(cfg, fold, teacher, progress=not quiet)
+    for r in results:
         out.print(_fit_line(r), highlight=False, soft_wrap=True)
 
 
@@ -215,25 +218,7 @@ def distil(
             f"({config} trains '{cfg.distillation.kind}'). To train another recipe, pass its config, e.g. "
             f"`make distil FOLD={fold} CONFIG=configs/ablations/{kd}.yaml`"
         )
-    import warnings
-
-    from core.training import ResumeDiscardedWarning
-    from train_student.distil import RawDataChangedWarning, TapGridWarning
-
-    shown = warnings.showwarning
-
-    def show(message, category, filename, lineno, file=None, line=None) -> None:  # type: ignore[no-untyped-def]
-        # ours are one line for the user, printed as they happen (before training starts); others as Python does
-        if issubclass(category, (RawDataChangedWarning, TapGridWarning, ResumeDiscardedWarning)):
-            err.print(f"[bold yellow]warning:[/] {message}", highlight=False, soft_wrap=True)
-        else:
-            shown(message, category, filename, lineno, file, line)
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("always", RawDataChangedWarning)
-        warnings.simplefilter("always", TapGridWarning)
-        warnings.simplefilter("always", ResumeDiscardedWarning)
-        warnings.showwarning = show
+    with _one_line_warnings():
         if source not in (None, "cache", "online"):
             raise TeachCacheError(f"--source {source}: use 'cache' or 'online'")
         r = run(cfg, fold, kd, progress=not quiet, allow_leakage=allow_leakage, seed=seed, source=source)
@@ -264,15 +249,40 @@ def cv(
     from teachcache.cv import run_cv
 
     cfg = _load(config)
-    run_cv(
-        cfg,
-        fold,
-        progress=not quiet,
-        say=lambda line: out.print(line, highlight=False),
-        seeds=seed,
-        online=online,
-    )
+    with _one_line_warnings():
+        run_cv(
+            cfg,
+            fold,
+            progress=not quiet,
+            say=lambda line: out.print(line, highlight=False),
+            seeds=seed,
+            online=online,
+        )
     out.print(f"report: {cfg.output.runs_dir / 'report.md'}")
+
+
+@contextmanager
+def _one_line_warnings() -> Iterator[None]:
+    """TeachCache's own warnings as one line each, printed as they happen; others as Python prints them."""
+    import warnings
+
+    from core.training import ResumeDiscardedWarning
+    from train_student.distil import RawDataChangedWarning, TapGridWarning
+
+    ours = (RawDataChangedWarning, TapGridWarning, ResumeDiscardedWarning)
+    shown = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:  # type: ignore[no-untyped-def]
+        if issubclass(category, ours):
+            err.print(f"[bold yellow]warning:[/] {message}", highlight=False, soft_wrap=True)
+        else:
+            shown(message, category, filename, lineno, file, line)
+
+    with warnings.catch_warnings():
+        for category in ours:
+            warnings.simplefilter("always", category)
+        warnings.showwarning = show
+        yield
 
 
 def _fit_line(r: Any) -> str:
