@@ -15,7 +15,7 @@ from core.data.patches import PatchDataset
 from core.data.splits import holdout_split
 from core.distillation import DistillationObjective
 from core.errors import CheckpointError
-from core.experiment import fold_split, open_store_for, splits_path, teacher_dir
+from core.experiment import fold_split, open_store_for, raw_dataset_status, splits_path, teacher_dir
 from core.inference import check_window, resolve_device
 from core.losses import SegmentationLoss
 from core.models import create_model, get_spec
@@ -59,8 +59,6 @@ def train_teachers(
         StoreError: the store is missing or stale (run ``teachcache preprocess``).
         ConfigError: an unknown teacher name, or window settings a network cannot use.
     """
-    from train_student.distil import raw_dataset_status
-
     store = open_store_for(cfg)
     train, val = fold_split(cfg, store, fold)
     raw_dataset = raw_dataset_status(cfg, store)

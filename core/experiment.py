@@ -12,6 +12,7 @@ Layout under ``output.runs_dir``::
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -21,10 +22,12 @@ from core.errors import StoreError
 from core.store import TeacherStore
 
 __all__ = [
+    "RawDataChangedWarning",
     "entry_key",
     "entry_key_difference",
     "fold_split",
     "open_store_for",
+    "raw_dataset_status",
     "splits_path",
     "store_splits",
     "student_dir",
@@ -152,3 +155,38 @@ def entry_key_difference(stored: dict[str, Any] | None, wanted: dict[str, Any]) 
     if not isinstance(stored, dict):
         return list(wanted)
     return [k for k, v in wanted.items() if stored.get(k) != v]
+
+
+class RawDataChangedWarning(UserWarning):
+    """The raw dataset at ``dataset.raw_dir`` is not the one the store was preprocessed from."""
+
+
+def raw_dataset_status(cfg: Config, store: TeacherStore) -> str:
+    """Compare the raw dataset, when it is at hand, with the one the store was preprocessed from.
+
+    Policy (docs/store-format.md): stage 2 trains on the store's own preprocessed copy, which is self-consistent
+    and may travel without the raw data, so a changed or missing raw dataset does not stop training. A change is
+    warned about (:class:`RawDataChangedWarning`) and recorded in the run's ``summary.json`` and checkpoint.
+
+    Returns:
+        ``"matches"``, ``"differs"`` (warned), or ``"unavailable"`` (no readable dataset at ``dataset.raw_dir``).
+    """
+    from core.data.layout import read_raw_dataset
+    from core.errors import DatasetError
+
+    try:
+        current = read_raw_dataset(cfg.dataset.raw_dir).manifest_hash()
+    except (DatasetError, OSError):
+        return "unavailable"
+    if current == store.metadata["dataset"]["manifest_hash"]:
+        return "matches"
+    warnings.warn(
+        RawDataChangedWarning(
+            f"the raw dataset at {cfg.dataset.raw_dir} changed since {store.location} was preprocessed (a file "
+            "added, removed or edited); the student trains on the store's copy, as preprocessed then. To train on "
+            "the current data, rebuild the store: `make cache ARGS=--overwrite` (after `teachcache preprocess "
+            "--overwrite`). Recorded in the run as raw_dataset: differs"
+        ),
+        stacklevel=2,
+    )
+    return "differs"

@@ -1,4 +1,4 @@
-"""How each loss term pulls on the student: its value, the norm of its (weighted) gradient on the student's logits,
+"""How each loss term pulls on the student: its value, the norm of its (weighted) gradient on the student's weights,
 and the cosine between that gradient and L_SEG's, averaged over training patches of one fold.
 
 A distillation term whose gradient is large beside L_SEG's and points against it (negative cosine) fights the
@@ -73,13 +73,18 @@ def main() -> None:
         targets = targets_from_batch(batch, request, torch.device("cpu"))
         with TapRecorder(model, spec.taps) as recorder:
             logits = model(image)
-        logits.retain_grad()
         terms = loss(logits, label, dict(recorder.features), targets)
+        params = [p for p in model.parameters() if p.requires_grad]
         grads = {}
         for name in ["seg", *[n for n in loss.names if weights[n] > 0]]:
             weight = 1.0 if name == "seg" else weights[name]
-            (g,) = torch.autograd.grad(weight * terms[name], logits, retain_graph=True)
-            grads[name] = g.flatten()
+            parts = torch.autograd.grad(weight * terms[name], params, retain_graph=True, allow_unused=True)
+            grads[name] = torch.cat(
+                [
+                    (g if g is not None else torch.zeros_like(p)).flatten()
+                    for g, p in zip(parts, params, strict=True)
+                ]
+            )
         for name, g in grads.items():
             cos = torch.nn.functional.cosine_similarity(g, grads["seg"], dim=0).item()
             rows.setdefault(name, []).append((float(terms[name].detach()), float(g.norm()), cos))
@@ -89,7 +94,7 @@ def main() -> None:
     out = {
         name: {
             "value": float(np.mean([r[0] for r in v])),
-            "grad_norm_on_logits": float(np.mean([r[1] for r in v])),
+            "grad_norm_on_weights": float(np.mean([r[1] for r in v])),
             "cosine_with_seg_grad": float(np.mean([r[2] for r in v])),
         }
         for name, v in rows.items()

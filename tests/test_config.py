@@ -138,3 +138,20 @@ def test_augmentation_keys_are_validated(tmp_path):
     data["training"]["augmentation"] = {"gamma": [0.7, 1.5], "noise_std": 0.1}
     cfg = load_config(write_config(tmp_path, data))
     assert cfg.training.augmentation.gamma == (0.7, 1.5) and cfg.training.augmentation.flip
+
+
+def test_the_two_stages_never_import_each_other():
+    """README: cache_teachers and train_student share only core (a store travels to a machine without stage 1)."""
+    import ast
+
+    for stage, other in (("cache_teachers", "train_student"), ("train_student", "cache_teachers")):
+        for path in (REPO / stage).glob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                names = (
+                    [a.name for a in node.names]
+                    if isinstance(node, ast.Import)
+                    else [node.module or ""]
+                    if isinstance(node, ast.ImportFrom)
+                    else []
+                )
+                assert not any(n.split(".")[0] == other for n in names), f"{path.name} imports {other}"

@@ -13,7 +13,15 @@ from core.data.patches import PatchDataset, TargetRequest, targets_from_batch
 from core.data.splits import holdout_split
 from core.distillation import TERMS, build_objective
 from core.errors import ConfigError, StoreError
-from core.experiment import entry_key, entry_key_difference, fold_split, open_store_for, student_dir
+from core.experiment import (
+    RawDataChangedWarning,
+    entry_key,
+    entry_key_difference,
+    fold_split,
+    open_store_for,
+    raw_dataset_status,
+    student_dir,
+)
 from core.inference import check_window, resolve_device
 from core.models import ModelSpec, TapRecorder, create_model, get_spec
 from core.models.checkpoint import file_sha256
@@ -138,41 +146,6 @@ def _warn_small_tap_grids(
                     ),
                     stacklevel=2,
                 )
-
-
-class RawDataChangedWarning(UserWarning):
-    """The raw dataset at ``dataset.raw_dir`` is not the one the store was preprocessed from."""
-
-
-def raw_dataset_status(cfg: Config, store: TeacherStore) -> str:
-    """Compare the raw dataset, when it is at hand, with the one the store was preprocessed from.
-
-    Policy (docs/store-format.md): stage 2 trains on the store's own preprocessed copy, which is self-consistent
-    and may travel without the raw data, so a changed or missing raw dataset does not stop training. A change is
-    warned about (:class:`RawDataChangedWarning`) and recorded in the run's ``summary.json`` and checkpoint.
-
-    Returns:
-        ``"matches"``, ``"differs"`` (warned), or ``"unavailable"`` (no readable dataset at ``dataset.raw_dir``).
-    """
-    from core.data.layout import read_raw_dataset
-    from core.errors import DatasetError
-
-    try:
-        current = read_raw_dataset(cfg.dataset.raw_dir).manifest_hash()
-    except (DatasetError, OSError):
-        return "unavailable"
-    if current == store.metadata["dataset"]["manifest_hash"]:
-        return "matches"
-    warnings.warn(
-        RawDataChangedWarning(
-            f"the raw dataset at {cfg.dataset.raw_dir} changed since {store.location} was preprocessed (a file "
-            "added, removed or edited); the student trains on the store's copy, as preprocessed then. To train on "
-            "the current data, rebuild the store: `make cache ARGS=--overwrite` (after `teachcache preprocess "
-            "--overwrite`). Recorded in the run as raw_dataset: differs"
-        ),
-        stacklevel=2,
-    )
-    return "differs"
 
 
 def _tap_channels(
