@@ -65,6 +65,7 @@ def test_a_student_distils_online_from_checkpoints_with_nothing_cached(trained):
     run = cfg.output.runs_dir / "students" / "kd-teachformer-online" / "fold_0"
     summary = json.loads((run / "summary.json").read_text())
     assert summary["source"] == "online" and summary["epochs_run"] == 1
+    assert "student kd-teachformer-online: val Dice" in result.output
     assert summary["teachers"] == {
         "dynunet/all_folds": file_sha256(cfg.teacher("dynunet").checkpoint),
         "unetr/all_folds": file_sha256(cfg.teacher("unetr").checkpoint),

@@ -406,7 +406,7 @@ def distil(
         target_source = lambda batch: targets_from_batch(batch, request, device)  # noqa: E731
     return fit(
         TrainingRun(
-            name=f"student kd-{dcfg.kind}",
+            name=f"student kd-{dcfg.kind}{'-online' if online else ''}",
             model=model,
             spec=spec,
             args=cfg.student.args,
