@@ -13,12 +13,13 @@ GPUS   ?=
 KD_SOURCE ?=
 ONLINE ?=
 ARGS   ?=
+BENCH  ?= cpu
 
 BIN := $(VENV)/bin
 TC  := $(BIN)/teachcache
 STAMP := $(VENV)/.installed
 
-.PHONY: setup data preprocess teachers cache distil cv report demo bench-store test lint format clean
+.PHONY: setup data preprocess teachers cache distil cv report demo bench bench-store test lint format clean
 
 setup: $(STAMP)
 
@@ -67,6 +68,14 @@ demo: setup
 	$(MAKE) --no-print-directory distil CONFIG=$(CONFIG) FOLD=0 KD=none
 	$(MAKE) --no-print-directory distil CONFIG=$(CONFIG) FOLD=0
 	$(TC) report --config $(CONFIG) --fold 0
+
+# Step time (no KD / cached / online), memory, store bytes, cache-stage overhead, paper-size loader → BENCHMARKS.md.
+# BENCH=cpu (demo sizes, under 15 min on 2 cores once fold 0's demo teachers exist) or BENCH=gpu (the paper's sizes)
+BENCH_CONFIG = $(if $(filter gpu,$(BENCH)),configs/bench-gpu.yaml,configs/demo.yaml)
+bench: setup
+	$(TC) synth --config $(BENCH_CONFIG)
+	$(TC) preprocess --config $(BENCH_CONFIG)
+	$(TC) bench --preset $(BENCH) $(ARGS)
 
 # Softmax encodings (B/voxel, KL at T = 1, 2, 4, MB/s) and patch read time, on the cached demo teachers.
 bench-store: setup

@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from core.config import Config, TeacherConfig
@@ -170,7 +171,7 @@ def compute_entry(cfg: Config, teacher_name: str, fold: int | None, case_id: str
         features=k is not None,
     )
     _check_finite_outputs(out, teacher.name, case_id)
-    sketches = _sketches(out, k) if k is not None else None
+    sketches = _sketches(out, k, cfg.store.feature_sketch_stride) if k is not None else None
     key = entry_key(cfg, teacher, sha, store)
     try:
         store.write_entry(
@@ -181,6 +182,7 @@ def compute_entry(cfg: Config, teacher_name: str, fold: int | None, case_id: str
             out["fine"],
             sketches,
             on_array=_kill_hook(),
+            sketch_dtype=cfg.store.feature_sketch_dtype,
             checkpoint_sha256=sha,
             feature_sketch_channels=k,
             entry_key=key,
@@ -208,12 +210,27 @@ def _check_finite_outputs(out: dict[str, np.ndarray], teacher: str, case_id: str
         )
 
 
-def _sketches(out: dict[str, np.ndarray], k: int) -> dict[str, tuple[np.ndarray, np.ndarray, dict[str, Any]]]:
-    """Sketch both taps' features; record kept energy and how well cosine relations survive."""
+def _pool_to_stride(features: np.ndarray, case_shape: tuple[int, ...], min_stride: int) -> np.ndarray:
+    """Average-pool (C, x, y, z) tap features whose stride is below ``min_stride`` by the integer factor that brings
+    it there (a partial last cell averages the voxels it has)."""
+    factors = [
+        max(1, min_stride // max(1, s // m)) for s, m in zip(case_shape, features.shape[1:], strict=True)
+    ]
+    if all(f == 1 for f in factors):
+        return features
+    pooled = F.avg_pool3d(torch.from_numpy(np.ascontiguousarray(features))[None], factors, ceil_mode=True)
+    return pooled[0].numpy()
+
+
+def _sketches(
+    out: dict[str, np.ndarray], k: int, min_stride: int = 1
+) -> dict[str, tuple[np.ndarray, np.ndarray, dict[str, Any]]]:
+    """Sketch both taps' features (pooled to ``min_stride`` first); record kept energy and how well cosine
+    relations survive."""
     predicted = out["logits"].argmax(axis=0)
     result = {}
     for kind in ("coarse", "fine"):
-        features = out[f"{kind}_features"]
+        features = _pool_to_stride(out[f"{kind}_features"], predicted.shape, min_stride)
         sketch, basis, attrs = sketch_features(features, k)
         stride = [s // m for s, m in zip(predicted.shape, features.shape[1:], strict=True)]
         # the teacher's predicted class at the centre of each tap voxel, for class prototypes

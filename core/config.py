@@ -116,6 +116,11 @@ class StoreConfig(_Strict):
     path: str
     chunk_size: Triple = (64, 64, 64)
     feature_sketch_channels: int | None = Field(None, ge=1)
+    # a finer tap's features are average-pooled to this stride before sketching (the fine tap, stride 2, is 8×
+    # smaller at 4); 1 keeps every tap's own grid
+    feature_sketch_stride: int = Field(4, ge=1)
+    # int8: each sketch channel quantised with its own scale (max |value| / 127); float16: as computed
+    feature_sketch_dtype: Literal["int8", "float16"] = "int8"
 
 
 class ModelConfig(_Strict):

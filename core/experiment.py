@@ -132,7 +132,8 @@ def entry_key(
 
     Returns:
         ``{"checkpoint_sha256", "arch", "args", "inference", "attention_p", "feature_sketch_channels",
-        "softmax_encoding", "margin_reference", "preprocessing_hash"}``.
+        "feature_sketch_stride", "feature_sketch_dtype", "softmax_encoding", "margin_reference",
+        "preprocessing_hash"}``.
     """
     encoding = store.encoding
     key = {
@@ -143,6 +144,10 @@ def entry_key(
         "inference": cfg.inference_for(teacher).model_dump(mode="json", exclude={"sw_batch_size"}),
         "attention_p": float(cfg.distillation.attention.p),
         "feature_sketch_channels": cfg.store.feature_sketch_channels,
+        "feature_sketch_stride": cfg.store.feature_sketch_stride
+        if cfg.store.feature_sketch_channels
+        else None,
+        "feature_sketch_dtype": cfg.store.feature_sketch_dtype if cfg.store.feature_sketch_channels else None,
         "softmax_encoding": encoding.name,
         "margin_reference": encoding.reference if encoding.kind.startswith("margin") else None,
         "preprocessing_hash": store.metadata["preprocessing_hash"],

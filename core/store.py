@@ -61,7 +61,7 @@ __all__ = [
 ]
 
 FORMAT_NAME = "teachcache-store"
-FORMAT_VERSION = "2.0"
+FORMAT_VERSION = "2.1"
 # a teacher key: "<name>/fold_<k>" or "<name>/all_folds"
 _SLOT = re.compile(r"^(fold_[0-9]+|all_folds)$")
 ATTENTION_KINDS = ("coarse", "fine")
@@ -422,6 +422,7 @@ class TeacherStore:
         fine: np.ndarray,
         sketches: dict[str, tuple[np.ndarray, np.ndarray, dict[str, Any]]] | None = None,
         on_array: Callable[[str], None] | None = None,
+        sketch_dtype: str = "int8",
         **attrs: Any,
     ) -> None:
         """Write one teacher's outputs for one case as a new entry, replacing any previous one whole.
@@ -437,6 +438,8 @@ class TeacherStore:
             sketches: optional ``{"coarse" | "fine": ((k, x, y, z) sketch, (C, k) basis, its attributes)}``.
             on_array: called with each array's name right after it is written (progress reporting; the
                 kill-and-resume test uses it to die midway through an entry).
+            sketch_dtype: ``"int8"`` (each channel quantised with its own scale, kept in the array's ``scale``
+                attribute) or ``"float16"``.
             attrs: JSON-serialisable entry attributes (e.g. ``checkpoint_sha256``, ``entry_key``,
                 ``entry_hash``).
         """
@@ -465,7 +468,11 @@ class TeacherStore:
             written(kind)
         sketch_attrs = {}
         for kind, (sketch, basis, meta) in (sketches or {}).items():
-            self._write_array(group, f"{kind}_sketch", sketch.astype(np.float16), ("channel", *_SPATIAL))
+            stored, scale = _quantise_sketch(sketch, sketch_dtype)
+            self._write_array(group, f"{kind}_sketch", stored, ("channel", *_SPATIAL))
+            if scale is not None:
+                group[f"{kind}_sketch"].attrs["scale"] = scale
+            strides[f"{kind}_sketch_stride"] = [s / m for s, m in zip(shape, sketch.shape[1:], strict=True)]
             self._write_array(group, f"{kind}_sketch_basis", basis.astype(np.float32), ("feature", "channel"))
             sketch_attrs[kind] = meta
             written(f"{kind}_sketch")
@@ -531,16 +538,33 @@ class TeacherStore:
     def has_sketch(self, teacher: str, case_id: str, kind: str) -> bool:
         return kind in self.entry_attrs(teacher, case_id).get("sketch", {})
 
-    def read_sketch(self, teacher: str, case_id: str, kind: str) -> tuple[np.ndarray, tuple[float, ...]]:
-        """A whole feature sketch (k, x, y, z) float32 of the ``kind`` tap, and its stride."""
+    def read_sketch(
+        self, teacher: str, case_id: str, kind: str, region: Box | None = None
+    ) -> tuple[np.ndarray, tuple[float, ...]]:
+        """A feature sketch (k, x, y, z) float32 of the ``kind`` tap — whole, or ``region`` of the tap's own grid
+        (only the chunks it touches are read and decoded) — and its stride."""
         if not self.has_sketch(teacher, case_id, kind):
             raise StoreError(
                 f"{self.location}: teacher '{teacher}', case '{case_id}' has no {kind} feature sketch; set "
                 "store.feature_sketch_channels and re-run `make cache ARGS=--overwrite`"
             )
         attrs = self._root[f"teachers/{teacher}/{case_id}"].attrs
-        data = self._array(f"teachers/{teacher}/{case_id}/{kind}_sketch")[...].astype(np.float32)
+        array = self._array(f"teachers/{teacher}/{case_id}/{kind}_sketch")
+        data = (array[(slice(None), *region)] if region is not None else array[...]).astype(np.float32)
+        scale = array.attrs.get("scale")
+        if scale is not None:  # int8, per channel (format ≥ 2.1)
+            data *= np.asarray(scale, dtype=np.float32)[:, None, None, None]
+        if f"{kind}_sketch_stride" in attrs:  # its own grid (format ≥ 2.1); before, always its tap's
+            return data, tuple(attrs[f"{kind}_sketch_stride"])
         return data, tuple(attrs[f"{kind}_stride"])
+
+    def sketch_grid(self, teacher: str, case_id: str, kind: str) -> tuple[tuple[int, ...], tuple[float, ...]]:
+        """The ``kind`` sketch's grid (x, y, z) and stride in case voxels, without reading it."""
+        if not self.has_sketch(teacher, case_id, kind):
+            self.read_sketch(teacher, case_id, kind)  # raises the explanatory StoreError
+        attrs = self._root[f"teachers/{teacher}/{case_id}"].attrs
+        shape = tuple(self._array(f"teachers/{teacher}/{case_id}/{kind}_sketch").shape[1:])
+        return shape, tuple(attrs.get(f"{kind}_sketch_stride", attrs[f"{kind}_stride"]))
 
     def read_sketch_basis(self, teacher: str, case_id: str, kind: str) -> np.ndarray:
         """The (C, k) orthonormal basis of a sketch: ``basis @ sketch`` is the feature in the teacher's channels."""
@@ -741,6 +765,19 @@ def _info(path: str, arr: zarr.Array) -> ArrayInfo:
     return ArrayInfo(
         path, tuple(arr.shape), str(arr.dtype), tuple(arr.chunks), codecs, int(arr.nbytes_stored())
     )
+
+
+def _quantise_sketch(sketch: np.ndarray, dtype: str) -> tuple[np.ndarray, list[float] | None]:
+    """A sketch as stored: int8 with a scale per channel (max |value| / 127, so the largest value is exact in
+    magnitude and every value is within scale / 2), or float16."""
+    if dtype == "float16":
+        return sketch.astype(np.float16), None
+    if dtype != "int8":
+        raise ValueError(f"unknown sketch dtype '{dtype}' (int8 or float16)")
+    peak = np.abs(sketch).reshape(sketch.shape[0], -1).max(axis=1)
+    scale = np.where(peak > 0, peak / 127.0, 1.0).astype(np.float32)
+    q = np.clip(np.round(sketch / scale[:, None, None, None]), -127, 127).astype(np.int8)
+    return q, [float(v) for v in scale]
 
 
 def _unit_rms(amap: np.ndarray) -> np.ndarray:

@@ -64,6 +64,7 @@ from core.store import TeacherStore
 
 __all__ = [
     "FitResult",
+    "Optimisation",
     "ResumeDiscardedWarning",
     "TrainingRun",
     "count_parameters",
@@ -71,6 +72,7 @@ __all__ = [
     "fit",
     "recover_run_dir",
     "run_seed",
+    "train_step",
 ]
 
 LossFn = Callable[..., dict[str, torch.Tensor]]
@@ -583,6 +585,67 @@ def fit(run: TrainingRun, progress: bool = True) -> FitResult:
     return result
 
 
+@dataclass
+class Optimisation:
+    """What one training step updates: Adam over the model and the loss's own parameters, its schedule and scaler.
+
+    Terms with learnable parts (MSKD's student-side projections) train with the model (``extra``); only the model is
+    saved. The gradient scaler is on for fp16 autocast on CUDA (no bf16), off otherwise.
+    """
+
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    extra: list[nn.Parameter]
+
+    @classmethod
+    def build(
+        cls, model: nn.Module, loss_fn: LossFn, cfg: TrainingConfig, device: torch.device
+    ) -> Optimisation:
+        extra = list(loss_fn.to(device).parameters()) if isinstance(loss_fn, nn.Module) else []
+        optimizer = torch.optim.Adam([*model.parameters(), *extra], lr=cfg.lr, weight_decay=cfg.weight_decay)
+        scheduler = torch.optim.lr_scheduler.PolynomialLR(optimizer, total_iters=cfg.epochs, power=0.9)
+        use_scaler = device.type == "cuda" and cfg.amp and not torch.cuda.is_bf16_supported()
+        return cls(optimizer, scheduler, torch.amp.GradScaler("cuda", enabled=use_scaler), extra)
+
+
+def train_step(
+    model: nn.Module,
+    batch: dict[str, torch.Tensor],
+    loss_fn: LossFn,
+    opt: Optimisation,
+    device: torch.device,
+    amp: bool,
+    target_source: TargetSource | None = None,
+    recorder: TapRecorder | None = None,
+    ctx: Distributed | None = None,
+    where: tuple[str, int, int] = ("run", 0, 0),
+) -> dict[str, torch.Tensor]:
+    """One optimisation step on a collated batch: targets from the source, forward (taps recorded), loss, update.
+
+    The training loop's own step (``make bench`` times exactly this). ``where`` is (run name, epoch, step) for the
+    error raised on a non-finite loss term.
+    """
+    image = batch["image"].to(device, non_blocking=True)
+    label = batch["label"].to(device, non_blocking=True)
+    targets = target_source(batch) if target_source is not None else None
+    opt.optimizer.zero_grad(set_to_none=True)
+    with autocast(device, amp):
+        if recorder is not None:
+            with recorder:
+                logits = model(image)
+            taps = dict(recorder.features)
+        else:
+            logits, taps = model(image), None
+        terms = loss_fn(logits, label, taps, targets)
+    _check_finite(terms, *where)
+    opt.scaler.scale(terms["total"]).backward()
+    distributed.average_gradients(opt.extra, ctx or Distributed())  # DDP averages the model's own
+    opt.scaler.step(opt.optimizer)
+    opt.scaler.update()
+    return terms
+
+
 def _train(
     run: TrainingRun,
     out_dir: Path,
@@ -609,12 +672,8 @@ def _train(
         train_model = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None
         )
-    # terms with learnable parts (MSKD's student-side projections) train with the model; only the model is saved
-    extra = list(loss_fn.to(device).parameters()) if isinstance(loss_fn, nn.Module) else []
-    optimizer = torch.optim.Adam([*model.parameters(), *extra], lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.PolynomialLR(optimizer, total_iters=cfg.epochs, power=0.9)
-    use_scaler = device.type == "cuda" and cfg.amp and not torch.cuda.is_bf16_supported()
-    scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
+    opt = Optimisation.build(model, loss_fn, cfg, device)
+    optimizer, scheduler, scaler = opt.optimizer, opt.scheduler, opt.scaler
     class_names = (meta or {}).get("class_names") or [f"class_{i}" for i in range(num_classes)]
     fg_names = list(class_names[1:])
 
@@ -685,23 +744,18 @@ def _train(
             epoch_start = time.perf_counter()
             steps = 0
             for batch in loader:
-                image = batch["image"].to(device, non_blocking=True)
-                label = batch["label"].to(device, non_blocking=True)
-                targets = target_source(batch) if target_source is not None else None
-                optimizer.zero_grad(set_to_none=True)
-                with autocast(device, cfg.amp):
-                    if recorder is not None:
-                        with recorder:
-                            logits = train_model(image)
-                        taps = dict(recorder.features)
-                    else:
-                        logits, taps = train_model(image), None
-                    terms = loss_fn(logits, label, taps, targets)
-                _check_finite(terms, name, epoch, steps)
-                scaler.scale(terms["total"]).backward()
-                distributed.average_gradients(extra, ctx)  # DDP averages the model's own
-                scaler.step(optimizer)
-                scaler.update()
+                terms = train_step(
+                    train_model,
+                    batch,
+                    loss_fn,
+                    opt,
+                    device,
+                    cfg.amp,
+                    target_source,
+                    recorder,
+                    ctx,
+                    (name, epoch, steps),
+                )
                 for k, v in terms.items():
                     sums[k] = sums.get(k, 0.0) + float(v.detach())
                 steps += 1

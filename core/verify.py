@@ -106,7 +106,10 @@ def _check_entry(store: TeacherStore, teacher: str, case_id: str, prov: dict[str
             problems.append(f"{where}: {kind} map contains NaN or Inf")
     for kind, meta in attrs.get("sketch", {}).items():
         sketch, _ = store.read_sketch(teacher, case_id, kind)
-        grid = tuple(s // prov["taps"][kind]["stride"] for s in shape)
+        tap = prov["taps"][kind]["stride"]
+        # pooled by the integer factor that brings the tap to store.feature_sketch_stride (format ≥ 2.1)
+        factor = max(1, int((attrs.get("entry_key") or {}).get("feature_sketch_stride") or 1) // tap)
+        grid = tuple(-(-(s // tap) // factor) for s in shape)
         if sketch.shape != (meta["channels"], *grid):
             problems.append(f"{where}: {kind} sketch {sketch.shape}, expected {(meta['channels'], *grid)}")
         if not np.isfinite(sketch).all():

@@ -610,3 +610,84 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+@app.command()
+@user_errors
+def bench(
+    preset: Annotated[
+        str,
+        typer.Option(
+            "--preset", "-p", help="cpu: the demo's sizes; gpu: the paper's (a machine with a GPU)."
+        ),
+    ] = "cpu",
+    part: Annotated[
+        list[str] | None,
+        typer.Option("--part", help="Only these measurements (repeatable): steps, store, cache, loader."),
+    ] = None,
+    out_dir: Annotated[Path, typer.Option("--out", help="Where results-<preset>.json/.md/.png go.")] = Path(
+        "bench"
+    ),
+    quiet: QuietOption = False,
+) -> None:
+    """Step time (no KD, cached, online), peak memory, store bytes, cache-stage overhead and the paper-size loader.
+
+    Fold 0's teachers are trained (cpu: the demo's) or initialised (gpu: speed does not depend on the weights) and
+    cached first when they are not yet; that preparation is not timed. Writes bench/results-<preset>.json, .md and
+    .png and the preset's block in BENCHMARKS.md.
+    """
+    from core.errors import ConfigError
+    from teachcache.bench import PRESETS, run_bench
+
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown bench preset '{preset}'; choose one of: {', '.join(PRESETS)}")
+    unknown = sorted(set(part or []) - {"steps", "store", "cache", "loader"})
+    if unknown:
+        raise ConfigError(
+            f"unknown bench part(s) {', '.join(unknown)}; choose from steps, store, cache, loader"
+        )
+    needs_store = not part or set(part) & {"steps", "store", "cache"}
+    if needs_store:
+        _bench_prepare(Path(PRESETS[preset]["config"]), random_teachers=preset == "gpu", quiet=quiet)
+    with _one_line_warnings():
+        results = run_bench(preset, out_dir, part, progress=lambda line: out.print(line, highlight=False))
+    out.print(
+        f"written to {out_dir}/results-{preset}.json, .md, .png and BENCHMARKS.md ({results['seconds'] / 60:.1f} min)"
+    )
+
+
+def _bench_prepare(config: Path, random_teachers: bool, quiet: bool) -> None:
+    """Fold 0's teachers, trained (or initialised) and cached, unless they already are."""
+    from cache_teachers import cache_teachers, train_teachers
+    from core.experiment import open_store_for
+    from core.models.checkpoint import save_checkpoint
+    from core.models.registry import create_model, get_spec
+
+    cfg = _load(config)
+    store = open_store_for(cfg)
+    meta = store.metadata["dataset"]
+    missing = [t for t in (c.for_fold(0) for c in cfg.teachers) if not Path(t.checkpoint).is_file()]
+    if missing and random_teachers:
+        for t in missing:  # step time, memory and the cache stage's speed do not depend on the weights
+            model = create_model(t.arch, len(meta["channel_names"]), len(meta["class_names"]), t.args)
+            Path(t.checkpoint).parent.mkdir(parents=True, exist_ok=True)
+            save_checkpoint(
+                Path(t.checkpoint),
+                model,
+                get_spec(t.arch).name,
+                len(meta["channel_names"]),
+                len(meta["class_names"]),
+                t.args,
+                {"role": "teacher", "fold": 0, "note": "randomly initialised for make bench BENCH=gpu"},
+            )
+    elif missing:
+        out.print(
+            f"bench: training fold 0's teachers first ({', '.join(t.name for t in missing)}; not timed)"
+        )
+        with _one_line_warnings():
+            train_teachers(cfg, 0, [t.name for t in missing], progress=not quiet)
+    summary = cache_teachers(cfg, progress=not quiet, folds=[0])
+    if sum(summary.written.values()):
+        out.print(
+            f"bench: cached fold 0's teachers first ({sum(summary.written.values())} entries; not timed)"
+        )

@@ -153,3 +153,40 @@ def test_intensity_augmentation_touches_the_image_only():
     assert not torch.allclose(torch.as_tensor(out["image"]), before["image"])
     for key in ("label", "softmax/t", "coarse/t"):
         assert torch.equal(torch.as_tensor(out[key]), before[key]), f"{key} untouched"
+
+
+@pytest.mark.parametrize("stride", [2.0, 4.0, 16.0])
+def test_a_map_cut_from_the_chunks_under_a_patch_equals_one_cut_from_the_whole(stride):
+    """The loader reads only the part of a sketch's grid under the patch (one cell of margin) and cuts it; that is
+    the whole-grid cut, at aligned and unaligned starts and at the case's borders."""
+    from core.data.patches import _sketch_region
+
+    rng = np.random.default_rng(0)
+    grid = (int(96 // stride),) * 3
+    amap = rng.standard_normal((5, *grid)).astype(np.float32)
+    size = (32, 32, 32)
+    for start in [(0, 0, 0), (64, 64, 64), (3, 17, 40), (8, 12, 63), (4, 0, 60)]:
+        region, offset = _sketch_region((stride,) * 3, grid, start, size)
+        whole = crop_map(amap, (stride,) * 3, start, size)
+        part = crop_map(amap[(slice(None), *region)], (stride,) * 3, offset, size)
+        assert torch.allclose(whole, part, atol=1e-4), (start, stride)
+
+
+def test_teacher_features_are_rebuilt_from_sketch_and_basis_on_the_device():
+    """targets_from_batch gives basis @ sketch per voxel: what the loader used to compute in its workers."""
+    from core.data.patches import TargetRequest, targets_from_batch
+
+    rng = np.random.default_rng(1)
+    basis = torch.from_numpy(rng.standard_normal((2, 40, 4)).astype(np.float32))
+    sketch = torch.from_numpy(rng.standard_normal((2, 4, 3, 5, 6)).astype(np.float32))
+    batch = {
+        "fine_sketch/t": sketch,
+        "fine_basis/t": basis,
+        "coarse_sketch/t": sketch,
+        "coarse_basis/t": basis,
+    }
+    request = TargetRequest(teachers=("t",), softmax=False, attention=False, features=True)
+    targets = targets_from_batch(batch, request, torch.device("cpu"))
+    for b in range(2):
+        expected = (basis[b] @ sketch[b].reshape(4, -1)).reshape(40, 3, 5, 6)
+        assert torch.allclose(targets["fine_features"]["t"][b], expected, atol=1e-5)

@@ -224,11 +224,17 @@ def test_feature_sketches_are_cached_and_keep_relations(trained):
     store = TeacherStore.open(cfg.store.path)
     case = store.case_ids()[0]
     shape = store.case_shape(case)
-    for kind, stride in (("coarse", 16), ("fine", 2)):
+    # the fine tap (stride 2) is pooled to store.feature_sketch_stride (default 4); the coarse one (16) is kept
+    for kind, stride in (("coarse", 16), ("fine", 4)):
         sketch, recorded = store.read_sketch("dynunet/all_folds", case, kind)
         assert sketch.shape == (4, *(s // stride for s in shape)) and recorded == (stride,) * 3
+        assert store.sketch_grid("dynunet/all_folds", case, kind) == (sketch.shape[1:], (stride,) * 3)
+        assert store._array(f"teachers/dynunet/all_folds/{case}/{kind}_sketch").dtype == np.int8
         meta = store.entry_attrs("dynunet/all_folds", case)["sketch"][kind]
         assert 0.0 < meta["energy"] <= 1.0 and meta["voxel_cosine"] >= 0.0
+        # a box of the sketch's grid reads exactly that part of the whole
+        part, _ = store.read_sketch("dynunet/all_folds", case, kind, (slice(1, 3), slice(0, 2), slice(1, 2)))
+        assert np.array_equal(part, sketch[:, 1:3, 0:2, 1:2])
     assert runner.invoke(app, ["verify", cfg.store.path]).exit_code == 0
     summary = cache_teachers(
         cfg.model_copy(update={"store": cfg.store.model_copy(update={"feature_sketch_channels": 8})}),
@@ -275,3 +281,35 @@ def test_relation_terms_train_from_cached_sketches_and_need_them(trained):
     cache_teachers(without, names=["dynunet"], progress=False)
     with pytest.raises(StoreError, match=r"need feature sketches|cached without"):
         distil(without.model_copy(update={"distillation": distillation}), fold=0, progress=False)
+
+
+@pytest.mark.parametrize("dtype", ["int8", "float16"])
+def test_sketch_is_stored_within_half_a_quantisation_step(trained, dtype):
+    """int8 sketches keep every value within half its channel's step (max |value| / 127 / 2); float16 as float16."""
+    cfg, _ = _cached(trained, f"quant-{dtype}")
+    store = TeacherStore.open(cfg.store.path, mode="a")
+    case = store.case_ids()[0]
+    shape = store.case_shape(case)
+    rng = np.random.default_rng(0)
+    fine = (
+        rng.standard_normal((3, *(s // 4 for s in shape))).astype(np.float32)
+        * np.array([100, 1, 0.01])[:, None, None, None]
+    )
+    coarse = rng.standard_normal((3, *(s // 16 for s in shape))).astype(np.float32)
+    basis = np.eye(5, 3, dtype=np.float32)
+    store.write_entry(
+        "probe/all_folds",
+        case,
+        rng.standard_normal((2, *shape)).astype(np.float32),
+        np.ones([s // 16 for s in shape], np.float32),
+        np.ones([s // 2 for s in shape], np.float32),
+        {"fine": (fine, basis, {}), "coarse": (coarse, basis, {})},
+        sketch_dtype=dtype,
+    )
+    read, stride = store.read_sketch("probe/all_folds", case, "fine")
+    assert stride == (4.0, 4.0, 4.0), "a sketch records its own grid, not its tap's"
+    if dtype == "int8":
+        step = np.abs(fine).reshape(3, -1).max(axis=1) / 127
+        assert np.all(np.abs(read - fine) <= step[:, None, None, None] / 2 * 1.0001)
+    else:
+        assert np.array_equal(read, fine.astype(np.float16).astype(np.float32))

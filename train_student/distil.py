@@ -29,7 +29,7 @@ from core.online import OnlineTargets
 from core.store import TeacherStore, entry_hash
 from core.training import FitResult, TrainingRun, fit, run_seed
 
-__all__ = ["RawDataChangedWarning", "TapGridWarning", "distil", "raw_dataset_status"]
+__all__ = ["RawDataChangedWarning", "TapGridWarning", "distil", "raw_dataset_status", "student_run"]
 
 
 def _check_teachers(
@@ -291,11 +291,29 @@ def distil(
 ) -> FitResult:
     """Train ``cfg.student`` on ``fold``'s training cases, reading only the store.
 
+    The run is :func:`student_run`'s (every argument but ``progress`` is its), trained by :func:`core.training.fit`.
+    """
+    return fit(
+        student_run(cfg, fold, kd, allow_leakage, skip_done, seed, source),
+        progress=progress,
+    )
+
+
+def student_run(
+    cfg: Config,
+    fold: int,
+    kd: str | None = None,
+    allow_leakage: bool = False,
+    skip_done: bool = False,
+    seed: int | None = None,
+    source: str | None = None,
+) -> TrainingRun:
+    """Everything a student's training needs, checked and built: model, loss, patches, target source, run folder.
+
     Args:
         cfg: the experiment.
         fold: cross-validation fold.
         kd: override ``distillation.kind`` (``"none"`` trains the baseline without distillation).
-        progress: show a progress bar.
         allow_leakage: accept teachers whose training cases include this fold's validation cases; the leaked
             cases are recorded in the checkpoint and ``summary.json``.
         skip_done: return the finished run already in the run folder when it is this very run (``make cv``).
@@ -305,7 +323,7 @@ def distil(
             teachers in memory compute them on each augmented batch; runs go to ``kd-<kind>-online/``).
 
     Returns:
-        The run's :class:`~core.training.FitResult`; files go to ``runs_dir/students/kd-<kind>/fold_<k>/``.
+        The :class:`~core.training.TrainingRun`; its files go to ``runs_dir/students/kd-<kind>/fold_<k>/``.
 
     Raises:
         StoreError: no store, a stale store or checkpoint, teachers not (fully) cached or cached from other
@@ -404,54 +422,51 @@ def distil(
         target_source = OnlineTargets(live, request, dcfg.attention.p, device, cfg.training.amp)
     elif request is not None:
         target_source = lambda batch: targets_from_batch(batch, request, device)  # noqa: E731
-    return fit(
-        TrainingRun(
-            name=f"student kd-{dcfg.kind}{'-online' if online else ''}",
-            model=model,
-            spec=spec,
-            args=cfg.student.args,
-            in_channels=in_channels,
-            num_classes=len(class_names),
-            dataset=dataset,
-            store=store,
-            val_cases=val,
-            cfg=cfg.training,
-            inference=cfg.inference,
-            loss_fn=loss,
-            out_dir=out_dir,
-            checkpoint_path=None,
-            holdout_cases=holdout,
-            skip_done=skip_done,
-            original_geometry=raw_dataset == "matches",
-            device=device,
-            target_source=target_source,
-            capture_taps=bool(
-                {"coarse", "fine", "coarse_sketch", "fine_sketch", "coarse_features", "fine_features"}
-                & loss.needs
-            ),
-            meta={
-                "role": "student",
-                "fold": fold,
-                "train_cases": train,  # the fold's training cases, held-out ones included
-                "fit_cases": fit_cases,
-                "val_cases": val,
-                "class_names": class_names,
-                "distillation": dcfg.model_dump(mode="json"),
-                "teachers": shas
-                if online
-                else {t: store.teacher_metadata(t)["checkpoint_sha256"] for t in teachers},
-                "source": "online" if online else "cache",
-                "allow_leakage": allow_leakage,
-                "leaked_val_cases": leakage,
-                "splits_from": store.location,  # the store's own folds (train_cases / val_cases above)
-                "splits_file": str(cfg.splits.file) if cfg.splits.file else None,
-                "store": store.location,
-                "preprocessing_hash": cfg.preprocessing_hash(),
-                "raw_dataset": raw_dataset,
-                "seed": seed,
-                "experiment_seed": cfg.seed,
-                "training_seed": cfg.training.seed,
-            },
+    return TrainingRun(
+        name=f"student kd-{dcfg.kind}{'-online' if online else ''}",
+        model=model,
+        spec=spec,
+        args=cfg.student.args,
+        in_channels=in_channels,
+        num_classes=len(class_names),
+        dataset=dataset,
+        store=store,
+        val_cases=val,
+        cfg=cfg.training,
+        inference=cfg.inference,
+        loss_fn=loss,
+        out_dir=out_dir,
+        checkpoint_path=None,
+        holdout_cases=holdout,
+        skip_done=skip_done,
+        original_geometry=raw_dataset == "matches",
+        device=device,
+        target_source=target_source,
+        capture_taps=bool(
+            {"coarse", "fine", "coarse_sketch", "fine_sketch", "coarse_features", "fine_features"}
+            & loss.needs
         ),
-        progress=progress,
+        meta={
+            "role": "student",
+            "fold": fold,
+            "train_cases": train,  # the fold's training cases, held-out ones included
+            "fit_cases": fit_cases,
+            "val_cases": val,
+            "class_names": class_names,
+            "distillation": dcfg.model_dump(mode="json"),
+            "teachers": shas
+            if online
+            else {t: store.teacher_metadata(t)["checkpoint_sha256"] for t in teachers},
+            "source": "online" if online else "cache",
+            "allow_leakage": allow_leakage,
+            "leaked_val_cases": leakage,
+            "splits_from": store.location,  # the store's own folds (train_cases / val_cases above)
+            "splits_file": str(cfg.splits.file) if cfg.splits.file else None,
+            "store": store.location,
+            "preprocessing_hash": cfg.preprocessing_hash(),
+            "raw_dataset": raw_dataset,
+            "seed": seed,
+            "experiment_seed": cfg.seed,
+            "training_seed": cfg.training.seed,
+        },
     )

@@ -96,6 +96,13 @@ def crop_map(
     """
     amap = amap[None] if amap.ndim == 3 else amap
     cells = [max(1, round(p / s)) for p, s in zip(size, stride, strict=True)]
+    exact = [float(o) / s for o, s in zip(start, stride, strict=True)]
+    if all(
+        e.is_integer() and n * s == p and int(e) + n <= m
+        for e, n, s, p, m in zip(exact, cells, stride, size, amap.shape[1:], strict=True)
+    ):  # the patch covers whole map cells: they are the samples (what the interpolation would give, exactly)
+        box = tuple(slice(int(e), int(e) + n) for e, n in zip(exact, cells, strict=True))
+        return torch.from_numpy(np.ascontiguousarray(amap[(slice(None), *box)], dtype=np.float32))
     axes = []
     for o, p, s, n, m in zip(start, size, stride, cells, amap.shape[1:], strict=True):
         centres = o + (np.arange(n) + 0.5) * (p / n)  # case-voxel coordinates of output cell centres
@@ -202,11 +209,39 @@ def build_augmentation(
 def targets_from_batch(
     batch: dict[str, torch.Tensor], request: TargetRequest, device: torch.device
 ) -> DistillationTargets:
-    """Gather a collated batch's cached teacher data into the loss's target layout."""
+    """Gather a collated batch's cached teacher data into the loss's target layout.
+
+    Teacher features (``<tap>_features``) are rebuilt here, on ``device``, from the sketch and its basis the batch
+    carries (``basis @ sketch`` per voxel): a patch then crosses from the loader's workers as k sketch channels, not
+    the teacher's C (768 for UNETR: 0.8 GB per 128³ patch at the fine tap). Rebuilding commutes with the patch's
+    flips, rotations and (bilinear) resampling, which are linear per channel.
+    """
     targets: DistillationTargets = {}
     for kind in request.kinds():
-        targets[kind] = {t: batch[f"{kind}/{t}"].to(device, non_blocking=True) for t in request.teachers}
+        if kind.endswith("_features"):
+            tap = kind.removesuffix("_features")
+            targets[kind] = {
+                t: torch.einsum(
+                    "bck,bk...->bc...",
+                    batch[f"{tap}_basis/{t}"].to(device, non_blocking=True),
+                    batch[f"{tap}_sketch/{t}"].to(device, non_blocking=True),
+                )
+                for t in request.teachers
+            }
+        else:
+            targets[kind] = {t: batch[f"{kind}/{t}"].to(device, non_blocking=True) for t in request.teachers}
     return targets
+
+
+def _sketch_region(
+    stride: Sequence[float], grid: Sequence[int], start: Sequence[int], size: Sequence[int]
+) -> tuple[tuple[slice, ...], tuple[int, ...]]:
+    """The part of a tap grid that :func:`crop_map` samples for a patch (one cell of margin each side, for the
+    bilinear neighbours), and the patch's start relative to that part, in case voxels."""
+    lo = [max(0, int(np.floor(o / s)) - 1) for o, s in zip(start, stride, strict=True)]
+    hi = [min(m, int(np.ceil((o + p) / s)) + 1) for o, p, s, m in zip(start, size, stride, grid, strict=True)]
+    region = tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))
+    return region, tuple(int(round(o - a * s)) for o, a, s in zip(start, lo, stride, strict=True))
 
 
 class PatchDataset(Dataset):
@@ -254,14 +289,19 @@ class PatchDataset(Dataset):
         self._store: TeacherStore | None = None
         self._maps: dict[tuple[str, str, str], tuple[np.ndarray, tuple[float, ...]]] = {}
         self._fg: dict[str, np.ndarray] = {}
+        self._grids: dict[tuple[str, str, str], tuple[tuple[int, ...], tuple[float, ...]]] = {}
         self._augment = build_augmentation(
             self._target_keys(), augmentation or AugmentationConfig(), self.patch_size
         )
 
     def _target_keys(self) -> list[str]:
+        """The spatial keys a patch carries (augmented with it); features travel as their sketch and basis."""
         if self.targets is None:
             return []
-        return [f"{k}/{t}" for k in self.targets.kinds() for t in self.targets.teachers]
+        kinds = [k for k in self.targets.kinds() if not k.endswith("_features")]
+        if self.targets.features and not self.targets.sketches:
+            kinds += [f"{k}_sketch" for k in ATTENTION_KINDS]
+        return [f"{k}/{t}" for k in kinds for t in self.targets.teachers]
 
     def set_epoch(self, epoch: int) -> None:
         """Draw a fresh set of patches for ``epoch`` (call before each epoch)."""
@@ -291,8 +331,32 @@ class PatchDataset(Dataset):
             start = np.clip(point - np.array(self.patch_size) // 2 + jitter, 0, hi)
         else:
             start = np.array([rng.integers(0, h + 1) for h in hi])
-        start = tuple(int(s) for s in start)
+        start = tuple(int(s - s % self._align(case_id)) for s in start)
         return start, tuple(slice(s, s + p) for s, p in zip(start, self.patch_size, strict=True))  # type: ignore[return-value]
+
+    def _sketch_grid(self, teacher: str, case_id: str, kind: str) -> tuple[tuple[int, ...], tuple[float, ...]]:
+        key = (teacher, case_id, f"{kind}_sketch")
+        if key not in self._grids:
+            self._grids[key] = self.store.sketch_grid(teacher, case_id, kind)
+        return self._grids[key]
+
+    def _align(self, case_id: str) -> int:
+        """Patch starts snap to a multiple of the fine maps' and sketches' strides (the largest, when it is a multiple
+        of the others; else 1), so those large maps are cut, not interpolated (:func:`crop_map`); coarse maps are
+        small. 1 when no map is read."""
+        t = self.targets
+        if t is None:
+            return 1
+        strides: list[float] = []
+        for teacher in t.teachers:
+            if t.attention:
+                strides += self._attention(teacher, case_id, "fine")[1]
+            if t.sketches or t.features:
+                strides += self._sketch_grid(teacher, case_id, "fine")[1]
+        if not strides or not all(float(s).is_integer() for s in strides):
+            return 1
+        largest = int(max(strides))
+        return largest if all(largest % int(s) == 0 for s in strides) else 1
 
     def _foreground(self, case_id: str) -> np.ndarray:
         if case_id not in self._fg:  # small (N, 4) lists; keep them per worker
@@ -324,15 +388,15 @@ class PatchDataset(Dataset):
                     for kind in ATTENTION_KINDS:
                         amap, stride = self._attention(t, case_id, kind)
                         sample[f"{kind}/{t}"] = crop_map(amap, stride, start, self.patch_size)
-                if self.targets.sketches or self.targets.features:  # a few MB per case: read, not cached
+                if self.targets.sketches or self.targets.features:  # only the chunks under the patch are read
                     for kind in ATTENTION_KINDS:
-                        sketch, stride = self.store.read_sketch(t, case_id, kind)
-                        cropped = crop_map(sketch, stride, start, self.patch_size)
-                        if self.targets.sketches:
-                            sample[f"{kind}_sketch/{t}"] = cropped
-                        if self.targets.features:
-                            basis = torch.from_numpy(self.store.read_sketch_basis(t, case_id, kind))
-                            sample[f"{kind}_features/{t}"] = torch.einsum("ck,k...->c...", basis, cropped)
+                        grid, stride = self._sketch_grid(t, case_id, kind)
+                        region, offset = _sketch_region(stride, grid, start, self.patch_size)
+                        sketch, _ = self.store.read_sketch(t, case_id, kind, region)
+                        sample[f"{kind}_sketch/{t}"] = crop_map(sketch, stride, offset, self.patch_size)
+                        if self.targets.features:  # rebuilt on the device (targets_from_batch)
+                            basis = self.store.read_sketch_basis(t, case_id, kind)
+                            sample[f"{kind}_basis/{t}"] = torch.from_numpy(np.ascontiguousarray(basis))
         if self.augment:
             self._augment.set_random_state(seed=int(rng.integers(2**31)))
             sample = self._augment(sample)

@@ -1,0 +1,568 @@
+"""``make bench``: what the cache buys, measured as ratios taken side by side in one run.
+
+One run measures, for a preset (``cpu``: the demo's sizes; ``gpu``: the paper's):
+
+1. **Training steps** of the same student, batch and patch (median over many steps after warm-up), each
+   configuration in its own fresh process: (a) plain supervised, (b) distilled from the cache (TeachFormer's
+   terms; also the relation and MSKD recipes), (c) distilled online with the fold's teachers in memory. Each step
+   is :func:`core.training.train_step`, the training loop's own; timed once with the batch already in memory
+   (compute) and once including the wait for the loader (what a run pays with the configured workers).
+2. **Peak memory** of each: CUDA peak allocated on a GPU, peak RSS of the process on a CPU.
+3. **The store**: stored bytes per case voxel per teacher of every array kind, files per case, the softmax
+   encoding's KL at T = 1, 2, 4, and the whole store extrapolated to a HECKTOR-sized dataset.
+4. **The cache stage**: ``cache_teachers`` into a scratch store against the same teachers' bare sliding-window
+   inference over the same cases, with the writer's phases timed one by one (taps, sketches, encode + write).
+5. **The patch loader at the paper's sizes**: a store of 144³ cases with three teachers' every array (written
+   directly, no teacher run), patches of 128³ and 96³, batch 2, 0/2/4 workers: patches per second.
+
+Results go to ``bench/results-<preset>.json`` and ``bench/results-<preset>.md`` (the machine in the header), and a
+chart ``bench/results-<preset>.png``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import shutil
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "HECKTOR",
+    "PRESETS",
+    "bench_cache_stage",
+    "bench_loader",
+    "bench_steps",
+    "bench_store",
+    "machine",
+    "run_bench",
+    "write_paper_store",
+]
+
+# A HECKTOR-sized dataset, for extrapolating the store's size: 224 training cases of 144³ after cropping, 3 teachers
+HECKTOR = {"cases": 224, "shape": (144, 144, 144), "teachers": 3}
+
+# the presets: the experiment whose student and teachers are timed, how long, and the paper-size loader's settings
+PRESETS: dict[str, dict[str, Any]] = {
+    "cpu": {
+        "config": "configs/demo.yaml",
+        "recipes": {"relation": "configs/ablations/relation.yaml", "mskd": "configs/ablations/mskd.yaml"},
+        "steps": 40,
+        "warmup": 8,
+        "cache_cases": 8,
+        "loader": {
+            "cases": 4,
+            "shape": (144, 144, 144),
+            "patches": (128, 96),
+            "workers": (0, 2, 4),
+            "batches": 6,
+        },
+    },
+    "gpu": {
+        "config": "configs/bench-gpu.yaml",
+        "recipes": {},
+        "steps": 60,
+        "warmup": 10,
+        "cache_cases": 4,
+        "loader": {
+            "cases": 6,
+            "shape": (144, 144, 144),
+            "patches": (128, 96),
+            "workers": (0, 2, 4),
+            "batches": 10,
+        },
+    },
+}
+
+
+def _rss_mb() -> float:
+    """Peak resident set size of this process so far, MB (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def machine() -> dict[str, Any]:
+    """The machine and library versions, for the results' header."""
+    import monai
+    import torch
+    import zarr
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {
+        "cpu": cpu,
+        "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "memory_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9, 1),
+        "gpu": gpu,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "monai": monai.__version__,
+        "zarr": zarr.__version__,
+        "numpy": np.__version__,
+    }
+
+
+# --- 1 and 2: training steps, each configuration in a fresh process ---------------------------------------------
+
+
+def _time_steps(
+    config: str, fold: int, kd: str | None, source: str, steps: int, warmup: int
+) -> dict[str, Any]:
+    """In a fresh process: build the run as ``make distil`` does, then time ``warmup + steps`` training steps."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    from core.config import load_config
+    from core.data.patches import EpochSampler
+    from core.models.taps import TapRecorder
+    from core.training import Optimisation, resolve_num_workers, train_step
+    from train_student.distil import student_run
+
+    torch.manual_seed(0)
+    cfg = load_config(config)
+    rss_before = _rss_mb()
+    run = student_run(cfg, fold, kd=kd, source=source)
+    device = run.device
+    model = run.model.to(device)
+    model.train()
+    opt = Optimisation.build(model, run.loss_fn, run.cfg, device)
+    recorder = TapRecorder(model, run.spec.taps) if run.capture_taps else None
+    dataset = run.dataset
+    dataset.length = (warmup + steps) * run.cfg.batch_size
+    workers = resolve_num_workers(run.cfg.num_workers, device)
+    loader = DataLoader(
+        dataset,
+        batch_size=run.cfg.batch_size,
+        sampler=EpochSampler(len(dataset)),
+        num_workers=workers,
+        multiprocessing_context="spawn" if workers > 0 else None,
+        pin_memory=device.type == "cuda",
+    )
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    compute, total = [], []
+    batches = iter(loader)
+    for i in range(warmup + steps):
+        started = time.perf_counter()
+        batch = next(batches)
+        loaded = time.perf_counter()
+        train_step(model, batch, run.loss_fn, opt, device, run.cfg.amp, run.target_source, recorder)
+        sync()
+        done = time.perf_counter()
+        if i >= warmup:
+            compute.append(done - loaded)
+            total.append(done - started)
+    return {
+        "kd": run.name.removeprefix("student "),
+        "source": source,
+        "config": config,
+        "device": str(device),
+        "workers": workers,
+        "batch_size": run.cfg.batch_size,
+        "patch_size": list(run.cfg.patch_size),
+        "steps": steps,
+        "step_s": statistics.median(compute),
+        "step_with_loading_s": statistics.median(total),
+        "step_s_iqr": [float(np.percentile(compute, 25)), float(np.percentile(compute, 75))],
+        "peak_rss_mb": _rss_mb(),
+        "rss_before_run_mb": rss_before,
+        "cuda_peak_mb": torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None,
+    }
+
+
+def _in_fresh_process(fn: Callable[..., dict[str, Any]], *args: Any) -> dict[str, Any]:
+    """Run ``fn(*args)`` in a new spawned process, so its peak memory is its own."""
+    with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
+        return pool.submit(fn, *args).result()
+
+
+def bench_steps(
+    preset: dict[str, Any], fold: int = 0, progress: Callable[[str], None] = print
+) -> dict[str, Any]:
+    """(a) no KD, (b) cached TeachFormer (and the other recipes), (c) online TeachFormer; ratios b/a and c/b."""
+    config, steps, warmup = preset["config"], preset["steps"], preset["warmup"]
+    plan = [
+        ("a", config, "none", "cache"),
+        ("b", config, None, "cache"),
+        ("c", config, None, "online"),
+        *((f"b_{name}", path, None, "cache") for name, path in preset["recipes"].items()),
+    ]
+    runs: dict[str, dict[str, Any]] = {}
+    for label, path, kd, source in plan:
+        progress(f"steps ({label}): {path} kd={kd or 'configured'} source={source}")
+        runs[label] = _in_fresh_process(_time_steps, path, fold, kd, source, steps, warmup)
+        progress(
+            f"  {runs[label]['kd']}: {runs[label]['step_s'] * 1e3:.1f} ms/step, "
+            f"{runs[label]['step_with_loading_s'] * 1e3:.1f} ms with loading"
+        )
+    memory = "cuda_peak_mb" if runs["a"]["cuda_peak_mb"] is not None else "peak_rss_mb"
+
+    def ratio(x: str, y: str, key: str) -> float:
+        return runs[x][key] / runs[y][key]
+
+    ratios = {
+        "b/a": ratio("b", "a", "step_s"),
+        "c/b": ratio("c", "b", "step_s"),
+        "b/a with loading": ratio("b", "a", "step_with_loading_s"),
+        "c/b with loading": ratio("c", "b", "step_with_loading_s"),
+        "memory b/a": ratio("b", "a", memory),
+        "memory c/b": ratio("c", "b", memory),
+        **{f"{label}/a": ratio(label, "a", "step_s") for label in runs if label.startswith("b_")},
+    }
+    return {"runs": runs, "ratios": ratios, "memory": memory}
+
+
+# --- 3: the store ------------------------------------------------------------------------------------------------
+
+
+def bench_store(config: str, fold: int = 0) -> dict[str, Any]:
+    """Bytes per voxel per teacher of every teacher array kind, files per case, KL of the encoding, extrapolation."""
+    from cache_teachers.bench_store import bench_encodings
+    from core.config import load_config
+    from core.encoding import DEFAULT_ENCODING
+    from core.experiment import open_store_for
+
+    cfg = load_config(config)
+    store = open_store_for(cfg)
+    keys = [t.store_key(fold) for t in cfg.distilled_teachers()]
+    cases = [c for c in store.case_ids() if all(store.has_entry(k, c) for k in keys)]
+    voxels = sum(int(np.prod(store.case_shape(c))) for c in cases)
+    per_kind: dict[str, int] = {}
+    case_bytes: dict[str, int] = {}
+    for info in store.array_infos():
+        parts = info.path.split("/")
+        if parts[0] == "teachers" and "/".join(parts[1:3]) in keys and parts[3] in cases:
+            per_kind[parts[-1]] = per_kind.get(parts[-1], 0) + info.stored_bytes
+        elif parts[0] == "cases" and parts[1] in cases:
+            case_bytes[parts[-1]] = case_bytes.get(parts[-1], 0) + info.stored_bytes
+    per_teacher = {k: v / voxels / len(keys) for k, v in sorted(per_kind.items())}
+    entry = sum(per_teacher.values())
+    root = Path(store.location)
+    files = sum(1 for p in (root / "cases").rglob("*") if p.is_file()) if root.exists() else None
+    teacher_files = 0
+    if root.exists():
+        for key in keys:
+            teacher_files += sum(
+                1 for c in cases for p in (root / "teachers" / key / c).rglob("*") if p.is_file()
+            )
+    encodings = {r.encoding: r for r in bench_encodings(cfg, num_cases=2)}
+    default = encodings[DEFAULT_ENCODING.name]
+    hecktor_voxels = HECKTOR["cases"] * int(np.prod(HECKTOR["shape"]))
+    case_per_voxel = sum(case_bytes.values()) / voxels
+    return {
+        "cases": len(cases),
+        "teachers": keys,
+        "voxels": voxels,
+        "bytes_per_voxel_per_teacher": per_teacher,
+        "entry_bytes_per_voxel_per_teacher": entry,
+        "case_bytes_per_voxel": {k: v / voxels for k, v in sorted(case_bytes.items())},
+        "files_per_case": ((files or 0) / len(store.case_ids()) + teacher_files / len(cases))
+        if files is not None
+        else None,
+        "teacher_files_per_case_per_teacher": teacher_files / len(cases) / len(keys),
+        "softmax_encoding": DEFAULT_ENCODING.name,
+        "softmax_kl": default.kl,
+        "softmax_bytes_per_voxel_measured_alone": default.bytes_per_voxel,
+        "hecktor": {
+            **HECKTOR,
+            "teacher_gb": entry * HECKTOR["teachers"] * hecktor_voxels / 1e9,
+            "cases_gb": case_per_voxel * hecktor_voxels / 1e9,
+            "note": "extrapolated from this store's measured bytes per voxel; the images' compression depends on "
+            "the data",
+        },
+    }
+
+
+# --- 4: the cache stage ------------------------------------------------------------------------------------------
+
+
+def bench_cache_stage(config: str, fold: int = 0, num_cases: int = 8) -> dict[str, Any]:
+    """``cache_teachers`` into a scratch store against bare sliding-window inference, with the writer's phases."""
+    import torch
+
+    from cache_teachers.cache import _sketches, cache_teachers, release_process_state
+    from core.config import load_config
+    from core.experiment import open_store_for
+    from core.inference import predict_volume, resolve_device
+    from core.models.checkpoint import build_from_checkpoint
+    from core.models.registry import get_spec
+    from core.store import TeacherStore
+
+    cfg = load_config(config)
+    store = open_store_for(cfg)
+    cases = store.case_ids()[:num_cases]
+    meta = store.metadata["dataset"]
+    device = resolve_device(cfg.training.device)
+    k = cfg.store.feature_sketch_channels
+    phases = {"bare_inference_s": 0.0, "inference_with_taps_s": 0.0, "sketches_s": 0.0, "encode_write_s": 0.0}
+    with tempfile.TemporaryDirectory() as tmp:
+        # a scratch store holding the same cases (copied), so `cache` runs exactly as the user's
+        scratch = Path(tmp) / "store.zarr"
+        shutil.copytree(store.location, scratch, ignore=shutil.ignore_patterns("teachers"))
+        (scratch / "teachers").mkdir()
+        shutil.copy(Path(store.location) / "teachers" / "zarr.json", scratch / "teachers" / "zarr.json")
+        for case in store.case_ids():
+            if case not in cases:
+                shutil.rmtree(scratch / "cases" / case)
+        write_store = TeacherStore.open(scratch, mode="a", chunk_size=cfg.store.chunk_size)
+        for teacher in (t.for_fold(fold) for t in cfg.distilled_teachers()):
+            model, _ = build_from_checkpoint(
+                teacher.checkpoint,
+                teacher.arch,
+                len(meta["channel_names"]),
+                len(meta["class_names"]),
+                teacher.args,
+            )
+            model.to(device).eval()
+            inference, spec = cfg.inference_for(teacher), get_spec(teacher.arch)
+            for case in cases:
+                image = store.read_image(case)
+                started = time.perf_counter()
+                predict_volume(model, image, inference, device, amp=cfg.training.amp)
+                phases["bare_inference_s"] += time.perf_counter() - started
+                started = time.perf_counter()
+                out = predict_volume(
+                    model,
+                    image,
+                    inference,
+                    device,
+                    spec,
+                    cfg.distillation.attention.p,
+                    cfg.training.amp,
+                    k is not None,
+                )
+                phases["inference_with_taps_s"] += time.perf_counter() - started
+                started = time.perf_counter()
+                sketches = _sketches(out, k) if k is not None else None
+                phases["sketches_s"] += time.perf_counter() - started
+                started = time.perf_counter()
+                write_store.write_entry(
+                    f"bench/{teacher.name}", case, out["logits"], out["coarse"], out["fine"], sketches
+                )
+                phases["encode_write_s"] += time.perf_counter() - started
+            del model
+        shutil.rmtree(scratch / "teachers" / "bench")
+        scratch_cfg = cfg.model_copy(update={"store": cfg.store.model_copy(update={"path": str(scratch)})})
+        release_process_state()
+        started = time.perf_counter()
+        cache_teachers(scratch_cfg, progress=False, folds=[fold])
+        cache_s = time.perf_counter() - started
+        release_process_state()
+    del torch
+    bare = phases["bare_inference_s"]
+    return {
+        "cases": len(cases),
+        "teachers": len(cfg.distilled_teachers()),
+        "cache_s": cache_s,
+        **phases,
+        "overhead": cache_s / bare - 1,
+        "phase_sum_s": phases["inference_with_taps_s"] + phases["sketches_s"] + phases["encode_write_s"],
+        "per_entry_s": cache_s / (len(cases) * len(cfg.distilled_teachers())),
+    }
+
+
+# --- 5: the patch loader at the paper's sizes --------------------------------------------------------------------
+
+# the paper's teachers (TeachFormer): their registry names, with the width of each tap's features
+PAPER_TEACHERS = {"hdenseformer": 256, "swin_unetr": 384, "unetr": 768}
+
+
+def _smooth_field(rng: np.random.Generator, shape: tuple[int, ...], sigma: float) -> np.ndarray:
+    from scipy.ndimage import gaussian_filter
+
+    return gaussian_filter(rng.standard_normal(shape).astype(np.float32), sigma)
+
+
+def write_paper_store(
+    path: Path, cases: int, shape: tuple[int, int, int], sketch_channels: int = 16, seed: int = 0
+) -> list[str]:
+    """A store of ``cases`` synthetic PET/CT cases of ``shape`` with the paper's three teachers' every array.
+
+    Written directly (no teacher runs): smooth images, a few tumour blobs, teacher logits that agree with the label
+    up to a smooth perturbation, unit-RMS attention maps and feature sketches of smooth noise on each teacher's tap
+    grids (their registry strides). The arrays have the sizes, dtypes, chunks and encodings of a real cache; their
+    content is only realistic enough for compression and decode times to be.
+    """
+    from scipy.ndimage import gaussian_filter
+
+    from core.models.registry import get_spec
+    from core.store import TeacherStore
+
+    rng = np.random.default_rng(seed)
+    store = TeacherStore.create(
+        path,
+        dataset={
+            "channel_names": ["CT", "PET"],
+            "class_names": ["background", "tumour"],
+            "manifest_hash": "bench",
+        },
+        preprocessing={},
+        preprocessing_hash="bench",
+        splits=[],
+    )
+    ids = []
+    grid = np.stack(np.meshgrid(*[np.arange(s) for s in shape], indexing="ij"))
+    for i in range(cases):
+        case_id = f"PAPER_{i:03d}"
+        label = np.zeros(shape, np.uint8)
+        for _ in range(3):
+            centre = rng.uniform(0.25, 0.75, 3) * np.array(shape)
+            radius = rng.uniform(6, 14)
+            label[np.sum((grid - centre[:, None, None, None]) ** 2, axis=0) < radius**2] = 1
+        image = np.stack([_smooth_field(rng, shape, 2.0), gaussian_filter(label.astype(np.float32), 1.5)])
+        fg = np.argwhere(label > 0)
+        foreground = np.concatenate([np.ones((len(fg), 1), np.int64), fg], axis=1)[:: max(1, len(fg) // 2000)]
+        store.write_case(case_id, image, label, foreground, {"spacing": [1.0, 1.0, 1.0]})
+        for name, channels in PAPER_TEACHERS.items():
+            spec = get_spec(name)
+            margin = 6.0 * (gaussian_filter(label.astype(np.float32), 2.0) - 0.5)
+            logits = np.stack([np.zeros(shape, np.float32), margin + _smooth_field(rng, shape, 4.0)])
+            maps, sketches = {}, {}
+            for kind in ("coarse", "fine"):
+                stride = spec.taps[kind].stride
+                tap = tuple(s // stride for s in shape)
+                maps[kind] = np.abs(_smooth_field(rng, tap, 1.0)) + 0.1
+                sketch = _smooth_field(rng, (sketch_channels, *tap), 1.0) * 10
+                basis = np.linalg.qr(rng.standard_normal((channels, sketch_channels)))[0].astype(np.float32)
+                sketches[kind] = (sketch, basis, {"channels_in": channels, "channels": sketch_channels})
+            store.write_entry(f"{name}/all_folds", case_id, logits, maps["coarse"], maps["fine"], sketches)
+        ids.append(case_id)
+    return ids
+
+
+def _loader_rate(
+    path: str, cases: list[str], patch: int, workers: int, batches: int, batch_size: int
+) -> float:
+    """Patches per second of a DataLoader over the paper store with every array TeachFormer, relation, MSKD read."""
+    from torch.utils.data import DataLoader
+
+    from core.data.patches import EpochSampler, PatchDataset, TargetRequest
+
+    request = TargetRequest(
+        teachers=tuple(f"{name}/all_folds" for name in PAPER_TEACHERS),
+        temperature=2.0,
+        softmax=True,
+        attention=True,
+        sketches=True,
+        features=True,
+    )
+    dataset = PatchDataset(path, cases, (patch,) * 3, length=(batches + 1) * batch_size, targets=request)
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=EpochSampler(len(dataset)),
+        num_workers=workers,
+        multiprocessing_context="spawn" if workers > 0 else None,
+    )
+    it = iter(loader)
+    next(it)  # workers started, store opened: not counted
+    started = time.perf_counter()
+    for _ in range(batches):
+        next(it)
+    return batches * batch_size / (time.perf_counter() - started)
+
+
+def bench_loader(settings: dict[str, Any], progress: Callable[[str], None] = print) -> dict[str, Any]:
+    """Patches per second at the paper's sizes, for each patch size and number of workers."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "paper.zarr"
+        started = time.perf_counter()
+        cases = write_paper_store(path, settings["cases"], tuple(settings["shape"]))
+        progress(
+            f"paper-size store: {len(cases)} cases of {tuple(settings['shape'])} in {time.perf_counter() - started:.0f} s"
+        )
+        stored = sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+        files = sum(1 for p in path.rglob("*") if p.is_file())
+        rates: dict[str, dict[str, float]] = {}
+        for patch in settings["patches"]:
+            rates[str(patch)] = {}
+            for workers in settings["workers"]:
+                rate = _loader_rate(str(path), cases, patch, workers, settings["batches"], 2)
+                rates[str(patch)][str(workers)] = rate
+                progress(f"  loader {patch}³, {workers} workers: {rate:.2f} patches/s")
+    voxels = len(cases) * int(np.prod(settings["shape"]))
+    return {
+        "cases": len(cases),
+        "shape": list(settings["shape"]),
+        "teachers": list(PAPER_TEACHERS),
+        "batch_size": 2,
+        "patches_per_s": rates,
+        "store_bytes_per_voxel": stored / voxels,
+        "files": files,
+    }
+
+
+# --- the run -----------------------------------------------------------------------------------------------------
+
+
+def run_bench(
+    preset_name: str,
+    out_dir: Path = Path("bench"),
+    parts: list[str] | None = None,
+    progress: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Measure every part of ``preset_name`` and write ``results-<preset>.json``, ``.md`` and ``.png`` to ``out_dir``."""
+    preset = PRESETS[preset_name]
+    parts = parts or ["steps", "store", "cache", "loader"]
+    started = time.perf_counter()
+    results: dict[str, Any] = {"preset": preset_name, "machine": machine(), "config": preset["config"]}
+    if "steps" in parts:
+        results["steps"] = bench_steps(preset, progress=progress)
+    if "store" in parts:
+        progress("store: bytes per voxel, files, encoding KL")
+        results["store"] = bench_store(preset["config"])
+    if "cache" in parts:
+        progress(f"cache stage: {preset['cache_cases']} cases")
+        results["cache"] = bench_cache_stage(preset["config"], num_cases=preset["cache_cases"])
+    if "loader" in parts:
+        results["loader"] = bench_loader(preset["loader"], progress=progress)
+    previous_gpu = out_dir / "results-gpu.json"
+    if "loader" in results:
+        results["loader"]["student_consumption"] = _consumption(results, previous_gpu)
+    results["seconds"] = time.perf_counter() - started
+    from teachcache.bench_report import write_results
+
+    write_results(results, out_dir)
+    return results
+
+
+def _consumption(results: dict[str, Any], previous_gpu: Path) -> dict[str, Any]:
+    """The student's patches per second at the paper's size: this run's on a GPU, else the GPU preset's last run."""
+    steps = results.get("steps", {}).get("runs", {})
+    if results["preset"] == "gpu" and "b" in steps:
+        run = steps["b"]
+        return {
+            "patches_per_s": run["batch_size"] / run["step_s"],
+            "from": "this run (cached TeachFormer step)",
+        }
+    if previous_gpu.exists():
+        gpu = json.loads(previous_gpu.read_text())
+        run = gpu.get("steps", {}).get("runs", {}).get("b")
+        if run:
+            return {
+                "patches_per_s": run["batch_size"] / run["step_s"],
+                "from": f"the GPU preset's last run ({gpu['machine'].get('gpu')})",
+            }
+    return {"patches_per_s": None, "from": "no GPU run yet (make bench BENCH=gpu on a machine with a GPU)"}

@@ -1,0 +1,206 @@
+"""``make bench``'s outputs: ``bench/results-<preset>.json``, a markdown table with the machine in its header, a
+PNG chart, and the preset's block in ``BENCHMARKS.md`` (between ``<!-- bench:<preset> -->`` markers; the text
+around the blocks is kept)."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+__all__ = ["TARGETS", "markdown", "write_results"]
+
+# the issue's targets, per preset: (ratio or quantity, comparison, bar)
+TARGETS: dict[str, dict[str, tuple[str, float]]] = {
+    "cpu": {"b/a": ("<=", 1.15), "c/b": (">=", 3.0), "memory b/a": ("<=", 1.1)},
+    "gpu": {"b/a": ("<=", 1.05), "c/b": (">=", 5.0), "memory b/a": ("<=", 1.1)},
+}
+STORE_TARGETS = {"softmax": 0.25, "entry": 1.0, "kl": 1e-4, "cache_overhead": 0.10, "loader_margin": 3.0}
+
+
+def _met(value: float | None, op: str, bar: float) -> str:
+    if value is None:
+        return "—"
+    ok = value <= bar if op == "<=" else value >= bar
+    return "met" if ok else "**missed**"
+
+
+def markdown(results: dict[str, Any]) -> str:
+    """The results as markdown: machine header, then one table per measurement."""
+    m = results["machine"]
+    preset = results["preset"]
+    lines = [
+        f"### `make bench BENCH={preset}` — {results.get('date', '')}",
+        "",
+        f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gb']} GB, GPU: {m['gpu'] or 'none'}. "
+        f"Python {m['python']}, torch {m['torch']}, MONAI {m['monai']}, zarr {m['zarr']}, numpy {m['numpy']}. "
+        f"Experiment: `{results['config']}`. Whole run: {results['seconds'] / 60:.1f} min.",
+        "",
+    ]
+    steps = results.get("steps")
+    if steps:
+        mem = steps["memory"]
+        mem_name = "CUDA peak allocated MB" if mem == "cuda_peak_mb" else "peak RSS MB"
+        a = steps["runs"]["a"]
+        lines += [
+            f"Training step, median of {a['steps']} after warm-up, batch {a['batch_size']}, patch "
+            f"{'×'.join(map(str, a['patch_size']))}, {a['workers']} loader workers, device {a['device']}; each in its "
+            "own process:",
+            "",
+            f"| run | distillation | ms / step (batch in memory) | ms / step with loading | {mem_name} |",
+            "|---|---|---:|---:|---:|",
+        ]
+        for label, run in steps["runs"].items():
+            lines.append(
+                f"| ({label}) | {run['kd']} ({run['source']}) | {run['step_s'] * 1e3:.1f} | "
+                f"{run['step_with_loading_s'] * 1e3:.1f} | {run[mem]:.0f} |"
+            )
+        lines += ["", "| ratio | measured | target | |", "|---|---:|---:|---|"]
+        targets = TARGETS.get(preset, {})
+        for name, value in steps["ratios"].items():
+            op, bar = targets.get(name, ("", 0.0))
+            lines.append(
+                f"| {name} | {value:.2f} | {f'{op} {bar:g}' if op else ''} | {_met(value, op, bar) if op else ''} |"
+            )
+        lines.append("")
+    store = results.get("store")
+    if store:
+        kl = store["softmax_kl"]
+        lines += [
+            f"Store ({store['cases']} cases × {len(store['teachers'])} teachers): stored bytes per case voxel per "
+            f"teacher; softmax encoding `{store['softmax_encoding']}`, KL to float32 at "
+            + ", ".join(f"{t}: {v:.1e}" for t, v in kl.items())
+            + f" ({_met(max(kl.values()), '<=', STORE_TARGETS['kl'])} ≤ 1e-4):",
+            "",
+            "| array | B / voxel / teacher |",
+            "|---|---:|",
+        ]
+        for kind, value in store["bytes_per_voxel_per_teacher"].items():
+            lines.append(f"| {kind} | {value:.3f} |")
+        entry = store["entry_bytes_per_voxel_per_teacher"]
+        softmax = store["bytes_per_voxel_per_teacher"].get("softmax")
+        lines += [
+            f"| **whole entry** | **{entry:.3f}** ({_met(entry, '<=', STORE_TARGETS['entry'])} ≤ 1) |",
+            "",
+            f"Softmax {softmax:.3f} B/voxel ({_met(softmax, '<=', STORE_TARGETS['softmax'])} ≤ 0.25). Files per case "
+            f"(images and every teacher): {store['files_per_case']:.0f}; per case per teacher "
+            f"{store['teacher_files_per_case_per_teacher']:.0f}. A HECKTOR-sized store ({store['hecktor']['cases']} "
+            f"cases of {'×'.join(map(str, store['hecktor']['shape']))}, {store['hecktor']['teachers']} teachers): "
+            f"{store['hecktor']['teacher_gb']:.1f} GB of teacher entries + {store['hecktor']['cases_gb']:.1f} GB of "
+            "images and labels (extrapolated).",
+            "",
+        ]
+    cache = results.get("cache")
+    if cache:
+        lines += [
+            f"Cache stage ({cache['cases']} cases × {cache['teachers']} teachers): `cache` took "
+            f"{cache['cache_s']:.1f} s against {cache['bare_inference_s']:.1f} s of bare sliding-window inference: "
+            f"overhead {cache['overhead'] * 100:.0f} % ({_met(cache['overhead'], '<=', STORE_TARGETS['cache_overhead'])}"
+            " ≤ 10 %). Its parts, timed one by one:",
+            "",
+            "| phase | s |",
+            "|---|---:|",
+            f"| inference with taps (and features for sketches) | {cache['inference_with_taps_s']:.1f} |",
+            f"| sketches (PCA, relation errors) | {cache['sketches_s']:.1f} |",
+            f"| encode + compress + write | {cache['encode_write_s']:.1f} |",
+            f"| bare inference, for reference | {cache['bare_inference_s']:.1f} |",
+            "",
+        ]
+    loader = results.get("loader")
+    if loader:
+        consumption = loader.get("student_consumption", {})
+        rate = consumption.get("patches_per_s")
+        workers = sorted({w for r in loader["patches_per_s"].values() for w in r}, key=int)
+        lines += [
+            f"Patch loader at the paper's sizes: {loader['cases']} cases of {'×'.join(map(str, loader['shape']))}, "
+            f"teachers {', '.join(loader['teachers'])} with every array TeachFormer, relation and MSKD read "
+            f"({loader['store_bytes_per_voxel']:.2f} B/voxel stored, {loader['files']} files), batch "
+            f"{loader['batch_size']}; patches per second:",
+            "",
+            "| patch | " + " | ".join(f"{w} workers" for w in workers) + " |",
+            "|---|" + "---:|" * len(workers),
+        ]
+        for patch, by_workers in loader["patches_per_s"].items():
+            lines.append(f"| {patch}³ | " + " | ".join(f"{by_workers[w]:.2f}" for w in workers) + " |")
+        lines += [
+            "",
+            "Student consumption at that size: "
+            + (
+                f"{rate:.2f} patches/s, from {consumption['from']}."
+                if rate
+                else f"unknown: {consumption['from']}."
+            )
+            + " Target: the loader ≥ 3× the consumption with the default workers.",
+            "",
+        ]
+    return "\n".join(lines)
+
+
+def _chart(results: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [p for p in ("steps", "loader") if p in results]
+    if not panels:
+        return
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4), squeeze=False)
+    for ax, panel in zip(axes[0], panels, strict=True):
+        if panel == "steps":
+            runs = results["steps"]["runs"]
+            labels = [f"({k}) {r['kd']}\n{r['source']}" for k, r in runs.items()]
+            ax.bar(
+                labels, [r["step_s"] * 1e3 for r in runs.values()], color="tab:blue", label="batch in memory"
+            )
+            ax.scatter(
+                labels,
+                [r["step_with_loading_s"] * 1e3 for r in runs.values()],
+                color="k",
+                label="with loading",
+            )
+            ax.set_ylabel("ms / training step (median)")
+            ax.set_title("training step")
+            ax.tick_params(axis="x", labelsize=7)
+            ax.legend()
+        else:
+            rates = results["loader"]["patches_per_s"]
+            width = 0.8 / len(rates)
+            for i, (patch, by_workers) in enumerate(rates.items()):
+                xs = [int(w) + i * width for w in by_workers]
+                ax.bar(xs, list(by_workers.values()), width=width, label=f"{patch}³")
+            consumption = results["loader"].get("student_consumption", {}).get("patches_per_s")
+            if consumption:
+                ax.axhline(3 * consumption, color="r", ls="--", label="3× student consumption")
+            ax.set_xlabel("loader workers")
+            ax.set_ylabel("patches / s")
+            ax.set_title("paper-size patch loader")
+            ax.legend()
+    fig.suptitle(f"make bench BENCH={results['preset']} — {results['machine']['cpu']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_results(
+    results: dict[str, Any], out_dir: Path, benchmarks: Path | None = Path("BENCHMARKS.md")
+) -> None:
+    """Write the JSON, markdown and PNG of one run, and replace its preset's block in ``benchmarks``."""
+    results.setdefault("date", time.strftime("%Y-%m-%d"))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    preset = results["preset"]
+    (out_dir / f"results-{preset}.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+    table = markdown(results)
+    (out_dir / f"results-{preset}.md").write_text(table + "\n")
+    _chart(results, out_dir / f"results-{preset}.png")
+    if benchmarks is None:
+        return
+    block = f"<!-- bench:{preset} -->\n{table}\n\n![make bench BENCH={preset}]({out_dir.as_posix()}/results-{preset}.png)\n<!-- /bench:{preset} -->"
+    text = benchmarks.read_text() if benchmarks.exists() else "# Benchmarks\n"
+    pattern = re.compile(rf"<!-- bench:{preset} -->.*?<!-- /bench:{preset} -->", re.S)
+    text = (
+        pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
+    )
+    benchmarks.write_text(text)
