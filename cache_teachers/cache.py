@@ -16,12 +16,14 @@ kill-and-resume test interrupts the store at a known point. Each dask worker pro
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import platform
 import signal
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from importlib.metadata import version
 from typing import Any
@@ -139,7 +141,9 @@ def _entry_device(cfg: Config) -> torch.device:
 def compute_entry(cfg: Config, teacher_name: str, fold: int | None, case_id: str, sha: str) -> str:
     """Compute one teacher's outputs for one case and write them as a complete store entry.
 
-    Runs in the calling process or on a dask worker; either way it opens the store itself.
+    Runs in the calling process or on a dask worker; either way it opens the store itself. (The in-process loop of
+    :func:`cache_teachers` instead calls :func:`prepare_entry` and writes each entry on a writer thread while the
+    teacher runs on the next case.)
 
     Args:
         cfg: the experiment.
@@ -155,6 +159,14 @@ def compute_entry(cfg: Config, teacher_name: str, fold: int | None, case_id: str
         StoreError: the store cannot be written (full disk, read-only destination); entries already complete
             are untouched and this one stays incomplete, so re-running resumes.
     """
+    prepare_entry(cfg, teacher_name, fold, case_id, sha)()
+    return case_id
+
+
+def prepare_entry(
+    cfg: Config, teacher_name: str, fold: int | None, case_id: str, sha: str
+) -> Callable[[], None]:
+    """Run the teacher on one case (inference, taps, sketches) and return the call that writes the entry."""
     teacher = _bound(cfg, teacher_name, fold)
     device = _entry_device(cfg)
     store = _process_store(cfg)
@@ -173,6 +185,21 @@ def compute_entry(cfg: Config, teacher_name: str, fold: int | None, case_id: str
     _check_finite_outputs(out, teacher.name, case_id)
     sketches = _sketches(out, k, cfg.store.feature_sketch_stride) if k is not None else None
     key = entry_key(cfg, teacher, sha, store)
+    return functools.partial(_write_entry, cfg, store, teacher, fold, case_id, sha, out, sketches, key)
+
+
+def _write_entry(
+    cfg: Config,
+    store: TeacherStore,
+    teacher: TeacherConfig,
+    fold: int | None,
+    case_id: str,
+    sha: str,
+    out: dict[str, np.ndarray],
+    sketches: dict[str, tuple[np.ndarray, np.ndarray, dict[str, Any]]] | None,
+    key: dict[str, Any],
+) -> None:
+    k = cfg.store.feature_sketch_channels
     try:
         store.write_entry(
             teacher.store_key(fold or 0),
@@ -195,7 +222,6 @@ def compute_entry(cfg: Config, teacher_name: str, fold: int | None, case_id: str
             "complete entries are kept"
         ) from None
     _ENTRIES_WRITTEN[0] += 1
-    return case_id
 
 
 def _check_finite_outputs(out: dict[str, np.ndarray], teacher: str, case_id: str) -> None:
@@ -451,8 +477,17 @@ def _cache_locked(
             store.write_teacher_metadata(key, provenance)
             label = f"caching {key}"
             if client is None:
-                for case_id in track(todo, label, enabled=progress):
-                    compute_entry(cfg, teacher.name, fold, case_id, sha)
+                # one writer thread: case i is encoded and written while the teacher runs on case i + 1 (at most one
+                # entry waits, so memory stays at two cases' outputs); a write error surfaces at the next case
+                with ThreadPoolExecutor(max_workers=1, thread_name_prefix="teachcache-writer") as writer:
+                    pending: Future | None = None
+                    for case_id in track(todo, label, enabled=progress):
+                        write = prepare_entry(cfg, teacher.name, fold, case_id, sha)
+                        if pending is not None:
+                            pending.result()
+                        pending = writer.submit(write)
+                    if pending is not None:
+                        pending.result()
                 release_process_state()
             else:
                 from distributed import as_completed

@@ -1,0 +1,103 @@
+"""``make bench``: each measurement runs the code users run, and reports what it measured."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from teachcache.bench import PAPER_TEACHERS, _time_steps, bench_loader, machine, write_paper_store
+from teachcache.bench_report import write_results
+from teachcache.cli import app
+from tests.conftest import derived_config
+
+runner = CliRunner()
+
+
+def test_the_paper_store_carries_every_array_the_recipes_read(tmp_path):
+    """Patches of the paper-size store carry softmax, maps, sketches and bases; features rebuild on the device."""
+    from core.data.patches import PatchDataset, TargetRequest, targets_from_batch
+
+    path = tmp_path / "paper.zarr"
+    cases = write_paper_store(path, 1, (64, 64, 64), sketch_channels=4)
+    teachers = tuple(f"{n}/all_folds" for n in PAPER_TEACHERS)
+    request = TargetRequest(teachers, 2.0, softmax=True, attention=True, sketches=True, features=True)
+    item = PatchDataset(path, cases, (32, 32, 32), length=2, targets=request)[0]
+    for name, width in PAPER_TEACHERS.items():
+        key = f"{name}/all_folds"
+        assert item[f"softmax/{key}"].shape == (2, 32, 32, 32)
+        assert torch.allclose(item[f"softmax/{key}"].sum(0), torch.ones(32, 32, 32), atol=1e-4)
+        assert item[f"fine/{key}"].shape == (1, 16, 16, 16)
+        assert item[f"fine_sketch/{key}"].shape == (4, 8, 8, 8), "the fine sketch is stored at stride 4"
+        assert item[f"fine_basis/{key}"].shape == (width, 4)
+    batch = {k: v[None] for k, v in item.items()}
+    targets = targets_from_batch(batch, request, torch.device("cpu"))
+    assert targets["fine_features"]["unetr/all_folds"].shape == (1, 768, 8, 8, 8)
+
+
+def test_the_loader_is_measured_per_patch_size_and_workers(tmp_path):
+    settings = {"cases": 1, "shape": (64, 64, 64), "patches": (32,), "workers": (0,), "batches": 2}
+    result = bench_loader(settings, progress=lambda _: None)
+    assert set(result["patches_per_s"]) == {"32"} and result["patches_per_s"]["32"]["0"] > 0
+    assert result["files"] > 0 and result["store_bytes_per_voxel"] > 0
+
+
+@pytest.mark.parametrize("kd,source", [("none", "cache"), (None, "cache"), (None, "online")])
+def test_a_training_step_is_timed_as_training_runs_it(trained, kd, source):
+    """The step timer builds the run as `make distil` does (cached or online targets) and times train_step."""
+    from cache_teachers import cache_teachers
+
+    root, data = trained
+    cfg, path = derived_config(root, data, "bench_steps")
+    from cache_teachers import preprocess_dataset
+
+    preprocess_dataset(cfg, progress=False)
+    cache_teachers(cfg, progress=False)
+    result = _time_steps(str(path), 0, kd, source, 3, 1)
+    expected = (
+        "kd-none"
+        if kd == "none"
+        else f"kd-{cfg.distillation.kind}" + ("-online" if source == "online" else "")
+    )
+    assert result["kd"] == expected and result["steps"] == 3
+    assert 0 < result["step_s"] <= result["step_with_loading_s"]
+    assert result["peak_rss_mb"] >= result["rss_before_run_mb"] > 0
+
+
+def test_results_replace_only_their_preset_block(tmp_path):
+    settings = {"cases": 1, "shape": (64, 64, 64), "patches": (32,), "workers": (0,), "batches": 1}
+    results = {
+        "preset": "cpu",
+        "machine": machine(),
+        "config": "configs/demo.yaml",
+        "loader": bench_loader(settings, progress=lambda _: None),
+        "seconds": 1.0,
+    }
+    results["loader"]["student_consumption"] = {"patches_per_s": None, "from": "no GPU run yet"}
+    benchmarks = tmp_path / "BENCHMARKS.md"
+    benchmarks.write_text(
+        "# Benchmarks\n\nhand-written analysis\n\n<!-- bench:gpu -->\nold gpu\n<!-- /bench:gpu -->\n"
+    )
+    for _ in range(2):
+        write_results(results, tmp_path / "bench", benchmarks)
+    text = benchmarks.read_text()
+    assert "hand-written analysis" in text and "old gpu" in text
+    assert text.count("<!-- bench:cpu -->") == 1 and "Patch loader at the paper's sizes" in text
+    stored = json.loads((tmp_path / "bench" / "results-cpu.json").read_text())
+    assert stored["loader"]["patches_per_s"]["32"]["0"] == pytest.approx(
+        results["loader"]["patches_per_s"]["32"]["0"]
+    )
+    assert (tmp_path / "bench" / "results-cpu.png").stat().st_size > 0
+    assert np.isfinite(stored["seconds"])
+
+
+@pytest.mark.parametrize(
+    "args,needle",
+    [(["--preset", "tpu"], "unknown bench preset 'tpu'"), (["--part", "gpus"], "unknown bench part")],
+)
+def test_bad_bench_arguments_are_one_message(args, needle):
+    result = runner.invoke(app, ["bench", *args])
+    assert result.exit_code == 2 and needle in result.output and "Traceback" not in result.output
