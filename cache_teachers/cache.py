@@ -464,6 +464,7 @@ def _cache_locked(
         plans.append((teacher, fold, key, ckpt.meta, sha, todo))
         del ckpt
 
+    store.drop_consolidated()  # rebuilt by store.consolidate() below
     summary = CacheSummary()
     client = _client(workers, scheduler) if (workers or scheduler) else None
     try:

@@ -137,6 +137,7 @@ def _write_store(
             "store's folds: point splits.file at the splits the store was made with, or rebuild the store with "
             "--overwrite"
         )
+    store.drop_consolidated()  # rebuilt by store.consolidate() below
     pipeline = build_preprocessing(cfg.preprocessing, ds.channel_names)
     written = 0
     for index, case in enumerate(track(ds.cases, "preprocessing", enabled=progress)):

@@ -328,6 +328,7 @@ def bench_cache_stage(config: str, fold: int = 0) -> dict[str, Any]:
         (scratch / "teachers").mkdir()
         shutil.copy(Path(store.location) / "teachers" / "zarr.json", scratch / "teachers" / "zarr.json")
         write_store = TeacherStore.open(scratch, mode="a", chunk_size=cfg.store.chunk_size)
+        write_store.drop_consolidated()  # as `cache` does before it writes
         for teacher in (t.for_fold(fold) for t in cfg.distilled_teachers()):
             model, _ = build_from_checkpoint(
                 teacher.checkpoint,
@@ -477,6 +478,8 @@ def _loader_rate(
         features=True,
     )
     dataset = PatchDataset(path, cases, (patch,) * 3, length=(batches + 1) * batch_size, targets=request)
+    # 4 workers on a 2-core machine is the point of the measurement, not a mistake: no warning
+    warnings.filterwarnings("ignore", message=".*worker processes in total.*")
     loader = DataLoader(
         dataset,
         batch_size=batch_size,

@@ -313,3 +313,28 @@ def test_sketch_is_stored_within_half_a_quantisation_step(trained, dtype):
         assert np.all(np.abs(read - fine) <= step[:, None, None, None] / 2 * 1.0001)
     else:
         assert np.array_equal(read, fine.astype(np.float16).astype(np.float32))
+
+
+def test_cache_writes_without_consolidated_metadata_and_consolidates_after(trained, monkeypatch):
+    # zarr re-reads the root zarr.json for every array it creates: with the store's consolidated metadata in it, each
+    # creation parsed megabytes of JSON (0.6 s per demo entry, growing with the store)
+    import json
+
+    cfg, _ = _cached(trained, "consolidated")
+    root_json = Path(cfg.store.path) / "zarr.json"
+    assert "consolidated_metadata" in json.loads(root_json.read_text())  # preprocess consolidated
+    seen = []
+    write_entry = TeacherStore.write_entry
+
+    def spy(self, *args, **kwargs):
+        seen.append(json.loads(root_json.read_text()).get("consolidated_metadata"))
+        return write_entry(self, *args, **kwargs)
+
+    monkeypatch.setattr(TeacherStore, "write_entry", spy)
+    cache_teachers(cfg, names=["dynunet"], progress=False)
+    assert seen and all(meta is None for meta in seen)
+    after = json.loads(root_json.read_text())
+    assert after["attributes"]["teachcache"] == TeacherStore.open(cfg.store.path).metadata
+    listed = after["consolidated_metadata"]["metadata"]
+    first = TeacherStore.open(cfg.store.path).case_ids()[0]
+    assert f"teachers/dynunet/all_folds/{first}/softmax" in listed
