@@ -108,6 +108,8 @@ class ArrayInfo:
     chunks: tuple[int, ...]
     codecs: str
     stored_bytes: int
+    shards: tuple[int, ...] | None = None
+    raw_bytes: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -115,8 +117,10 @@ class ArrayInfo:
             "shape": list(self.shape),
             "dtype": self.dtype,
             "chunks": list(self.chunks),
+            "shards": list(self.shards) if self.shards else None,
             "codecs": self.codecs,
             "stored_bytes": self.stored_bytes,
+            "raw_bytes": self.raw_bytes,
         }
 
 
@@ -229,6 +233,16 @@ class TeacherStore:
             # "a" would create a missing group: an existing store is opened read-write, nothing is made here
             group = _open_group(location, mode="r+" if mode == "a" else mode, use_consolidated=False)
         except (FileNotFoundError, zarr.errors.GroupNotFoundError):
+            local = (
+                None
+                if "://" in location and not location.startswith("file://")
+                else Path(location.removeprefix("file://"))
+            )
+            if local is not None and local.exists():
+                raise StoreError(
+                    f"{location} is not a TeachCache store (no Zarr group there): pass the store's path (the "
+                    "`.zarr` folder that store.path names), or run `make cache` to create one"
+                ) from None
             raise StoreError(
                 f"no store at {location}: run `make cache` (teachcache preprocess, then teachcache cache) first"
             ) from None
@@ -644,6 +658,17 @@ class TeacherStore:
             if self.has_entry(teacher, c)
         }
 
+    def lazy(self, path: str) -> Any:
+        """A lazy dask array of one array of the store (``cases/<case>/image``, ``teachers/<t>/<case>/fine``, ...),
+        chunked as stored; nothing is read until computed."""
+        import dask.array as da
+
+        return da.from_zarr(self._array(path))
+
+    def entry_encoding(self, teacher: str, case_id: str) -> SoftmaxEncoding:
+        """The softmax encoding of one entry (decodes its stored ``softmax`` array)."""
+        return self._entry_encoding(teacher, case_id)
+
     # ------------------------------------------------------------------ inspection
     def array_infos(self) -> list[ArrayInfo]:
         """Every array in the store with its shape, dtype, chunks, codecs and stored bytes."""
@@ -771,9 +796,16 @@ def _is_empty_group(location: str) -> bool:
 
 
 def _info(path: str, arr: zarr.Array) -> ArrayInfo:
-    codecs = ", ".join(type(c).__name__.replace("Codec", "") for c in arr.compressors) or "none"
+    names = [type(c).__name__.replace("Codec", "") for c in (*arr.filters, *arr.compressors)]
     return ArrayInfo(
-        path, tuple(arr.shape), str(arr.dtype), tuple(arr.chunks), codecs, int(arr.nbytes_stored())
+        path,
+        tuple(arr.shape),
+        str(arr.dtype),
+        tuple(arr.chunks),
+        ", ".join(names) or "none",
+        int(arr.nbytes_stored()),
+        tuple(arr.shards) if arr.shards else None,
+        int(arr.nbytes),
     )
 
 

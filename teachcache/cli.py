@@ -16,6 +16,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from core.errors import TeachCacheError
@@ -48,7 +49,7 @@ def user_errors(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except TeachCacheError as exc:
-            err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
             raise typer.Exit(code=exc.exit_code) from None
 
     return wrapper  # type: ignore[return-value]
@@ -274,7 +275,7 @@ def _one_line_warnings() -> Iterator[None]:
 
     def show(message, category, filename, lineno, file=None, line=None) -> None:  # type: ignore[no-untyped-def]
         if issubclass(category, ours):
-            err.print(f"[bold yellow]warning:[/] {message}", highlight=False, soft_wrap=True)
+            err.print(f"[bold yellow]warning:[/] {escape(str(message))}", highlight=False, soft_wrap=True)
         else:
             shown(message, category, filename, lineno, file, line)
 
@@ -340,7 +341,7 @@ def verify(
         )
     else:
         for problem in result["problems"]:
-            err.print(f"[red]problem:[/] {problem}", highlight=False, soft_wrap=True)
+            err.print(f"[red]problem:[/] {escape(str(problem))}", highlight=False, soft_wrap=True)
         err.print(f"{len(result['problems'])} problem(s) in {store}")
     if not as_json:
         for note in _verify_notes(result, config is not None):
@@ -374,13 +375,27 @@ def _bytes(n: int) -> str:
 @user_errors
 def inspect(
     store: Annotated[str, typer.Argument(help="Store path or URL.")],
+    teacher: Annotated[
+        str | None,
+        typer.Option("--teacher", "-t", help="Only this teacher (name or copy), with its provenance."),
+    ] = None,
+    case: Annotated[str | None, typer.Option("--case", help="Only this case's arrays.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
 ) -> None:
-    """Show a store's teachers, cases and arrays (shapes, dtypes, chunks, codecs, stored bytes)."""
+    """Show a store's teachers, cases and arrays (shapes, dtypes, chunks, shards, codecs, stored vs raw bytes) and
+    each teacher's provenance."""
     from core.inspection import describe_store
     from core.store import TeacherStore
+    from core.views import resolve_case, resolve_teachers
 
-    info = describe_store(TeacherStore.open(store))
+    opened = TeacherStore.open(store)
+    keys = None
+    if teacher is not None:  # a copy, or a name: every copy of it (one per fold)
+        keys = [k for k in opened.teacher_keys() if teacher in (k, k.split("/")[0])]
+        keys = keys or resolve_teachers(opened, [teacher])  # none: the error naming the cached teachers
+    if case is not None:
+        resolve_case(opened, case)
+    info = describe_store(opened, teachers=keys, case=case)
     if as_json:
         sys.stdout.write(json.dumps(info, indent=2) + "\n")
         return
@@ -388,7 +403,7 @@ def inspect(
     out.print(
         f"[bold]{info['store']}[/] (format {info['format_version']}): {ds['name']}, {len(info['cases'])} cases, "
         f"channels {', '.join(ds['channel_names'])}, classes {', '.join(ds['class_names'])}, "
-        f"{_bytes(info['stored_bytes'])} stored"
+        f"{_bytes(info['stored_bytes'])} stored of {_bytes(info['raw_bytes'])} raw"
     )
     t = Table(title="teachers")
     for col in ("teacher", "arch", "trained on fold", "complete", "checkpoint sha256", "cache s"):
@@ -403,25 +418,43 @@ def inspect(
             str(row["cache_seconds"] or "—"),
         )
     out.print(t)
-    cs = Table(title="cases")
-    for col in ("case", "shape", "teachers cached"):
-        cs.add_column(col)
-    for c in info["cases"]:
-        cached = f"{len(c['teachers_complete'])}/{len(info['teachers'])}"
-        cs.add_row(c["case_id"], "×".join(map(str, c["shape"])), cached)
-    out.print(cs)
-    case = info["cases"][0]["case_id"] if info["cases"] else None
-    a = Table(title=f"arrays of case {case} (--json lists every case)")
-    for col in ("owner", "array", "shape", "dtype", "chunks", "codecs", "stored"):
+    if teacher is not None:
+        for row in info["teachers"]:
+            out.print(f"[bold]provenance of {row['name']}[/]")
+            out.print_json(json.dumps(row["provenance"]))
+    if case is None:
+        cs = Table(title="cases")
+        for col in ("case", "shape", "teachers cached"):
+            cs.add_column(col)
+        for c in info["cases"]:
+            cached = f"{len(c['teachers_complete'])}/{len(info['teachers'])}"
+            cs.add_row(c["case_id"], "×".join(map(str, c["shape"])), cached)
+        out.print(cs)
+    shown = case or (info["cases"][0]["case_id"] if info["cases"] else None)
+    a = Table(
+        title=f"arrays of case {shown}" + ("" if case else " (--case C for another, --json for every case)")
+    )
+    for col in ("owner", "array", "shape", "dtype", "chunks", "shards", "codecs", "stored", "raw"):
         a.add_column(col, overflow="fold")
     for arr in info["arrays"]:
         parts = arr["path"].split("/")
-        if case not in parts:
+        if shown not in parts:
             continue
-        owner = "case" if parts[0] == "cases" else parts[1]
+        owner = "case" if parts[0] == "cases" else "/".join(parts[1:3])
         shape = "×".join(map(str, arr["shape"]))
         chunks = "×".join(map(str, arr["chunks"]))
-        a.add_row(owner, parts[-1], shape, arr["dtype"], chunks, arr["codecs"], _bytes(arr["stored_bytes"]))
+        shards = "×".join(map(str, arr["shards"])) if arr["shards"] else "—"
+        a.add_row(
+            owner,
+            parts[-1],
+            shape,
+            arr["dtype"],
+            chunks,
+            shards,
+            arr["codecs"],
+            _bytes(arr["stored_bytes"]),
+            _bytes(arr["raw_bytes"]),
+        )
     out.print(a)
 
 
@@ -691,3 +724,6 @@ def _bench_prepare(config: Path, random_teachers: bool, quiet: bool) -> None:
         out.print(
             f"bench: cached fold 0's teachers first ({sum(summary.written.values())} entries; not timed)"
         )
+
+
+from teachcache import cli_look  # noqa: E402, F401  (registers ls, show, export, view, stats, diff)

@@ -164,8 +164,25 @@ def test_stale_store_and_bad_checkpoint_are_refused(cached, tmp_path):
 
 def test_help_lists_every_command():
     out = run("--help")
-    for command in ("synth", "preprocess", "teachers", "cache", "distil", "inspect", "report"):
+    for command in ("synth", "preprocess", "teachers", "cache", "distil", "inspect", "report", "ls", "show", "export",
+                    "view", "stats", "diff"):  # fmt: skip
         assert command in out
+
+
+def test_looking_at_a_real_cache_show_export_stats(cached, tmp_path):
+    """The inspection commands on a store the teachers themselves wrote (tests/test_look.py pins their numbers)."""
+    import nibabel as nib
+
+    store = load_config(cached).store.path
+    case = TeacherStore.open(store).case_ids()[0]
+    assert "teachers" in run("show", store, case, "-o", str(tmp_path / "case.png"))
+    assert (tmp_path / "case.png").stat().st_size > 20_000
+    run("export", store, case, "-t", "swin", "-w", "probs", "--original", "-o", str(tmp_path / "p.nii.gz"))
+    raw = TeacherStore.open(store).case_attrs(case)["source_files"][0]
+    assert nib.load(tmp_path / "p.nii.gz").shape == nib.load(raw).shape[:3]  # on the raw image's grid
+    stats = json.loads(run("stats", store, "--json", "-q", "-o", str(tmp_path / "stats")))
+    assert {r["teacher"] for r in stats["teachers"]} == {"unetr", "swin", "dynunet"}
+    assert all(0.0 <= r["dice"] <= 1.0 and r["cases"] == 6 for r in stats["teachers"])
 
 
 def test_student_checkpoint_loads_into_a_fresh_model(cached):
