@@ -7,7 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from core.config import Config
-from core.data.layout import RawDataset, read_raw_dataset
+from core.data.layout import RawDataset
+from core.data.layouts import read_dataset
 from core.data.preprocessing import build_preprocessing, foreground_locations, preprocess_case
 from core.data.splits import load_splits, make_splits, splits_difference, write_splits
 from core.errors import StoreError, TeachCacheError
@@ -40,13 +41,19 @@ def preprocess_dataset(cfg: Config, overwrite: bool = False, progress: bool = Tr
             store records other folds than the config's splits.
     """
     started = time.perf_counter()
-    ds = read_raw_dataset(cfg.dataset.raw_dir)
+    ds = read_dataset(cfg.dataset)
     case_ids = [c.case_id for c in ds.cases]
+    patients = {c.case_id: c.patient or c.case_id for c in ds.cases}
     split_file = splits_path(cfg)
+    shipped = (
+        Path(cfg.dataset.raw_dir) / "splits_final.json"
+    )  # an nnU-Net dataset's own folds, used as they are
+    if cfg.splits.file is None and not split_file.is_file() and shipped.is_file():
+        split_file = shipped
     if cfg.splits.file is not None or split_file.is_file():
-        splits, source = load_splits(split_file, case_ids), str(split_file)
+        splits, source = load_splits(split_file, case_ids, patients), str(split_file)
     else:
-        splits = make_splits(case_ids, cfg.splits.num_folds, cfg.splits.seed)
+        splits = make_splits(case_ids, cfg.splits.num_folds, cfg.splits.seed, patients)
         source = f"splits.num_folds={cfg.splits.num_folds}, splits.seed={cfg.splits.seed}"
 
     store_path = cfg.store.path
@@ -138,12 +145,13 @@ def _write_store(
             "--overwrite"
         )
     store.drop_consolidated()  # rebuilt by store.consolidate() below
-    pipeline = build_preprocessing(cfg.preprocessing, ds.channel_names)
+    files = len(ds.cases[0].images) if ds.cases else len(ds.channel_names)
+    pipeline = build_preprocessing(cfg.preprocessing, ds.channel_names, files, ds.binarise_label)
     written = 0
     for index, case in enumerate(track(ds.cases, "preprocessing", enabled=progress)):
         if store.has_case(case.case_id) and not store.missing_chunks(f"cases/{case.case_id}"):
             continue
-        pc = preprocess_case(pipeline, case, ds.num_classes)
+        pc = preprocess_case(pipeline, case, ds.num_classes, ds.binarise_label, ds.allow_empty_labels)
         store.write_case(
             case.case_id,
             pc.image,

@@ -67,10 +67,19 @@ class SyntheticConfig(_Strict):
 
 
 class DatasetConfig(_Strict):
-    """Where the raw dataset (nnU-Net v2 raw layout) lives."""
+    """Where the raw dataset lives, and in which layout (docs/datasets.md).
+
+    ``nnunet``: nnU-Net v2 raw (``imagesTr/CASE_0000.nii.gz``, ``labelsTr/``, ``dataset.json``); ``msd``: Medical
+    Segmentation Decathlon (``dataset.json`` with a ``training`` list, 4-D images); ``hecktor``: HECKTOR 2021
+    (``<PID>_ct.nii.gz``, ``<PID>_pt.nii.gz``, ``<PID>_gtvt.nii.gz``, ``bbox.csv``); ``picai``: PI-CAI 2022
+    (``<patient>/<patient>_<study>_{t2w,adc,hbv}.mha``, masks under ``labels_dir``).
+    """
 
     raw_dir: Path
     synthetic: SyntheticConfig | None = None
+    layout: Literal["nnunet", "msd", "hecktor", "picai"] = "nnunet"
+    labels_dir: Path | None = None  # picai: the picai_labels folder (or its human_expert/resampled folder)
+    bbox_file: Path | None = None  # hecktor: default <raw_dir>/bbox.csv
 
 
 class PreprocessingConfig(_Strict):
@@ -86,6 +95,11 @@ class PreprocessingConfig(_Strict):
     crop_margin: int = Field(4, ge=0)
     size_divisor: int = Field(32, ge=1)
     min_size: Triple = (32, 32, 32)
+    # modalities on other grids are resampled onto this channel's grid (MONAI ResampleToMatch)
+    reference_channel: int = Field(0, ge=0)
+    # per modality name: "ct" (clip to ct_window, scale to [0, 1]), "zscore", or "none" (e.g. PET kept in SUV);
+    # a channel not named here: "ct" if it is called CT, else "zscore" (as nnU-Net)
+    normalization: dict[str, Literal["ct", "zscore", "none"]] = Field(default_factory=dict)
 
     @field_validator("target_spacing")
     @classmethod
@@ -345,7 +359,12 @@ class Config(_Strict):
 
     def preprocessing_hash(self) -> str:
         """SHA-256 of the canonical JSON of ``preprocessing`` (everything that shapes the cached volumes)."""
-        payload = json.dumps(self.preprocessing.model_dump(mode="json"), sort_keys=True)
+        dump = self.preprocessing.model_dump(mode="json")
+        # settings added after stores existed count only when set, so those stores stay valid
+        for key, default in (("reference_channel", 0), ("normalization", {})):
+            if dump.get(key) == default:
+                dump.pop(key, None)
+        payload = json.dumps(dump, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()
 
     def teacher(self, name: str) -> TeacherConfig:

@@ -50,7 +50,7 @@ def _ensemble(cfg: Config, folds: list[int]) -> dict[str, tuple[float, float]]:
     cached class distributions averaged with equal weights, read from the store (the teachers distilled on each fold,
     as stage 2 reads them). Scored like the runs' headlines: in the original geometry when the raw dataset the store
     was made from is at hand, else on the preprocessed grid. Folds whose teachers are not all cached are left out."""
-    from core.data.layout import read_raw_dataset
+    from core.data.layouts import read_dataset
     from core.experiment import fold_split, open_store_for
     from core.geometry import original_label, original_spacing, to_original_geometry
     from core.metrics import dice_per_class, hd95_per_class
@@ -60,10 +60,7 @@ def _ensemble(cfg: Config, folds: list[int]) -> dict[str, tuple[float, float]]:
     except TeachCacheError:
         return {}
     try:
-        original = (
-            read_raw_dataset(cfg.dataset.raw_dir).manifest_hash()
-            == store.metadata["dataset"]["manifest_hash"]
-        )
+        original = read_dataset(cfg.dataset).manifest_hash() == store.metadata["dataset"]["manifest_hash"]
     except (TeachCacheError, OSError):
         original = False
     teachers = cfg.distilled_teachers()

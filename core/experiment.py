@@ -176,11 +176,11 @@ def raw_dataset_status(cfg: Config, store: TeacherStore) -> str:
     Returns:
         ``"matches"``, ``"differs"`` (warned), or ``"unavailable"`` (no readable dataset at ``dataset.raw_dir``).
     """
-    from core.data.layout import read_raw_dataset
+    from core.data.layouts import read_dataset
     from core.errors import DatasetError
 
     try:
-        current = read_raw_dataset(cfg.dataset.raw_dir).manifest_hash()
+        current = read_dataset(cfg.dataset).manifest_hash()
     except (DatasetError, OSError):
         return "unavailable"
     if current == store.metadata["dataset"]["manifest_hash"]:

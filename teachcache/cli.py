@@ -73,6 +73,14 @@ def synth(config: ConfigOption = DEFAULT_CONFIG, quiet: QuietOption = False) -> 
     from core.errors import DatasetError
 
     cfg = _load(config)
+    if cfg.dataset.synthetic is None and cfg.dataset.layout in ("hecktor", "picai"):
+        from core.data.layouts import read_dataset
+
+        ds = read_dataset(
+            cfg.dataset
+        )  # the layout's own files (no dataset.json): one message if they are not there
+        out.print(f"using the {ds.layout} dataset at {cfg.dataset.raw_dir}: {len(ds.cases)} cases")
+        return
     if cfg.dataset.synthetic is None:
         if (cfg.dataset.raw_dir / "dataset.json").is_file():
             out.print(
@@ -434,26 +442,24 @@ def inspect(
     a = Table(
         title=f"arrays of case {shown}" + ("" if case else " (--case C for another, --json for every case)")
     )
-    for col in ("owner", "array", "shape", "dtype", "chunks", "shards", "codecs", "stored", "raw"):
-        a.add_column(col, overflow="fold")
+    for col in ("owner", "array", "shape", "dtype", "chunks (shards)", "codecs", "stored / raw"):
+        a.add_column(col, overflow="fold", no_wrap=col == "array")
     for arr in info["arrays"]:
         parts = arr["path"].split("/")
         if shown not in parts:
             continue
         owner = "case" if parts[0] == "cases" else "/".join(parts[1:3])
-        shape = "×".join(map(str, arr["shape"]))
         chunks = "×".join(map(str, arr["chunks"]))
-        shards = "×".join(map(str, arr["shards"])) if arr["shards"] else "—"
+        if arr["shards"]:
+            chunks += f" ({'×'.join(map(str, arr['shards']))})"
         a.add_row(
             owner,
             parts[-1],
-            shape,
+            "×".join(map(str, arr["shape"])),
             arr["dtype"],
             chunks,
-            shards,
             arr["codecs"],
-            _bytes(arr["stored_bytes"]),
-            _bytes(arr["raw_bytes"]),
+            f"{_bytes(arr['stored_bytes'])} / {_bytes(arr['raw_bytes'])}",
         )
     out.print(a)
 
@@ -726,4 +732,4 @@ def _bench_prepare(config: Path, random_teachers: bool, quiet: bool) -> None:
         )
 
 
-from teachcache import cli_look  # noqa: E402, F401  (registers ls, show, export, view, stats, diff)
+from teachcache import cli_dataset, cli_look  # noqa: E402, F401  (register ls, show, export, view, stats, diff, dataset)

@@ -111,16 +111,36 @@ _RESERVED = frozenset({"zarr.json", ".zarray", ".zgroup", ".zattrs"})
 
 @dataclass(frozen=True)
 class CaseFiles:
-    """The files of one case: images in channel order, and its label."""
+    """The files of one case: images in channel order, and its label.
+
+    Attributes:
+        patient: the patient the case belongs to, where a layout has several studies per patient (PI-CAI): splits
+            keep a patient's studies on one side of every fold. ``None``: the case is its own patient.
+        box: a region to crop before anything else, in RAS world mm ``(x0, x1, y0, y1, z0, z1)`` (HECKTOR's
+            ``bbox.csv``); ``None``: the whole image.
+        channels_in_file: ``images`` is one 4-D file holding every channel (Medical Segmentation Decathlon).
+    """
 
     case_id: str
     images: tuple[Path, ...]
     label: Path
+    patient: str | None = None
+    box: tuple[float, float, float, float, float, float] | None = None
+    channels_in_file: bool = False
 
 
 @dataclass(frozen=True)
 class RawDataset:
-    """A validated nnU-Net v2 raw dataset."""
+    """A validated raw dataset (nnU-Net v2 raw, or another layout read by :mod:`core.data.layouts`).
+
+    Attributes:
+        layout: ``nnunet``, ``msd``, ``hecktor`` or ``picai``.
+        binarise_label: label values ≥ 1 are one foreground class (PI-CAI's lesion grades).
+        allow_empty_labels: a case without foreground is valid (nnU-Net accepts them; PI-CAI: most cases are
+            lesion-free); HECKTOR refuses them (every case has a tumour).
+        skipped: cases the layout leaves out, with why (PI-CAI studies without a mask).
+        description: what the manifest hash covers besides the files (``dataset.json``'s bytes by default).
+    """
 
     root: Path
     name: str
@@ -128,6 +148,11 @@ class RawDataset:
     labels: dict[str, int]
     file_ending: str
     cases: tuple[CaseFiles, ...] = field(repr=False)
+    layout: str = "nnunet"
+    binarise_label: bool = False
+    allow_empty_labels: bool = True
+    skipped: tuple[str, ...] = field(default=(), repr=False)
+    description: str | None = field(default=None, repr=False)
 
     @property
     def num_channels(self) -> int:
@@ -158,10 +183,11 @@ class RawDataset:
             hash_cache: the JSON file of remembered hashes (default :func:`default_hash_cache`).
         """
         cache = FileHashCache(hash_cache or default_hash_cache())
-        h = hashlib.sha256((self.root / "dataset.json").read_bytes())
+        described = self.description.encode() if self.description is not None else None
+        h = hashlib.sha256(described if described is not None else (self.root / "dataset.json").read_bytes())
         for case in self.cases:
             for p in (*case.images, case.label):
-                h.update(f"{p.relative_to(self.root)}:{p.stat().st_size}:{cache.sha256(p)}\n".encode())
+                h.update(f"{os.path.relpath(p, self.root)}:{p.stat().st_size}:{cache.sha256(p)}\n".encode())
         cache.save()
         return h.hexdigest()
 

@@ -241,7 +241,7 @@ def _sketch_region(
     lo = [max(0, int(np.floor(o / s)) - 1) for o, s in zip(start, stride, strict=True)]
     hi = [min(m, int(np.ceil((o + p) / s)) + 1) for o, p, s, m in zip(start, size, stride, grid, strict=True)]
     region = tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))
-    return region, tuple(int(round(o - a * s)) for o, a, s in zip(start, lo, stride, strict=True))
+    return region, tuple(round(o - a * s) for o, a, s in zip(start, lo, stride, strict=True))
 
 
 class PatchDataset(Dataset):
@@ -334,7 +334,9 @@ class PatchDataset(Dataset):
         start = tuple(int(s - s % self._align(case_id)) for s in start)
         return start, tuple(slice(s, s + p) for s, p in zip(start, self.patch_size, strict=True))  # type: ignore[return-value]
 
-    def _sketch_grid(self, teacher: str, case_id: str, kind: str) -> tuple[tuple[int, ...], tuple[float, ...]]:
+    def _sketch_grid(
+        self, teacher: str, case_id: str, kind: str
+    ) -> tuple[tuple[int, ...], tuple[float, ...]]:
         key = (teacher, case_id, f"{kind}_sketch")
         if key not in self._grids:
             self._grids[key] = self.store.sketch_grid(teacher, case_id, kind)

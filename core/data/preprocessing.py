@@ -1,8 +1,10 @@
 """The preprocessing pipeline, built from MONAI dictionary transforms.
 
-load → channel-first → orientation (RAS) → spacing → foreground crop → per-modality normalisation → pad to the
-minimum size → pad to a multiple of ``size_divisor``. Image and label go through every spatial step together.
-The result, with its final affine, is written once into the store; stage 2 never reads NIfTI.
+load each modality (NIfTI, or MetaImage through SimpleITK) → channel-first → modalities and label on another grid
+resampled onto the reference modality's (``ResampleToMatch``) → crop to the case's world box (HECKTOR) → stack the
+modalities → (binarise the label) → orientation (RAS) → spacing → foreground crop → per-modality normalisation →
+pad to the minimum size → pad to a multiple of ``size_divisor``. Image and label go through every spatial step
+together. The result, with its final affine, is written once into the store; stage 2 never reads NIfTI.
 """
 
 from __future__ import annotations
@@ -15,20 +17,26 @@ import torch
 from monai.config import KeysCollection
 from monai.transforms import (
     Compose,
+    ConcatItemsd,
+    CopyItemsd,
     CropForegroundd,
+    DeleteItemsd,
     DivisiblePadd,
     EnsureChannelFirstd,
     LoadImaged,
     MapTransform,
     NormalizeIntensity,
     Orientationd,
+    ResampleToMatch,
     ScaleIntensityRange,
     Spacingd,
+    SpatialCrop,
     SpatialPadd,
 )
 
 from core.config import PreprocessingConfig
 from core.data.layout import CaseFiles
+from core.data.readers import SimpleITKReader, read_header, read_volume
 from core.errors import DatasetError
 
 __all__ = [
@@ -52,11 +60,22 @@ class NormalizeModalitiesd(MapTransform):
         ct_window: (low, high) in Hounsfield units.
     """
 
-    def __init__(self, keys: KeysCollection, channel_names: tuple[str, ...], ct_window: tuple[float, float]):
+    def __init__(
+        self,
+        keys: KeysCollection,
+        channel_names: tuple[str, ...],
+        ct_window: tuple[float, float],
+        overrides: Mapping[str, str] | None = None,
+    ):
         super().__init__(keys)
         self.channel_names = channel_names
+        self.overrides = dict(overrides or {})
         self.ct = ScaleIntensityRange(a_min=ct_window[0], a_max=ct_window[1], b_min=0.0, b_max=1.0, clip=True)
         self.zscore = NormalizeIntensity()
+
+    def scheme(self, name: str) -> str:
+        """``ct``, ``zscore`` or ``none`` for a modality: the configured one, else by name as nnU-Net does."""
+        return self.overrides.get(name, "ct" if name.upper() == "CT" else "zscore")
 
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
         d = dict(data)
@@ -66,38 +85,146 @@ class NormalizeModalitiesd(MapTransform):
                 raise ValueError(f"expected {len(self.channel_names)} channels, got {img.shape[0]}")
             out = img.clone()
             for c, name in enumerate(self.channel_names):
-                fn = self.ct if name.upper() == "CT" else self.zscore
-                out[c] = fn(img[c])
+                scheme = self.scheme(name)
+                if scheme != "none":
+                    out[c] = (self.ct if scheme == "ct" else self.zscore)(img[c])
             d[key] = out
         return d
 
 
-def build_preprocessing(cfg: PreprocessingConfig, channel_names: tuple[str, ...]) -> Compose:
-    """The MONAI pipeline for one case dict ``{"image": [paths...], "label": path}``."""
-    keys = ["image", "label"]
+class ToReferenceGridd(MapTransform):
+    """Resample every key not on the reference key's grid onto it (MONAI ``ResampleToMatch``): bilinear for images,
+    nearest for labels. A key already on the grid (same shape, affine within 1e-3) is left untouched."""
+
+    def __init__(self, keys: KeysCollection, reference: str, label_keys: tuple[str, ...] = ("label",)):
+        super().__init__(keys)
+        self.reference, self.label_keys = reference, label_keys
+        self.resample = ResampleToMatch(padding_mode="zeros")
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
+        d = dict(data)
+        ref = d[self.reference]
+        for key in self.key_iterator(d):
+            img = d[key]
+            if key == self.reference or (
+                tuple(img.shape[1:]) == tuple(ref.shape[1:])
+                and np.allclose(np.asarray(img.affine), np.asarray(ref.affine), atol=1e-3)
+            ):
+                continue
+            mode = "nearest" if key in self.label_keys else "bilinear"
+            d[key] = self.resample(img, img_dst=ref, mode=mode)
+        return d
+
+
+class CropWorldBoxd(MapTransform):
+    """Crop every key to the case's box in RAS world mm (``data["box"]`` = (x0, x1, y0, y1, z0, z1); absent or
+    ``None``: no crop): the voxels of the reference key's grid whose centres lie in the box. All keys are on that
+    grid (after :class:`ToReferenceGridd`)."""
+
+    def __init__(self, keys: KeysCollection, reference: str, box_key: str = "box"):
+        super().__init__(keys)
+        self.reference, self.box_key = reference, box_key
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
+        d = dict(data)
+        box = d.get(self.box_key)
+        if box is None:
+            return d
+        ref = d[self.reference]
+        shape = np.asarray(ref.shape[1:])
+        inverse = np.linalg.inv(np.asarray(ref.affine, dtype=np.float64))
+        corners = np.array([[x, y, z, 1.0] for x in box[0:2] for y in box[2:4] for z in box[4:6]])
+        voxels = (inverse @ corners.T)[:3]
+        start = np.clip(np.ceil(voxels.min(axis=1) - 1e-6), 0, shape).astype(int)
+        end = np.clip(np.floor(voxels.max(axis=1) + 1e-6) + 1, 0, shape).astype(int)
+        if np.any(end <= start):
+            extent = [(float(a), float(b)) for a, b in zip(box[0::2], box[1::2], strict=True)]
+            raise DatasetError(
+                f"the bounding box {extent} (RAS mm) lies outside the image (voxels 0..{(shape - 1).tolist()}): check "
+                "the case's row in bbox.csv"
+            )
+        crop = SpatialCrop(roi_start=start.tolist(), roi_end=end.tolist())
+        for key in self.key_iterator(d):
+            d[key] = crop(d[key])
+        return d
+
+
+class BinariseLabeld(MapTransform):
+    """Every label value ≥ 1 becomes 1 (PI-CAI's lesion grades → one csPCa class)."""
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = (d[key] >= 1).to(d[key].dtype)
+        return d
+
+
+def image_keys(files: int) -> list[str]:
+    return [f"image_{i}" for i in range(files)]
+
+
+def build_preprocessing(
+    cfg: PreprocessingConfig,
+    channel_names: tuple[str, ...],
+    files: int | None = None,
+    binarise_label: bool = False,
+) -> Compose:
+    """The MONAI pipeline for one case dict ``{"image_0": path, …, "label": path, "box": (6 floats) | None}``.
+
+    Args:
+        files: image files per case (default one per channel; 1 for a 4-D file holding every channel).
+        binarise_label: label values ≥ 1 become one class.
+    """
+    files = len(channel_names) if files is None else files
+    images = image_keys(files)
+    keys = [*images, "label"]
+    reference = images[min(cfg.reference_channel, files - 1)]
     threshold, channel = cfg.foreground_threshold, cfg.foreground_channel
+    load = LoadImaged(keys=keys, image_only=True)
+    load.register(SimpleITKReader())  # .mha/.mhd; NIfTI stays with MONAI's default readers
+    join = (
+        ConcatItemsd(keys=images, name="image", dim=0)
+        if files > 1
+        else CopyItemsd(keys=images, names="image")
+    )
+    stack = [join, DeleteItemsd(keys=images)]
     return Compose(
         [
-            LoadImaged(keys=keys, image_only=True),
+            load,
             EnsureChannelFirstd(keys=keys),
+            ToReferenceGridd(keys=keys, reference=reference),
+            CropWorldBoxd(keys=keys, reference=reference),
+            *stack,
+            *([BinariseLabeld(keys="label")] if binarise_label else []),
             # labels stated, so MONAI's FutureWarning about their changing default is not printed on every run
-            Orientationd(keys=keys, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),
-            Spacingd(keys=keys, pixdim=cfg.target_spacing, mode=("bilinear", "nearest")),
+            Orientationd(keys=["image", "label"], axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),
+            Spacingd(keys=["image", "label"], pixdim=cfg.target_spacing, mode=("bilinear", "nearest")),
             CropForegroundd(
-                keys=keys,
+                keys=["image", "label"],
                 source_key="image",
                 select_fn=lambda x: x > threshold,
                 channel_indices=channel,
                 margin=cfg.crop_margin,
                 allow_smaller=True,
             ),
-            NormalizeModalitiesd(keys="image", channel_names=channel_names, ct_window=cfg.ct_window),
+            NormalizeModalitiesd(
+                keys="image",
+                channel_names=channel_names,
+                ct_window=cfg.ct_window,
+                overrides=cfg.normalization,
+            ),
             SpatialPadd(keys="image", spatial_size=cfg.min_size, mode="replicate"),
             SpatialPadd(keys="label", spatial_size=cfg.min_size, mode="constant"),
             DivisiblePadd(keys="image", k=cfg.size_divisor, mode="replicate"),
             DivisiblePadd(keys="label", k=cfg.size_divisor, mode="constant"),
         ]
     )
+
+
+def case_input(case: CaseFiles) -> dict[str, object]:
+    """The pipeline's input dict for one case."""
+    return {**{k: str(p) for k, p in zip(image_keys(len(case.images)), case.images, strict=True)},
+            "label": str(case.label), "box": case.box}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -119,50 +246,78 @@ class PreprocessedCase:
     original_shape: tuple[int, int, int]
 
 
-def _check_headers(case: CaseFiles) -> tuple[np.ndarray, tuple[int, int, int]]:
-    """Check every file of a case from its header: readable, 3-D, on one grid. Returns the first image's geometry."""
-    import nibabel as nib
+def _world_box(shape: tuple[int, ...], affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The axis-aligned world (RAS mm) extent of a grid's voxel centres."""
+    corners = np.array(
+        [[x, y, z, 1.0] for x in (0, shape[0] - 1) for y in (0, shape[1] - 1) for z in (0, shape[2] - 1)]
+    )
+    world = (affine @ corners.T)[:3]
+    return world.min(axis=1), world.max(axis=1)
 
+
+def _overlap(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray], pad: np.ndarray) -> float:
+    """Fraction of the smaller of two world extents (grown by half a voxel) that the other covers."""
+    lo = np.maximum(a[0] - pad, b[0] - pad)
+    hi = np.minimum(a[1] + pad, b[1] + pad)
+    inter = np.prod(np.clip(hi - lo, 0, None))
+    size = min(np.prod(a[1] - a[0] + 2 * pad), np.prod(b[1] - b[0] + 2 * pad))
+    return float(inter / size) if size > 0 else 0.0
+
+
+MIN_OVERLAP = 0.5
+
+
+def _check_headers(case: CaseFiles, channels: int) -> tuple[np.ndarray, tuple[int, int, int], int]:
+    """Check every file of a case from its header: readable, 3-D (or one 4-D file of every channel), and every
+    modality and the label covering the same part of the world (files on other grids are resampled, but two files
+    that barely overlap are two different scans). Returns the reference grid's affine and shape, and the number of
+    image files."""
     headers = {}
     for path in (*case.images, case.label):
         try:
-            headers[path] = nib.load(str(path))
-        except Exception as exc:  # nibabel raises many types for a corrupt or foreign file
+            headers[path] = read_header(path)
+        except DatasetError:
+            raise
+        except Exception as exc:  # nibabel and ITK raise many types for a corrupt or foreign file
             raise DatasetError(
-                f"case '{case.case_id}': cannot read {path} ({exc}); replace the file with a valid NIfTI image"
+                f"case '{case.case_id}': cannot read {path} ({exc}); replace the file with a valid image"
             ) from None
-    for path, img in headers.items():
-        shape = tuple(int(s) for s in img.shape)
-        if len(shape) != 3 and not (len(shape) == 4 and shape[3] == 1):
+    for path, (shape, _) in headers.items():
+        four_d_ok = case.channels_in_file and path != case.label and len(shape) == 4 and shape[3] == channels
+        if len(shape) != 3 and not (len(shape) == 4 and shape[3] == 1) and not four_d_ok:
             raise DatasetError(
                 f"case '{case.case_id}': {path} has shape {shape}; every file must be one 3-D volume (an nnU-Net "
-                "raw dataset stores each modality as its own file, CASE_0000, CASE_0001, …: split 4-D images into channels)"
+                "raw dataset stores each modality as its own file, CASE_0000, CASE_0001, …: split 4-D images into "
+                f"channels){f'; a Decathlon image holds {channels} channels last' if case.channels_in_file else ''}"
             )
-    grids = {p: (tuple(int(s) for s in img.shape[:3]), np.asarray(img.affine)) for p, img in headers.items()}
-    ref_path, (ref_shape, ref_affine) = next(iter(grids.items()))
-    for path, (shape, affine) in grids.items():
-        if shape != ref_shape:
-            listing = ", ".join(f"{p.name} {g[0]}" for p, g in grids.items())
+    ref_path = case.images[0]
+    ref_shape, ref_affine = headers[ref_path][0][:3], headers[ref_path][1]
+    ref_box = _world_box(ref_shape, ref_affine)
+    for path, (shape, affine) in headers.items():
+        if path == ref_path:
+            continue
+        spacing = np.sqrt((affine[:3, :3] ** 2).sum(0))
+        ref_spacing = np.sqrt((ref_affine[:3, :3] ** 2).sum(0))
+        share = _overlap(ref_box, _world_box(shape[:3], affine), np.maximum(spacing, ref_spacing) / 2)
+        if share < MIN_OVERLAP:
             raise DatasetError(
-                f"case '{case.case_id}': image and label grids differ ({listing}); resample them onto one grid first"
+                f"case '{case.case_id}': {path.name} and {ref_path.name} cover different parts of the world (they "
+                f"share {share:.0%} of the smaller one: spacing {spacing.round(3).tolist()} vs "
+                f"{ref_spacing.round(3).tolist()} mm, origin {affine[:3, 3].round(2).tolist()} vs "
+                f"{ref_affine[:3, 3].round(2).tolist()}); are they of the same scan? Fix the files' affines"
             )
-        if not np.allclose(affine, ref_affine, atol=1e-3):
-            spacing = np.sqrt((affine[:3, :3] ** 2).sum(0)).round(3).tolist()
-            ref_spacing = np.sqrt((ref_affine[:3, :3] ** 2).sum(0)).round(3).tolist()
-            raise DatasetError(
-                f"case '{case.case_id}': {path.name} and {ref_path.name} have the same shape but different "
-                f"affines (spacing {spacing} vs {ref_spacing} mm, origin {affine[:3, 3].round(2).tolist()} vs "
-                f"{ref_affine[:3, 3].round(2).tolist()}); resample every modality and the label onto one grid first"
-            )
-    return np.asarray(ref_affine, dtype=np.float64), ref_shape
+    return np.asarray(ref_affine, dtype=np.float64), tuple(int(s) for s in ref_shape), len(case.images)  # type: ignore[return-value]
 
 
-def _check_label_values(case: CaseFiles, num_classes: int) -> None:
-    """Label voxels must be integers in 0..K−1: anything else would be rounded or wrapped silently."""
-    import nibabel as nib
-
+def _check_label_values(
+    case: CaseFiles, num_classes: int, binarise: bool = False, allow_empty: bool = False
+) -> None:
+    """Label voxels must be integers in 0..K−1 (any integer ≥ 0 when binarised); a label without foreground is
+    refused unless the dataset allows lesion-free cases."""
     try:
-        values = np.unique(np.asanyarray(nib.load(str(case.label)).dataobj))
+        values = np.unique(read_volume(case.label))
+    except DatasetError:
+        raise
     except Exception as exc:
         raise DatasetError(
             f"case '{case.case_id}': cannot read {case.label} ({exc}); the file may be truncated — replace it"
@@ -174,31 +329,39 @@ def _check_label_values(case: CaseFiles, num_classes: int) -> None:
             "labels must be integer class indices from dataset.json (was the label resampled with linear "
             "interpolation? use nearest neighbour)"
         )
-    bad = values[(values < 0) | (values >= num_classes)]
+    bad = values[(values < 0) | ((values >= num_classes) & (not binarise))]
     if bad.size:
         raise DatasetError(
             f"case '{case.case_id}': {case.label} holds label value(s) {', '.join(f'{v:g}' for v in bad[:5])}, "
             f"not in dataset.json labels (0..{num_classes - 1}); fix the label file or add the class to dataset.json"
         )
+    if not allow_empty and not (values > 0).any():
+        raise DatasetError(
+            f"case '{case.case_id}': {case.label} has no foreground voxel, and every case of this dataset has one; "
+            "fix the label or remove the case"
+        )
 
 
-def preprocess_case(pipeline: Compose, case: CaseFiles, num_classes: int) -> PreprocessedCase:
+def preprocess_case(
+    pipeline: Compose, case: CaseFiles, num_classes: int, binarise: bool = False, allow_empty: bool = True
+) -> PreprocessedCase:
     """Run ``pipeline`` on one case.
 
     Raises:
-        DatasetError: a file cannot be read (missing, corrupt, truncated), is not 3-D, the modalities and label are
-            not on one grid (shape and affine), or the label holds values that are not class indices.
+        DatasetError: a file cannot be read (missing, corrupt, truncated), is not 3-D, the modalities and label do
+            not cover the same part of the world, the label holds values that are not class indices (or no
+            foreground where that is not allowed), a voxel is NaN, or the case's box lies outside the image.
     """
-    import nibabel as nib
-
-    original_affine, original_shape = _check_headers(case)
-    _check_label_values(case, num_classes)
+    original_affine, original_shape, _ = _check_headers(case, _channels_of(pipeline))
+    _check_label_values(case, num_classes, binarise, allow_empty)
     try:
-        out = pipeline({"image": [str(p) for p in case.images], "label": str(case.label)})
+        out = pipeline(case_input(case))
+    except DatasetError as exc:
+        raise DatasetError(f"case '{case.case_id}': {exc}") from None
     except Exception as exc:  # a file whose header reads but whose data does not (truncated .nii.gz)
         for path in case.images:
             try:
-                np.asanyarray(nib.load(str(path)).dataobj)
+                read_volume(path)
             except Exception as read_exc:
                 raise DatasetError(
                     f"case '{case.case_id}': cannot read the voxels of {path} ({read_exc}); the file may be "
@@ -208,11 +371,22 @@ def preprocess_case(pipeline: Compose, case: CaseFiles, num_classes: int) -> Pre
     image = np.asarray(out["image"].numpy(), dtype=np.float32)
     label = np.asarray(out["label"].numpy()[0]).round().astype(np.uint8)
     if not np.isfinite(image).all():
-        raise DatasetError(
-            f"case '{case.case_id}': preprocessing produced NaN or Inf (check the image files)"
+        bad = [p for p in case.images if not np.isfinite(np.asarray(read_volume(p), dtype=np.float64)).all()]
+        where = (
+            f"{', '.join(map(str, bad))} hold(s) NaN or Inf voxels"
+            if bad
+            else "preprocessing produced NaN or Inf"
         )
+        raise DatasetError(f"case '{case.case_id}': {where}; fix or remove the file(s)")
     affine = np.asarray(out["image"].affine, dtype=np.float64)
     return PreprocessedCase(image, label, affine, original_affine, original_shape)
+
+
+def _channels_of(pipeline: Compose) -> int:
+    for t in pipeline.transforms:
+        if isinstance(t, NormalizeModalitiesd):
+            return len(t.channel_names)
+    return 0
 
 
 def foreground_locations(label: np.ndarray, max_per_class: int = 10_000, seed: int = 0) -> np.ndarray:

@@ -22,19 +22,31 @@ __all__ = [
 Splits = list[dict[str, list[str]]]
 
 
-def make_splits(case_ids: list[str], num_folds: int, seed: int) -> Splits:
-    """Seeded k-fold split of ``case_ids`` (each case is one patient), every case in exactly one val fold."""
-    if len(case_ids) < num_folds:
+def make_splits(
+    case_ids: list[str], num_folds: int, seed: int, patients: dict[str, str] | None = None
+) -> Splits:
+    """Seeded k-fold split of ``case_ids``, every case in exactly one val fold.
+
+    Args:
+        patients: case → patient, where a patient has several cases (PI-CAI studies): patients are split, so no
+            patient's cases sit on both sides of a fold. Default: each case is its own patient (then the folds are
+            the same as before patients existed).
+    """
+    groups: dict[str, list[str]] = {}
+    for c in sorted(case_ids):
+        groups.setdefault((patients or {}).get(c, c), []).append(c)
+    if len(groups) < num_folds:
         raise DatasetError(
-            f"{len(case_ids)} cases cannot be split into {num_folds} folds; lower splits.num_folds"
+            f"{len(groups)} patients cannot be split into {num_folds} folds; lower splits.num_folds"
         )
-    order = sorted(case_ids)
+    order = sorted(groups)
     perm = np.random.default_rng(seed).permutation(len(order))
     folds = np.array_split(perm, num_folds)
     splits = []
     for k in range(num_folds):
-        val = sorted(order[i] for i in folds[k])
-        train = sorted(c for c in order if c not in set(val))
+        val = sorted(c for i in folds[k] for c in groups[order[i]])
+        held = set(val)
+        train = sorted(c for c in case_ids if c not in held)
         splits.append({"train": train, "val": val})
     return splits
 
@@ -46,8 +58,11 @@ def write_splits(splits: Splits, path: Path) -> None:
     tmp.replace(path)
 
 
-def load_splits(path: Path, case_ids: list[str] | None = None) -> Splits:
-    """Read and check a ``splits_final.json``; with ``case_ids``, every case named must exist."""
+def load_splits(
+    path: Path, case_ids: list[str] | None = None, patients: dict[str, str] | None = None
+) -> Splits:
+    """Read and check a ``splits_final.json``; with ``case_ids``, every case named must exist; with ``patients``
+    (case → patient), no patient may have cases on both sides of a fold."""
     if not path.is_file():
         raise DatasetError(f"splits file not found: {path} (run `teachcache preprocess` to create it)")
     try:
@@ -65,6 +80,15 @@ def load_splits(path: Path, case_ids: list[str] | None = None) -> Splits:
                 "with --overwrite: its teachers were prepared for the old folds)"
             )
         raise DatasetError(f"{path}: {exc}{hint}") from None
+    for k, fold in enumerate(splits):
+        if patients:
+            train_patients = {patients.get(c, c) for c in fold["train"]}
+            shared = sorted({patients.get(c, c) for c in fold["val"]} & train_patients)
+            if shared:
+                raise DatasetError(
+                    f"{path}: fold {k} puts studies of patient(s) {', '.join(shared[:5])} in both train and val; a "
+                    "patient's studies must stay on one side (delete the file to make patient-level splits)"
+                )
     return splits
 
 
@@ -148,4 +172,6 @@ def holdout_split(train: list[str], fraction: float, seed: int) -> tuple[list[st
         )
     count = min(len(train) - 1, max(1, round(fraction * len(train))))
     chosen = set(np.random.default_rng(seed).choice(len(train), size=count, replace=False).tolist())
-    return [c for i, c in enumerate(train) if i not in chosen], [c for i, c in enumerate(train) if i in chosen]
+    return [c for i, c in enumerate(train) if i not in chosen], [
+        c for i, c in enumerate(train) if i in chosen
+    ]

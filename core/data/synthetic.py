@@ -23,6 +23,7 @@ resampling in the preprocessing pipeline do real work. Everything is determinist
 
 from __future__ import annotations
 
+import itertools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,7 +63,11 @@ class _Grid:
 
 def _ellipsoid(grid: tuple[np.ndarray, ...], centre: np.ndarray, radii: np.ndarray) -> np.ndarray:
     x, y, z = grid
-    d = ((x - centre[0]) / radii[0]) ** 2 + ((y - centre[1]) / radii[1]) ** 2 + ((z - centre[2]) / radii[2]) ** 2
+    d = (
+        ((x - centre[0]) / radii[0]) ** 2
+        + ((y - centre[1]) / radii[1]) ** 2
+        + ((z - centre[2]) / radii[2]) ** 2
+    )
     return d <= 1.0
 
 
@@ -163,14 +168,18 @@ def _mri_case(rng: np.random.Generator, g: _Grid) -> tuple[list[np.ndarray], np.
 
 
 def _tube(
-    rng: np.random.Generator, grid: tuple[np.ndarray, ...], centre: np.ndarray, extent: np.ndarray, radius: float
+    rng: np.random.Generator,
+    grid: tuple[np.ndarray, ...],
+    centre: np.ndarray,
+    extent: np.ndarray,
+    radius: float,
 ) -> np.ndarray:
     """A bending tube of ``radius`` mm through the body: a polyline of 8 points, the voxels within ``radius``."""
     x, y, z = grid
     points = np.cumsum(rng.normal(0.0, 1.0, size=(8, 3)) * extent * 0.45, axis=0)
     points = centre + (points - points.mean(axis=0))
     near = np.full(x.shape, np.inf, dtype=np.float32)
-    for a, b in zip(points[:-1], points[1:], strict=True):
+    for a, b in itertools.pairwise(points):
         ab = b - a
         t = ((x - a[0]) * ab[0] + (y - a[1]) * ab[1] + (z - a[2]) * ab[2]) / max(float(ab @ ab), 1e-6)
         t = np.clip(t, 0.0, 1.0)
