@@ -31,17 +31,16 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from core.config import Config, TeacherConfig
 from core.errors import CheckpointError, ConfigError, StoreError, TeachCacheError
 from core.experiment import entry_key, open_store_for, store_splits
 from core.inference import aligned_overlap, check_window, predict_volume, resolve_device
-from core.models import get_spec
-from core.models.checkpoint import Checkpoint, build_from_checkpoint, file_sha256
+from core.models.checkpoint import file_sha256
 from core.progress import track
 from core.sketch import relation_errors, sketch_features
 from core.store import TeacherStore, entry_hash, store_write_lock
+from core.teachers import LoadedTeacher, load_teacher, prepare_teacher_input, to_store_grid
 
 __all__ = ["KILL_AFTER_ENTRIES_ENV", "CacheSummary", "cache_teachers", "cache_units", "compute_entry"]
 
@@ -95,17 +94,18 @@ def _bound(cfg: Config, name: str, fold: int | None) -> TeacherConfig:
     return teacher.for_fold(fold) if fold is not None else teacher
 
 
-def _load_teacher(teacher: TeacherConfig, in_channels: int, num_classes: int) -> tuple[nn.Module, Checkpoint]:
-    return build_from_checkpoint(teacher.checkpoint, teacher.arch, in_channels, num_classes, teacher.args)
+def _load_teacher(teacher: TeacherConfig, dataset_meta: dict[str, Any]) -> LoadedTeacher:
+    names = list(dataset_meta["channel_names"])
+    return load_teacher(teacher, len(names), len(dataset_meta["class_names"]), names)
 
 
-def _process_model(cfg: Config, teacher: TeacherConfig, sha: str, device: torch.device) -> nn.Module:
+def _process_model(cfg: Config, teacher: TeacherConfig, sha: str, device: torch.device) -> LoadedTeacher:
     key = (teacher.name, sha)
     if _PROCESS.get("model_key") != key:
         _PROCESS.pop("model", None)  # free the previous teacher first
-        meta = _process_store(cfg).metadata["dataset"]
-        model, _ = _load_teacher(teacher, len(meta["channel_names"]), len(meta["class_names"]))
-        _PROCESS["model"], _PROCESS["model_key"] = model.to(device), key
+        loaded = _load_teacher(teacher, _process_store(cfg).metadata["dataset"])
+        loaded.model = loaded.model.to(device)
+        _PROCESS["model"], _PROCESS["model_key"] = loaded, key
     return _PROCESS["model"]
 
 
@@ -170,18 +170,29 @@ def prepare_entry(
     teacher = _bound(cfg, teacher_name, fold)
     device = _entry_device(cfg)
     store = _process_store(cfg)
-    model = _process_model(cfg, teacher, sha, device)
+    loaded = _process_model(cfg, teacher, sha, device)
     k = cfg.store.feature_sketch_channels
+    inference = loaded.inference or cfg.inference_for(teacher)
+    if teacher.kind == "registry":
+        image, affine = store.read_image(case_id), None
+    else:  # the teacher's own inputs, on its own grid
+        image, affine = prepare_teacher_input(cfg, teacher, loaded, case_id)
+        check_window(
+            loaded.spec, inference, image.shape[1:], teacher.args, name=teacher.name, case_id=case_id
+        )
     out = predict_volume(
-        model,
-        store.read_image(case_id),
-        cfg.inference_for(teacher),
+        loaded.model,
+        image,
+        inference,
         device,
-        spec=get_spec(teacher.arch),
+        spec=loaded.spec,
         p=cfg.distillation.attention.p,
         amp=cfg.training.amp,
         features=k is not None,
     )
+    if affine is not None:
+        store_affine = np.asarray(store.case_attrs(case_id)["affine"], dtype=np.float64)
+        out = to_store_grid(out, affine, store_affine, store.case_shape(case_id), loaded.spec)
     _check_finite_outputs(out, teacher.name, case_id)
     sketches = _sketches(out, k, cfg.store.feature_sketch_stride) if k is not None else None
     key = entry_key(cfg, teacher, sha, store)
@@ -277,13 +288,21 @@ def _provenance(
 ) -> dict[str, Any]:
     """The teacher copy's provenance, describing the last caching run; each entry records its own ``entry_key``."""
     meta = store.metadata
-    spec = get_spec(teacher.arch)
+    loaded = _load_teacher(teacher, meta["dataset"])
+    spec = loaded.spec
+    inference = loaded.inference or cfg.inference_for(teacher)
     key = entry_key(cfg, teacher, sha, store)
     return {
         "name": teacher.name,
         "slot": teacher.store_key(fold or 0).rsplit("/", 1)[1],
         "cached_for_fold": fold,
-        "arch": teacher.arch,
+        "kind": teacher.kind,
+        "bundle": str(teacher.bundle) if teacher.bundle is not None else None,
+        "teacher_preprocessing": teacher.preprocessing.model_dump(mode="json")
+        if teacher.preprocessing
+        else None,
+        "channels": teacher.channels,
+        "arch": teacher.arch or type(loaded.model).__name__,
         "args": teacher.args,
         "in_channels": len(meta["dataset"]["channel_names"]),
         "out_channels": len(meta["dataset"]["class_names"]),
@@ -300,8 +319,8 @@ def _provenance(
         "taps": {k: {"module": t.module, "stride": t.stride} for k, t in spec.taps.items()},
         "attention_p": cfg.distillation.attention.p,
         "feature_sketch_channels": cfg.store.feature_sketch_channels,
-        "inference": cfg.inference_for(teacher).model_dump(mode="json"),
-        "inference_overlap_used": list(aligned_overlap(spec, cfg.inference_for(teacher))),
+        "inference": inference.model_dump(mode="json"),
+        "inference_overlap_used": list(aligned_overlap(spec, inference)),
         "preprocessing_hash": meta["preprocessing_hash"],
         "dataset_manifest_hash": meta["dataset"]["manifest_hash"],
         "entry_key": key,
@@ -433,22 +452,29 @@ def _cache_locked(
     """The body of :func:`cache_teachers`, run under the store's write lock."""
     case_ids = store.case_ids()
     meta = store.metadata["dataset"]
-    in_channels, num_classes = len(meta["channel_names"]), len(meta["class_names"])
     units = cache_units(cfg, store, names, folds)
 
     plans = []
     for teacher, fold in units:  # check every teacher before writing anything; keep none in memory
-        spec = get_spec(teacher.arch)
-        _, ckpt = _load_teacher(teacher, in_channels, num_classes)
-        _check_fold(teacher, fold, ckpt.meta)
-        for case_id in case_ids:
+        loaded = _load_teacher(teacher, meta)
+        spec, inference = loaded.spec, loaded.inference or cfg.inference_for(teacher)
+        _check_fold(teacher, fold, loaded.meta)
+        if teacher.kind == "registry":
+            for case_id in case_ids:
+                check_window(
+                    spec,
+                    inference,
+                    store.case_shape(case_id),
+                    teacher.args,
+                    name=teacher.name,
+                    case_id=case_id,
+                )
+        elif (
+            case_ids
+        ):  # fed its own way: its window against its own grid, on the first case (each case at run time)
+            image, _ = prepare_teacher_input(cfg, teacher, loaded, case_ids[0])
             check_window(
-                spec,
-                cfg.inference_for(teacher),
-                store.case_shape(case_id),
-                teacher.args,
-                name=teacher.name,
-                case_id=case_id,
+                spec, inference, image.shape[1:], teacher.args, name=teacher.name, case_id=case_ids[0]
             )
         sha = file_sha256(teacher.checkpoint)
         key = teacher.store_key(fold or 0)
@@ -461,8 +487,8 @@ def _cache_locked(
             or store.entry_attrs(key, c).get("entry_hash") != wanted
             or bool(store.missing_chunks(f"teachers/{key}/{c}"))  # a lost chunk file: recompute
         ]
-        plans.append((teacher, fold, key, ckpt.meta, sha, todo))
-        del ckpt
+        plans.append((teacher, fold, key, loaded.meta, sha, todo))
+        del loaded
 
     store.drop_consolidated()  # rebuilt by store.consolidate() below
     summary = CacheSummary()

@@ -14,7 +14,7 @@ from core.config import Config
 from core.data.patches import PatchDataset
 from core.data.splits import holdout_split
 from core.distillation import DistillationObjective
-from core.errors import CheckpointError
+from core.errors import CheckpointError, ConfigError
 from core.experiment import fold_split, open_store_for, raw_dataset_status, splits_path, teacher_dir
 from core.inference import check_window, resolve_device
 from core.losses import SegmentationLoss
@@ -67,6 +67,13 @@ def train_teachers(
     teachers = (
         [cfg.teacher(n).for_fold(fold) for n in names] if names else [t.for_fold(fold) for t in cfg.teachers]
     )
+    pretrained = [t.name for t in teachers if t.kind != "registry"]
+    if pretrained:
+        raise ConfigError(
+            f"teacher(s) {', '.join(pretrained)} are pretrained (a MONAI bundle, or fed their own preprocessing): "
+            "`teachcache teachers` trains only registered networks on the store's volumes; name the others with -t, "
+            "or cache the pretrained ones directly (`make cache`)"
+        )
     results = []
     for teacher in teachers:
         _refuse_foreign_checkpoint(

@@ -225,13 +225,74 @@ FOLD_PLACEHOLDER = "{fold}"
 ALL_FOLDS = "all_folds"
 
 
-class TeacherConfig(ModelConfig):
-    """A teacher: registry architecture, its checkpoint, and (for demo teachers) how to train it."""
+class TapConfig(_Strict):
+    """A tap declared by module path, for a teacher whose network TeachCache does not register (a MONAI bundle)."""
 
+    module: str
+    capture: Literal["output", "input"] = "output"
+    index: int = Field(0, ge=0)
+
+
+class TeacherConfig(ModelConfig):
+    """A teacher: a registry architecture and its checkpoint, or a MONAI bundle; optionally its own preprocessing.
+
+    ``bundle``: a MONAI bundle folder (``configs/inference.json`` or ``.yaml``, ``models/model.pt``); its network,
+    preprocessing and inferer come from the bundle's config (``monai.bundle``). ``preprocessing``: the teacher's
+    own (spacing, normalisation, …) when it was trained with other inputs than the store's; stage 1 prepares each
+    case the teacher's way and resamples its outputs onto the store's grid (docs/teachers.md). ``channels``: the
+    dataset channels the teacher reads, by name, in its input order (selection and reordering).
+    """
+
+    arch: str = ""  # type: ignore[assignment]
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
-    checkpoint: Path
+    checkpoint: Path = Path()
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     inference: InferenceConfig | None = None
+    bundle: Path | None = None
+    taps: dict[Literal["coarse", "fine"], TapConfig] | None = None
+    preprocessing: PreprocessingConfig | None = None
+    channels: list[str] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _bundle_weights(cls, data: Any) -> Any:
+        # a bundle keeps its weights in models/model.pt: that file is the teacher's checkpoint (hashed, fold-checked)
+        if isinstance(data, dict) and data.get("bundle") is not None and not data.get("checkpoint"):
+            data = {**data, "checkpoint": Path(str(data["bundle"])) / "models" / "model.pt"}
+        return data
+
+    @model_validator(mode="after")
+    def _kind(self) -> TeacherConfig:
+        if self.bundle is not None:
+            if self.arch:
+                raise ValueError(
+                    f"teacher '{self.name}': give either arch (+ checkpoint) or bundle, not both"
+                )
+            if self.preprocessing is not None:
+                raise ValueError(
+                    f"teacher '{self.name}': a bundle brings its own preprocessing (its config's `preprocessing`); "
+                    "remove the teacher's preprocessing block"
+                )
+        elif not self.arch:
+            raise ValueError(
+                f"teacher '{self.name}' needs arch and checkpoint (a registered network), or bundle"
+            )
+        elif self.checkpoint == Path():
+            raise ValueError(f"teacher '{self.name}' needs a checkpoint")
+        if self.taps is not None and self.bundle is None:
+            raise ValueError(
+                f"teacher '{self.name}': taps are declared for bundle teachers; a registered arch has its own"
+            )
+        return self
+
+    @property
+    def kind(self) -> str:
+        """``bundle``, ``own_preprocessing`` (a registry network fed its own way) or ``registry``."""
+        if self.bundle is not None:
+            return "bundle"
+        return (
+            "own_preprocessing" if self.preprocessing is not None or self.channels is not None else "registry"
+        )
 
     @field_validator("checkpoint")
     @classmethod

@@ -135,6 +135,8 @@ def entry_key(
         "feature_sketch_stride", "feature_sketch_dtype", "softmax_encoding", "margin_reference",
         "preprocessing_hash"}``.
     """
+    from core.teachers import teacher_entry_fields
+
     encoding = store.encoding
     key = {
         "checkpoint_sha256": checkpoint_sha256,
@@ -151,6 +153,9 @@ def entry_key(
         "softmax_encoding": encoding.name,
         "margin_reference": encoding.reference if encoding.kind.startswith("margin") else None,
         "preprocessing_hash": store.metadata["preprocessing_hash"],
+        **teacher_entry_fields(
+            teacher
+        ),  # a teacher fed its own way: its preprocessing, channels, bundle config
     }
     return json.loads(json.dumps(key))  # as it reads back from the store's JSON (tuples become lists)
 

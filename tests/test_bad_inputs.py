@@ -65,11 +65,11 @@ def _four_d_image(raw: Path) -> str:
 
 def _other_affine(raw: Path) -> str:
     def fn(d, a):
-        a[:3, 3] += 7.5  # same shape, shifted origin: a PET not registered to its CT
+        a[:3, 3] += 1000.0  # a PET a metre away from its CT: another scan (a grid that overlaps is resampled)
         return d, a
 
     _rewrite(raw / "imagesTr" / "SYNPETCT_003_0001.nii.gz", fn)
-    return "case 'SYNPETCT_003': SYNPETCT_003_0001.nii.gz and SYNPETCT_003_0000.nii.gz have the same shape but different affines"
+    return "case 'SYNPETCT_003': SYNPETCT_003_0001.nii.gz and SYNPETCT_003_0000.nii.gz cover different parts of the world"
 
 
 def _truncated(raw: Path) -> str:
@@ -132,7 +132,7 @@ BROKEN = {
     "fractional label": _fractional_label,
     "negative label": _negative_label,
     "4-D image": _four_d_image,
-    "modalities on different grids": _other_affine,
+    "modalities not overlapping": _other_affine,
     "truncated .nii.gz": _truncated,
     "not a NIfTI": _not_gzip,
 }

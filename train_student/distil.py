@@ -209,6 +209,12 @@ def _online_teachers(
     live, dice, shas, leakage = [], {}, {}, {}
     for configured in cfg.distilled_teachers():
         teacher, key = configured.for_fold(fold), configured.store_key(fold)
+        if teacher.kind != "registry":
+            raise ConfigError(
+                f"teacher '{teacher.name}' is fed its own inputs ({teacher.kind}): online distillation runs teachers "
+                "on the student's patches of the store's grid, which is not what it was trained on; distil from the "
+                "cache (distillation.source: cache)"
+            )
         spec = get_spec(teacher.arch)
         fixed = spec.input_size(teacher.args)
         if fixed is not None and tuple(fixed) != tuple(cfg.training.patch_size):
