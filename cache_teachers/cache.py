@@ -37,10 +37,17 @@ from core.errors import CheckpointError, ConfigError, StoreError, TeachCacheErro
 from core.experiment import entry_key, open_store_for, store_splits
 from core.inference import aligned_overlap, check_window, predict_volume, resolve_device
 from core.models.checkpoint import file_sha256
+from core.nnunet_teacher import predict_nnunet
 from core.progress import track
 from core.sketch import relation_errors, sketch_features
 from core.store import TeacherStore, entry_hash, store_write_lock
-from core.teachers import LoadedTeacher, load_teacher, prepare_teacher_input, to_store_grid
+from core.teachers import (
+    LoadedTeacher,
+    load_teacher,
+    prepare_teacher_input,
+    teacher_case_files,
+    to_store_grid,
+)
 
 __all__ = ["KILL_AFTER_ENTRIES_ENV", "CacheSummary", "cache_teachers", "cache_units", "compute_entry"]
 
@@ -94,9 +101,11 @@ def _bound(cfg: Config, name: str, fold: int | None) -> TeacherConfig:
     return teacher.for_fold(fold) if fold is not None else teacher
 
 
-def _load_teacher(teacher: TeacherConfig, dataset_meta: dict[str, Any]) -> LoadedTeacher:
+def _load_teacher(
+    teacher: TeacherConfig, dataset_meta: dict[str, Any], fold_val: list[str] | None = None
+) -> LoadedTeacher:
     names = list(dataset_meta["channel_names"])
-    return load_teacher(teacher, len(names), len(dataset_meta["class_names"]), names)
+    return load_teacher(teacher, len(names), len(dataset_meta["class_names"]), names, fold_val)
 
 
 def _process_model(cfg: Config, teacher: TeacherConfig, sha: str, device: torch.device) -> LoadedTeacher:
@@ -173,26 +182,32 @@ def prepare_entry(
     loaded = _process_model(cfg, teacher, sha, device)
     k = cfg.store.feature_sketch_channels
     inference = loaded.inference or cfg.inference_for(teacher)
-    if teacher.kind == "registry":
-        image, affine = store.read_image(case_id), None
-    else:  # the teacher's own inputs, on its own grid
-        image, affine = prepare_teacher_input(cfg, teacher, loaded, case_id)
-        check_window(
-            loaded.spec, inference, image.shape[1:], teacher.args, name=teacher.name, case_id=case_id
+    if teacher.kind == "nnunet":  # nnU-Net's own preprocessing, its folds (and mirrors) averaged
+        files = teacher_case_files(cfg, teacher, case_id)
+        out, affine = predict_nnunet(
+            cfg, teacher, loaded, files, device, cfg.distillation.attention.p, k is not None
         )
-    out = predict_volume(
-        loaded.model,
-        image,
-        inference,
-        device,
-        spec=loaded.spec,
-        p=cfg.distillation.attention.p,
-        amp=cfg.training.amp,
-        features=k is not None,
-    )
+    else:
+        if teacher.kind == "registry":
+            image, affine = store.read_image(case_id), None
+        else:  # the teacher's own inputs, on its own grid
+            image, affine = prepare_teacher_input(cfg, teacher, loaded, case_id)
+            check_window(
+                loaded.spec, inference, image.shape[1:], teacher.args, name=teacher.name, case_id=case_id
+            )
+        out = predict_volume(
+            loaded.model,
+            image,
+            inference,
+            device,
+            spec=loaded.spec,
+            p=cfg.distillation.attention.p,
+            amp=cfg.training.amp,
+            features=k is not None,
+        )
     if affine is not None:
         store_affine = np.asarray(store.case_attrs(case_id)["affine"], dtype=np.float64)
-        out = to_store_grid(out, affine, store_affine, store.case_shape(case_id), loaded.spec)
+        out = to_store_grid(out, affine, store_affine, store.case_shape(case_id), loaded.store_strides())
     _check_finite_outputs(out, teacher.name, case_id)
     sketches = _sketches(out, k, cfg.store.feature_sketch_stride) if k is not None else None
     key = entry_key(cfg, teacher, sha, store)
@@ -456,7 +471,9 @@ def _cache_locked(
 
     plans = []
     for teacher, fold in units:  # check every teacher before writing anything; keep none in memory
-        loaded = _load_teacher(teacher, meta)
+        splits = store.metadata.get("splits") or []
+        fold_val = splits[fold]["val"] if fold is not None and fold < len(splits) else None
+        loaded = _load_teacher(teacher, meta, fold_val)
         spec, inference = loaded.spec, loaded.inference or cfg.inference_for(teacher)
         _check_fold(teacher, fold, loaded.meta)
         if teacher.kind == "registry":
@@ -470,8 +487,8 @@ def _cache_locked(
                     case_id=case_id,
                 )
         elif (
-            case_ids
-        ):  # fed its own way: its window against its own grid, on the first case (each case at run time)
+            case_ids and teacher.kind != "nnunet"
+        ):  # its window on its own grid: 1st case now, each at run time
             image, _ = prepare_teacher_input(cfg, teacher, loaded, case_ids[0])
             check_window(
                 spec, inference, image.shape[1:], teacher.args, name=teacher.name, case_id=case_ids[0]

@@ -233,6 +233,17 @@ class TapConfig(_Strict):
     index: int = Field(0, ge=0)
 
 
+class NnUNetTeacherConfig(_Strict):
+    """An nnU-Net v2 trained model folder as a teacher (docs/teachers.md)."""
+
+    results: Path  # nnUNet_results/<Dataset>/<Trainer>__<Plans>__<configuration>
+    configuration: str | None = None  # default: the folder name's last part (3d_fullres)
+    folds: list[int] | None = None  # None: nnU-Net's fold k serves this project's fold k (splits must agree)
+    checkpoint: str = "checkpoint_final.pth"
+    mirror: bool = False  # mirroring test-time augmentation (nnU-Net's axes), averaged in probability space
+    splits: Path | None = None  # nnU-Net's splits_final.json (default: $nnUNet_preprocessed/<Dataset>/)
+
+
 class TeacherConfig(ModelConfig):
     """A teacher: a registry architecture and its checkpoint, or a MONAI bundle; optionally its own preprocessing.
 
@@ -252,6 +263,7 @@ class TeacherConfig(ModelConfig):
     taps: dict[Literal["coarse", "fine"], TapConfig] | None = None
     preprocessing: PreprocessingConfig | None = None
     channels: list[str] | None = None
+    nnunet: NnUNetTeacherConfig | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -259,10 +271,33 @@ class TeacherConfig(ModelConfig):
         # a bundle keeps its weights in models/model.pt: that file is the teacher's checkpoint (hashed, fold-checked)
         if isinstance(data, dict) and data.get("bundle") is not None and not data.get("checkpoint"):
             data = {**data, "checkpoint": Path(str(data["bundle"])) / "models" / "model.pt"}
+        # an nnU-Net folder: fold k's checkpoint ({fold}: one per fold), or the first listed fold's
+        nn = data.get("nnunet") if isinstance(data, dict) else None
+        if isinstance(nn, dict) and nn.get("results") and not data.get("checkpoint"):
+            folds = nn.get("folds")
+            slot = f"fold_{FOLD_PLACEHOLDER}" if folds is None else f"fold_{folds[0] if folds else 0}"
+            data = {
+                **data,
+                "checkpoint": Path(str(nn["results"])) / slot / nn.get("checkpoint", "checkpoint_final.pth"),
+            }
         return data
 
     @model_validator(mode="after")
     def _kind(self) -> TeacherConfig:
+        if self.nnunet is not None:
+            if (
+                self.arch
+                or self.bundle is not None
+                or self.preprocessing is not None
+                or self.taps is not None
+            ):
+                raise ValueError(
+                    f"teacher '{self.name}': an nnU-Net teacher brings its network, preprocessing and taps from its "
+                    "folder; remove arch, bundle, preprocessing and taps"
+                )
+            if self.nnunet.folds is not None and not self.nnunet.folds:
+                raise ValueError(f"teacher '{self.name}': nnunet.folds lists no fold")
+            return self
         if self.bundle is not None:
             if self.arch:
                 raise ValueError(
@@ -287,7 +322,9 @@ class TeacherConfig(ModelConfig):
 
     @property
     def kind(self) -> str:
-        """``bundle``, ``own_preprocessing`` (a registry network fed its own way) or ``registry``."""
+        """``nnunet``, ``bundle``, ``own_preprocessing`` (a registry network fed its own way) or ``registry``."""
+        if self.nnunet is not None:
+            return "nnunet"
         if self.bundle is not None:
             return "bundle"
         return (

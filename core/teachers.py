@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +51,11 @@ class LoadedTeacher:
     meta: dict[str, Any]
     inference: InferenceConfig | None = None  # a bundle's inferer (else the config's)
     preprocessing: Any = None  # a bundle's MONAI preprocessing Compose
+    extra: dict[str, Any] = field(default_factory=dict)  # nnU-Net: its networks, plans, strides
+
+    def store_strides(self) -> dict[str, int]:
+        """The strides of the tap grids its maps are stored on (its own taps', or the registry's for nnU-Net)."""
+        return self.extra.get("store_strides") or {k: t.stride for k, t in self.spec.taps.items()}
 
 
 # --- MONAI bundles ---------------------------------------------------------------------------------------------------
@@ -197,11 +202,25 @@ def _load_bundle(
 
 
 def load_teacher(
-    teacher: TeacherConfig, in_channels: int, num_classes: int, channel_names: list[str]
+    teacher: TeacherConfig,
+    in_channels: int,
+    num_classes: int,
+    channel_names: list[str],
+    fold_val: list[str] | None = None,
 ) -> LoadedTeacher:
-    """Build a teacher's network with its weights (eval mode, CPU) and its taps."""
+    """Build a teacher's network with its weights (eval mode, CPU) and its taps.
+
+    Args:
+        fold_val: the validation cases of the fold a per-fold nnU-Net teacher serves (its splits must agree).
+    """
     from core.models.checkpoint import build_from_checkpoint
 
+    if teacher.nnunet is not None:
+        from core.nnunet_teacher import load_nnunet
+
+        if teacher.channels is not None:
+            _channel_order(teacher, channel_names)
+        return load_nnunet(teacher, num_classes, channel_names, fold_val)
     if teacher.bundle is not None:
         return _load_bundle(teacher, in_channels, num_classes, channel_names)
     if teacher.channels is not None:
@@ -262,6 +281,19 @@ def prepare_teacher_input(
     return np.ascontiguousarray(pc.image[order]), pc.affine
 
 
+def teacher_case_files(cfg: Config, teacher: TeacherConfig, case_id: str) -> list[Path]:
+    """A case's raw image files, in the teacher's channel order."""
+    ds = _dataset(cfg)
+    try:
+        case = ds.case(case_id)
+    except Exception:
+        raise ConfigError(
+            f"teacher '{teacher.name}' prepares cases from the raw dataset, which has no case '{case_id}' at "
+            f"{cfg.dataset.raw_dir}; point dataset.raw_dir at the dataset the store was made from"
+        ) from None
+    return [case.images[i] for i in _channel_order(teacher, list(ds.channel_names))]
+
+
 _DATASETS: dict[str, Any] = {}
 
 
@@ -293,11 +325,13 @@ def _resample(volume: np.ndarray, src_affine: np.ndarray, dst_affine: np.ndarray
     return np.asarray(out.numpy(), dtype=np.float32)
 
 
-def _tap_affine(affine: np.ndarray, stride: int) -> np.ndarray:
-    """The affine of a tap grid whose voxel ``u`` covers image voxels ``[u·s, (u+1)·s)``: centred on them."""
+def _tap_affine(affine: np.ndarray, stride: Any) -> np.ndarray:
+    """The affine of a tap grid whose voxel ``u`` covers image voxels ``[u·s, (u+1)·s)``: centred on them (``s`` one
+    stride, or one per axis)."""
+    s = np.broadcast_to(np.asarray(stride, dtype=np.float64), (3,))
     scale = np.eye(4)
-    scale[:3, :3] *= stride
-    scale[:3, 3] = (stride - 1) / 2.0
+    scale[:3, :3] = np.diag(s)
+    scale[:3, 3] = (s - 1) / 2.0
     return np.asarray(affine, dtype=np.float64) @ scale
 
 
@@ -306,14 +340,15 @@ def to_store_grid(
     src_affine: np.ndarray,
     dst_affine: np.ndarray,
     dst_shape: tuple[int, int, int],
-    spec: ModelSpec,
+    store_strides: dict[str, int],
 ) -> dict[str, np.ndarray]:
-    """A teacher's outputs on its own grid (``predict_volume``'s dict) resampled onto the store's grid."""
+    """A teacher's outputs on its own grid (``predict_volume``'s dict) resampled onto the store's grid, its maps
+    onto tap grids of ``store_strides``."""
     result = {"logits": _resample(out["logits"], src_affine, dst_affine, dst_shape)}
     src_shape = out["logits"].shape[1:]
-    for kind, tap in spec.taps.items():
-        stride = tap.stride
+    for kind, stride in store_strides.items():
         cells = tuple(s // stride for s in dst_shape)
+        src_stride = tuple(a / m for a, m in zip(src_shape, out[kind].shape, strict=True))
         full = F.interpolate(torch.from_numpy(out[kind])[None, None], size=tuple(src_shape), mode="trilinear",
                              align_corners=False)[0].numpy()  # fmt: skip
         on_store = torch.from_numpy(_resample(full, src_affine, dst_affine, dst_shape))[None]
@@ -321,7 +356,7 @@ def to_store_grid(
         if f"{kind}_features" in out:
             result[f"{kind}_features"] = _resample(
                 out[f"{kind}_features"],
-                _tap_affine(src_affine, stride),
+                _tap_affine(src_affine, src_stride),
                 _tap_affine(dst_affine, stride),
                 cells,
             )
@@ -333,7 +368,24 @@ def teacher_entry_fields(teacher: TeacherConfig) -> dict[str, Any]:
     if teacher.kind == "registry":
         return {}
     fields: dict[str, Any] = {"teacher_kind": teacher.kind, "channels": teacher.channels}
-    if teacher.bundle is not None:
+    if teacher.nnunet is not None:
+        from core.models.checkpoint import file_sha256
+        from core.nnunet_teacher import nnunet_folds
+
+        results = Path(teacher.nnunet.results)
+        fields["nnunet"] = {
+            "configuration": teacher.nnunet.configuration or results.name.split("__")[-1],
+            "folds": nnunet_folds(teacher),
+            "mirror": teacher.nnunet.mirror,
+            "plans_sha256": file_sha256(results / "plans.json")
+            if (results / "plans.json").is_file()
+            else None,
+            "checkpoints_sha256": [
+                file_sha256(p) if p.is_file() else None
+                for p in (results / f"fold_{f}" / teacher.nnunet.checkpoint for f in nnunet_folds(teacher))
+            ],
+        }
+    elif teacher.bundle is not None:
         fields["bundle_config_sha256"] = bundle_fingerprint(Path(teacher.bundle))
     else:
         fields["teacher_preprocessing"] = (
