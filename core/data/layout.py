@@ -114,6 +114,7 @@ class CaseFiles:
     """The files of one case: images in channel order, and its label.
 
     Attributes:
+        label: the label file; ``None`` for a case to predict (:mod:`core.data.inputs`).
         patient: the patient the case belongs to, where a layout has several studies per patient (PI-CAI): splits
             keep a patient's studies on one side of every fold. ``None``: the case is its own patient.
         box: a region to crop before anything else, in RAS world mm ``(x0, x1, y0, y1, z0, z1)`` (HECKTOR's
@@ -123,7 +124,7 @@ class CaseFiles:
 
     case_id: str
     images: tuple[Path, ...]
-    label: Path
+    label: Path | None
     patient: str | None = None
     box: tuple[float, float, float, float, float, float] | None = None
     channels_in_file: bool = False

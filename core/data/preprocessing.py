@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Hashable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -43,8 +44,10 @@ __all__ = [
     "NormalizeModalitiesd",
     "PreprocessedCase",
     "build_preprocessing",
+    "check_image_headers",
     "foreground_locations",
     "preprocess_case",
+    "preprocess_image",
 ]
 
 
@@ -168,16 +171,20 @@ def build_preprocessing(
     channel_names: tuple[str, ...],
     files: int | None = None,
     binarise_label: bool = False,
+    with_label: bool = True,
 ) -> Compose:
     """The MONAI pipeline for one case dict ``{"image_0": path, …, "label": path, "box": (6 floats) | None}``.
 
     Args:
         files: image files per case (default one per channel; 1 for a 4-D file holding every channel).
         binarise_label: label values ≥ 1 become one class.
+        with_label: ``False`` builds the same pipeline for the images alone (a case to predict, no ``label``
+            key): every step on the image is the same, so its result is the same voxel for voxel.
     """
     files = len(channel_names) if files is None else files
     images = image_keys(files)
-    keys = [*images, "label"]
+    label = ["label"] if with_label else []
+    keys = [*images, *label]
     reference = images[min(cfg.reference_channel, files - 1)]
     threshold, channel = cfg.foreground_threshold, cfg.foreground_channel
     load = LoadImaged(keys=keys, image_only=True)
@@ -195,12 +202,16 @@ def build_preprocessing(
             ToReferenceGridd(keys=keys, reference=reference),
             CropWorldBoxd(keys=keys, reference=reference),
             *stack,
-            *([BinariseLabeld(keys="label")] if binarise_label else []),
+            *([BinariseLabeld(keys="label")] if binarise_label and with_label else []),
             # labels stated, so MONAI's FutureWarning about their changing default is not printed on every run
-            Orientationd(keys=["image", "label"], axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),
-            Spacingd(keys=["image", "label"], pixdim=cfg.target_spacing, mode=("bilinear", "nearest")),
+            Orientationd(keys=["image", *label], axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),
+            Spacingd(
+                keys=["image", *label],
+                pixdim=cfg.target_spacing,
+                mode=("bilinear", "nearest")[: 1 + len(label)],
+            ),
             CropForegroundd(
-                keys=["image", "label"],
+                keys=["image", *label],
                 source_key="image",
                 select_fn=lambda x: x > threshold,
                 channel_indices=channel,
@@ -214,17 +225,18 @@ def build_preprocessing(
                 overrides=cfg.normalization,
             ),
             SpatialPadd(keys="image", spatial_size=cfg.min_size, mode="replicate"),
-            SpatialPadd(keys="label", spatial_size=cfg.min_size, mode="constant"),
+            *([SpatialPadd(keys="label", spatial_size=cfg.min_size, mode="constant")] if with_label else []),
             DivisiblePadd(keys="image", k=cfg.size_divisor, mode="replicate"),
-            DivisiblePadd(keys="label", k=cfg.size_divisor, mode="constant"),
+            *([DivisiblePadd(keys="label", k=cfg.size_divisor, mode="constant")] if with_label else []),
         ]
     )
 
 
 def case_input(case: CaseFiles) -> dict[str, object]:
-    """The pipeline's input dict for one case."""
-    return {**{k: str(p) for k, p in zip(image_keys(len(case.images)), case.images, strict=True)},
-            "label": str(case.label), "box": case.box}  # fmt: skip
+    """The pipeline's input dict for one case (no ``label`` key for a case to predict, whose label is ``None``)."""
+    images = {k: str(p) for k, p in zip(image_keys(len(case.images)), case.images, strict=True)}
+    label = {} if case.label is None else {"label": str(case.label)}
+    return {**images, **label, "box": case.box}
 
 
 @dataclass(frozen=True)
@@ -273,7 +285,7 @@ def _check_headers(case: CaseFiles, channels: int) -> tuple[np.ndarray, tuple[in
     that barely overlap are two different scans). Returns the reference grid's affine and shape, and the number of
     image files."""
     headers = {}
-    for path in (*case.images, case.label):
+    for path in (*case.images, *(() if case.label is None else (case.label,))):
         try:
             headers[path] = read_header(path)
         except DatasetError:
@@ -307,6 +319,17 @@ def _check_headers(case: CaseFiles, channels: int) -> tuple[np.ndarray, tuple[in
                 f"{ref_affine[:3, 3].round(2).tolist()}); are they of the same scan? Fix the files' affines"
             )
     return np.asarray(ref_affine, dtype=np.float64), tuple(int(s) for s in ref_shape), len(case.images)  # type: ignore[return-value]
+
+
+def check_image_headers(case: CaseFiles, channels: int) -> None:
+    """Check a case's image files from their headers alone, as :func:`preprocess_image` will (readable, 3-D or one
+    4-D file of every channel, modalities covering the same part of the world), so a batch of cases to predict is
+    refused before anything is written.
+
+    Raises:
+        DatasetError: naming the case, the file and the fix.
+    """
+    _check_headers(case, channels)
 
 
 def _check_label_values(
@@ -354,8 +377,32 @@ def preprocess_case(
     """
     original_affine, original_shape, _ = _check_headers(case, _channels_of(pipeline))
     _check_label_values(case, num_classes, binarise, allow_empty)
+    out = _run(pipeline, case)
+    image, affine = _finite_image(out, case)
+    label = np.asarray(out["label"].numpy()[0]).round().astype(np.uint8)
+    return PreprocessedCase(image, label, affine, original_affine, original_shape)
+
+
+def preprocess_image(pipeline: Compose, case: CaseFiles) -> PreprocessedCase:
+    """Run an image-only ``pipeline`` (``build_preprocessing(..., with_label=False)``) on a case to predict.
+
+    Returns:
+        The case with an empty (0, 0, 0) ``label``; ``affine`` maps its grid to the world (MONAI's ``MetaTensor``
+        carries it through reorientation, resampling, cropping and padding), so a prediction on it goes back onto
+        the original grid with :func:`core.geometry.to_original_geometry`.
+
+    Raises:
+        DatasetError: as :func:`preprocess_case`, for the image files.
+    """
+    original_affine, original_shape, _ = _check_headers(case, _channels_of(pipeline))
+    image, affine = _finite_image(_run(pipeline, case), case)
+    return PreprocessedCase(image, np.zeros((0, 0, 0), np.uint8), affine, original_affine, original_shape)
+
+
+def _run(pipeline: Compose, case: CaseFiles) -> dict[str, Any]:
+    """The pipeline's output for one case; a failure inside MONAI becomes one message naming the case."""
     try:
-        out = pipeline(case_input(case))
+        return pipeline(case_input(case))
     except DatasetError as exc:
         raise DatasetError(f"case '{case.case_id}': {exc}") from None
     except Exception as exc:  # a file whose header reads but whose data does not (truncated .nii.gz)
@@ -368,8 +415,11 @@ def preprocess_case(
                     "truncated — replace it"
                 ) from None
         raise DatasetError(f"case '{case.case_id}': preprocessing failed ({exc})") from None
+
+
+def _finite_image(out: dict[str, Any], case: CaseFiles) -> tuple[np.ndarray, np.ndarray]:
+    """The preprocessed (C, X, Y, Z) float32 image and its affine; NaN or Inf voxels are refused, naming the file."""
     image = np.asarray(out["image"].numpy(), dtype=np.float32)
-    label = np.asarray(out["label"].numpy()[0]).round().astype(np.uint8)
     if not np.isfinite(image).all():
         bad = [p for p in case.images if not np.isfinite(np.asarray(read_volume(p), dtype=np.float64)).all()]
         where = (
@@ -378,8 +428,7 @@ def preprocess_case(
             else "preprocessing produced NaN or Inf"
         )
         raise DatasetError(f"case '{case.case_id}': {where}; fix or remove the file(s)")
-    affine = np.asarray(out["image"].affine, dtype=np.float64)
-    return PreprocessedCase(image, label, affine, original_affine, original_shape)
+    return image, np.asarray(out["image"].affine, dtype=np.float64)
 
 
 def _channels_of(pipeline: Compose) -> int:
