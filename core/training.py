@@ -470,6 +470,9 @@ class TrainingRun:
         target_source: turns a batch into distillation targets; ``None`` when not distilling.
         capture_taps: record the model's coarse and fine features for the loss.
         meta: extra fields recorded in the checkpoints and summary (fold, training cases, …).
+        recorded: fields recorded in the checkpoints and summary beside ``meta`` that describe the run without
+            being part of its key (what they hold is already in it, e.g. the inputs the model expects, which
+            ``teachcache predict`` reads back), so recording more never makes a finished run look like another.
         holdout_cases: training cases held out of ``dataset`` to choose the headline checkpoint and stop early
             (``training.holdout``); empty: the final model is the headline.
         skip_done: when the run folder already holds a finished run with the same key (same settings, cases,
@@ -497,6 +500,7 @@ class TrainingRun:
     target_source: TargetSource | None = None
     capture_taps: bool = False
     meta: dict[str, Any] | None = None
+    recorded: dict[str, Any] | None = None
     holdout_cases: list[str] = field(default_factory=list)
     skip_done: bool = False
     original_geometry: bool = False
@@ -510,7 +514,7 @@ def fit(run: TrainingRun, progress: bool = True) -> FitResult:
         TrainingError: a loss term became NaN or infinite (the message names it), or the run folder cannot be
             written; nothing is published.
     """
-    out_dir, meta = run.out_dir, run.meta
+    out_dir, meta = run.out_dir, {**(run.meta or {}), **(run.recorded or {})}
     exported = run.checkpoint_path
     inside = exported is not None and exported.resolve().is_relative_to(out_dir.resolve())
     # a copy of the headline checkpoint inside the run folder is made in the staging folder; one configured outside
@@ -665,7 +669,8 @@ def _train(
     name, model, spec, args = run.name, run.model, run.spec, run.args
     in_channels, num_classes, dataset, store = run.in_channels, run.num_classes, run.dataset, run.store
     val_cases, cfg, inference, loss_fn = run.val_cases, run.cfg, run.inference, run.loss_fn
-    device, target_source, capture_taps, meta = run.device, run.target_source, run.capture_taps, run.meta
+    device, target_source, capture_taps = run.device, run.target_source, run.capture_taps
+    meta = {**(run.meta or {}), **(run.recorded or {})}
     model.to(device)
     train_model: nn.Module = model
     if ctx.active:

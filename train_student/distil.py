@@ -475,4 +475,12 @@ def student_run(
             "experiment_seed": cfg.seed,
             "training_seed": cfg.training.seed,
         },
+        # what `teachcache predict` and `export-model` need to feed the student as it was trained, so a run folder
+        # alone (without its config or store) predicts: already in the run key through the store and settings
+        recorded={
+            "channel_names": list(meta["channel_names"]),
+            "preprocessing": store.metadata["preprocessing"],
+            "inference": cfg.inference.model_dump(mode="json"),
+            "patch_size": list(cfg.training.patch_size),
+        },
     )
