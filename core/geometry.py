@@ -17,7 +17,7 @@ import torch
 
 from core.store import TeacherStore
 
-__all__ = ["original_label", "original_spacing", "to_original_geometry"]
+__all__ = ["original_label", "original_spacing", "probabilities_to_original_geometry", "to_original_geometry"]
 
 
 def to_original_geometry(
@@ -50,6 +50,44 @@ def to_original_geometry(
         spatial_size=tuple(int(s) for s in original_shape),
     )
     return np.asarray(out[0].numpy()).round().astype(np.uint8)
+
+
+def probabilities_to_original_geometry(
+    probabilities: np.ndarray,
+    affine: np.ndarray | list,
+    original_affine: np.ndarray | list,
+    original_shape: tuple[int, ...] | list,
+) -> np.ndarray:
+    """Resample class probabilities from the preprocessed grid onto the original grid (trilinear).
+
+    Voxels outside the preprocessed grid (cropped away as background) get background probability 1; at its edge,
+    where trilinear interpolation mixes in that outside, the missing mass goes to the background, so every voxel
+    still sums to 1.
+
+    Args:
+        probabilities: (K, X, Y, Z) on the preprocessed grid, summing to 1 over K; class 0 is the background.
+        affine: 4×4 voxel-to-world affine of the preprocessed grid.
+        original_affine: 4×4 voxel-to-world affine of the case's original files.
+        original_shape: the original (X, Y, Z) shape.
+
+    Returns:
+        (K, X', Y', Z') float32 on the original grid.
+    """
+    from monai.data import MetaTensor
+    from monai.transforms import SpatialResample
+
+    source = MetaTensor(
+        torch.from_numpy(np.asarray(probabilities, dtype=np.float32)),
+        affine=torch.as_tensor(np.asarray(affine, dtype=np.float64)),
+    )
+    out = SpatialResample(mode="bilinear", padding_mode="zeros", dtype=torch.float64)(
+        source,
+        dst_affine=torch.as_tensor(np.asarray(original_affine, dtype=np.float64)),
+        spatial_size=tuple(int(s) for s in original_shape),
+    )
+    resampled = np.clip(np.asarray(out.numpy(), dtype=np.float32), 0.0, 1.0)
+    resampled[0] += np.clip(1.0 - resampled.sum(axis=0), 0.0, 1.0)
+    return resampled
 
 
 def original_spacing(original_affine: np.ndarray | list) -> tuple[float, float, float]:
