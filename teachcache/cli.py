@@ -732,4 +732,4 @@ def _bench_prepare(config: Path, random_teachers: bool, quiet: bool) -> None:
         )
 
 
-from teachcache import cli_dataset, cli_look  # noqa: E402, F401  (register ls, show, export, view, stats, diff, dataset)
+from teachcache import cli_dataset, cli_look, cli_predict  # noqa: E402, F401  (register ls, show, export, view, stats, diff, dataset, predict, evaluate, export-model)
