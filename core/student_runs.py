@@ -177,6 +177,7 @@ def find_checkpoints(path: Path, folds: list[int] | None = None) -> list[tuple[P
             f"not found: {path}; pass a student's run folder (runs_dir/students/kd-<kind>/fold_<k>), its kd-<kind> "
             "folder, or a checkpoint file"
         )
+    implicit = folds is None
     if folds is None:
         present = {
             int(m[1].removeprefix("fold_"))
@@ -198,7 +199,12 @@ def find_checkpoints(path: Path, folds: list[int] | None = None) -> list[tuple[P
                 f"{base} has no run for fold {fold} (it has {', '.join(have) or 'none'}); train it with "
                 f"`make distil FOLD={fold}`, or leave it out of --folds"
             )
-        found.append((_run_checkpoint(run_dir), fold))
+        try:
+            found.append((_run_checkpoint(run_dir), fold))
+        except CheckpointError as exc:
+            if not implicit:
+                raise
+            raise CheckpointError(f"{exc}; or pick the finished folds with --folds") from None
     return found
 
 
