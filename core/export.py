@@ -33,8 +33,9 @@ TOLERANCE = 1e-4
 
 
 def record_path(model_path: Path) -> Path:
-    """The JSON beside an exported model: ``student.pt`` → ``student.json``."""
-    return model_path.with_suffix(".json")
+    """The JSON beside an exported model: ``student.pt`` → ``student.pt.json`` (a TorchScript and an ONNX export of
+    one name each keep their own)."""
+    return model_path.with_name(f"{model_path.name}.json")
 
 
 def exported_record(student: Student, model_file: str, runtime: str) -> dict[str, Any]:

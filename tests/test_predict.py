@@ -245,7 +245,7 @@ def test_export_round_trip_matches_pytorch(students, tmp_path):
         expected = student.model(x).numpy()
     record = json.loads(run("export-model", kd_dir / "fold_0", "-o", tmp_path / "student.pt", "--json"))
     assert record["check"]["max_abs_difference"] <= 1e-4
-    spec = json.loads((tmp_path / "student.json").read_text())
+    spec = json.loads((tmp_path / "student.pt.json").read_text())
     assert [c["name"] for c in spec["channels"]] == ["CT", "PET"] and spec["classes"] == [
         "background",
         "tumour",
@@ -258,7 +258,10 @@ def test_export_round_trip_matches_pytorch(students, tmp_path):
     pytest.importorskip("onnxruntime")
     import onnxruntime
 
-    run("export-model", kd_dir / "fold_0", "-o", tmp_path / "student.onnx", "--overwrite")
+    run(
+        "export-model", kd_dir / "fold_0", "-o", tmp_path / "student.onnx"
+    )  # its own JSON: no clash with .pt's
+    assert json.loads((tmp_path / "student.onnx.json").read_text())["model"]["runtime"] == "onnx"
     session = onnxruntime.InferenceSession(str(tmp_path / "student.onnx"), providers=["CPUExecutionProvider"])
     assert np.abs(session.run(None, {"image": x.numpy()})[0] - expected).max() < 1e-4
     assert "exists" in refused("export-model", kd_dir / "fold_0", "-o", tmp_path / "student.pt")
