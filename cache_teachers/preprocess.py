@@ -45,13 +45,18 @@ def preprocess_dataset(cfg: Config, overwrite: bool = False, progress: bool = Tr
     case_ids = [c.case_id for c in ds.cases]
     patients = {c.case_id: c.patient or c.case_id for c in ds.cases}
     split_file = splits_path(cfg)
-    shipped = (
-        Path(cfg.dataset.raw_dir) / "splits_final.json"
-    )  # an nnU-Net dataset's own folds, used as they are
-    if cfg.splits.file is None and not split_file.is_file() and shipped.is_file():
-        split_file = shipped
-    if cfg.splits.file is not None or split_file.is_file():
-        splits, source = load_splits(split_file, case_ids, patients), str(split_file)
+    # an nnU-Net dataset that ships its own folds (splits_final.json in raw_dir): used as they are, copied to runs
+    shipped = Path(cfg.dataset.raw_dir) / "splits_final.json"
+    source_file = split_file
+    if (
+        cfg.dataset.layout == "nnunet"
+        and cfg.splits.file is None
+        and not split_file.is_file()
+        and shipped.is_file()
+    ):
+        source_file = shipped
+    if cfg.splits.file is not None or source_file.is_file():
+        splits, source = load_splits(source_file, case_ids, patients), str(source_file)
     else:
         splits = make_splits(case_ids, cfg.splits.num_folds, cfg.splits.seed, patients)
         source = f"splits.num_folds={cfg.splits.num_folds}, splits.seed={cfg.splits.seed}"
@@ -128,6 +133,7 @@ def _write_store(
         "class_names": ds.class_names,
         "num_cases": len(ds.cases),
         "manifest_hash": ds.manifest_hash(),
+        "binarise_label": ds.binarise_label,  # raw labels scored in the original geometry are binarised too
     }
     store = TeacherStore.create(
         store_path,

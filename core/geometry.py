@@ -103,4 +103,7 @@ def original_label(store: TeacherStore, case_id: str) -> np.ndarray | None:
     path = Path(store.case_attrs(case_id)["source_files"][-1])
     if not path.is_file():
         return None
-    return np.asanyarray(nib.load(str(path)).dataobj).round().astype(np.uint8)
+    label = np.asanyarray(nib.load(str(path)).dataobj).round()
+    if store.metadata["dataset"].get("binarise_label"):  # PI-CAI: lesion grades ≥ 1 are the one csPCa class
+        label = label >= 1
+    return label.astype(np.uint8)

@@ -190,6 +190,7 @@ def test_hecktor_crops_the_world_box_keeps_suv_and_resamples_pet_onto_ct(tmp_pat
         {"raw_dir": str(root), "layout": "hecktor"},
         normalization={"PT": "none"},
         min_size=[16, 16, 16],
+        size_divisor=4,
     )
     _run(["preprocess", "-c", str(config), "-q"])
     store = TeacherStore.open(tmp_path / "store.zarr")
@@ -197,7 +198,7 @@ def test_hecktor_crops_the_world_box_keeps_suv_and_resamples_pet_onto_ct(tmp_pat
     case = "CHGJ007"
     attrs = store.case_attrs(case)
     image, label = store.read_image(case), store.read_label(case)
-    # cropped to the 40 mm box at 2 mm: 20 voxels (padded to 32 by size_divisor 16), not the 94 mm field of view
+    # cropped to the 40 mm box at 2 mm, not the 94 mm field of view
     affine = np.asarray(attrs["affine"])
     assert np.allclose(np.abs(np.diag(affine)[:3]), 2.0)
     ct_affine = nib.load(root / "hecktor_nii" / f"{case}_ct.nii.gz").affine
@@ -206,7 +207,8 @@ def test_hecktor_crops_the_world_box_keeps_suv_and_resamples_pet_onto_ct(tmp_pat
     np.testing.assert_allclose(
         lab_world[:3], centre[:3], atol=2.5
     )  # the tumour stays where it was in the world
-    assert image.shape[1:] == (32, 32, 32) and label.sum() > 0
+    # exactly the box: 40 mm at 2 mm is 20 voxels per axis (half-open on the resampled grid), whatever the CT's offset
+    assert image.shape[1:] == (20, 20, 20) and label.sum() > 0
     # PET kept in SUV (not z-scored): ~10 in the tumour, ~1 around it; it came from its own 4 mm grid
     pet = image[1]
     assert 6.0 < pet[label > 0].mean() <= 10.0 and abs(np.median(pet[label == 0]) - 1.0) < 0.2
@@ -319,6 +321,18 @@ def test_picai_reads_mha_skips_studies_without_masks_and_keeps_patients_together
     image, label = store.read_image("10000_1000000"), store.read_label("10000_1000000")
     assert image.shape[0] == 3 and set(np.unique(label)) <= {0, 1} and label.sum() > 0
     assert store.read_label("10001_1000001").sum() == 0  # lesion-free cases are kept
+    from core.geometry import original_label
+
+    assert set(np.unique(original_label(store, "10000_1000099"))) == {0, 1}  # raw grade 2 scored as csPCa
+
+    # the reference channel's grid is the one recorded as the original geometry (ADC here, on its 2 mm grid)
+    from core.data.preprocessing import build_preprocessing, preprocess_case
+
+    adc_ref = load_config(config).preprocessing.model_copy(update={"reference_channel": 1})
+    case = next(c for c in ds.cases if c.case_id == "10000_1000000")
+    pc = preprocess_case(build_preprocessing(adc_ref, ds.channel_names, 3, True), case, 2, True, True)
+    np.testing.assert_allclose(pc.original_affine, read_header(case.images[1])[1], atol=1e-6)
+    assert pc.original_shape == (16, 16, 18)
     assert np.isfinite(image).all()
     grid = np.abs(np.diag(np.asarray(store.case_attrs("10000_1000000")["affine"]))[:3])
     np.testing.assert_allclose(grid, [0.5, 0.5, 3.0])  # ADC and HBV were brought onto the T2W grid

@@ -11,7 +11,7 @@ import numpy as np
 from core.config import DatasetConfig
 from core.data.layout import CaseFiles, RawDataset
 from core.data.layouts import detect_layout, read_dataset
-from core.data.preprocessing import _check_headers, _check_label_values
+from core.data.preprocessing import _check_headers, _check_label_values, box_voxels
 from core.data.readers import read_header, read_volume
 from core.errors import DatasetError
 
@@ -22,30 +22,24 @@ def _spacing(affine: np.ndarray) -> list[float]:
     return [round(float(v), 4) for v in np.sqrt((affine[:3, :3] ** 2).sum(0))]
 
 
-def _box_problem(case: CaseFiles) -> str | None:
-    """Whether the case's world box misses its reference image (from the header alone)."""
+def _box_problem(case: CaseFiles, reference: int) -> str | None:
+    """Whether the case's world box misses its reference image (from the header alone), as the crop decides it."""
     if case.box is None:
         return None
-    shape, affine = read_header(case.images[0])
-    inverse = np.linalg.inv(affine)
-    box = case.box
-    corners = np.array([[x, y, z, 1.0] for x in box[0:2] for y in box[2:4] for z in box[4:6]])
-    voxels = (inverse @ corners.T)[:3]
-    lo, hi = voxels.min(axis=1), voxels.max(axis=1)
-    inside = (hi >= -0.5) & (lo <= np.asarray(shape[:3]) - 0.5)
-    if not inside.all():
-        return (
-            f"the bounding box {[round(v, 1) for v in box]} (RAS mm) lies outside the image {case.images[0]}"
-        )
+    path = case.images[min(reference, len(case.images) - 1)]
+    shape, affine = read_header(path)
+    start, end = box_voxels(case.box, affine, shape[:3])
+    if np.any(end <= start):
+        return f"the bounding box {[round(v, 1) for v in case.box]} (RAS mm) lies outside the image {path}"
     return None
 
 
-def _case_report(ds: RawDataset, case: CaseFiles, progress: Any = None) -> dict[str, Any]:
+def _case_report(ds: RawDataset, case: CaseFiles, progress: Any = None, reference: int = 0) -> dict[str, Any]:
     problems: list[dict[str, str]] = []
     notes: list[str] = []
     modalities: dict[str, dict[str, Any]] = {}
     try:
-        _check_headers(case, len(ds.channel_names))
+        _check_headers(case, len(ds.channel_names), reference)
     except DatasetError as exc:
         problems.append({"case": case.case_id, "problem": str(exc)})
     names = ds.channel_names if not case.channels_in_file else ("all channels",)
@@ -81,7 +75,7 @@ def _case_report(ds: RawDataset, case: CaseFiles, progress: Any = None) -> dict[
     except Exception as exc:
         problems.append({"case": case.case_id, "file": str(case.label), "problem": f"cannot read: {exc}"})
     try:
-        box = _box_problem(case)
+        box = _box_problem(case, reference)
         if box:
             problems.append({"case": case.case_id, "file": str(case.images[0]), "problem": box})
     except Exception as exc:
@@ -93,7 +87,11 @@ def _case_report(ds: RawDataset, case: CaseFiles, progress: Any = None) -> dict[
 
 
 def check_dataset(
-    cfg: DatasetConfig, layout: str | None = None, progress: Any = None, on_total: Any = None
+    cfg: DatasetConfig,
+    layout: str | None = None,
+    progress: Any = None,
+    on_total: Any = None,
+    reference: int = 0,
 ) -> dict[str, Any]:
     """Everything :func:`read_dataset` and preprocessing would refuse, per case, plus a summary of what is there.
 
@@ -113,7 +111,7 @@ def check_dataset(
                 "problems": [{"case": "(dataset)", "problem": str(exc)}]}  # fmt: skip
     if on_total is not None:
         on_total(len(ds.cases))
-    reports = [_case_report(ds, case, progress) for case in ds.cases]
+    reports = [_case_report(ds, case, progress, reference) for case in ds.cases]
     spacing: dict[str, dict[str, list[float]]] = {}
     shapes: dict[str, dict[str, list[int]]] = {}
     for r in reports:

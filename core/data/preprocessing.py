@@ -119,14 +119,45 @@ class ToReferenceGridd(MapTransform):
         return d
 
 
+def box_voxels(
+    box: tuple[float, ...] | list[float],
+    affine: np.ndarray,
+    shape: tuple[int, ...],
+    margin: int = 0,
+    half_open: bool = False,
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(start, end)`` voxel indices (end exclusive, clipped to ``shape``) of the voxels whose centres lie in a RAS
+    world box ``(x0, x1, y0, y1, z0, z1)`` on a grid, grown by ``margin`` voxels. ``half_open``: centres in [lo, hi) on
+    each axis, so an extent of n spacings holds exactly n voxels whatever the grid's offset (for a grid whose axes
+    run along the world's, as after ``Orientationd``)."""
+    inverse = np.linalg.inv(np.asarray(affine, dtype=np.float64))
+    corners = np.array([[x, y, z, 1.0] for x in box[0:2] for y in box[2:4] for z in box[4:6]])
+    voxels = (inverse @ corners.T)[:3]
+    lo, hi = voxels.min(axis=1), voxels.max(axis=1)
+    start = np.ceil(lo - 1e-6) - margin
+    end = (np.ceil(hi - 1e-6) if half_open else np.floor(hi + 1e-6) + 1) + margin
+    limit = np.asarray(shape[:3])
+    return np.clip(start, 0, limit).astype(int), np.clip(end, 0, limit).astype(int)
+
+
 class CropWorldBoxd(MapTransform):
     """Crop every key to the case's box in RAS world mm (``data["box"]`` = (x0, x1, y0, y1, z0, z1); absent or
-    ``None``: no crop): the voxels of the reference key's grid whose centres lie in the box. All keys are on that
-    grid (after :class:`ToReferenceGridd`)."""
+    ``None``: no crop): the voxels of the reference key's grid whose centres lie in the box (see :func:`box_voxels`).
 
-    def __init__(self, keys: KeysCollection, reference: str, box_key: str = "box"):
+    Used twice for HECKTOR: before resampling, on the CT grid with a one-voxel margin (so resampling has data up to
+    the box's faces), and after ``Spacingd``, half-open on the new grid, so a 144 mm box at 1 mm is exactly 144³.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        reference: str,
+        box_key: str = "box",
+        margin: int = 0,
+        half_open: bool = False,
+    ):
         super().__init__(keys)
-        self.reference, self.box_key = reference, box_key
+        self.reference, self.box_key, self.margin, self.half_open = reference, box_key, margin, half_open
 
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
         d = dict(data)
@@ -134,18 +165,17 @@ class CropWorldBoxd(MapTransform):
         if box is None:
             return d
         ref = d[self.reference]
-        shape = np.asarray(ref.shape[1:])
-        inverse = np.linalg.inv(np.asarray(ref.affine, dtype=np.float64))
-        corners = np.array([[x, y, z, 1.0] for x in box[0:2] for y in box[2:4] for z in box[4:6]])
-        voxels = (inverse @ corners.T)[:3]
-        start = np.clip(np.ceil(voxels.min(axis=1) - 1e-6), 0, shape).astype(int)
-        end = np.clip(np.floor(voxels.max(axis=1) + 1e-6) + 1, 0, shape).astype(int)
-        if np.any(end <= start):
+        shape = tuple(ref.shape[1:])
+        inside = box_voxels(
+            box, np.asarray(ref.affine), shape
+        )  # the box without margin must hold a voxel centre
+        if np.any(inside[1] <= inside[0]):
             extent = [(float(a), float(b)) for a, b in zip(box[0::2], box[1::2], strict=True)]
             raise DatasetError(
-                f"the bounding box {extent} (RAS mm) lies outside the image (voxels 0..{(shape - 1).tolist()}): check "
-                "the case's row in bbox.csv"
+                f"the bounding box {extent} (RAS mm) lies outside the image (voxels 0..{[s - 1 for s in shape]}): "
+                "check the case's row in bbox.csv"
             )
+        start, end = box_voxels(box, np.asarray(ref.affine), shape, self.margin, self.half_open)
         crop = SpatialCrop(roi_start=start.tolist(), roi_end=end.tolist())
         for key in self.key_iterator(d):
             d[key] = crop(d[key])
@@ -200,7 +230,7 @@ def build_preprocessing(
             load,
             EnsureChannelFirstd(keys=keys),
             ToReferenceGridd(keys=keys, reference=reference),
-            CropWorldBoxd(keys=keys, reference=reference),
+            CropWorldBoxd(keys=keys, reference=reference, margin=1),
             *stack,
             *([BinariseLabeld(keys="label")] if binarise_label and with_label else []),
             # labels stated, so MONAI's FutureWarning about their changing default is not printed on every run
@@ -210,6 +240,9 @@ def build_preprocessing(
                 pixdim=cfg.target_spacing,
                 mode=("bilinear", "nearest")[: 1 + len(label)],
             ),
+            CropWorldBoxd(
+                keys=["image", *label], reference="image", half_open=True
+            ),  # the box exactly, new grid
             CropForegroundd(
                 keys=["image", *label],
                 source_key="image",
@@ -279,7 +312,9 @@ def _overlap(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray],
 MIN_OVERLAP = 0.5
 
 
-def _check_headers(case: CaseFiles, channels: int) -> tuple[np.ndarray, tuple[int, int, int], int]:
+def _check_headers(
+    case: CaseFiles, channels: int, reference: int = 0
+) -> tuple[np.ndarray, tuple[int, int, int], int]:
     """Check every file of a case from its header: readable, 3-D (or one 4-D file of every channel), and every
     modality and the label covering the same part of the world (files on other grids are resampled, but two files
     that barely overlap are two different scans). Returns the reference grid's affine and shape, and the number of
@@ -302,7 +337,7 @@ def _check_headers(case: CaseFiles, channels: int) -> tuple[np.ndarray, tuple[in
                 "raw dataset stores each modality as its own file, CASE_0000, CASE_0001, …: split 4-D images into "
                 f"channels){f'; a Decathlon image holds {channels} channels last' if case.channels_in_file else ''}"
             )
-    ref_path = case.images[0]
+    ref_path = case.images[min(reference, len(case.images) - 1)]  # the grid the pipeline resamples onto
     ref_shape, ref_affine = headers[ref_path][0][:3], headers[ref_path][1]
     ref_box = _world_box(ref_shape, ref_affine)
     for path, (shape, affine) in headers.items():
@@ -333,7 +368,7 @@ def check_image_headers(case: CaseFiles, channels: int) -> None:
 
 
 def _check_label_values(
-    case: CaseFiles, num_classes: int, binarise: bool = False, allow_empty: bool = False
+    case: CaseFiles, num_classes: int, binarise: bool = False, allow_empty: bool = True
 ) -> None:
     """Label voxels must be integers in 0..K−1 (any integer ≥ 0 when binarised); a label without foreground is
     refused unless the dataset allows lesion-free cases."""
@@ -375,7 +410,7 @@ def preprocess_case(
             not cover the same part of the world, the label holds values that are not class indices (or no
             foreground where that is not allowed), a voxel is NaN, or the case's box lies outside the image.
     """
-    original_affine, original_shape, _ = _check_headers(case, _channels_of(pipeline))
+    original_affine, original_shape, _ = _check_headers(case, _channels_of(pipeline), _reference_of(pipeline))
     _check_label_values(case, num_classes, binarise, allow_empty)
     out = _run(pipeline, case)
     image, affine = _finite_image(out, case)
@@ -394,7 +429,7 @@ def preprocess_image(pipeline: Compose, case: CaseFiles) -> PreprocessedCase:
     Raises:
         DatasetError: as :func:`preprocess_case`, for the image files.
     """
-    original_affine, original_shape, _ = _check_headers(case, _channels_of(pipeline))
+    original_affine, original_shape, _ = _check_headers(case, _channels_of(pipeline), _reference_of(pipeline))
     image, affine = _finite_image(_run(pipeline, case), case)
     return PreprocessedCase(image, np.zeros((0, 0, 0), np.uint8), affine, original_affine, original_shape)
 
@@ -429,6 +464,14 @@ def _finite_image(out: dict[str, Any], case: CaseFiles) -> tuple[np.ndarray, np.
         )
         raise DatasetError(f"case '{case.case_id}': {where}; fix or remove the file(s)")
     return image, np.asarray(out["image"].affine, dtype=np.float64)
+
+
+def _reference_of(pipeline: Compose) -> int:
+    """The index of the image file the pipeline resamples every other onto."""
+    for t in pipeline.transforms:
+        if isinstance(t, ToReferenceGridd):
+            return int(str(t.reference).rsplit("_", 1)[-1])
+    return 0
 
 
 def _channels_of(pipeline: Compose) -> int:

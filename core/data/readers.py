@@ -93,6 +93,10 @@ def read_header(path: Path) -> tuple[tuple[int, ...], np.ndarray]:
         reader = sitk.ImageFileReader()
         reader.SetFileName(str(path))
         reader.ReadImageInformation()
+        if reader.GetDimension() != 3:
+            raise DatasetError(
+                f"{path} is a {reader.GetDimension()}-D image; every file must be one 3-D volume"
+            )
         info = (reader.GetSize(), reader.GetSpacing(), reader.GetOrigin(), reader.GetDirection())
         shape = tuple(int(s) for s in reader.GetSize())
         if reader.GetNumberOfComponents() > 1:
@@ -109,7 +113,12 @@ def read_volume(path: Path) -> np.ndarray:
     if is_itk_file(path):
         sitk = _sitk()
         image = sitk.ReadImage(str(path))
-        return sitk.GetArrayFromImage(image).T
+        array = sitk.GetArrayFromImage(image)  # (z, y, x) or (z, y, x, c)
+        return (
+            array.T
+            if image.GetNumberOfComponentsPerPixel() == 1
+            else np.moveaxis(array, -1, 0).T.transpose(1, 2, 3, 0)
+        )
     import nibabel as nib
 
     return np.asanyarray(nib.load(str(path)).dataobj)
