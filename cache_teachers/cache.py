@@ -293,6 +293,16 @@ def _sketches(
     return result
 
 
+def _describe(teacher: TeacherConfig, loaded: LoadedTeacher, inference: Any) -> dict[str, Any]:
+    """The parts of a loaded teacher its provenance records: network class, taps, window."""
+    return {
+        "arch": teacher.arch or type(loaded.model).__name__,
+        "taps": {k: {"module": t.module, "stride": t.stride} for k, t in loaded.spec.taps.items()},
+        "inference": inference.model_dump(mode="json"),
+        "inference_overlap_used": list(aligned_overlap(loaded.spec, inference)),
+    }
+
+
 def _provenance(
     cfg: Config,
     teacher: TeacherConfig,
@@ -300,12 +310,13 @@ def _provenance(
     ckpt_meta: dict[str, Any],
     sha: str,
     store: TeacherStore,
+    described: dict[str, Any],
 ) -> dict[str, Any]:
-    """The teacher copy's provenance, describing the last caching run; each entry records its own ``entry_key``."""
+    """The teacher copy's provenance, describing the last caching run; each entry records its own ``entry_key``.
+
+    ``described``: what planning found when it loaded the teacher (:func:`_describe`), so it is not loaded again.
+    """
     meta = store.metadata
-    loaded = _load_teacher(teacher, meta["dataset"])
-    spec = loaded.spec
-    inference = loaded.inference or cfg.inference_for(teacher)
     key = entry_key(cfg, teacher, sha, store)
     return {
         "name": teacher.name,
@@ -317,7 +328,7 @@ def _provenance(
         if teacher.preprocessing
         else None,
         "channels": teacher.channels,
-        "arch": teacher.arch or type(loaded.model).__name__,
+        "arch": described["arch"],
         "args": teacher.args,
         "in_channels": len(meta["dataset"]["channel_names"]),
         "out_channels": len(meta["dataset"]["class_names"]),
@@ -331,11 +342,11 @@ def _provenance(
         "val_mean_dice": ckpt_meta.get("val_mean_dice"),
         "holdout_mean_dice": ckpt_meta.get("holdout_mean_dice"),
         "holdout_cases": ckpt_meta.get("holdout_cases"),
-        "taps": {k: {"module": t.module, "stride": t.stride} for k, t in spec.taps.items()},
+        "taps": described["taps"],
         "attention_p": cfg.distillation.attention.p,
         "feature_sketch_channels": cfg.store.feature_sketch_channels,
-        "inference": inference.model_dump(mode="json"),
-        "inference_overlap_used": list(aligned_overlap(spec, inference)),
+        "inference": described["inference"],
+        "inference_overlap_used": described["inference_overlap_used"],
         "preprocessing_hash": meta["preprocessing_hash"],
         "dataset_manifest_hash": meta["dataset"]["manifest_hash"],
         "entry_key": key,
@@ -504,16 +515,16 @@ def _cache_locked(
             or store.entry_attrs(key, c).get("entry_hash") != wanted
             or bool(store.missing_chunks(f"teachers/{key}/{c}"))  # a lost chunk file: recompute
         ]
-        plans.append((teacher, fold, key, loaded.meta, sha, todo))
+        plans.append((teacher, fold, key, loaded.meta, sha, todo, _describe(teacher, loaded, inference)))
         del loaded
 
     store.drop_consolidated()  # rebuilt by store.consolidate() below
     summary = CacheSummary()
     client = _client(workers, scheduler) if (workers or scheduler) else None
     try:
-        for teacher, fold, key, ckpt_meta, sha, todo in plans:
+        for teacher, fold, key, ckpt_meta, sha, todo, described in plans:
             started = time.perf_counter()
-            provenance = _provenance(cfg, teacher, fold, ckpt_meta, sha, store)
+            provenance = _provenance(cfg, teacher, fold, ckpt_meta, sha, store, described)
             if not todo and key in store.teacher_keys():  # a no-op run keeps the last run's time
                 previous = store.teacher_metadata(key).get("cache_seconds")
                 if previous is not None:

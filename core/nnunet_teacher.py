@@ -24,10 +24,6 @@ from core.models.registry import ModelSpec, TapSpec
 
 __all__ = ["load_nnunet", "nnunet_folds", "predict_nnunet"]
 
-# what nnU-Net's checkpoints hold besides tensors and plain containers (numpy scalars in its logs and EMA):
-# allow-listed for torch.load(weights_only=True), nothing else
-_NNUNET_SAFE_TYPES = ("scalar", "dtype", "Float32DType", "Float64DType")
-
 
 def _nnunetv2() -> Any:
     try:
@@ -40,6 +36,8 @@ def _nnunetv2() -> Any:
 
 
 def _safe_globals() -> list[Any]:
+    """What nnU-Net's checkpoints hold besides tensors and plain containers (numpy scalars in its logs and EMA):
+    allow-listed for ``torch.load(weights_only=True)``, nothing else."""
     from numpy import dtypes
     from numpy._core import multiarray
 

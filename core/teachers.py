@@ -97,12 +97,13 @@ def _bundle_channel_names(bundle: Path) -> list[str] | None:
 
 def _strides(
     model: nn.Module, taps: dict[str, TapSpec], in_channels: int, roi: tuple[int, ...]
-) -> dict[str, int]:
-    """Each tap's stride, measured: one forward pass of a zero window, window size ÷ captured feature size."""
+) -> tuple[dict[str, int], int]:
+    """Each tap's stride, measured — one forward pass of a zero window, window size ÷ captured feature size — and
+    the number of output channels (classes)."""
     from core.models.taps import TapRecorder
 
     with torch.no_grad(), TapRecorder(model, taps) as recorder:
-        model(torch.zeros(1, in_channels, *roi))
+        classes = int(model(torch.zeros(1, in_channels, *roi)).shape[1])
         strides = {}
         for name, feats in recorder.features.items():
             ratios = {r // s for r, s in zip(roi, feats.shape[2:], strict=True)}
@@ -112,7 +113,7 @@ def _strides(
                     f"{roi}: not one integer stride on every axis; declare another module"
                 )
             strides[name] = ratios.pop()
-    return strides
+    return strides, classes
 
 
 def _load_bundle(
@@ -187,9 +188,11 @@ def _load_bundle(
             "taps: {coarse: {module: <deepest encoder module>}, fine: {module: <second-to-last decoder module>}}"
         )
     try:
-        strides = _strides(model, taps, len(wanted), tuple(inference.roi_size))
+        strides, classes = _strides(model, taps, len(wanted), tuple(inference.roi_size))
     except KeyError as exc:
         raise ConfigError(f"{who}: {exc.args[0]}") from None
+    if classes != num_classes:
+        raise ConfigError(f"{who}: its network predicts {classes} classes, the dataset has {num_classes}")
     taps = {k: replace(t, stride=strides[k]) for k, t in taps.items()}
     spec = ModelSpec(
         name=f"bundle:{teacher.name}",
@@ -259,14 +262,7 @@ def prepare_teacher_input(
     """
     from core.data.preprocessing import build_preprocessing, preprocess_case
 
-    ds = _dataset(cfg)
-    try:
-        case = ds.case(case_id)
-    except Exception:
-        raise ConfigError(
-            f"teacher '{teacher.name}' prepares cases from the raw dataset, which has no case '{case_id}' at "
-            f"{cfg.dataset.raw_dir}; point dataset.raw_dir at the dataset the store was made from"
-        ) from None
+    ds, case = _raw_case(cfg, teacher, case_id)
     order = _channel_order(teacher, list(ds.channel_names))
     if loaded.preprocessing is not None:
         files = [str(case.images[i]) for i in order] if not case.channels_in_file else [str(case.images[0])]
@@ -283,15 +279,22 @@ def prepare_teacher_input(
 
 def teacher_case_files(cfg: Config, teacher: TeacherConfig, case_id: str) -> list[Path]:
     """A case's raw image files, in the teacher's channel order."""
+    ds, case = _raw_case(cfg, teacher, case_id)
+    return [case.images[i] for i in _channel_order(teacher, list(ds.channel_names))]
+
+
+def _raw_case(cfg: Config, teacher: TeacherConfig, case_id: str) -> tuple[Any, Any]:
+    """The raw dataset (read once per process) and one case of it, for a teacher that prepares its own inputs."""
+    from core.errors import DatasetError
+
     ds = _dataset(cfg)
     try:
-        case = ds.case(case_id)
-    except Exception:
+        return ds, ds.case(case_id)
+    except DatasetError:
         raise ConfigError(
             f"teacher '{teacher.name}' prepares cases from the raw dataset, which has no case '{case_id}' at "
             f"{cfg.dataset.raw_dir}; point dataset.raw_dir at the dataset the store was made from"
         ) from None
-    return [case.images[i] for i in _channel_order(teacher, list(ds.channel_names))]
 
 
 _DATASETS: dict[str, Any] = {}
@@ -369,9 +372,12 @@ def teacher_entry_fields(teacher: TeacherConfig) -> dict[str, Any]:
         return {}
     fields: dict[str, Any] = {"teacher_kind": teacher.kind, "channels": teacher.channels}
     if teacher.nnunet is not None:
-        from core.models.checkpoint import file_sha256
+        from core.data.layout import FileHashCache, default_hash_cache
         from core.nnunet_teacher import nnunet_folds
 
+        # every entry's key names them: hashed once, then remembered by (path, size, mtime)
+        hashes = FileHashCache(default_hash_cache())
+        file_sha256 = hashes.sha256
         results = Path(teacher.nnunet.results)
         fields["nnunet"] = {
             "configuration": teacher.nnunet.configuration or results.name.split("__")[-1],
@@ -385,6 +391,7 @@ def teacher_entry_fields(teacher: TeacherConfig) -> dict[str, Any]:
                 for p in (results / f"fold_{f}" / teacher.nnunet.checkpoint for f in nnunet_folds(teacher))
             ],
         }
+        hashes.save()
     elif teacher.bundle is not None:
         fields["bundle_config_sha256"] = bundle_fingerprint(Path(teacher.bundle))
     else:

@@ -149,14 +149,7 @@ def _one_file_each(files: list[Path], channel_names: tuple[str, ...]) -> list[Ca
     for path in files:
         case_id = strip_suffix(path.name) or path.name
         _check_id(case_id, path)
-        try:
-            shape = read_header(path)[0]
-        except DatasetError:
-            raise
-        except Exception as exc:  # nibabel and ITK raise many types for a corrupt or foreign file
-            raise DatasetError(
-                f"{path}: cannot read its header ({exc}); replace the file with a valid image"
-            ) from None
+        shape = read_header(path)[0]
         channels = shape[3] if len(shape) == 4 else 1
         if channels != len(channel_names):
             names = ", ".join(channel_names)

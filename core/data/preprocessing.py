@@ -323,12 +323,8 @@ def _check_headers(
     for path in (*case.images, *(() if case.label is None else (case.label,))):
         try:
             headers[path] = read_header(path)
-        except DatasetError:
-            raise
-        except Exception as exc:  # nibabel and ITK raise many types for a corrupt or foreign file
-            raise DatasetError(
-                f"case '{case.case_id}': cannot read {path} ({exc}); replace the file with a valid image"
-            ) from None
+        except DatasetError as exc:
+            raise DatasetError(f"case '{case.case_id}': {exc}") from None
     for path, (shape, _) in headers.items():
         four_d_ok = case.channels_in_file and path != case.label and len(shape) == 4 and shape[3] == channels
         if len(shape) != 3 and not (len(shape) == 4 and shape[3] == 1) and not four_d_ok:

@@ -88,6 +88,15 @@ class SimpleITKReader(ImageReader):
 
 def read_header(path: Path) -> tuple[tuple[int, ...], np.ndarray]:
     """A file's full shape and RAS affine from its header alone (no voxels read)."""
+    try:
+        return _read_header(path)
+    except DatasetError:
+        raise
+    except Exception as exc:  # nibabel and ITK raise many types for a corrupt or foreign file
+        raise DatasetError(f"cannot read {path} ({exc}); replace the file with a valid image") from None
+
+
+def _read_header(path: Path) -> tuple[tuple[int, ...], np.ndarray]:
     if is_itk_file(path):
         sitk = _sitk()
         reader = sitk.ImageFileReader()
@@ -114,11 +123,7 @@ def read_volume(path: Path) -> np.ndarray:
         sitk = _sitk()
         image = sitk.ReadImage(str(path))
         array = sitk.GetArrayFromImage(image)  # (z, y, x) or (z, y, x, c)
-        return (
-            array.T
-            if image.GetNumberOfComponentsPerPixel() == 1
-            else np.moveaxis(array, -1, 0).T.transpose(1, 2, 3, 0)
-        )
+        return array.T if image.GetNumberOfComponentsPerPixel() == 1 else np.transpose(array, (2, 1, 0, 3))
     import nibabel as nib
 
     return np.asanyarray(nib.load(str(path)).dataobj)
