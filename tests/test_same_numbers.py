@@ -1,0 +1,129 @@
+"""Same numbers, bit for bit: tiny student runs whose final weights and Dice were recorded from the code as it was.
+
+Written before the reorganisation of ``core`` (issue 22) and kept after it: any change meant to move code without
+changing behaviour must reproduce these runs exactly on CPU. Students only (SwinUNETR's CPU training is not
+reproducible); the teachers are fixed random initialisations (seeded), cached by the real cache stage, so every
+recipe reads real store targets. A change that is *meant* to change a recipe's numbers updates the table below in
+the same commit and says why.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import TINY_TEACHER_TRAINING, tiny_config_dict, write_config
+
+# (recipe, source) -> (sha256 of the final state_dict, final validation mean Dice), from torch 2.13.0 on x86-64 CPU
+PINNED: dict[tuple[str, str], tuple[str, float]] = {
+    ("none", "cache"): (
+        "a12a0424afae9778f51353ed034da42d0c5941e255b9be0f40aa5fe2047d9c43",
+        0.02726603951305151,
+    ),
+    ("teachformer", "cache"): (
+        "87dfff6b917c322cb9724799b49d1ef90a9a900bf892c97d49b5f19a963080a8",
+        0.023070513270795345,
+    ),
+    ("relation", "cache"): (
+        "241af94383a440e36fed09e3dfd468017e5e6e77100fce37d23e9cf5d52db124",
+        0.0028735632076859474,
+    ),
+    ("mskd", "cache"): (
+        "ff2ecb3dbb376df7ab2d5d569093e7570c5f9a71299d1c4c4706e8e76b77540a",
+        0.016063041053712368,
+    ),
+    ("mixed", "cache"): ("572548284f34d96eeb35e17e387800a7fefd3a0622c7d1269514c202ad8919f7", 0.0),
+    ("teachformer", "online"): (
+        "7f1a8258320a384878c5c44e8d932b7e07734950dda24345a743c7ae75e378d6",
+        0.01699171867221594,
+    ),
+    ("mixed", "online"): (
+        "ad9c96b7820153359ce1703d556779e7d79e9bf1a6b2e132f550fae68ef71b86",
+        0.0006485054909717292,
+    ),
+}
+PINNED_TORCH = "2.13.0"
+
+RECIPES: dict[str, list[dict]] = {
+    "none": [],
+    "teachformer": [{"name": "pwd", "weight": 1.0}, {"name": "afs", "weight": 1.0}],
+    "relation": [
+        {"name": "pwd", "weight": 1.0},
+        {"name": "affinity", "weight": 1.0},
+        {"name": "gram", "weight": 1.0, "args": {"kernel": "rbf"}},
+    ],
+    "mskd": [{"name": "ffd", "weight": 1.0}, {"name": "rgd", "weight": 1.0}],
+    "mixed": [
+        {"name": "pwd", "weight": 0.5, "teacher_weights": "confidence"},
+        {"name": "cwd", "weight": 0.5},
+        {"name": "dist", "weight": 0.5},
+        {"name": "afs", "weight": 1.0},
+    ],
+}
+RUNS = [(kind, "cache") for kind in RECIPES] + [("teachformer", "online"), ("mixed", "online")]
+
+
+def state_dict_sha256(state: dict[str, torch.Tensor]) -> str:
+    digest = hashlib.sha256()
+    for key in sorted(state):
+        tensor = state[key].detach().cpu().contiguous()
+        digest.update(key.encode())
+        digest.update(str(tensor.dtype).encode())
+        digest.update(str(tuple(tensor.shape)).encode())
+        digest.update(tensor.numpy().tobytes())
+    return digest.hexdigest()
+
+
+@pytest.fixture(scope="module")
+def random_teacher_store(tmp_path_factory) -> Path:
+    """Two seeded random teachers (UNETR, DynUNet) cached into a tiny store with feature sketches."""
+    from cache_teachers import cache_teachers, preprocess_dataset
+    from core.config import load_config
+    from core.data.synthetic import write_synthetic_dataset
+    from core.models import create_model
+    from core.models.checkpoint import save_checkpoint
+
+    root = tmp_path_factory.mktemp("same-numbers")
+    data = tiny_config_dict(root)
+    data["teachers"] = [t for t in data["teachers"] if t["name"] != "swin"]
+    data["store"]["feature_sketch_channels"] = 4
+    data["training"] = {**TINY_TEACHER_TRAINING, "epochs": 2, "val_every": 1}
+    path = write_config(root, data)
+    cfg = load_config(path)
+    write_synthetic_dataset(cfg.dataset.synthetic, cfg.dataset.raw_dir, progress=False)
+    preprocess_dataset(cfg, progress=False)
+    for i, teacher in enumerate(cfg.teachers):
+        torch.manual_seed(100 + i)
+        model = create_model(teacher.arch, 2, 2, teacher.args)
+        save_checkpoint(teacher.checkpoint, model, teacher.arch, 2, 2, teacher.args, {"train_cases": []})
+    cache_teachers(cfg, progress=False)
+    return path
+
+
+@pytest.mark.parametrize(("kind", "source"), RUNS, ids=[f"{k}-{s}" for k, s in RUNS])
+def test_a_student_run_reproduces_its_recorded_weights_and_dice(random_teacher_store, kind, source):
+    if torch.__version__.split("+")[0] != PINNED_TORCH:
+        pytest.skip(f"numbers pinned with torch {PINNED_TORCH}, this is {torch.__version__}")
+    import yaml
+
+    from core.config import load_config
+    from core.models.checkpoint import load_checkpoint
+    from train_student import distil
+
+    data = yaml.safe_load(random_teacher_store.read_text())
+    data["distillation"] = {"kind": kind, "temperature": 2.0, "source": source, "terms": RECIPES[kind]}
+    path = random_teacher_store.parent / f"{kind}-{source}.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    cfg = load_config(path)
+    result = distil(cfg, 0, progress=False)
+    sha = state_dict_sha256(load_checkpoint(result.checkpoint_final).state_dict)
+    print(f"PINNED[({kind!r}, {source!r})] = ({sha!r}, {result.final_mean_dice!r})")
+    assert (kind, source) in PINNED, (
+        f"no pinned numbers for {kind}/{source}: {sha} {result.final_mean_dice!r}"
+    )
+    want_sha, want_dice = PINNED[(kind, source)]
+    assert result.final_mean_dice == want_dice
+    assert sha == want_sha
