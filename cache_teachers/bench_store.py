@@ -18,11 +18,11 @@ import zarr
 
 from core.config import Config
 from core.data.patches import PatchDataset, TargetRequest
-from core.encoding import ENCODINGS, kl_per_voxel, softmax
 from core.experiment import fold_split, open_store_for
 from core.inference import predict_volume, resolve_device
 from core.models.checkpoint import build_from_checkpoint
-from core.store import compressor_for
+from core.store.encoding import ENCODINGS, kl_per_voxel, softmax
+from core.store.teacher_store import compressor_for
 
 __all__ = ["EncodingResult", "bench_encodings", "bench_patch_read"]
 
@@ -64,7 +64,7 @@ def _teacher_logits(cfg: Config, cases: list[str]) -> list[np.ndarray]:
 
 
 def bench_encodings(cfg: Config, num_cases: int = 4) -> list[EncodingResult]:
-    """Measure every encoding in :data:`core.encoding.ENCODINGS` on the configured teachers' outputs."""
+    """Measure every encoding in :data:`core.store.encoding.ENCODINGS` on the configured teachers' outputs."""
     store = open_store_for(cfg)
     _, val = fold_split(cfg, store, 0)
     logits = _teacher_logits(cfg, val[:num_cases])

@@ -37,17 +37,17 @@ from core.errors import CheckpointError, ConfigError, StoreError, TeachCacheErro
 from core.experiment import entry_key, open_store_for, store_splits
 from core.inference import aligned_overlap, check_window, predict_volume, resolve_device
 from core.models.checkpoint import file_sha256
-from core.nnunet_teacher import predict_nnunet
 from core.progress import track
-from core.sketch import relation_errors, sketch_features
-from core.store import TeacherStore, entry_hash, store_write_lock
-from core.teachers import (
+from core.store.sketch import relation_errors, sketch_features
+from core.store.teacher_store import TeacherStore, entry_hash, store_write_lock
+from core.teachers.kinds import (
     LoadedTeacher,
     load_teacher,
     prepare_teacher_input,
     teacher_case_files,
     to_store_grid,
 )
+from core.teachers.nnunet import predict_nnunet
 
 __all__ = ["KILL_AFTER_ENTRIES_ENV", "CacheSummary", "cache_teachers", "cache_units", "compute_entry"]
 
@@ -403,7 +403,7 @@ def cache_teachers(
 
     Raises:
         StoreError: the store is missing, stale, cannot be written, or is being written by another process (its
-            write lock, :func:`core.store.store_write_lock`, is held for the whole run).
+            write lock, :func:`core.store.teacher_store.store_write_lock`, is held for the whole run).
         CheckpointError: a checkpoint is missing, unsafe, made for another fold, or does not fit its declared
             architecture.
         ConfigError: no teachers configured, a fold the store's splits do not have, window settings a network

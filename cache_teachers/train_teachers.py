@@ -1,6 +1,6 @@
 """Train the demo teachers for one fold (no pretrained weights can be downloaded here).
 
-Uses the same loop as students (``core.training.fit``) with the segmentation loss only. A real user skips this
+Uses the same loop as students (``core.training.loop.fit``) with the segmentation loss only. A real user skips this
 and points each teacher's ``checkpoint`` at their own trained weights.
 """
 
@@ -13,14 +13,14 @@ import torch
 from core.config import Config
 from core.data.patches import PatchDataset
 from core.data.splits import holdout_split
-from core.distillation import DistillationObjective
 from core.errors import CheckpointError, ConfigError
 from core.experiment import fold_split, open_store_for, raw_dataset_status, splits_path, teacher_dir
 from core.inference import check_window, resolve_device
-from core.losses import SegmentationLoss
+from core.losses.distillation import DistillationObjective
+from core.losses.plain import SegmentationLoss
 from core.models import create_model, get_spec
 from core.models.checkpoint import load_checkpoint
-from core.training import FitResult, TrainingRun, fit, run_seed
+from core.training.loop import FitResult, TrainingRun, fit, run_seed
 
 __all__ = ["train_teachers"]
 

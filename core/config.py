@@ -28,6 +28,7 @@ from pydantic import (
 )
 
 from core.errors import ConfigError
+from core.terms import TERM_SPECS
 
 __all__ = [
     "AttentionConfig",
@@ -389,10 +390,9 @@ class TermConfig(_Strict):
     @field_validator("name")
     @classmethod
     def _registered(cls, v: str) -> str:
-        from core.distillation import TERMS  # registered terms; imported late (it imports this module)
 
-        if v not in TERMS:
-            raise ValueError(f"unknown distillation term '{v}'; registered: {', '.join(sorted(TERMS))}")
+        if v not in TERM_SPECS:
+            raise ValueError(f"unknown distillation term '{v}'; registered: {', '.join(sorted(TERM_SPECS))}")
         return v
 
 

@@ -19,12 +19,11 @@ from typing import Any
 from core.config import Config, TeacherConfig
 from core.data.splits import check_splits, fold_cases, load_splits, splits_difference
 from core.errors import StoreError
-from core.store import TeacherStore
+from core.store.teacher_store import TeacherStore
 
 __all__ = [
     "RawDataChangedWarning",
     "entry_key",
-    "entry_key_difference",
     "fold_split",
     "open_store_for",
     "raw_dataset_status",
@@ -120,7 +119,7 @@ def entry_key(
 ) -> dict[str, Any]:
     """Everything a (teacher, case) entry is computed from, as a canonical JSON-able dict.
 
-    ``teachcache cache`` writes it (and its :func:`core.store.entry_hash`) into every entry and recomputes an entry
+    ``teachcache cache`` writes it (and its :func:`core.store.teacher_store.entry_hash`) into every entry and recomputes an entry
     whose hash differs from the wanted one; stage 2 and ``teachcache verify`` compare entries with it. The case's
     own content is fixed by the store (its preprocessing hash and dataset manifest).
 
@@ -135,7 +134,7 @@ def entry_key(
         "feature_sketch_stride", "feature_sketch_dtype", "softmax_encoding", "margin_reference",
         "preprocessing_hash"}``.
     """
-    from core.teachers import teacher_entry_fields
+    from core.teachers.kinds import teacher_entry_fields
 
     encoding = store.encoding
     key = {
@@ -158,13 +157,6 @@ def entry_key(
         ),  # a teacher fed its own way: its preprocessing, channels, bundle config
     }
     return json.loads(json.dumps(key))  # as it reads back from the store's JSON (tuples become lists)
-
-
-def entry_key_difference(stored: dict[str, Any] | None, wanted: dict[str, Any]) -> list[str]:
-    """The fields of ``wanted`` that a stored entry key lacks or holds another value for (all when no key)."""
-    if not isinstance(stored, dict):
-        return list(wanted)
-    return [k for k, v in wanted.items() if stored.get(k) != v]
 
 
 class RawDataChangedWarning(UserWarning):

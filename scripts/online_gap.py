@@ -33,11 +33,11 @@ from core.config import load_config
 from core.data.patches import PatchDataset, TargetRequest
 from core.experiment import fold_split, open_store_for
 from core.inference import predict_volume, resolve_device
-from core.losses import normalise_map
+from core.losses.plain import normalise_map
 from core.models.checkpoint import build_from_checkpoint
 from core.models.registry import get_spec
 from core.models.taps import TapRecorder, attention_map
-from core.store import ATTENTION_KINDS
+from core.store.teacher_store import ATTENTION_KINDS
 
 
 def _dice_counts(probs: np.ndarray, label: np.ndarray, num_classes: int) -> np.ndarray:

@@ -20,11 +20,11 @@ import torch
 
 from core.config import load_config
 from core.data.patches import PatchDataset, TargetRequest, targets_from_batch
-from core.distillation import build_objective
 from core.experiment import fold_split, open_store_for
+from core.losses.distillation import build_objective
 from core.models import TapRecorder, create_model, get_spec
 from core.models.checkpoint import load_checkpoint
-from core.training import run_seed
+from core.training.loop import run_seed
 
 
 def main() -> None:

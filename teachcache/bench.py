@@ -5,7 +5,7 @@ One run measures, for a preset (``cpu``: the demo's sizes; ``gpu``: the paper's)
 1. **Training steps** of the same student, batch and patch (median over many steps after warm-up), each
    configuration in its own fresh process: (a) plain supervised, (b) distilled from the cache (TeachFormer's
    terms; also the relation and MSKD recipes), (c) distilled online with the fold's teachers in memory. Each step
-   is :func:`core.training.train_step`, the training loop's own; timed once with the batch already in memory
+   is :func:`core.training.loop.train_step`, the training loop's own; timed once with the batch already in memory
    (compute) and once including the wait for the loader (what a run pays with the configured workers).
 2. **Peak memory** of each: CUDA peak allocated on a GPU, peak RSS of the process on a CPU.
 3. **The store**: stored bytes per case voxel per teacher of every array kind, files per case, the softmax
@@ -130,7 +130,7 @@ def _time_steps(
     from core.config import load_config
     from core.data.patches import EpochSampler
     from core.models.taps import TapRecorder
-    from core.training import Optimisation, resolve_num_workers, train_step
+    from core.training.loop import Optimisation, resolve_num_workers, train_step
     from train_student.distil import student_run
 
     torch.manual_seed(0)
@@ -242,8 +242,8 @@ def bench_store(config: str, fold: int = 0) -> dict[str, Any]:
     """Bytes per voxel per teacher of every teacher array kind, files per case, KL of the encoding, extrapolation."""
     from cache_teachers.bench_store import bench_encodings
     from core.config import load_config
-    from core.encoding import DEFAULT_ENCODING
     from core.experiment import open_store_for
+    from core.store.encoding import DEFAULT_ENCODING
 
     cfg = load_config(config)
     store = open_store_for(cfg)
@@ -312,7 +312,7 @@ def bench_cache_stage(config: str, fold: int = 0) -> dict[str, Any]:
     from core.inference import predict_volume, resolve_device
     from core.models.checkpoint import build_from_checkpoint
     from core.models.registry import get_spec
-    from core.store import TeacherStore
+    from core.store.teacher_store import TeacherStore
 
     cfg = load_config(config)
     store = open_store_for(cfg)
@@ -415,7 +415,7 @@ def write_paper_store(
     from scipy.ndimage import gaussian_filter
 
     from core.models.registry import get_spec
-    from core.store import TeacherStore
+    from core.store.teacher_store import TeacherStore
 
     rng = np.random.default_rng(seed)
     store = TeacherStore.create(

@@ -275,7 +275,7 @@ def _one_line_warnings() -> Iterator[None]:
     """TeachCache's own warnings as one line each, printed as they happen; others as Python prints them."""
     import warnings
 
-    from core.training import ResumeDiscardedWarning
+    from core.training.loop import ResumeDiscardedWarning
     from train_student.distil import RawDataChangedWarning, TapGridWarning
 
     ours = (RawDataChangedWarning, TapGridWarning, ResumeDiscardedWarning)
@@ -324,8 +324,8 @@ def verify(
     Exit codes: 0 the store is sound; 1 problems found (listed); 2 not a store, or a bad argument; 3 the check
     itself could not finish (the message says why) — so scripts can tell a bad store from a failed check.
     """
-    from core.store import TeacherStore
-    from core.verify import verify_store
+    from core.store.teacher_store import TeacherStore
+    from core.store.verify import verify_store
 
     expected = [t.name for t in _load(config).teachers] if config is not None else None
     opened = TeacherStore.open(store)
@@ -392,9 +392,9 @@ def inspect(
 ) -> None:
     """Show a store's teachers, cases and arrays (shapes, dtypes, chunks, shards, codecs, stored vs raw bytes) and
     each teacher's provenance."""
-    from core.inspection import describe_store
-    from core.store import TeacherStore
-    from core.views import resolve_case, resolve_teachers
+    from core.inspection.describe import describe_store
+    from core.inspection.views import resolve_case, resolve_teachers
+    from core.store.teacher_store import TeacherStore
 
     opened = TeacherStore.open(store)
     keys = None
@@ -475,7 +475,7 @@ def report(
 ) -> None:
     """Every run over the folds it was trained on, per case, with paired tests against the no-KD student; or,
     with --fold, one fold's table with each stage's wall time."""
-    from core.report import build_report
+    from core.evaluation.report import build_report
 
     cfg = _load(config)
     if fold is None:
@@ -502,7 +502,7 @@ def report(
 
 
 def _cv_report(cfg) -> None:
-    from core.cv_report import build_cv_report
+    from core.evaluation.cv_report import build_cv_report
 
     rep = build_cv_report(cfg)
     t = Table(title=f"{rep['experiment']}: headline models over the folds trained (Dice per case)")

@@ -28,7 +28,7 @@ QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="No progress ba
 
 
 def _open(store: str):
-    from core.store import TeacherStore
+    from core.store.teacher_store import TeacherStore
 
     return TeacherStore.open(store)
 
@@ -88,7 +88,7 @@ def ls(store: StoreArg, as_json: JsonOption = False) -> None:
 
 
 def _axis(axis: str) -> int:
-    from core.views import AXES
+    from core.inspection.views import AXES
 
     key = axis.lower()
     if key in AXES:
@@ -122,7 +122,7 @@ def show(
 ) -> None:
     """Draw one slice of a case as a PNG: image channels, label, where the teachers disagree, and per teacher its
     foreground probability and coarse and fine attention maps over the scan."""
-    from core.views import render_case, resolve_case, resolve_teachers
+    from core.inspection.views import render_case, resolve_case, resolve_teachers
 
     s = _open(store)
     case_id = resolve_case(s, case)
@@ -156,7 +156,7 @@ def export(
 ) -> None:
     """Write a teacher's probabilities or attention map of one case as NIfTI in the case's geometry, to open over
     the scan in 3D Slicer or ITK-SNAP."""
-    from core.views import export_nifti, resolve_case, resolve_teachers
+    from core.inspection.views import export_nifti, resolve_case, resolve_teachers
 
     s = _open(store)
     case_id = resolve_case(s, case)
@@ -181,7 +181,7 @@ def view(
 ) -> None:
     """Open a case in napari: image channels, label, each teacher's probability and attention maps as layers at
     their true scale, read lazily from Zarr. Needs the viewer extra: pip install 'teachcache[viewer]'."""
-    from core.views import napari_layers, resolve_case, resolve_teachers
+    from core.inspection.views import napari_layers, resolve_case, resolve_teachers
 
     try:
         import napari
@@ -218,7 +218,7 @@ def stats(
 ) -> None:
     """Per teacher: Dice against the labels, mean entropy, calibration (ECE) and agreement with the other teachers,
     each case scored by the teacher copy that did not train on it; computed in parallel with dask."""
-    from core.store_stats import stats_chart, store_stats
+    from core.inspection.stats import stats_chart, store_stats
 
     s = _open(store)
     folder = output if output is not None else _beside_store(store) / "stats"
@@ -265,7 +265,7 @@ def diff(
 ) -> None:
     """Compare two stores of the same cases (two encodings, two checkpoints): per teacher and array, the max and mean
     absolute difference of the decoded values and, for the softmax, KL(A ‖ B)."""
-    from core.store_stats import diff_stores
+    from core.inspection.stats import diff_stores
 
     a, b = _open(store_a), _open(store_b)
     with _bar("diff", not quiet and not as_json) as (on_total, advance):

@@ -82,9 +82,9 @@ def predict(
 ) -> None:
     """Segment new cases with a trained student: the run's own preprocessing, sliding windows (mixed precision on
     CUDA), folds averaged, and a label map per case in the input image's own geometry (shape, affine, orientation)."""
+    from core.deploy.predict import predict_cases
+    from core.deploy.student_runs import load_students
     from core.inference import resolve_device
-    from core.predict import predict_cases
-    from core.student_runs import load_students
 
     if device not in ("auto", "cpu", "cuda"):
         raise TeachCacheError(f"--device must be cpu, cuda or auto, got '{device}'")
@@ -130,7 +130,7 @@ def evaluate(
 ) -> None:
     """Dice and HD95 per case and class, and their means, with the metric code validation uses, at each label
     file's spacing."""
-    from core.scoring import evaluate_folder
+    from core.evaluation.scoring import evaluate_folder
 
     scores = evaluate_folder(pred_dir, label_dir)
     if as_json:
@@ -181,8 +181,8 @@ def export_model(
 ) -> None:
     """Export a student as TorchScript or ONNX, checked against PyTorch on a random window, with the inputs it
     expects (channels, spacing, orientation, normalisation, classes, window) in a JSON beside it (docs/deploy.md)."""
-    from core.export import export_student, record_path
-    from core.student_runs import find_checkpoints, load_student
+    from core.deploy.export import export_student, record_path
+    from core.deploy.student_runs import find_checkpoints, load_student
 
     found = find_checkpoints(run, [fold] if fold is not None else None)
     if len(found) > 1:

@@ -51,7 +51,7 @@ def run_cv(
         StoreError, CheckpointError, TrainingError: as the stages raise them (each names its fix).
     """
     from cache_teachers import cache_teachers, train_teachers
-    from core.cv_report import build_cv_report
+    from core.evaluation.cv_report import build_cv_report
     from train_student import distil
 
     num_folds = len(store_splits(cfg, open_store_for(cfg)))

@@ -17,7 +17,7 @@ def _hash_cache_in_a_temporary_folder(tmp_path_factory):
     """Tests remember raw-file hashes under a temporary folder, not in the user's ~/.cache."""
     import os
 
-    from core.data.layout import CACHE_DIR_ENV
+    from core.user_cache import CACHE_DIR_ENV
 
     previous = os.environ.get(CACHE_DIR_ENV)
     os.environ[CACHE_DIR_ENV] = str(tmp_path_factory.mktemp("teachcache-cache"))

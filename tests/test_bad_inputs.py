@@ -155,7 +155,7 @@ def test_bad_dataset_gets_one_clear_message_naming_the_case_or_file(what, pristi
 def test_full_disk_during_preprocess_says_so_and_leaves_nothing(pristine, tmp_path, monkeypatch):
     import errno
 
-    from core.store import TeacherStore
+    from core.store.teacher_store import TeacherStore
 
     data = tiny_config_dict(tmp_path)
     shutil.copytree(pristine, Path(data["dataset"]["raw_dir"]))

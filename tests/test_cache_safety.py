@@ -7,7 +7,7 @@ from typer.testing import CliRunner
 
 from cache_teachers import cache_teachers, preprocess_dataset
 from core.models.checkpoint import load_checkpoint, save_checkpoint
-from core.store import TeacherStore
+from core.store.teacher_store import TeacherStore
 from teachcache.cli import app
 from tests.conftest import derived_config, tiny_config_dict, write_config
 

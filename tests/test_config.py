@@ -118,7 +118,7 @@ def test_extends_cycle_is_refused(tmp_path):
     "path", sorted((REPO / "configs" / "ablations").glob("*.yaml")), ids=lambda p: p.stem
 )
 def test_every_ablation_recipe_loads_and_builds(path):
-    from core.distillation import build_objective
+    from core.losses.distillation import build_objective
 
     cfg = load_config(path)
     assert cfg.distillation.kind == path.stem, "runs of a recipe go to kd-<file name>"

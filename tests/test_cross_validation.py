@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from core.config import load_config
 from core.data.splits import holdout_split
 from core.errors import ConfigError
-from core.store import TeacherStore
+from core.store.teacher_store import TeacherStore
 from teachcache.cli import app
 from tests.conftest import TINY_TEACHER_TRAINING, tiny_config_dict, write_config
 

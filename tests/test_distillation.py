@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from core.config import DistillationConfig, TermConfig
-from core.distillation import TERMS, build_objective
 from core.errors import ConfigError
-from core.losses import DISTLoss
+from core.losses.distillation import TERMS, build_objective
+from core.losses.plain import DISTLoss
 
 T = 2.0
 
@@ -153,7 +153,7 @@ def test_relation_terms_ignore_channel_rotation_and_width(name, args):
 
 
 def test_affinity_weighs_within_and_between_class_pairs_equally():
-    from core.distillation import AffinityDistillation
+    from core.losses.distillation import AffinityDistillation
 
     term = AffinityDistillation(1.0, None, "uniform", {})
     student = torch.randn(1, 10, 4)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from core.encoding import DEFAULT_ENCODING, ENCODINGS, get_encoding, kl_per_voxel, softmax
+from core.store.encoding import DEFAULT_ENCODING, ENCODINGS, get_encoding, kl_per_voxel, softmax
 
 
 def _teacher_like_logits(num_classes: int, seed: int = 0) -> np.ndarray:
@@ -136,7 +136,7 @@ def test_two_class_margins_are_unchanged_by_the_reference(name):
 def test_stores_of_format_1_2_decode_with_the_background_reference(tmp_path):
     import zarr
 
-    from core.store import TeacherStore
+    from core.store.teacher_store import TeacherStore
 
     z = _organ_logits(4, n=8)
     legacy = get_encoding(DEFAULT_ENCODING, reference="background")
@@ -171,7 +171,7 @@ def test_the_store_format_documents_a_decoder_that_works(tmp_path):
     import re
     from pathlib import Path
 
-    from core.store import TeacherStore
+    from core.store.teacher_store import TeacherStore
 
     doc = (Path(__file__).parents[1] / "docs" / "store-format.md").read_text()
     snippet = re.search(r"Decoding the default encoding.*?```python\n(.*?)```", doc, re.S).group(1)

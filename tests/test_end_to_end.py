@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from core.config import load_config
 from core.models.checkpoint import load_checkpoint
-from core.store import ATTENTION_KINDS, TeacherStore
+from core.store.teacher_store import ATTENTION_KINDS, TeacherStore
 from teachcache.cli import app
 
 runner = CliRunner()
@@ -242,7 +242,7 @@ def test_three_modality_mri_through_both_stages(tmp_path):
 
 
 def test_verify_tells_a_failed_check_from_a_bad_store(cached, monkeypatch):
-    import core.verify
+    import core.store.verify
 
     store = str(load_config(cached).store.path)
     assert runner.invoke(app, ["verify", store]).exit_code == 0
@@ -250,7 +250,7 @@ def test_verify_tells_a_failed_check_from_a_bad_store(cached, monkeypatch):
     def crash(*args, **kwargs):
         raise RuntimeError("blosc: decompression failed")
 
-    monkeypatch.setattr(core.verify, "verify_store", crash)
+    monkeypatch.setattr(core.store.verify, "verify_store", crash)
     result = runner.invoke(app, ["verify", store])
     assert result.exit_code == 3, result.output
     assert "verify could not finish" in result.output and "blosc" in result.output

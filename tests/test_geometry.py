@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from core.geometry import original_label, original_spacing, to_original_geometry
-from core.metrics import dice_per_class
-from core.store import TeacherStore
+from core.evaluation.geometry import original_label, original_spacing, to_original_geometry
+from core.evaluation.metrics import dice_per_class
+from core.store.teacher_store import TeacherStore
 
 
 def test_an_oriented_cropped_grid_maps_back_exactly():

@@ -145,7 +145,7 @@ def test_caching_refuses_a_grid_that_would_cut_a_tap_map_short_before_writing_an
     from core.config import load_config
     from core.data.synthetic import write_synthetic_dataset
     from core.models import create_model
-    from core.store import TeacherStore
+    from core.store.teacher_store import TeacherStore
     from tests.conftest import tiny_config_dict, write_config
 
     data = tiny_config_dict(tmp_path)

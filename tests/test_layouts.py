@@ -19,7 +19,7 @@ from core.data.layouts import read_dataset
 from core.data.readers import SimpleITKReader, read_header
 from core.data.splits import load_splits, make_splits
 from core.errors import DatasetError
-from core.store import TeacherStore
+from core.store.teacher_store import TeacherStore
 from teachcache.cli import app
 
 sitk = pytest.importorskip("SimpleITK")  # in the dev extra: `make test` installs it
@@ -321,7 +321,7 @@ def test_picai_reads_mha_skips_studies_without_masks_and_keeps_patients_together
     image, label = store.read_image("10000_1000000"), store.read_label("10000_1000000")
     assert image.shape[0] == 3 and set(np.unique(label)) <= {0, 1} and label.sum() > 0
     assert store.read_label("10001_1000001").sum() == 0  # lesion-free cases are kept
-    from core.geometry import original_label
+    from core.evaluation.geometry import original_label
 
     assert set(np.unique(original_label(store, "10000_1000099"))) == {0, 1}  # raw grade 2 scored as csPCa
 

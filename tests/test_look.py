@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from core.store import TeacherStore
-from core.views import napari_layers, upsample_map
+from core.inspection.views import napari_layers, upsample_map
+from core.store.teacher_store import TeacherStore
 from teachcache.cli import app
 
 runner = CliRunner()
@@ -176,7 +176,7 @@ def test_inspect_filters_by_teacher_and_case_with_provenance(store):
 def test_show_writes_a_readable_png_of_the_expected_size(store, tmp_path):
     from matplotlib.image import imread
 
-    from core.views import DPI, PANEL_INCHES, figure_grid
+    from core.inspection.views import DPI, PANEL_INCHES, figure_grid
 
     out = tmp_path / "case.png"
     text = _ok(["show", store.location, "CASE_C", "-o", str(out)]).output

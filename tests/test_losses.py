@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from core.config import DistillationConfig, TermConfig
-from core.distillation import build_objective
-from core.losses import (
+from core.losses.distillation import build_objective
+from core.losses.plain import (
     AttentionTransferLoss,
     PixelwiseKDLoss,
     SegmentationLoss,

@@ -10,7 +10,7 @@ import pytest
 def test_hd95_in_mm_and_what_empty_masks_score():
     import numpy as np
 
-    from core.metrics import hd95_per_class
+    from core.evaluation.metrics import hd95_per_class
 
     ref = np.zeros((20, 20, 20), int)
     ref[5:10, 5:10, 5:10] = 1

@@ -13,8 +13,8 @@ from cache_teachers import cache_teachers, preprocess_dataset
 from core.data.patches import PatchDataset, TargetRequest
 from core.models import get_spec
 from core.models.checkpoint import build_from_checkpoint, file_sha256
-from core.online import OnlineTargets
-from core.store import TeacherStore
+from core.store.teacher_store import TeacherStore
+from core.teachers.online import OnlineTargets
 from teachcache.cli import app
 from tests.conftest import derived_config
 

@@ -8,7 +8,7 @@ import torch
 
 from core.data.patches import EpochSampler, PatchDataset, TargetRequest, crop_map
 from core.data.preprocessing import foreground_locations
-from core.store import TeacherStore
+from core.store.teacher_store import TeacherStore
 
 
 def test_crop_map_is_exact_on_aligned_patches():

@@ -15,11 +15,11 @@ import torch
 from typer.testing import CliRunner
 
 from core.config import OutputConfig
-from core.geometry import to_original_geometry
+from core.deploy.student_runs import load_student
+from core.evaluation.geometry import to_original_geometry
+from core.evaluation.metrics import dice_per_class, hd95_per_class
 from core.inference import predict_volume
-from core.metrics import dice_per_class, hd95_per_class
-from core.store import TeacherStore
-from core.student_runs import load_student
+from core.store.teacher_store import TeacherStore
 from teachcache.cli import app
 
 runner = CliRunner()

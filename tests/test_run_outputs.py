@@ -62,7 +62,7 @@ def test_the_experiment_seed_changes_initialisation_and_patches(trained):
 
 
 def test_paired_tests_match_hand_computed_values():
-    from core.cv_report import paired_tests
+    from core.evaluation.cv_report import paired_tests
 
     # differences 1, 2, 3, 4: mean 2.5, sd 1.291, t = 3.873 on 3 df → p = 0.0305; Wilcoxon (exact, n = 4,
     # every difference positive) p = 2 / 2⁴ = 0.125

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from core.sketch import relation_errors, sketch_features
+from core.store.sketch import relation_errors, sketch_features
 
 
 def test_sketch_is_exact_when_k_covers_the_rank():

@@ -8,9 +8,9 @@ import torch
 import zarr
 
 from core.data.preprocessing import foreground_locations
-from core.encoding import kl_per_voxel
 from core.errors import StoreError
-from core.store import FORMAT_VERSION, TeacherStore
+from core.store.encoding import kl_per_voxel
+from core.store.teacher_store import FORMAT_VERSION, TeacherStore
 
 
 def _new_store(path, shape=(32, 32, 32)):

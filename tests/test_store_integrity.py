@@ -8,7 +8,7 @@ import zarr
 from typer.testing import CliRunner
 
 from cache_teachers import cache_teachers, preprocess_dataset
-from core.store import TeacherStore, store_write_lock
+from core.store.teacher_store import TeacherStore, store_write_lock
 from teachcache.cli import app
 from tests.conftest import derived_config
 

@@ -20,7 +20,7 @@ from cache_teachers.cache import KILL_AFTER_ENTRIES_ENV
 from core.errors import StoreError
 from core.models import create_model
 from core.models.checkpoint import load_checkpoint, save_checkpoint
-from core.store import TeacherStore
+from core.store.teacher_store import TeacherStore
 from teachcache.cli import app
 from tests.conftest import derived_config
 from train_student import distil

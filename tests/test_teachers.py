@@ -21,7 +21,7 @@ from core.errors import TeachCacheError
 from core.inference import predict_volume
 from core.models.checkpoint import build_from_checkpoint
 from core.models.registry import get_spec
-from core.store import TeacherStore
+from core.store.teacher_store import TeacherStore
 from teachcache.cli import app
 from tests.conftest import derived_config
 

@@ -10,7 +10,7 @@ import zarr
 from typer.testing import CliRunner
 
 from cache_teachers import cache_teachers, preprocess_dataset
-from core.training import recover_run_dir
+from core.training.loop import recover_run_dir
 from teachcache.cli import app
 from tests.conftest import derived_config
 
@@ -136,7 +136,7 @@ def test_training_never_overwrites_a_teacher_checkpoint_it_did_not_make_for_this
 def test_an_empty_zarr_folder_with_user_files_is_never_removed(tmp_path):
     import zarr
 
-    from core.store import TeacherStore
+    from core.store.teacher_store import TeacherStore
 
     folder = tmp_path / "store.zarr"
     zarr.open_group(str(folder), mode="w")

@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from core.models import get_spec
-from core.store import TeacherStore
+from core.store.teacher_store import TeacherStore
 from tests.conftest import TINY_TEACHER_TRAINING
 
 REPO = Path(__file__).resolve().parents[1]

@@ -11,23 +11,22 @@ import torch
 from core.config import Config
 from core.data.patches import PatchDataset, TargetRequest, targets_from_batch
 from core.data.splits import holdout_split
-from core.distillation import TERMS, build_objective
 from core.errors import ConfigError, StoreError
 from core.experiment import (
     RawDataChangedWarning,
     entry_key,
-    entry_key_difference,
     fold_split,
     open_store_for,
     raw_dataset_status,
     student_dir,
 )
 from core.inference import check_window, resolve_device
+from core.losses.distillation import TERMS, build_objective
 from core.models import ModelSpec, TapRecorder, create_model, get_spec
 from core.models.checkpoint import file_sha256
-from core.online import OnlineTargets
-from core.store import TeacherStore, entry_hash
-from core.training import FitResult, TrainingRun, fit, run_seed
+from core.store.teacher_store import TeacherStore, entry_hash, entry_key_difference
+from core.teachers.online import OnlineTargets
+from core.training.loop import FitResult, TrainingRun, fit, run_seed
 
 __all__ = ["RawDataChangedWarning", "TapGridWarning", "distil", "raw_dataset_status", "student_run"]
 
@@ -178,7 +177,7 @@ def _tap_channels(
 
 def _refuse_offline_only_terms(dcfg: Any) -> None:
     """Online teachers give softmax and attention maps; terms on cached feature sketches need the store."""
-    from core.online import ONLINE_KINDS
+    from core.terms import ONLINE_KINDS
 
     offline = [t.name for t in dcfg.terms if t.weight > 0 and not TERMS[t.name].needs <= ONLINE_KINDS]
     if offline:
@@ -297,7 +296,7 @@ def distil(
 ) -> FitResult:
     """Train ``cfg.student`` on ``fold``'s training cases, reading only the store.
 
-    The run is :func:`student_run`'s (every argument but ``progress`` is its), trained by :func:`core.training.fit`.
+    The run is :func:`student_run`'s (every argument but ``progress`` is its), trained by :func:`core.training.loop.fit`.
     """
     return fit(
         student_run(cfg, fold, kd, allow_leakage, skip_done, seed, source),
@@ -329,7 +328,7 @@ def student_run(
             teachers in memory compute them on each augmented batch; runs go to ``kd-<kind>-online/``).
 
     Returns:
-        The :class:`~core.training.TrainingRun`; its files go to ``runs_dir/students/kd-<kind>/fold_<k>/``.
+        The :class:`~core.training.loop.TrainingRun`; its files go to ``runs_dir/students/kd-<kind>/fold_<k>/``.
 
     Raises:
         StoreError: no store, a stale store or checkpoint, teachers not (fully) cached or cached from other

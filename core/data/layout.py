@@ -4,11 +4,8 @@
 ``DATASET/imagesTr/CASE_0000<ending>``, ``CASE_0001<ending>``, … (one file per channel) and
 ``DATASET/labelsTr/CASE<ending>``. Every problem is reported with the file or case and the fix.
 
-The dataset's manifest hash covers every file's content. Each file's SHA-256 is computed once and remembered,
-keyed by its absolute path, size and modification time (ns), in ``file_sha256.json`` under the TeachCache cache
-folder: ``$TEACHCACHE_CACHE_DIR``, else ``$XDG_CACHE_HOME/teachcache``, else ``~/.cache/teachcache`` — never inside
-the raw dataset, which is only read. A file rewritten in place with its size and modification time restored is
-not re-hashed; delete the cache file to force it.
+The dataset's manifest hash covers every file's content. Each file's SHA-256 is computed once and remembered in
+the user's TeachCache cache folder (:mod:`core.user_cache`), never inside the raw dataset, which is only read.
 """
 
 from __future__ import annotations
@@ -21,88 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from core.errors import DatasetError
+from core.user_cache import FileHashCache, default_hash_cache
 
-__all__ = [
-    "CACHE_DIR_ENV",
-    "CaseFiles",
-    "FileHashCache",
-    "RawDataset",
-    "default_hash_cache",
-    "read_raw_dataset",
-]
-
-CACHE_DIR_ENV = "TEACHCACHE_CACHE_DIR"
-
-
-def default_hash_cache() -> Path:
-    """Where file hashes are remembered: ``file_sha256.json`` in the TeachCache cache folder (module docstring)."""
-    root = os.environ.get(CACHE_DIR_ENV)
-    if not root:
-        base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-        root = str(Path(base) / "teachcache")
-    return Path(root) / "file_sha256.json"
-
-
-def _file_sha256(path: Path) -> str:
-    """SHA-256 of a file's bytes."""
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
-class FileHashCache:
-    """File content hashes remembered by (absolute path, size, mtime_ns) in a small JSON file.
-
-    An unreadable or corrupt cache file counts as empty, and one that cannot be written is skipped: the cache only
-    saves time, never changes a hash.
-
-    Args:
-        path: the JSON file (created on :meth:`save`).
-    """
-
-    def __init__(self, path: Path):
-        self.path = path
-        self._entries: dict[str, dict[str, int | str]] = self._read()
-        self._dirty = False
-
-    def _read(self) -> dict[str, dict[str, int | str]]:
-        try:
-            data = json.loads(self.path.read_text())
-        except (OSError, ValueError):
-            return {}
-        return data if isinstance(data, dict) else {}
-
-    def sha256(self, path: Path) -> str:
-        """The SHA-256 of ``path``'s bytes, from the cache when its size and mtime are unchanged."""
-        key = str(path.resolve())
-        st = path.stat()
-        known = self._entries.get(key)
-        if (
-            isinstance(known, dict)
-            and known.get("size") == st.st_size
-            and known.get("mtime_ns") == st.st_mtime_ns
-        ):
-            return str(known["sha256"])
-        digest = _file_sha256(path)
-        self._entries[key] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": digest}
-        self._dirty = True
-        return digest
-
-    def save(self) -> None:
-        """Write new hashes, merged with what other processes saved meanwhile (atomic replace)."""
-        if not self._dirty:
-            return
-        # files that are gone (deleted datasets, temporary folders) are forgotten
-        merged = {k: v for k, v in {**self._read(), **self._entries}.items() if os.path.exists(k)}
-        tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp.write_text(json.dumps(merged, indent=0, sort_keys=True) + "\n")
-            tmp.replace(self.path)
-        except OSError:
-            tmp.unlink(missing_ok=True)
-            return
-        self._dirty = False
-
+__all__ = ["CaseFiles", "RawDataset", "read_raw_dataset"]
 
 # a case id becomes a Zarr group name in the store (docs/store-format.md): no path tricks, no Zarr file names
 _CASE_ID = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*")

@@ -32,8 +32,8 @@ from torch.utils.data import Dataset
 
 from core.config import AugmentationConfig
 from core.errors import StoreError
-from core.losses import DistillationTargets
-from core.store import ATTENTION_KINDS, Box, TeacherStore
+from core.store.teacher_store import ATTENTION_KINDS, Box, TeacherStore
+from core.terms import DistillationTargets
 
 __all__ = [
     "EpochSampler",
@@ -68,7 +68,7 @@ class TargetRequest:
     features: bool = False
 
     def kinds(self) -> list[str]:
-        """The target kinds carried, as keys of :data:`~core.losses.DistillationTargets`."""
+        """The target kinds carried, as keys of :data:`~core.losses.plain.DistillationTargets`."""
         kinds = ["softmax"] if self.softmax else []
         kinds += list(ATTENTION_KINDS) if self.attention else []
         kinds += [f"{k}_sketch" for k in ATTENTION_KINDS] if self.sketches else []

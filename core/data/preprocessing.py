@@ -420,7 +420,7 @@ def preprocess_image(pipeline: Compose, case: CaseFiles) -> PreprocessedCase:
     Returns:
         The case with an empty (0, 0, 0) ``label``; ``affine`` maps its grid to the world (MONAI's ``MetaTensor``
         carries it through reorientation, resampling, cropping and padding), so a prediction on it goes back onto
-        the original grid with :func:`core.geometry.to_original_geometry`.
+        the original grid with :func:`core.evaluation.geometry.to_original_geometry`.
 
     Raises:
         DatasetError: as :func:`preprocess_case`, for the image files.

@@ -219,7 +219,7 @@ def load_teacher(
     from core.models.checkpoint import build_from_checkpoint
 
     if teacher.nnunet is not None:
-        from core.nnunet_teacher import load_nnunet
+        from core.teachers.nnunet import load_nnunet
 
         if teacher.channels is not None:
             _channel_order(teacher, channel_names)
@@ -372,8 +372,8 @@ def teacher_entry_fields(teacher: TeacherConfig) -> dict[str, Any]:
         return {}
     fields: dict[str, Any] = {"teacher_kind": teacher.kind, "channels": teacher.channels}
     if teacher.nnunet is not None:
-        from core.data.layout import FileHashCache, default_hash_cache
-        from core.nnunet_teacher import nnunet_folds
+        from core.teachers.nnunet import nnunet_folds
+        from core.user_cache import FileHashCache, default_hash_cache
 
         # every entry's key names them: hashed once, then remembered by (path, size, mtime)
         hashes = FileHashCache(default_hash_cache())

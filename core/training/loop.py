@@ -1,7 +1,7 @@
 """The training loop shared by demo teachers (stage 1) and students (stage 2).
 
 It takes its data from a :class:`~core.data.patches.PatchDataset` and, when distilling, its targets from a
-*target source*: a callable turning a batch into :data:`~core.losses.DistillationTargets`. Today the source is
+*target source*: a callable turning a batch into :data:`~core.losses.plain.DistillationTargets`. Today the source is
 the store (cached maps carried in the batch); an online source computing the same targets from teachers in
 memory plugs in behind the same callable.
 
@@ -48,19 +48,19 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from core import distributed
 from core.config import InferenceConfig, TrainingConfig
 from core.data.patches import EpochSampler, PatchDataset
-from core.distributed import Distributed
 from core.errors import TrainingError
+from core.evaluation.metrics import dice_per_class, hd95_per_class
 from core.inference import autocast, predict_volume
-from core.losses import DistillationTargets
-from core.metrics import dice_per_class, hd95_per_class
 from core.models.checkpoint import load_checkpoint, save_checkpoint
 from core.models.registry import ModelSpec
 from core.models.taps import TapRecorder
 from core.progress import ProgressBar
-from core.store import TeacherStore
+from core.store.teacher_store import TeacherStore
+from core.terms import DistillationTargets
+from core.training import distributed
+from core.training.distributed import Distributed
 
 __all__ = [
     "FitResult",
@@ -381,8 +381,8 @@ def evaluate(
     """Dice and HD95 (mm) per foreground class of each case, predicted with sliding windows over the whole volume.
 
     On the store's preprocessed grid, at its spacing; with ``original``, in the case's original geometry: the
-    prediction resampled back onto the original grid (:mod:`core.geometry`) and scored against the original label
-    file, at the original spacing, as nnU-Net evaluates. :func:`core.metrics.hd95_per_class` says what empty masks
+    prediction resampled back onto the original grid (:mod:`core.evaluation.geometry`) and scored against the original label
+    file, at the original spacing, as nnU-Net evaluates. :func:`core.evaluation.metrics.hd95_per_class` says what empty masks
     score.
 
     Args:
@@ -392,7 +392,7 @@ def evaluate(
     Returns:
         ``(dice, hd95)``, each (N_cases, K-1).
     """
-    from core.geometry import original_label, original_spacing, to_original_geometry
+    from core.evaluation.geometry import original_label, original_spacing, to_original_geometry
 
     dice, hd95 = [], []
     for case_id in case_ids:

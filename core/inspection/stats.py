@@ -1,7 +1,7 @@
 """Summaries of what the teachers wrote, computed in parallel with dask: ``teachcache stats`` and ``teachcache diff``.
 
 Stats, per teacher over the cases it is scored on (each case by the copy of the teacher that did not train on it:
-see :func:`core.views.teachers_for_case`):
+see :func:`core.inspection.views.teachers_for_case`):
 
 - **Dice** against the stored label, of the argmax map, mean over foreground classes (MONAI ``compute_dice``, a
   class absent from both maps scores 1), then mean over cases.
@@ -25,9 +25,9 @@ from typing import Any
 import numpy as np
 
 from core.errors import StoreError
-from core.metrics import dice_per_class
-from core.store import ATTENTION_KINDS, TeacherStore
-from core.views import teachers_for_case
+from core.evaluation.metrics import dice_per_class
+from core.inspection.views import teachers_for_case
+from core.store.teacher_store import ATTENTION_KINDS, TeacherStore
 
 __all__ = ["ECE_BINS", "diff_stores", "store_stats"]
 

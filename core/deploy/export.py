@@ -22,8 +22,8 @@ import numpy as np
 import torch
 
 from core.data.preprocessing import NormalizeModalitiesd
+from core.deploy.student_runs import Student
 from core.errors import TeachCacheError
-from core.student_runs import Student
 
 __all__ = ["EXPORT_FORMAT", "RUNTIMES", "export_student", "exported_record", "record_path"]
 
@@ -148,7 +148,7 @@ def export_student(
     """Write ``student`` as TorchScript or ONNX (by ``output``'s suffix) and its inputs as ``record_path(output)``.
 
     Args:
-        student: the loaded student (:func:`core.student_runs.load_student`).
+        student: the loaded student (:func:`core.deploy.student_runs.load_student`).
         output: ``.pt`` / ``.ts`` (TorchScript) or ``.onnx``.
         tolerance: the largest absolute logit difference from PyTorch accepted on the check window.
         seed: of the random check window.

@@ -99,7 +99,7 @@ def load_nnunet(
         fold_val: the project fold's validation cases (per-fold teachers: nnU-Net's fold must hold them all in its
             validation set).
     """
-    from core.teachers import LoadedTeacher
+    from core.teachers.kinds import LoadedTeacher
 
     _nnunetv2()
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer

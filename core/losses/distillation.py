@@ -25,15 +25,15 @@ from torch import nn
 
 from core.config import DistillationConfig, TermConfig
 from core.errors import ConfigError
-from core.losses import (
+from core.losses.plain import (
     AttentionTransferLoss,
     ChannelWiseKDLoss,
-    DistillationTargets,
     DISTLoss,
     PixelwiseKDLoss,
     SegmentationLoss,
     resize_to_grid,
 )
+from core.terms import TERM_SPECS, DistillationTargets
 
 __all__ = ["TERMS", "DistillationObjective", "DistillationTerm", "build_objective", "register_term"]
 
@@ -41,12 +41,17 @@ TERMS: dict[str, type[DistillationTerm]] = {}
 
 
 def register_term(name: str) -> Callable[[type[DistillationTerm]], type[DistillationTerm]]:
-    """Class decorator: make a term available under ``name`` in configs; a duplicate name is an error."""
+    """Class decorator: implement the term ``name`` of :data:`core.terms.TERM_SPECS` (what it reads comes from
+    there); a name without a spec, or one registered twice, is an error."""
 
     def add(cls: type[DistillationTerm]) -> type[DistillationTerm]:
         if name in TERMS:
             raise ValueError(f"distillation term '{name}' is already registered")
+        if name not in TERM_SPECS:
+            raise ValueError(f"distillation term '{name}' has no entry in core.terms.TERM_SPECS")
         cls.name = name
+        cls.needs = TERM_SPECS[name].reads
+        cls.needs_channels = TERM_SPECS[name].needs_channels
         TERMS[name] = cls
         return cls
 
@@ -64,12 +69,14 @@ class DistillationTerm(nn.Module):
     """
 
     name: ClassVar[str] = ""
-    needs: ClassVar[frozenset[str]] = frozenset()  # target kinds read: "softmax", "coarse", "fine"
+    needs: ClassVar[frozenset[str]] = (
+        frozenset()
+    )  # target kinds read (core.terms.TERM_SPECS, set on registration)
     distribution: ClassVar[bool] = (
         True  # works on class distributions (can average teachers, per-voxel weights)
     )
     default_combine: ClassVar[str] = "average"
-    needs_channels: ClassVar[bool] = False  # built with the student's and teachers' tap widths
+    needs_channels: ClassVar[bool] = False  # built with the tap widths (core.terms.TERM_SPECS)
 
     def __init__(
         self, temperature: float, combine: str | None, teacher_weights: str, teacher_dice: dict[str, float]
@@ -143,8 +150,6 @@ class DistributionTerm(DistillationTerm):
 class PixelwiseDistillation(DistributionTerm):
     """TeachFormer's L_PWD / Hinton KD per voxel: T² · KL(p_t^T ‖ p_s^T)."""
 
-    needs = frozenset({"softmax"})
-
     def __init__(
         self, temperature: float, combine: str | None, teacher_weights: str, teacher_dice: dict[str, float]
     ):
@@ -165,8 +170,6 @@ class PixelwiseDistillation(DistributionTerm):
 @register_term("cwd")
 class ChannelWiseDistillation(DistributionTerm):
     """Channel-wise distillation (Shu et al., 2021) on the class channels; teachers averaged or summed."""
-
-    needs = frozenset({"softmax"})
 
     def __init__(
         self, temperature: float, combine: str | None, teacher_weights: str, teacher_dice: dict[str, float]
@@ -200,8 +203,6 @@ class DISTDistillation(DistributionTerm):
     Args (extra): beta, gamma — weights of the inter- and intra-class terms (default 1, 1).
     """
 
-    needs = frozenset({"softmax"})
-
     def __init__(
         self,
         temperature: float,
@@ -230,7 +231,6 @@ class AttentionDistillation(DistillationTerm):
     taps — which taps (default both).
     """
 
-    needs = frozenset({"coarse", "fine"})
     distribution = False
     default_combine = "sum"
 
@@ -349,8 +349,6 @@ class AffinityDistillation(RelationTerm):
     the adaptive weighting: each group counts equally however rare the foreground is.
     """
 
-    needs = frozenset({"coarse_sketch", "fine_sketch", "softmax"})
-
     def relation_loss(self, student, teacher, classes):
         diff = (_cosine(student) - _cosine(teacher)).pow(2)
         if classes is None:
@@ -375,8 +373,6 @@ class KernelDistillation(RelationTerm):
 
     Args (extra): kernel, degree (2), coef (1.0).
     """
-
-    needs = frozenset({"coarse_sketch", "fine_sketch"})
 
     def __init__(
         self,
@@ -426,10 +422,8 @@ class FeatureTerm(DistillationTerm):
     the trainer from the student and the store).
     """
 
-    needs = frozenset({"coarse_features", "fine_features", "softmax"})
     distribution = False
     default_combine = "sum"
-    needs_channels = True
 
     def __init__(
         self,

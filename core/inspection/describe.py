@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from core.store import TeacherStore
+from core.store.teacher_store import TeacherStore
 
 __all__ = ["describe_store"]
 

@@ -5,7 +5,7 @@ For each case: its image files are preprocessed by the pipeline training used (:
 build_preprocessing` without a label, with the settings the student's run recorded), each fold's student runs over
 the whole volume with MONAI's sliding windows (:func:`core.inference.predict_volume`; mixed precision on CUDA), the
 folds' softmax probabilities are averaged, and the argmax is mapped back onto the grid of the case's first channel
-file (:func:`core.geometry.to_original_geometry`, nearest neighbour): same shape, affine, qform and sform as that
+file (:func:`core.evaluation.geometry.to_original_geometry`, nearest neighbour): same shape, affine, qform and sform as that
 file, whatever its orientation. Probabilities (``save_probabilities``) are resampled trilinearly.
 
 Outputs (``docs/deploy.md``)::
@@ -33,11 +33,12 @@ import torch
 from core.data.inputs import read_cases, strip_suffix
 from core.data.layout import CaseFiles
 from core.data.preprocessing import build_preprocessing, check_image_headers, preprocess_image
+from core.deploy.student_runs import Student
 from core.errors import DatasetError
-from core.geometry import probabilities_to_original_geometry, to_original_geometry
+from core.evaluation.geometry import probabilities_to_original_geometry, to_original_geometry
+from core.evaluation.scoring import PREDICTION_SUMMARY
 from core.inference import check_window, predict_volume
 from core.progress import track
-from core.student_runs import Student
 
 __all__ = [
     "SUMMARY_FILE",
@@ -46,7 +47,7 @@ __all__ = [
     "write_like",
 ]
 
-SUMMARY_FILE = "prediction.json"
+SUMMARY_FILE = PREDICTION_SUMMARY  # what teachcache evaluate reads back
 PROBABILITIES_DIR = "probabilities"
 
 
@@ -155,7 +156,7 @@ def predict_cases(
     """Predict every case under ``inputs`` into ``output`` (module docstring).
 
     Args:
-        students: the folds to average (:func:`core.student_runs.load_students`).
+        students: the folds to average (:func:`core.deploy.student_runs.load_students`).
         inputs: folders and files of cases (:func:`core.data.inputs.read_cases`).
         output: the folder to write into (created).
         device: where the sliding windows run.

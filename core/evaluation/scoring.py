@@ -1,5 +1,5 @@
 """Score a folder of predicted label maps against label files with the metric code validation uses
-(:func:`core.metrics.dice_per_class`, :func:`core.metrics.hd95_per_class`), at each label file's voxel spacing.
+(:func:`core.evaluation.metrics.dice_per_class`, :func:`core.evaluation.metrics.hd95_per_class`), at each label file's voxel spacing.
 
 A prediction ``PRED_DIR/<case>.nii.gz`` is paired with ``LABEL_DIR/<case>.nii.gz`` (any image suffix): nnU-Net's
 ``labelsTr``/``labelsTs`` naming, and what ``teachcache predict`` writes. Both must be on the same grid (shape and
@@ -16,10 +16,13 @@ import numpy as np
 
 from core.data.inputs import strip_suffix
 from core.errors import DatasetError
-from core.geometry import original_spacing
-from core.metrics import dice_per_class, hd95_per_class
+from core.evaluation.geometry import original_spacing
+from core.evaluation.metrics import dice_per_class, hd95_per_class
 
-__all__ = ["evaluate_folder"]
+__all__ = ["PREDICTION_SUMMARY", "evaluate_folder"]
+
+# the record `teachcache predict` writes beside its labels (core.deploy.predict); read here for the class names
+PREDICTION_SUMMARY = "prediction.json"
 
 
 def _by_case(folder: Path, what: str) -> dict[str, Path]:
@@ -37,9 +40,7 @@ def _by_case(folder: Path, what: str) -> dict[str, Path]:
 
 def _class_names(pred_dir: Path, label_dir: Path) -> list[str] | None:
     """Class names from the prediction's ``prediction.json``, else the ``dataset.json`` beside the labels."""
-    from core.predict import SUMMARY_FILE
-
-    summary = pred_dir / SUMMARY_FILE
+    summary = pred_dir / PREDICTION_SUMMARY
     if summary.is_file():
         try:
             return list(json.loads(summary.read_text())["inputs_expected"]["class_names"])

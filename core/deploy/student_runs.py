@@ -3,7 +3,7 @@ to be finished, with what its run recorded about the inputs it expects.
 
 A run (``runs_dir/students/kd-<kind>/fold_<k>/``) is finished when its folder holds ``summary.json``: training
 writes everything into ``.fold_<k>.partial/`` and renames it into place only at the end
-(:func:`core.training.fit`), so a staging folder, or a folder with ``checkpoint_latest.pth`` (the resume state) and
+(:func:`core.training.loop.fit`), so a staging folder, or a folder with ``checkpoint_latest.pth`` (the resume state) and
 no summary, is an unfinished run. Its headline checkpoint is the one ``summary.json`` names.
 
 The inputs a student expects — channel names and order, classes, the preprocessing (spacing, CT window,
@@ -226,7 +226,7 @@ def _record(ckpt: Checkpoint) -> InputRecord:
             f"{ckpt.path} records neither the preprocessing its network was trained with nor its store; predict "
             "needs a student trained by `teachcache distil`"
         )
-    from core.store import TeacherStore
+    from core.store.teacher_store import TeacherStore
 
     try:
         store = TeacherStore.open(location)

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from core.store import TeacherStore
+from core.store.teacher_store import TeacherStore
 
 __all__ = ["original_label", "original_spacing", "probabilities_to_original_geometry", "to_original_geometry"]
 

@@ -1,7 +1,7 @@
 """Online distillation: the fold's teachers in memory compute the targets on every training batch.
 
 The baseline the cache must match (TeachFormer's own regime). :class:`OnlineTargets` is a *target source* like the
-store's (``core.training``): it turns a batch into :data:`~core.losses.DistillationTargets` with the same keys, shapes
+store's (``core.training.loop``): it turns a batch into :data:`~core.losses.plain.DistillationTargets` with the same keys, shapes
 and conventions, so every softmax and attention term trains unchanged from either source. Differences from the
 cache, by design: the teachers see the batch as augmented (the cache holds the un-augmented whole volume, cropped),
 each patch alone (the cache stitches overlapping windows), and exact float32 probabilities (the cache stores an
@@ -15,15 +15,14 @@ from torch import nn
 
 from core.data.patches import TargetRequest
 from core.inference import autocast
-from core.losses import DistillationTargets
 from core.models.registry import ModelSpec
 from core.models.taps import TapRecorder, attention_map
-from core.store import ATTENTION_KINDS
+from core.store.teacher_store import ATTENTION_KINDS
+from core.terms import DistillationTargets
 
-__all__ = ["ONLINE_KINDS", "OnlineTargets"]
+__all__ = ["OnlineTargets"]
 
 # what live teachers provide; feature sketches are a property of the cache (PCA per case)
-ONLINE_KINDS = frozenset({"softmax", *ATTENTION_KINDS})
 
 
 def _unit_rms(amap: torch.Tensor) -> torch.Tensor:

@@ -1,6 +1,6 @@
 """Plain losses over tensors: segmentation (Focal + Dice), pixel-wise KD, attention transfer, CWD and DIST.
 
-``core/distillation.py`` wraps the distillation ones into registered terms that combine several teachers, and
+``core/losses/distillation.py`` wraps the distillation ones into registered terms that combine several teachers, and
 sums them into the training objective. ``docs/losses.md`` gives each formula and the choices made where the
 papers are silent.
 """
@@ -18,15 +18,11 @@ __all__ = [
     "AttentionTransferLoss",
     "ChannelWiseKDLoss",
     "DISTLoss",
-    "DistillationTargets",
     "PixelwiseKDLoss",
     "SegmentationLoss",
     "normalise_map",
     "resize_to_grid",
 ]
-
-# {"softmax": {teacher: (B, K, X, Y, Z) probabilities at T}, "coarse"/"fine": {teacher: (B, 1, x, y, z)}}
-DistillationTargets = dict[str, dict[str, torch.Tensor]]
 
 
 class SegmentationLoss(nn.Module):

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from core.errors import StoreError, TeachCacheError
-from core.store import ATTENTION_KINDS, TeacherStore
+from core.store.teacher_store import ATTENTION_KINDS, TeacherStore
 
 __all__ = [
     "AXES",

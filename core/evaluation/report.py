@@ -9,7 +9,7 @@ from typing import Any
 from core.config import Config
 from core.errors import TeachCacheError
 from core.experiment import teacher_dir
-from core.store import TeacherStore
+from core.store.teacher_store import TeacherStore
 
 __all__ = ["build_report", "report_markdown"]
 

@@ -10,7 +10,7 @@ below is spelled only here. A store is one Zarr v3 group holding the preprocesse
 <store>/cases/<case>/label            (X, Y, Z) uint8
 <store>/cases/<case>/foreground       (N, 4) int32: class, x, y, z of sampled foreground voxels
 <store>/teachers/<name>/<slot>/              attrs["teachcache"]: provenance
-<store>/teachers/<name>/<slot>/<case>/softmax   the class distribution, encoded (core.encoding)
+<store>/teachers/<name>/<slot>/<case>/softmax   the class distribution, encoded (core.store.encoding)
 <store>/teachers/<name>/<slot>/<case>/coarse    (x, y, z) attention map of the deepest encoder feature
 <store>/teachers/<name>/<slot>/<case>/fine      (x, y, z) attention map of the second-to-last decoder feature
 ```
@@ -45,8 +45,9 @@ import zarr
 import zarr.errors
 from zarr.codecs import BloscCodec
 
-from core.encoding import DEFAULT_ENCODING, SoftmaxEncoding, get_encoding
 from core.errors import StoreError
+from core.store.encoding import DEFAULT_ENCODING, SoftmaxEncoding, get_encoding
+from core.terms import ATTENTION_KINDS
 
 __all__ = [
     "ATTENTION_KINDS",
@@ -57,6 +58,7 @@ __all__ = [
     "TeacherStore",
     "compressor_for",
     "entry_hash",
+    "entry_key_difference",
     "store_write_lock",
 ]
 
@@ -64,7 +66,6 @@ FORMAT_NAME = "teachcache-store"
 FORMAT_VERSION = "2.1"
 # a teacher key: "<name>/fold_<k>" or "<name>/all_folds"
 _SLOT = re.compile(r"^(fold_[0-9]+|all_folds)$")
-ATTENTION_KINDS = ("coarse", "fine")
 
 _ATTR = "teachcache"
 
@@ -697,7 +698,7 @@ def _lock_path(location: str) -> Path:
     if not _is_remote(location):
         path = Path(location.removeprefix("file://")).resolve()
         return path.with_name(f"{path.name}.lock")
-    from core.data.layout import default_hash_cache
+    from core.user_cache import default_hash_cache
 
     digest = hashlib.sha256(location.rstrip("/").encode()).hexdigest()[:16]  # one lock for `url` and `url/`
     return default_hash_cache().parent / "locks" / f"{digest}.lock"
@@ -779,6 +780,13 @@ def entry_hash(key: dict[str, Any]) -> str:
     """SHA-256 of an entry key's canonical JSON (sorted keys, no whitespace): the ``entry_hash`` attribute."""
     payload = json.dumps(key, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def entry_key_difference(stored: dict[str, Any] | None, wanted: dict[str, Any]) -> list[str]:
+    """The fields of ``wanted`` that a stored entry key lacks or holds another value for (all when no key)."""
+    if not isinstance(stored, dict):
+        return list(wanted)
+    return [k for k, v in wanted.items() if stored.get(k) != v]
 
 
 def _is_empty_group(location: str) -> bool:

@@ -51,9 +51,9 @@ def _ensemble(cfg: Config, folds: list[int]) -> dict[str, tuple[float, float]]:
     as stage 2 reads them). Scored like the runs' headlines: in the original geometry when the raw dataset the store
     was made from is at hand, else on the preprocessed grid. Folds whose teachers are not all cached are left out."""
     from core.data.layouts import read_dataset
+    from core.evaluation.geometry import original_label, original_spacing, to_original_geometry
+    from core.evaluation.metrics import dice_per_class, hd95_per_class
     from core.experiment import fold_split, open_store_for
-    from core.geometry import original_label, original_spacing, to_original_geometry
-    from core.metrics import dice_per_class, hd95_per_class
 
     try:
         store = open_store_for(cfg)

@@ -8,8 +8,7 @@ import dask
 import numpy as np
 
 from core.errors import StoreError
-from core.experiment import entry_key_difference
-from core.store import ATTENTION_KINDS, TeacherStore, entry_hash
+from core.store.teacher_store import ATTENTION_KINDS, TeacherStore, entry_hash, entry_key_difference
 
 __all__ = ["verify_store"]
 

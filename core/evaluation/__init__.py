@@ -1,0 +1,1 @@
+"""Metrics, scoring in the original geometry, fold and cross-validation reports."""

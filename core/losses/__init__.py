@@ -1,0 +1,1 @@
+"""The segmentation loss, the plain distillation losses, and the registered distillation terms."""

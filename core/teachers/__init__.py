@@ -1,0 +1,1 @@
+"""Every kind of teacher behind one interface, and the online target source."""
