@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from core.config import Config
-from core.data.patches import PatchDataset
+from core.data.patches import training_patches
 from core.data.splits import holdout_split
 from core.errors import CheckpointError, ConfigError
 from core.experiment import fold_split, open_store_for, raw_dataset_status, splits_path, teacher_dir
@@ -95,15 +95,7 @@ def train_teachers(
         fit_cases, holdout = holdout_split(train, teacher.training.holdout, seed)
         torch.manual_seed(seed)
         model = create_model(teacher.arch, in_channels, len(class_names), teacher.args)
-        dataset = PatchDataset(
-            store.location,
-            fit_cases,
-            teacher.training.patch_size,
-            length=teacher.training.iterations_per_epoch * teacher.training.batch_size,
-            foreground_oversampling=teacher.training.foreground_oversampling,
-            seed=seed,
-            augmentation=teacher.training.augmentation,
-        )
+        dataset = training_patches(store.location, fit_cases, teacher.training, seed)
         results.append(
             fit(
                 TrainingRun(

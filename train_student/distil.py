@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from core.config import Config
-from core.data.patches import PatchDataset, TargetRequest, targets_from_batch
+from core.data.patches import TargetRequest, targets_from_batch, training_patches
 from core.data.splits import holdout_split
 from core.errors import ConfigError, StoreError
 from core.experiment import (
@@ -409,16 +409,7 @@ def student_run(
 
     for case_id in val:
         check_window(spec, cfg.inference, store.case_shape(case_id), cfg.student.args, taps=False)
-    dataset = PatchDataset(
-        store.location,
-        fit_cases,
-        cfg.training.patch_size,
-        length=cfg.training.iterations_per_epoch * cfg.training.batch_size,
-        foreground_oversampling=cfg.training.foreground_oversampling,
-        seed=seed,
-        targets=None if online else request,
-        augmentation=cfg.training.augmentation,
-    )
+    dataset = training_patches(store.location, fit_cases, cfg.training, seed, None if online else request)
     out_dir = student_dir(
         cfg, f"{dcfg.kind}-online" if online else dcfg.kind, fold, cfg.training.seed if repeat else None
     )

@@ -30,7 +30,7 @@ from monai.transforms import (
 )
 from torch.utils.data import Dataset
 
-from core.config import AugmentationConfig
+from core.config import AugmentationConfig, TrainingConfig
 from core.errors import StoreError
 from core.store.teacher_store import ATTENTION_KINDS, Box, TeacherStore
 from core.terms import DistillationTargets
@@ -43,6 +43,7 @@ __all__ = [
     "build_augmentation",
     "crop_map",
     "targets_from_batch",
+    "training_patches",
 ]
 
 
@@ -430,3 +431,28 @@ class EpochSampler(torch.utils.data.Sampler[int]):
     def __iter__(self):
         first = (self.epoch * self.world + self.rank) * self.length
         return iter(range(first, first + self.length))
+
+
+def training_patches(
+    store_path: str | Path,
+    cases: Sequence[str],
+    training: TrainingConfig,
+    seed: int,
+    targets: TargetRequest | None = None,
+) -> PatchDataset:
+    """The patches one epoch of a training run draws, as ``training`` sets them (teachers and students alike).
+
+    ``iterations_per_epoch × batch_size`` patches of ``training.patch_size`` from ``cases``, with its foreground
+    oversampling and augmentation, and the cached ``targets`` a distilling student reads (``None``: image and label
+    only).
+    """
+    return PatchDataset(
+        store_path,
+        cases,
+        training.patch_size,
+        length=training.iterations_per_epoch * training.batch_size,
+        foreground_oversampling=training.foreground_oversampling,
+        seed=seed,
+        targets=targets,
+        augmentation=training.augmentation,
+    )
