@@ -22,7 +22,7 @@ from core.experiment import fold_split, open_store_for
 from core.inference import predict_volume, resolve_device
 from core.models.checkpoint import build_from_checkpoint
 from core.store.encoding import ENCODINGS, kl_per_voxel, softmax
-from core.store.teacher_store import compressor_for
+from core.store.format import compressor_for
 
 __all__ = ["EncodingResult", "bench_encodings", "bench_patch_read"]
 

@@ -35,19 +35,20 @@ import torch.nn.functional as F
 from core.config import Config, TeacherConfig
 from core.errors import CheckpointError, ConfigError, StoreError, TeachCacheError
 from core.experiment import entry_key, open_store_for, store_splits
-from core.inference import aligned_overlap, check_window, predict_volume, resolve_device
+from core.inference import aligned_overlap, resolve_device
 from core.models.checkpoint import file_sha256
 from core.progress import track
+from core.store.locking import store_write_lock
+from core.store.provenance import entry_hash
 from core.store.sketch import relation_errors, sketch_features
-from core.store.teacher_store import TeacherStore, entry_hash, store_write_lock
-from core.teachers.kinds import (
+from core.store.teacher_store import TeacherStore
+from core.teachers.base import (
     LoadedTeacher,
+    TeacherRun,
+    check_teacher_windows,
     load_teacher,
-    prepare_teacher_input,
-    teacher_case_files,
-    to_store_grid,
+    teacher_outputs,
 )
-from core.teachers.nnunet import predict_nnunet
 
 __all__ = ["KILL_AFTER_ENTRIES_ENV", "CacheSummary", "cache_teachers", "cache_units", "compute_entry"]
 
@@ -181,33 +182,7 @@ def prepare_entry(
     store = _process_store(cfg)
     loaded = _process_model(cfg, teacher, sha, device)
     k = cfg.store.feature_sketch_channels
-    inference = loaded.inference or cfg.inference_for(teacher)
-    if teacher.kind == "nnunet":  # nnU-Net's own preprocessing, its folds (and mirrors) averaged
-        files = teacher_case_files(cfg, teacher, case_id)
-        out, affine = predict_nnunet(
-            cfg, teacher, loaded, files, device, cfg.distillation.attention.p, k is not None
-        )
-    else:
-        if teacher.kind == "registry":
-            image, affine = store.read_image(case_id), None
-        else:  # the teacher's own inputs, on its own grid
-            image, affine = prepare_teacher_input(cfg, teacher, loaded, case_id)
-            check_window(
-                loaded.spec, inference, image.shape[1:], teacher.args, name=teacher.name, case_id=case_id
-            )
-        out = predict_volume(
-            loaded.model,
-            image,
-            inference,
-            device,
-            spec=loaded.spec,
-            p=cfg.distillation.attention.p,
-            amp=cfg.training.amp,
-            features=k is not None,
-        )
-    if affine is not None:
-        store_affine = np.asarray(store.case_attrs(case_id)["affine"], dtype=np.float64)
-        out = to_store_grid(out, affine, store_affine, store.case_shape(case_id), loaded.store_strides())
+    out = teacher_outputs(TeacherRun(cfg, teacher, loaded, store, device, features=k is not None), case_id)
     _check_finite_outputs(out, teacher.name, case_id)
     sketches = _sketches(out, k, cfg.store.feature_sketch_stride) if k is not None else None
     key = entry_key(cfg, teacher, sha, store)
@@ -403,7 +378,7 @@ def cache_teachers(
 
     Raises:
         StoreError: the store is missing, stale, cannot be written, or is being written by another process (its
-            write lock, :func:`core.store.teacher_store.store_write_lock`, is held for the whole run).
+            write lock, :func:`core.store.locking.store_write_lock`, is held for the whole run).
         CheckpointError: a checkpoint is missing, unsafe, made for another fold, or does not fit its declared
             architecture.
         ConfigError: no teachers configured, a fold the store's splits do not have, window settings a network
@@ -465,6 +440,113 @@ def _check_fold(teacher: TeacherConfig, fold: int | None, ckpt_meta: dict[str, A
         )
 
 
+@dataclass
+class _CopyPlan:
+    """One teacher copy's work, found while planning: what to compute, and what its provenance records."""
+
+    teacher: TeacherConfig
+    fold: int | None
+    key: str  # the copy's store key, ``<name>/fold_<k>`` or ``<name>/all_folds``
+    ckpt_meta: dict[str, Any]
+    sha: str
+    todo: list[str]  # the cases whose entries are (re)computed
+    described: dict[str, Any]  # :func:`_describe`
+
+
+def _plan_copy(
+    cfg: Config,
+    store: TeacherStore,
+    teacher: TeacherConfig,
+    fold: int | None,
+    case_ids: list[str],
+    overwrite: bool,
+) -> _CopyPlan:
+    """Load and check one teacher copy (fold, window), and find the entries to compute; nothing is kept in memory."""
+    splits = store.metadata.get("splits") or []
+    fold_val = splits[fold]["val"] if fold is not None and fold < len(splits) else None
+    loaded = _load_teacher(teacher, store.metadata["dataset"], fold_val)
+    run = TeacherRun(cfg, teacher, loaded, store)
+    _check_fold(teacher, fold, loaded.meta)
+    check_teacher_windows(run, case_ids)
+    sha = file_sha256(teacher.checkpoint)
+    key = teacher.store_key(fold or 0)
+    wanted = entry_hash(entry_key(cfg, teacher, sha, store))
+    todo = [
+        c
+        for c in case_ids
+        if overwrite
+        or not store.has_entry(key, c)
+        or store.entry_attrs(key, c).get("entry_hash") != wanted
+        or bool(store.missing_chunks(f"teachers/{key}/{c}"))  # a lost chunk file: recompute
+    ]
+    return _CopyPlan(teacher, fold, key, loaded.meta, sha, todo, _describe(teacher, loaded, run.inference))
+
+
+def _run_here(cfg: Config, plan: _CopyPlan, label: str, progress: bool) -> None:
+    """Compute a copy's entries in this process.
+
+    One writer thread: case i is encoded and written while the teacher runs on case i + 1 (at most one entry waits,
+    so memory stays at two cases' outputs); a write error surfaces at the next case.
+    """
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="teachcache-writer") as writer:
+        pending: Future | None = None
+        for case_id in track(plan.todo, label, enabled=progress):
+            write = prepare_entry(cfg, plan.teacher.name, plan.fold, case_id, plan.sha)
+            if pending is not None:
+                pending.result()
+            pending = writer.submit(write)
+        if pending is not None:
+            pending.result()
+    release_process_state()
+
+
+def _run_on_cluster(client: Any, cfg: Config, plan: _CopyPlan, label: str, progress: bool) -> None:
+    """Compute a copy's entries as tasks on the dask cluster; a worker's error is raised here."""
+    from distributed import as_completed
+
+    n = len(plan.todo)
+    futures = client.map(
+        compute_entry,
+        [cfg] * n,
+        [plan.teacher.name] * n,
+        [plan.fold] * n,
+        plan.todo,
+        [plan.sha] * n,
+        pure=False,
+    )
+    for future in track(as_completed(futures), label, total=n, enabled=progress):
+        future.result()  # re-raises a worker's error here
+
+
+def _cache_copy(cfg: Config, store: TeacherStore, plan: _CopyPlan, client: Any, progress: bool) -> float:
+    """Write a copy's provenance, compute its entries, record the time taken; returns the seconds."""
+    started = time.perf_counter()
+    provenance = _provenance(cfg, plan.teacher, plan.fold, plan.ckpt_meta, plan.sha, store, plan.described)
+    if not plan.todo and plan.key in store.teacher_keys():  # a no-op run keeps the last run's time
+        previous = store.teacher_metadata(plan.key).get("cache_seconds")
+        if previous is not None:
+            provenance["cache_seconds"] = previous
+    store.write_teacher_metadata(plan.key, provenance)
+    label = f"caching {plan.key}"
+    if client is None:
+        _run_here(cfg, plan, label, progress)
+    else:
+        _run_on_cluster(client, cfg, plan, label, progress)
+    seconds = round(time.perf_counter() - started, 2)
+    if plan.todo:
+        prov = store.teacher_metadata(plan.key)
+        store.write_teacher_metadata(plan.key, {**prov, "cache_seconds": seconds})
+    return seconds
+
+
+def _close(client: Any) -> None:
+    """Close a dask client and the cluster it started."""
+    cluster = client.cluster
+    client.close()
+    if cluster is not None:
+        cluster.close()
+
+
 def _cache_locked(
     cfg: Config,
     store: TeacherStore,
@@ -475,101 +557,22 @@ def _cache_locked(
     scheduler: str | None,
     folds: list[int] | None,
 ) -> CacheSummary:
-    """The body of :func:`cache_teachers`, run under the store's write lock."""
+    """The body of :func:`cache_teachers`, run under the store's write lock: plan every copy (each teacher checked
+    before anything is written), then compute each copy's entries and consolidate the metadata."""
     case_ids = store.case_ids()
-    meta = store.metadata["dataset"]
     units = cache_units(cfg, store, names, folds)
-
-    plans = []
-    for teacher, fold in units:  # check every teacher before writing anything; keep none in memory
-        splits = store.metadata.get("splits") or []
-        fold_val = splits[fold]["val"] if fold is not None and fold < len(splits) else None
-        loaded = _load_teacher(teacher, meta, fold_val)
-        spec, inference = loaded.spec, loaded.inference or cfg.inference_for(teacher)
-        _check_fold(teacher, fold, loaded.meta)
-        if teacher.kind == "registry":
-            for case_id in case_ids:
-                check_window(
-                    spec,
-                    inference,
-                    store.case_shape(case_id),
-                    teacher.args,
-                    name=teacher.name,
-                    case_id=case_id,
-                )
-        elif (
-            case_ids and teacher.kind != "nnunet"
-        ):  # its window on its own grid: 1st case now, each at run time
-            image, _ = prepare_teacher_input(cfg, teacher, loaded, case_ids[0])
-            check_window(
-                spec, inference, image.shape[1:], teacher.args, name=teacher.name, case_id=case_ids[0]
-            )
-        sha = file_sha256(teacher.checkpoint)
-        key = teacher.store_key(fold or 0)
-        wanted = entry_hash(entry_key(cfg, teacher, sha, store))
-        todo = [
-            c
-            for c in case_ids
-            if overwrite
-            or not store.has_entry(key, c)
-            or store.entry_attrs(key, c).get("entry_hash") != wanted
-            or bool(store.missing_chunks(f"teachers/{key}/{c}"))  # a lost chunk file: recompute
-        ]
-        plans.append((teacher, fold, key, loaded.meta, sha, todo, _describe(teacher, loaded, inference)))
-        del loaded
-
+    plans = [_plan_copy(cfg, store, teacher, fold, case_ids, overwrite) for teacher, fold in units]
     store.drop_consolidated()  # rebuilt by store.consolidate() below
     summary = CacheSummary()
     client = _client(workers, scheduler) if (workers or scheduler) else None
     try:
-        for teacher, fold, key, ckpt_meta, sha, todo, described in plans:
-            started = time.perf_counter()
-            provenance = _provenance(cfg, teacher, fold, ckpt_meta, sha, store, described)
-            if not todo and key in store.teacher_keys():  # a no-op run keeps the last run's time
-                previous = store.teacher_metadata(key).get("cache_seconds")
-                if previous is not None:
-                    provenance["cache_seconds"] = previous
-            store.write_teacher_metadata(key, provenance)
-            label = f"caching {key}"
-            if client is None:
-                # one writer thread: case i is encoded and written while the teacher runs on case i + 1 (at most one
-                # entry waits, so memory stays at two cases' outputs); a write error surfaces at the next case
-                with ThreadPoolExecutor(max_workers=1, thread_name_prefix="teachcache-writer") as writer:
-                    pending: Future | None = None
-                    for case_id in track(todo, label, enabled=progress):
-                        write = prepare_entry(cfg, teacher.name, fold, case_id, sha)
-                        if pending is not None:
-                            pending.result()
-                        pending = writer.submit(write)
-                    if pending is not None:
-                        pending.result()
-                release_process_state()
-            else:
-                from distributed import as_completed
-
-                futures = client.map(
-                    compute_entry,
-                    [cfg] * len(todo),
-                    [teacher.name] * len(todo),
-                    [fold] * len(todo),
-                    todo,
-                    [sha] * len(todo),
-                    pure=False,
-                )
-                for future in track(as_completed(futures), label, total=len(todo), enabled=progress):
-                    future.result()  # re-raises a worker's error here
-            seconds = round(time.perf_counter() - started, 2)
-            summary.written[key] = len(todo)
-            summary.skipped[key] = len(case_ids) - len(todo)
-            summary.seconds[key] = seconds
-            if todo:
-                prov = store.teacher_metadata(key)
-                store.write_teacher_metadata(key, {**prov, "cache_seconds": seconds})
+        for plan in plans:
+            seconds = _cache_copy(cfg, store, plan, client, progress)
+            summary.written[plan.key] = len(plan.todo)
+            summary.skipped[plan.key] = len(case_ids) - len(plan.todo)
+            summary.seconds[plan.key] = seconds
     finally:
         if client is not None:
-            cluster = client.cluster
-            client.close()
-            if cluster is not None:
-                cluster.close()
+            _close(client)
     store.consolidate()
     return summary

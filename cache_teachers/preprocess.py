@@ -14,7 +14,8 @@ from core.data.splits import load_splits, make_splits, splits_difference, write_
 from core.errors import StoreError, TeachCacheError
 from core.experiment import splits_path
 from core.progress import track
-from core.store.teacher_store import TeacherStore, store_write_lock
+from core.store.locking import store_write_lock
+from core.store.teacher_store import TeacherStore
 
 __all__ = ["PreprocessSummary", "preprocess_dataset"]
 

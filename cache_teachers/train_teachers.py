@@ -6,21 +6,24 @@ and points each teacher's ``checkpoint`` at their own trained weights.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from core.config import Config
+from core.config import Config, TeacherConfig
 from core.data.patches import training_patches
 from core.data.splits import holdout_split
 from core.errors import CheckpointError, ConfigError
 from core.experiment import fold_split, open_store_for, raw_dataset_status, splits_path, teacher_dir
 from core.inference import check_window, resolve_device
 from core.losses.distillation import DistillationObjective
-from core.losses.plain import SegmentationLoss
+from core.losses.segmentation import SegmentationLoss
 from core.models import create_model, get_spec
 from core.models.checkpoint import load_checkpoint
-from core.training.loop import FitResult, TrainingRun, fit, run_seed
+from core.store.teacher_store import TeacherStore
+from core.training.loop import fit
+from core.training.run import FitResult, TrainingRun, run_seed
 
 __all__ = ["train_teachers"]
 
@@ -39,6 +42,25 @@ def _refuse_foreign_checkpoint(path: Path, name: str, fold: int, run_dir: Path) 
             f"teacher '{name}': training fold {fold} would overwrite {path}, which holds weights made {made}; "
             f"point teachers[{name}].checkpoint at a path of this fold (e.g. inside {run_dir}) or move the file"
         )
+
+
+@dataclass(frozen=True)
+class _Fold:
+    """What every teacher of one fold trains and is scored on.
+
+    Attributes:
+        number: the fold.
+        store: the store holding the preprocessed cases.
+        train: the fold's training cases (held-out ones included).
+        val: its validation cases.
+        original_geometry: the raw dataset matches the store, so the headline is scored in original geometry.
+    """
+
+    number: int
+    store: TeacherStore
+    train: list[str]
+    val: list[str]
+    original_geometry: bool
 
 
 def train_teachers(
@@ -61,9 +83,14 @@ def train_teachers(
     """
     store = open_store_for(cfg)
     train, val = fold_split(cfg, store, fold)
-    raw_dataset = raw_dataset_status(cfg, store)
-    meta = store.metadata["dataset"]
-    in_channels, class_names = len(meta["channel_names"]), meta["class_names"]
+    cases = _Fold(fold, store, train, val, raw_dataset_status(cfg, store) == "matches")
+    teachers = _teachers_to_train(cfg, fold, names)
+    # each run is built just before it trains: its seeded initialisation follows the previous teacher's training
+    return [fit(_teacher_run(cfg, teacher, cases, skip_done), progress=progress) for teacher in teachers]
+
+
+def _teachers_to_train(cfg: Config, fold: int, names: list[str] | None) -> list[TeacherConfig]:
+    """The teachers named (all when ``names`` is empty), for ``fold``; pretrained ones are refused."""
     teachers = (
         [cfg.teacher(n).for_fold(fold) for n in names] if names else [t.for_fold(fold) for t in cfg.teachers]
     )
@@ -74,63 +101,58 @@ def train_teachers(
             "`teachcache teachers` trains only registered networks on the store's volumes; name the others with -t, "
             "or cache the pretrained ones directly (`make cache`)"
         )
-    results = []
-    for teacher in teachers:
-        _refuse_foreign_checkpoint(
-            teacher.checkpoint, teacher.name, fold, teacher_dir(cfg, teacher.name, fold)
+    return teachers
+
+
+def _teacher_run(cfg: Config, teacher: TeacherConfig, fold: _Fold, skip_done: bool) -> TrainingRun:
+    """One teacher's training run on ``fold``, its network initialised from the run's seed."""
+    out_dir = teacher_dir(cfg, teacher.name, fold.number)
+    _refuse_foreign_checkpoint(teacher.checkpoint, teacher.name, fold.number, out_dir)
+    spec, inference = get_spec(teacher.arch), cfg.inference_for(teacher)
+    for case_id in fold.val:
+        check_window(
+            spec,
+            inference,
+            fold.store.case_shape(case_id),
+            teacher.args,
+            taps=False,
+            name=teacher.name,
+            case_id=case_id,
         )
-        spec = get_spec(teacher.arch)
-        inference = cfg.inference_for(teacher)
-        for case_id in val:
-            check_window(
-                spec,
-                inference,
-                store.case_shape(case_id),
-                teacher.args,
-                taps=False,
-                name=teacher.name,
-                case_id=case_id,
-            )
-        seed = run_seed(cfg.seed, teacher.training.seed)
-        fit_cases, holdout = holdout_split(train, teacher.training.holdout, seed)
-        torch.manual_seed(seed)
-        model = create_model(teacher.arch, in_channels, len(class_names), teacher.args)
-        dataset = training_patches(store.location, fit_cases, teacher.training, seed)
-        results.append(
-            fit(
-                TrainingRun(
-                    name=f"teacher {teacher.name}",
-                    model=model,
-                    spec=spec,
-                    args=teacher.args,
-                    in_channels=in_channels,
-                    num_classes=len(class_names),
-                    dataset=dataset,
-                    store=store,
-                    val_cases=val,
-                    cfg=teacher.training,
-                    inference=inference,
-                    loss_fn=DistillationObjective(SegmentationLoss(teacher.training.focal_gamma), []),
-                    out_dir=teacher_dir(cfg, teacher.name, fold),
-                    checkpoint_path=teacher.checkpoint,
-                    device=resolve_device(teacher.training.device),
-                    holdout_cases=holdout,
-                    skip_done=skip_done,
-                    original_geometry=raw_dataset == "matches",
-                    meta={
-                        "role": "teacher",
-                        "teacher": teacher.name,
-                        "fold": fold,
-                        "train_cases": train,  # the fold's training cases, held-out ones included
-                        "fit_cases": fit_cases,
-                        "val_cases": val,
-                        "class_names": class_names,
-                        "splits_file": str(splits_path(cfg)),
-                        "preprocessing_hash": cfg.preprocessing_hash(),
-                        "seed": seed,
-                    },
-                ),
-                progress=progress,
-            )
-        )
-    return results
+    seed = run_seed(cfg.seed, teacher.training.seed)
+    fit_cases, holdout = holdout_split(fold.train, teacher.training.holdout, seed)
+    dataset = fold.store.metadata["dataset"]
+    in_channels, class_names = len(dataset["channel_names"]), dataset["class_names"]
+    torch.manual_seed(seed)
+    return TrainingRun(
+        name=f"teacher {teacher.name}",
+        model=create_model(teacher.arch, in_channels, len(class_names), teacher.args),
+        spec=spec,
+        args=teacher.args,
+        in_channels=in_channels,
+        num_classes=len(class_names),
+        dataset=training_patches(fold.store.location, fit_cases, teacher.training, seed),
+        store=fold.store,
+        val_cases=fold.val,
+        cfg=teacher.training,
+        inference=inference,
+        loss_fn=DistillationObjective(SegmentationLoss(teacher.training.focal_gamma), []),
+        out_dir=out_dir,
+        checkpoint_path=teacher.checkpoint,
+        device=resolve_device(teacher.training.device),
+        holdout_cases=holdout,
+        skip_done=skip_done,
+        original_geometry=fold.original_geometry,
+        meta={
+            "role": "teacher",
+            "teacher": teacher.name,
+            "fold": fold.number,
+            "train_cases": fold.train,  # the fold's training cases, held-out ones included
+            "fit_cases": fit_cases,
+            "val_cases": fold.val,
+            "class_names": class_names,
+            "splits_file": str(splits_path(cfg)),
+            "preprocessing_hash": cfg.preprocessing_hash(),
+            "seed": seed,
+        },
+    )

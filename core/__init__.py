@@ -1,4 +1,5 @@
-"""TeachCache core: configuration, data, models, the teacher store, losses and metrics.
+"""TeachCache core, one package per concern (docs/architecture.md): the term catalogue and the config, models, the
+teacher store, data, inference, losses, teachers, the experiment's layout, evaluation, inspection, training, deploy.
 
 Both stages (``cache_teachers`` and ``train_student``) depend on this package and on nothing else of ours.
 """

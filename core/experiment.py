@@ -119,7 +119,7 @@ def entry_key(
 ) -> dict[str, Any]:
     """Everything a (teacher, case) entry is computed from, as a canonical JSON-able dict.
 
-    ``teachcache cache`` writes it (and its :func:`core.store.teacher_store.entry_hash`) into every entry and recomputes an entry
+    ``teachcache cache`` writes it (and its :func:`core.store.provenance.entry_hash`) into every entry and recomputes an entry
     whose hash differs from the wanted one; stage 2 and ``teachcache verify`` compare entries with it. The case's
     own content is fixed by the store (its preprocessing hash and dataset manifest).
 
@@ -134,7 +134,7 @@ def entry_key(
         "feature_sketch_stride", "feature_sketch_dtype", "softmax_encoding", "margin_reference",
         "preprocessing_hash"}``.
     """
-    from core.teachers.kinds import teacher_entry_fields
+    from core.teachers.base import teacher_entry_fields
 
     encoding = store.encoding
     key = {

@@ -83,6 +83,58 @@ def aligned_overlap(spec: ModelSpec, cfg: InferenceConfig, name: str | None = No
     return tuple(out)
 
 
+def _check_window_size(
+    spec: ModelSpec,
+    roi: tuple[int, ...],
+    volume_shape: tuple[int, ...],
+    args: dict[str, Any],
+    name: str | None,
+    case_id: str | None,
+) -> None:
+    """The window must be a size the network accepts and fit inside the case (X, Y, Z)."""
+    who = _who(spec, name)
+    img = spec.input_size(args)
+    if img is not None and tuple(roi) != img:
+        raise ConfigError(
+            f"{who} only accepts windows of its img_size {img}; set its inference.roi_size to it"
+        )
+    if any(r % spec.size_divisor for r in roi):
+        raise ConfigError(
+            f"{who} needs inference.roi_size divisible by {spec.size_divisor}, got {tuple(roi)}"
+        )
+    if any(v < r for v, r in zip(volume_shape, roi, strict=True)):
+        raise ConfigError(
+            f"{_who(spec, name, case_id)}: volume {tuple(volume_shape)} is smaller than inference.roi_size "
+            f"{tuple(roi)}; raise preprocessing.min_size to at least the window and rebuild the store "
+            "(`teachcache preprocess --overwrite`)"
+        )
+
+
+def _check_tap_grids(
+    spec: ModelSpec,
+    roi: tuple[int, ...],
+    volume_shape: tuple[int, ...],
+    name: str | None,
+    case_id: str | None,
+) -> None:
+    """The case grid (X, Y, Z) and the window must be multiples of every tap's stride."""
+    lcm = _tap_stride(spec)
+    for kind, tap in spec.taps.items():
+        if any(v % tap.stride for v in volume_shape):
+            raise ConfigError(
+                f"{_who(spec, name, case_id)}: its {kind} tap has stride {tap.stride}, but the case grid "
+                f"{tuple(volume_shape)} is not a multiple of it, so its {kind} map would be cut short; set "
+                f"preprocessing.size_divisor to a multiple of {lcm} (e.g. {lcm}) and rebuild the store "
+                "(`teachcache preprocess --overwrite`)"
+            )
+        if any(r % tap.stride for r in roi):
+            raise ConfigError(
+                f"{_who(spec, name)}: its {kind} tap has stride {tap.stride}, but the window {tuple(roi)} is not a "
+                f"multiple of it, so its {kind} map would be cut short; set its inference.roi_size to a multiple "
+                f"of {lcm}"
+            )
+
+
 def check_window(
     spec: ModelSpec,
     cfg: InferenceConfig,
@@ -112,39 +164,10 @@ def check_window(
     Raises:
         ConfigError: naming the network, the case, the setting and a value that works.
     """
-    roi = cfg.roi_size
-    who = _who(spec, name)
-    img = spec.input_size(args)
-    if img is not None and tuple(roi) != img:
-        raise ConfigError(
-            f"{who} only accepts windows of its img_size {img}; set its inference.roi_size to it"
-        )
-    if any(r % spec.size_divisor for r in roi):
-        raise ConfigError(
-            f"{who} needs inference.roi_size divisible by {spec.size_divisor}, got {tuple(roi)}"
-        )
-    if any(v < r for v, r in zip(volume_shape, roi, strict=True)):
-        raise ConfigError(
-            f"{_who(spec, name, case_id)}: volume {tuple(volume_shape)} is smaller than inference.roi_size "
-            f"{tuple(roi)}; raise preprocessing.min_size to at least the window and rebuild the store "
-            "(`teachcache preprocess --overwrite`)"
-        )
+    _check_window_size(spec, cfg.roi_size, volume_shape, args, name, case_id)
     if not taps:
         return
-    lcm = _tap_stride(spec)
-    for kind, tap in spec.taps.items():
-        if any(v % tap.stride for v in volume_shape):
-            raise ConfigError(
-                f"{_who(spec, name, case_id)}: its {kind} tap has stride {tap.stride}, but the case grid "
-                f"{tuple(volume_shape)} is not a multiple of it, so its {kind} map would be cut short; set "
-                f"preprocessing.size_divisor to a multiple of {lcm} (e.g. {lcm}) and rebuild the store "
-                "(`teachcache preprocess --overwrite`)"
-            )
-        if any(r % tap.stride for r in roi):
-            raise ConfigError(
-                f"{who}: its {kind} tap has stride {tap.stride}, but the window {tuple(roi)} is not a multiple of "
-                f"it, so its {kind} map would be cut short; set its inference.roi_size to a multiple of {lcm}"
-            )
+    _check_tap_grids(spec, cfg.roi_size, volume_shape, name, case_id)
     aligned_overlap(spec, cfg, name)
 
 

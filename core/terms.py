@@ -22,6 +22,7 @@ __all__ = [
     "DistillationTargets",
     "TargetsNeeded",
     "TermSpec",
+    "builds_with_channels",
     "targets_needed",
 ]
 
@@ -127,3 +128,12 @@ def targets_needed(terms: Iterable[tuple[str, float]]) -> TargetsNeeded:
         kinds=frozenset().union(*(s.reads for s in used)),
         needs_channels=any(s.needs_channels for s in used),
     )
+
+
+def builds_with_channels(names: Iterable[str]) -> bool:
+    """Some term among ``names`` is built with the tap widths, whatever its weight (a term of weight 0 is still built).
+
+    Raises:
+        KeyError: a name that is not in :data:`TERM_SPECS`.
+    """
+    return any(TERM_SPECS[name].needs_channels for name in names)

@@ -33,11 +33,11 @@ from core.config import load_config
 from core.data.patches import PatchDataset, TargetRequest
 from core.experiment import fold_split, open_store_for
 from core.inference import predict_volume, resolve_device
-from core.losses.plain import normalise_map
+from core.losses.attention import normalise_map
 from core.models.checkpoint import build_from_checkpoint
 from core.models.registry import get_spec
 from core.models.taps import TapRecorder, attention_map
-from core.store.teacher_store import ATTENTION_KINDS
+from core.terms import ATTENTION_KINDS, ONLINE_KINDS, TargetsNeeded
 
 
 def _dice_counts(probs: np.ndarray, label: np.ndarray, num_classes: int) -> np.ndarray:
@@ -79,7 +79,8 @@ def main() -> None:
     device = resolve_device(cfg.training.device)
     teachers = [t.for_fold(args.fold) for t in cfg.distilled_teachers()]
     keys = [t.store_key(args.fold) for t in cfg.distilled_teachers()]
-    request = TargetRequest(teachers=tuple(keys), temperature=1.0, softmax=True, attention=True)
+    # everything teachers in memory give (softmax at T = 1, attention maps), cached alike for the comparison
+    request = TargetRequest.for_recipe(keys, 1.0, TargetsNeeded(ONLINE_KINDS))
     common = dict(
         store_path=store.location,
         case_ids=train,

@@ -24,7 +24,8 @@ from core.experiment import fold_split, open_store_for
 from core.losses.distillation import build_objective
 from core.models import TapRecorder, create_model, get_spec
 from core.models.checkpoint import load_checkpoint
-from core.training.loop import run_seed
+from core.terms import targets_needed
+from core.training.run import run_seed
 
 
 def main() -> None:
@@ -49,12 +50,8 @@ def main() -> None:
     if args.checkpoint:
         model.load_state_dict(load_checkpoint(args.checkpoint).state_dict)
     model.eval()
-    request = TargetRequest(
-        teachers=keys,
-        temperature=dcfg.temperature,
-        softmax="softmax" in loss.needs,
-        attention=bool({"coarse", "fine"} & loss.needs),
-    )
+    needed = targets_needed([] if dcfg.kind == "none" else [(t.name, t.weight) for t in dcfg.terms])
+    request = TargetRequest.for_recipe(keys, dcfg.temperature, needed)
     dataset = PatchDataset(
         store.location,
         train,

@@ -1,3 +1,7 @@
+"""``python -m teachcache``: the same command as the ``teachcache`` console script."""
+
+from __future__ import annotations
+
 from teachcache.cli import main
 
 main()

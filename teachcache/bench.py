@@ -30,8 +30,9 @@ import statistics
 import tempfile
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
@@ -53,6 +54,9 @@ __all__ = [
 # A HECKTOR-sized dataset, for extrapolating the store's size: 224 training cases of 144³ after cropping, 3 teachers
 HECKTOR = {"cases": 224, "shape": (144, 144, 144), "teachers": 3}
 
+# the paper-size loader's sizes, the same in both presets (they differ in how many cases and batches)
+PAPER_LOADER: dict[str, Any] = {"shape": (144, 144, 144), "patches": (128, 96), "workers": (0, 2, 4)}
+
 # the presets: the experiment whose student and teachers are timed, how long, and the paper-size loader's settings
 PRESETS: dict[str, dict[str, Any]] = {
     "cpu": {
@@ -60,26 +64,14 @@ PRESETS: dict[str, dict[str, Any]] = {
         "recipes": {"relation": "configs/ablations/relation.yaml", "mskd": "configs/ablations/mskd.yaml"},
         "steps": 40,
         "warmup": 8,
-        "loader": {
-            "cases": 4,
-            "shape": (144, 144, 144),
-            "patches": (128, 96),
-            "workers": (0, 2, 4),
-            "batches": 6,
-        },
+        "loader": {"cases": 4, **PAPER_LOADER, "batches": 6},
     },
     "gpu": {
         "config": "configs/bench-gpu.yaml",
         "recipes": {},
         "steps": 60,
         "warmup": 10,
-        "loader": {
-            "cases": 6,
-            "shape": (144, 144, 144),
-            "patches": (128, 96),
-            "workers": (0, 2, 4),
-            "batches": 10,
-        },
+        "loader": {"cases": 6, **PAPER_LOADER, "batches": 10},
     },
 }
 
@@ -125,12 +117,8 @@ def _time_steps(
 ) -> dict[str, Any]:
     """In a fresh process: build the run as ``make distil`` does, then time ``warmup + steps`` training steps."""
     import torch
-    from torch.utils.data import DataLoader
 
     from core.config import load_config
-    from core.data.patches import EpochSampler
-    from core.models.taps import TapRecorder
-    from core.training.loop import Optimisation, resolve_num_workers, train_step
     from train_student.distil import student_run
 
     torch.manual_seed(0)
@@ -139,47 +127,12 @@ def _time_steps(
     with warnings.catch_warnings():  # the same warnings `make distil` prints; not the benchmark's business
         warnings.simplefilter("ignore")
         run = student_run(cfg, fold, kd=kd, source=source)
-    device = run.device
-    model = run.model.to(device)
-    model.train()
-    opt = Optimisation.build(model, run.loss_fn, run.cfg, device)
-    recorder = TapRecorder(model, run.spec.taps) if run.capture_taps else None
-    dataset = run.dataset
-    dataset.length = (warmup + steps) * run.cfg.batch_size
-    workers = resolve_num_workers(run.cfg.num_workers, device)
-    loader = DataLoader(
-        dataset,
-        batch_size=run.cfg.batch_size,
-        sampler=EpochSampler(len(dataset)),
-        num_workers=workers,
-        multiprocessing_context="spawn" if workers > 0 else None,
-        pin_memory=device.type == "cuda",
-    )
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-
-    compute, total = [], []
-    batches = iter(loader)
-    for i in range(warmup + steps):
-        started = time.perf_counter()
-        batch = next(batches)
-        loaded = time.perf_counter()
-        train_step(model, batch, run.loss_fn, opt, device, run.cfg.amp, run.target_source, recorder)
-        sync()
-        done = time.perf_counter()
-        if i >= warmup:
-            compute.append(done - loaded)
-            total.append(done - started)
+    compute, total, workers = _timed_steps(run, steps, warmup)
     return {
         "kd": run.name.removeprefix("student "),
         "source": source,
         "config": config,
-        "device": str(device),
+        "device": str(run.device),
         "workers": workers,
         "batch_size": run.cfg.batch_size,
         "patch_size": list(run.cfg.patch_size),
@@ -189,8 +142,65 @@ def _time_steps(
         "step_s_iqr": [float(np.percentile(compute, 25)), float(np.percentile(compute, 75))],
         "peak_rss_mb": _rss_mb(),
         "rss_before_run_mb": rss_before,
-        "cuda_peak_mb": torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None,
+        "cuda_peak_mb": torch.cuda.max_memory_allocated() / 2**20 if run.device.type == "cuda" else None,
     }
+
+
+def _epoch_loader(dataset: Any, batch_size: int, workers: int, pin_memory: bool = False) -> Any:
+    """A DataLoader over one epoch of a :class:`~core.data.patches.PatchDataset`, as the training loop draws it."""
+    from torch.utils.data import DataLoader
+
+    from core.data.patches import EpochSampler
+
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=EpochSampler(len(dataset)),
+        num_workers=workers,
+        multiprocessing_context="spawn" if workers > 0 else None,
+        pin_memory=pin_memory,
+    )
+
+
+def _timed_steps(run: Any, steps: int, warmup: int) -> tuple[list[float], list[float], int]:
+    """Run ``warmup + steps`` of ``run``'s training steps (:func:`train_step`, the loop's own).
+
+    Returns:
+        ``(compute, total, workers)``: the seconds of each step after warm-up with its batch in memory, the same
+        including the wait for the loader, and the loader's worker processes.
+    """
+    import torch
+
+    from core.models.taps import TapRecorder
+    from core.training.loop import train_step
+    from core.training.run import resolve_num_workers
+    from core.training.state import Optimisation
+
+    device = run.device
+    model = run.model.to(device)
+    model.train()
+    opt = Optimisation.build(model, run.loss_fn, run.cfg, device)
+    recorder = TapRecorder(model, run.spec.taps) if run.capture_taps else None
+    run.dataset.length = (warmup + steps) * run.cfg.batch_size
+    workers = resolve_num_workers(run.cfg.num_workers, device)
+    loader = _epoch_loader(run.dataset, run.cfg.batch_size, workers, pin_memory=device.type == "cuda")
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    compute, total = [], []
+    batches = iter(loader)
+    for i in range(warmup + steps):
+        started = time.perf_counter()
+        batch = next(batches)
+        loaded = time.perf_counter()
+        train_step(model, batch, run.loss_fn, opt, device, run.cfg.amp, run.target_source, recorder)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        done = time.perf_counter()
+        if i >= warmup:
+            compute.append(done - loaded)
+            total.append(done - started)
+    return compute, total, workers
 
 
 def _in_fresh_process(fn: Callable[..., dict[str, Any]], *args: Any) -> dict[str, Any]:
@@ -220,18 +230,18 @@ def bench_steps(
         )
     memory = "cuda_peak_mb" if runs["a"]["cuda_peak_mb"] is not None else "peak_rss_mb"
 
-    def ratio(x: str, y: str, key: str) -> float:
-        return runs[x][key] / runs[y][key]
-
+    measures = (("{}", "step_s"), ("{} with loading", "step_with_loading_s"), ("memory {}", memory))
+    pairs = [("b", "a"), ("c", "b")]
     ratios = {
-        "b/a": ratio("b", "a", "step_s"),
-        "c/b": ratio("c", "b", "step_s"),
-        "b/a with loading": ratio("b", "a", "step_with_loading_s"),
-        "c/b with loading": ratio("c", "b", "step_with_loading_s"),
-        "memory b/a": ratio("b", "a", memory),
-        "memory c/b": ratio("c", "b", memory),
-        **{f"{label}/a": ratio(label, "a", "step_s") for label in runs if label.startswith("b_")},
+        name.format(f"{x}/{y}"): runs[x][key] / runs[y][key] for name, key in measures for x, y in pairs
     }
+    ratios.update(
+        {
+            f"{label}/a": runs[label]["step_s"] / runs["a"]["step_s"]
+            for label in runs
+            if label.startswith("b_")
+        }
+    )
     return {"runs": runs, "ratios": ratios, "memory": memory}
 
 
@@ -304,67 +314,19 @@ def bench_cache_stage(config: str, fold: int = 0) -> dict[str, Any]:
 
     Every case of the store is cached (a store's folds name them all); the scratch store is a copy of the cases.
     """
-    import torch
-
-    from cache_teachers.cache import _sketches, cache_teachers, release_process_state
+    from cache_teachers.cache import cache_teachers, release_process_state
     from core.config import load_config
     from core.experiment import open_store_for
-    from core.inference import predict_volume, resolve_device
-    from core.models.checkpoint import build_from_checkpoint
-    from core.models.registry import get_spec
-    from core.store.teacher_store import TeacherStore
+    from core.inference import resolve_device
 
     cfg = load_config(config)
     store = open_store_for(cfg)
     cases = store.case_ids()
-    meta = store.metadata["dataset"]
     device = resolve_device(cfg.training.device)
-    k = cfg.store.feature_sketch_channels
-    phases = {"bare_inference_s": 0.0, "inference_with_taps_s": 0.0, "sketches_s": 0.0, "encode_write_s": 0.0}
+    teachers = [t.for_fold(fold) for t in cfg.distilled_teachers()]
     with tempfile.TemporaryDirectory() as tmp:
-        # a scratch store holding the same cases (copied), so `cache` runs exactly as the user's
-        scratch = Path(tmp) / "store.zarr"
-        shutil.copytree(store.location, scratch, ignore=shutil.ignore_patterns("teachers"))
-        (scratch / "teachers").mkdir()
-        shutil.copy(Path(store.location) / "teachers" / "zarr.json", scratch / "teachers" / "zarr.json")
-        write_store = TeacherStore.open(scratch, mode="a", chunk_size=cfg.store.chunk_size)
-        write_store.drop_consolidated()  # as `cache` does before it writes
-        for teacher in (t.for_fold(fold) for t in cfg.distilled_teachers()):
-            model, _ = build_from_checkpoint(
-                teacher.checkpoint,
-                teacher.arch,
-                len(meta["channel_names"]),
-                len(meta["class_names"]),
-                teacher.args,
-            )
-            model.to(device).eval()
-            inference, spec = cfg.inference_for(teacher), get_spec(teacher.arch)
-            for case in cases:
-                image = store.read_image(case)
-                started = time.perf_counter()
-                predict_volume(model, image, inference, device, amp=cfg.training.amp)
-                phases["bare_inference_s"] += time.perf_counter() - started
-                started = time.perf_counter()
-                out = predict_volume(
-                    model,
-                    image,
-                    inference,
-                    device,
-                    spec,
-                    cfg.distillation.attention.p,
-                    cfg.training.amp,
-                    k is not None,
-                )
-                phases["inference_with_taps_s"] += time.perf_counter() - started
-                started = time.perf_counter()
-                sketches = _sketches(out, k, cfg.store.feature_sketch_stride) if k is not None else None
-                phases["sketches_s"] += time.perf_counter() - started
-                started = time.perf_counter()
-                write_store.write_entry(
-                    f"bench/{teacher.name}", case, out["logits"], out["coarse"], out["fine"], sketches
-                )
-                phases["encode_write_s"] += time.perf_counter() - started
-            del model
+        scratch = _scratch_store(store, Path(tmp) / "store.zarr")
+        phases = _cache_phases(cfg, store, scratch, teachers, device)
         shutil.rmtree(scratch / "teachers" / "bench")
         scratch_cfg = cfg.model_copy(update={"store": cfg.store.model_copy(update={"path": str(scratch)})})
         release_process_state()
@@ -372,17 +334,68 @@ def bench_cache_stage(config: str, fold: int = 0) -> dict[str, Any]:
         cache_teachers(scratch_cfg, progress=False, folds=[fold])
         cache_s = time.perf_counter() - started
         release_process_state()
-    del torch
-    bare = phases["bare_inference_s"]
     return {
         "cases": len(cases),
-        "teachers": len(cfg.distilled_teachers()),
+        "teachers": len(teachers),
         "cache_s": cache_s,
         **phases,
-        "overhead": cache_s / bare - 1,
+        "overhead": cache_s / phases["bare_inference_s"] - 1,
         "phase_sum_s": phases["inference_with_taps_s"] + phases["sketches_s"] + phases["encode_write_s"],
-        "per_entry_s": cache_s / (len(cases) * len(cfg.distilled_teachers())),
+        "per_entry_s": cache_s / (len(cases) * len(teachers)),
     }
+
+
+def _scratch_store(store: Any, scratch: Path) -> Path:
+    """A copy of ``store``'s cases without its teachers, so `cache` runs into it exactly as into the user's."""
+    shutil.copytree(store.location, scratch, ignore=shutil.ignore_patterns("teachers"))
+    (scratch / "teachers").mkdir()
+    shutil.copy(Path(store.location) / "teachers" / "zarr.json", scratch / "teachers" / "zarr.json")
+    return scratch
+
+
+@contextmanager
+def _timed(phases: dict[str, float], phase: str) -> Iterator[None]:
+    """Add the seconds the block takes to ``phases[phase]``."""
+    started = time.perf_counter()
+    yield
+    phases[phase] += time.perf_counter() - started
+
+
+def _cache_phases(cfg: Any, store: Any, scratch: Path, teachers: list[Any], device: Any) -> dict[str, float]:
+    """Each teacher over every case of ``store``, as `cache` runs it, with its phases timed one by one.
+
+    Bare sliding-window inference, inference with taps (and features for sketches), sketches, and encoding and
+    writing into ``scratch`` under ``bench/<teacher>`` (removed afterwards by the caller).
+    """
+    from cache_teachers.cache import _sketches
+    from core.inference import predict_volume
+    from core.models.checkpoint import build_from_checkpoint
+    from core.models.registry import get_spec
+    from core.store.teacher_store import TeacherStore
+
+    dataset, k = store.metadata["dataset"], cfg.store.feature_sketch_channels
+    channels, classes = len(dataset["channel_names"]), len(dataset["class_names"])
+    p, amp = cfg.distillation.attention.p, cfg.training.amp
+    write_store = TeacherStore.open(scratch, mode="a", chunk_size=cfg.store.chunk_size)
+    write_store.drop_consolidated()  # as `cache` does before it writes
+    phases = dict.fromkeys(("bare_inference_s", "inference_with_taps_s", "sketches_s", "encode_write_s"), 0.0)
+    for teacher in teachers:
+        model, _ = build_from_checkpoint(teacher.checkpoint, teacher.arch, channels, classes, teacher.args)
+        model.to(device).eval()
+        inference, spec = cfg.inference_for(teacher), get_spec(teacher.arch)
+        for case in store.case_ids():
+            image = store.read_image(case)
+            with _timed(phases, "bare_inference_s"):
+                predict_volume(model, image, inference, device, amp=amp)
+            with _timed(phases, "inference_with_taps_s"):
+                out = predict_volume(model, image, inference, device, spec, p, amp, k is not None)
+            with _timed(phases, "sketches_s"):
+                sketches = _sketches(out, k, cfg.store.feature_sketch_stride) if k is not None else None
+            with _timed(phases, "encode_write_s"):
+                entry = (out["logits"], out["coarse"], out["fine"], sketches)
+                write_store.write_entry(f"bench/{teacher.name}", case, *entry)
+        del model
+    return phases
 
 
 # --- 5: the patch loader at the paper's sizes --------------------------------------------------------------------
@@ -412,8 +425,6 @@ def write_paper_store(
     grids (their registry strides). The arrays have the sizes, dtypes, chunks and encodings of a real cache; their
     content is only realistic enough for compression and decode times to be.
     """
-    from scipy.ndimage import gaussian_filter
-
     from core.models.registry import get_spec
     from core.store.teacher_store import TeacherStore
 
@@ -430,64 +441,77 @@ def write_paper_store(
         splits=[],
     )
     ids = []
-    grid = np.stack(np.meshgrid(*[np.arange(s) for s in shape], indexing="ij"))
     for i in range(cases):
         case_id = f"PAPER_{i:03d}"
-        label = np.zeros(shape, np.uint8)
-        for _ in range(3):
-            centre = rng.uniform(0.25, 0.75, 3) * np.array(shape)
-            radius = rng.uniform(6, 14)
-            label[np.sum((grid - centre[:, None, None, None]) ** 2, axis=0) < radius**2] = 1
-        image = np.stack([_smooth_field(rng, shape, 2.0), gaussian_filter(label.astype(np.float32), 1.5)])
-        fg = np.argwhere(label > 0)
-        foreground = np.concatenate([np.ones((len(fg), 1), np.int64), fg], axis=1)[:: max(1, len(fg) // 2000)]
+        image, label, foreground = _paper_case(rng, shape)
         store.write_case(case_id, image, label, foreground, {"spacing": [1.0, 1.0, 1.0]})
         for name, channels in PAPER_TEACHERS.items():
-            spec = get_spec(name)
-            margin = 6.0 * (gaussian_filter(label.astype(np.float32), 2.0) - 0.5)
-            logits = np.stack([np.zeros(shape, np.float32), margin + _smooth_field(rng, shape, 4.0)])
-            maps, sketches = {}, {}
-            for kind in ("coarse", "fine"):
-                stride = spec.taps[kind].stride
-                tap = tuple(s // stride for s in shape)
-                maps[kind] = np.abs(_smooth_field(rng, tap, 1.0)) + 0.1
-                # sketches on the grid the cache pools them to (store.feature_sketch_stride)
-                pooled = tuple(s // max(stride, sketch_stride) for s in shape)
-                sketch = _smooth_field(rng, (sketch_channels, *pooled), 1.0) * 10
-                basis = np.linalg.qr(rng.standard_normal((channels, sketch_channels)))[0].astype(np.float32)
-                sketches[kind] = (sketch, basis, {"channels_in": channels, "channels": sketch_channels})
-            store.write_entry(f"{name}/all_folds", case_id, logits, maps["coarse"], maps["fine"], sketches)
+            arrays = _paper_entry(rng, label, get_spec(name), channels, sketch_channels, sketch_stride)
+            store.write_entry(f"{name}/all_folds", case_id, *arrays)
         ids.append(case_id)
     return ids
+
+
+def _paper_case(rng: np.random.Generator, shape: tuple[int, int, int]) -> tuple[np.ndarray, ...]:
+    """A synthetic PET/CT case: ``(image (2, X, Y, Z), label (X, Y, Z) of three blobs, foreground (N, 4))``."""
+    from scipy.ndimage import gaussian_filter
+
+    grid = np.stack(np.meshgrid(*[np.arange(s) for s in shape], indexing="ij"))
+    label = np.zeros(shape, np.uint8)
+    for _ in range(3):
+        centre = rng.uniform(0.25, 0.75, 3) * np.array(shape)
+        radius = rng.uniform(6, 14)
+        label[np.sum((grid - centre[:, None, None, None]) ** 2, axis=0) < radius**2] = 1
+    image = np.stack([_smooth_field(rng, shape, 2.0), gaussian_filter(label.astype(np.float32), 1.5)])
+    fg = np.argwhere(label > 0)
+    foreground = np.concatenate([np.ones((len(fg), 1), np.int64), fg], axis=1)[:: max(1, len(fg) // 2000)]
+    return image, label, foreground
+
+
+def _paper_entry(
+    rng: np.random.Generator,
+    label: np.ndarray,
+    spec: Any,
+    channels: int,
+    sketch_channels: int,
+    sketch_stride: int,
+) -> tuple[Any, ...]:
+    """One teacher's entry for a case: ``(logits, coarse, fine, sketches)`` as :meth:`write_entry` takes them.
+
+    Logits (2, X, Y, Z) that agree with ``label`` up to a smooth perturbation; attention maps of smooth noise on
+    the teacher's tap grids; per tap a sketch (k, x, y, z) on the grid the cache pools them to and an orthonormal
+    basis (C, k) of the tap's ``channels``.
+    """
+    from scipy.ndimage import gaussian_filter
+
+    shape = label.shape
+    margin = 6.0 * (gaussian_filter(label.astype(np.float32), 2.0) - 0.5)
+    logits = np.stack([np.zeros(shape, np.float32), margin + _smooth_field(rng, shape, 4.0)])
+    maps, sketches = {}, {}
+    for kind in ("coarse", "fine"):
+        stride = spec.taps[kind].stride
+        maps[kind] = np.abs(_smooth_field(rng, tuple(s // stride for s in shape), 1.0)) + 0.1
+        # sketches on the grid the cache pools them to (store.feature_sketch_stride)
+        pooled = tuple(s // max(stride, sketch_stride) for s in shape)
+        sketch = _smooth_field(rng, (sketch_channels, *pooled), 1.0) * 10
+        basis = np.linalg.qr(rng.standard_normal((channels, sketch_channels)))[0].astype(np.float32)
+        sketches[kind] = (sketch, basis, {"channels_in": channels, "channels": sketch_channels})
+    return logits, maps["coarse"], maps["fine"], sketches
 
 
 def _loader_rate(
     path: str, cases: list[str], patch: int, workers: int, batches: int, batch_size: int
 ) -> float:
     """Patches per second of a DataLoader over the paper store with every array TeachFormer, relation, MSKD read."""
-    from torch.utils.data import DataLoader
+    from core.data.patches import PatchDataset, TargetRequest
+    from core.terms import TERM_SPECS, targets_needed
 
-    from core.data.patches import EpochSampler, PatchDataset, TargetRequest
-
-    request = TargetRequest(
-        teachers=tuple(f"{name}/all_folds" for name in PAPER_TEACHERS),
-        temperature=2.0,
-        softmax=True,
-        attention=True,
-        sketches=True,
-        features=True,
-    )
+    every_term = targets_needed((name, 1.0) for name in TERM_SPECS)
+    request = TargetRequest.for_recipe([f"{name}/all_folds" for name in PAPER_TEACHERS], 2.0, every_term)
     dataset = PatchDataset(path, cases, (patch,) * 3, length=(batches + 1) * batch_size, targets=request)
     # 4 workers on a 2-core machine is the point of the measurement, not a mistake: no warning
     warnings.filterwarnings("ignore", message=".*worker processes in total.*")
-    loader = DataLoader(
-        dataset,
-        batch_size=batch_size,
-        sampler=EpochSampler(len(dataset)),
-        num_workers=workers,
-        multiprocessing_context="spawn" if workers > 0 else None,
-    )
-    it = iter(loader)
+    it = iter(_epoch_loader(dataset, batch_size, workers))
     next(it)  # workers started, store opened: not counted
     started = time.perf_counter()
     for _ in range(batches):
@@ -563,17 +587,15 @@ def _consumption(results: dict[str, Any], previous_gpu: Path) -> dict[str, Any]:
     """The student's patches per second at the paper's size: this run's on a GPU, else the GPU preset's last run."""
     steps = results.get("steps", {}).get("runs", {})
     if results["preset"] == "gpu" and "b" in steps:
-        run = steps["b"]
-        return {
-            "patches_per_s": run["batch_size"] / run["step_s"],
-            "from": "this run (cached TeachFormer step)",
-        }
+        return _consumed(steps["b"], "this run (cached TeachFormer step)")
     if previous_gpu.exists():
         gpu = json.loads(previous_gpu.read_text())
         run = gpu.get("steps", {}).get("runs", {}).get("b")
         if run:
-            return {
-                "patches_per_s": run["batch_size"] / run["step_s"],
-                "from": f"the GPU preset's last run ({gpu['machine'].get('gpu')})",
-            }
+            return _consumed(run, f"the GPU preset's last run ({gpu['machine'].get('gpu')})")
     return {"patches_per_s": None, "from": "no GPU run yet (make bench BENCH=gpu on a machine with a GPU)"}
+
+
+def _consumed(run: dict[str, Any], source: str) -> dict[str, Any]:
+    """Patches per second a timed cached-TeachFormer step consumes, and where the number comes from."""
+    return {"patches_per_s": run["batch_size"] / run["step_s"], "from": source}

@@ -29,113 +29,166 @@ def _met(value: float | None, op: str, bar: float) -> str:
 
 def markdown(results: dict[str, Any]) -> str:
     """The results as markdown: machine header, then one table per measurement."""
+    lines = _header(results)
+    sections = (
+        ("steps", _steps_section),
+        ("store", _store_section),
+        ("cache", _cache_section),
+        ("loader", _loader_section),
+    )
+    for part, section in sections:
+        if results.get(part):
+            lines += section(results[part], results["preset"])
+    return "\n".join(lines)
+
+
+def _header(results: dict[str, Any]) -> list[str]:
     m = results["machine"]
-    preset = results["preset"]
-    lines = [
-        f"### `make bench BENCH={preset}` — {results.get('date', '')}",
+    return [
+        f"### `make bench BENCH={results['preset']}` — {results.get('date', '')}",
         "",
         f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gb']} GB, GPU: {m['gpu'] or 'none'}. "
         f"Python {m['python']}, torch {m['torch']}, MONAI {m['monai']}, zarr {m['zarr']}, numpy {m['numpy']}. "
         f"Experiment: `{results['config']}`. Whole run: {results['seconds'] / 60:.1f} min.",
         "",
     ]
-    steps = results.get("steps")
-    if steps:
-        mem = steps["memory"]
-        mem_name = "CUDA peak allocated MB" if mem == "cuda_peak_mb" else "peak RSS MB"
-        a = steps["runs"]["a"]
-        lines += [
-            f"Training step, median of {a['steps']} after warm-up, batch {a['batch_size']}, patch "
-            f"{'×'.join(map(str, a['patch_size']))}, {a['workers']} loader workers, device {a['device']}; each in its "
-            "own process:",
-            "",
-            f"| run | distillation | ms / step (batch in memory) | ms / step with loading | {mem_name} |",
-            "|---|---|---:|---:|---:|",
-        ]
-        for label, run in steps["runs"].items():
-            lines.append(
-                f"| ({label}) | {run['kd']} ({run['source']}) | {run['step_s'] * 1e3:.1f} | "
-                f"{run['step_with_loading_s'] * 1e3:.1f} | {run[mem]:.0f} |"
-            )
-        lines += ["", "| ratio | measured | target | |", "|---|---:|---:|---|"]
-        targets = TARGETS.get(preset, {})
-        for name, value in steps["ratios"].items():
-            op, bar = targets.get(name, ("", 0.0))
-            lines.append(
-                f"| {name} | {value:.2f} | {f'{op} {bar:g}' if op else ''} | {_met(value, op, bar) if op else ''} |"
-            )
-        lines.append("")
-    store = results.get("store")
-    if store:
-        kl = store["softmax_kl"]
-        lines += [
-            f"Store ({store['cases']} cases × {len(store['teachers'])} teachers): stored bytes per case voxel per "
-            f"teacher; softmax encoding `{store['softmax_encoding']}`, KL to float32 at "
-            + ", ".join(f"{t}: {v:.1e}" for t, v in kl.items())
-            + f" ({_met(max(kl.values()), '<=', STORE_TARGETS['kl'])} ≤ 1e-4):",
-            "",
-            "| array | B / voxel / teacher |",
-            "|---|---:|",
-        ]
-        for kind, value in store["bytes_per_voxel_per_teacher"].items():
-            lines.append(f"| {kind} | {value:.3f} |")
-        entry = store["entry_bytes_per_voxel_per_teacher"]
-        softmax = store["bytes_per_voxel_per_teacher"].get("softmax")
-        lines += [
-            f"| **whole entry** | **{entry:.3f}** ({_met(entry, '<=', STORE_TARGETS['entry'])} ≤ 1) |",
-            "",
-            f"Softmax {softmax:.3f} B/voxel ({_met(softmax, '<=', STORE_TARGETS['softmax'])} ≤ 0.25). Files per case "
-            f"(images and every teacher): {store['files_per_case']:.0f}; per case per teacher "
-            f"{store['teacher_files_per_case_per_teacher']:.0f}. A HECKTOR-sized store ({store['hecktor']['cases']} "
-            f"cases of {'×'.join(map(str, store['hecktor']['shape']))}, {store['hecktor']['teachers']} teachers): "
-            f"{store['hecktor']['teacher_gb']:.1f} GB of teacher entries + {store['hecktor']['cases_gb']:.1f} GB of "
-            "images and labels (extrapolated).",
-            "",
-        ]
-    cache = results.get("cache")
-    if cache:
-        lines += [
-            f"Cache stage ({cache['cases']} cases × {cache['teachers']} teachers): `cache` took "
-            f"{cache['cache_s']:.1f} s against {cache['bare_inference_s']:.1f} s of bare sliding-window inference: "
-            f"overhead {cache['overhead'] * 100:.0f} % ({_met(cache['overhead'], '<=', STORE_TARGETS['cache_overhead'])}"
-            " ≤ 10 %). Its parts, timed one by one:",
-            "",
-            "| phase | s |",
-            "|---|---:|",
-            f"| inference with taps (and features for sketches) | {cache['inference_with_taps_s']:.1f} |",
-            f"| sketches (PCA, relation errors) | {cache['sketches_s']:.1f} |",
-            f"| encode + compress + write | {cache['encode_write_s']:.1f} |",
-            f"| bare inference, for reference | {cache['bare_inference_s']:.1f} |",
-            "",
-        ]
-    loader = results.get("loader")
-    if loader:
-        consumption = loader.get("student_consumption", {})
-        rate = consumption.get("patches_per_s")
-        workers = sorted({w for r in loader["patches_per_s"].values() for w in r}, key=int)
-        lines += [
-            f"Patch loader at the paper's sizes: {loader['cases']} cases of {'×'.join(map(str, loader['shape']))}, "
-            f"teachers {', '.join(loader['teachers'])} with every array TeachFormer, relation and MSKD read "
-            f"({loader['store_bytes_per_voxel']:.2f} B/voxel stored, {loader['files']} files), batch "
-            f"{loader['batch_size']}; patches per second:",
-            "",
-            "| patch | " + " | ".join(f"{w} workers" for w in workers) + " |",
-            "|---|" + "---:|" * len(workers),
-        ]
-        for patch, by_workers in loader["patches_per_s"].items():
-            lines.append(f"| {patch}³ | " + " | ".join(f"{by_workers[w]:.2f}" for w in workers) + " |")
-        lines += [
-            "",
-            "Student consumption at that size: "
-            + (
-                f"{rate:.2f} patches/s, from {consumption['from']}."
-                if rate
-                else f"unknown: {consumption['from']}."
-            )
-            + " Target: the loader ≥ 3× the consumption with the default workers.",
-            "",
-        ]
-    return "\n".join(lines)
+
+
+def _steps_section(steps: dict[str, Any], preset: str) -> list[str]:
+    """One row per arm (its step times and peak memory), then the ratios against the preset's targets."""
+    mem = steps["memory"]
+    mem_name = "CUDA peak allocated MB" if mem == "cuda_peak_mb" else "peak RSS MB"
+    a = steps["runs"]["a"]
+    lines = [
+        f"Training step, median of {a['steps']} after warm-up, batch {a['batch_size']}, patch "
+        f"{'×'.join(map(str, a['patch_size']))}, {a['workers']} loader workers, device {a['device']}; each in its "
+        "own process:",
+        "",
+        f"| run | distillation | ms / step (batch in memory) | ms / step with loading | {mem_name} |",
+        "|---|---|---:|---:|---:|",
+    ]
+    for label, run in steps["runs"].items():
+        lines.append(
+            f"| ({label}) | {run['kd']} ({run['source']}) | {run['step_s'] * 1e3:.1f} | "
+            f"{run['step_with_loading_s'] * 1e3:.1f} | {run[mem]:.0f} |"
+        )
+    lines += ["", "| ratio | measured | target | |", "|---|---:|---:|---|"]
+    targets = TARGETS.get(preset, {})
+    for name, value in steps["ratios"].items():
+        op, bar = targets.get(name, ("", 0.0))
+        lines.append(
+            f"| {name} | {value:.2f} | {f'{op} {bar:g}' if op else ''} | {_met(value, op, bar) if op else ''} |"
+        )
+    return [*lines, ""]
+
+
+def _store_section(store: dict[str, Any], preset: str) -> list[str]:
+    """Bytes per voxel of each array kind, the whole entry and the softmax against their targets, files, HECKTOR."""
+    kl = store["softmax_kl"]
+    lines = [
+        f"Store ({store['cases']} cases × {len(store['teachers'])} teachers): stored bytes per case voxel per "
+        f"teacher; softmax encoding `{store['softmax_encoding']}`, KL to float32 at "
+        + ", ".join(f"{t}: {v:.1e}" for t, v in kl.items())
+        + f" ({_met(max(kl.values()), '<=', STORE_TARGETS['kl'])} ≤ 1e-4):",
+        "",
+        "| array | B / voxel / teacher |",
+        "|---|---:|",
+    ]
+    lines += [f"| {kind} | {value:.3f} |" for kind, value in store["bytes_per_voxel_per_teacher"].items()]
+    entry = store["entry_bytes_per_voxel_per_teacher"]
+    softmax = store["bytes_per_voxel_per_teacher"].get("softmax")
+    hecktor = store["hecktor"]
+    return [
+        *lines,
+        f"| **whole entry** | **{entry:.3f}** ({_met(entry, '<=', STORE_TARGETS['entry'])} ≤ 1) |",
+        "",
+        f"Softmax {softmax:.3f} B/voxel ({_met(softmax, '<=', STORE_TARGETS['softmax'])} ≤ 0.25). Files per case "
+        f"(images and every teacher): {store['files_per_case']:.0f}; per case per teacher "
+        f"{store['teacher_files_per_case_per_teacher']:.0f}. A HECKTOR-sized store ({hecktor['cases']} "
+        f"cases of {'×'.join(map(str, hecktor['shape']))}, {hecktor['teachers']} teachers): "
+        f"{hecktor['teacher_gb']:.1f} GB of teacher entries + {hecktor['cases_gb']:.1f} GB of "
+        "images and labels (extrapolated).",
+        "",
+    ]
+
+
+def _cache_section(cache: dict[str, Any], preset: str) -> list[str]:
+    """``cache`` against bare inference, and its phases."""
+    return [
+        f"Cache stage ({cache['cases']} cases × {cache['teachers']} teachers): `cache` took "
+        f"{cache['cache_s']:.1f} s against {cache['bare_inference_s']:.1f} s of bare sliding-window inference: "
+        f"overhead {cache['overhead'] * 100:.0f} % ({_met(cache['overhead'], '<=', STORE_TARGETS['cache_overhead'])}"
+        " ≤ 10 %). Its parts, timed one by one:",
+        "",
+        "| phase | s |",
+        "|---|---:|",
+        f"| inference with taps (and features for sketches) | {cache['inference_with_taps_s']:.1f} |",
+        f"| sketches (PCA, relation errors) | {cache['sketches_s']:.1f} |",
+        f"| encode + compress + write | {cache['encode_write_s']:.1f} |",
+        f"| bare inference, for reference | {cache['bare_inference_s']:.1f} |",
+        "",
+    ]
+
+
+def _loader_section(loader: dict[str, Any], preset: str) -> list[str]:
+    """Patches per second per patch size and workers, against the student's consumption."""
+    consumption = loader.get("student_consumption", {})
+    rate = consumption.get("patches_per_s")
+    workers = sorted({w for r in loader["patches_per_s"].values() for w in r}, key=int)
+    lines = [
+        f"Patch loader at the paper's sizes: {loader['cases']} cases of {'×'.join(map(str, loader['shape']))}, "
+        f"teachers {', '.join(loader['teachers'])} with every array TeachFormer, relation and MSKD read "
+        f"({loader['store_bytes_per_voxel']:.2f} B/voxel stored, {loader['files']} files), batch "
+        f"{loader['batch_size']}; patches per second:",
+        "",
+        "| patch | " + " | ".join(f"{w} workers" for w in workers) + " |",
+        "|---|" + "---:|" * len(workers),
+    ]
+    for patch, by_workers in loader["patches_per_s"].items():
+        lines.append(f"| {patch}³ | " + " | ".join(f"{by_workers[w]:.2f}" for w in workers) + " |")
+    consumed = (
+        f"{rate:.2f} patches/s, from {consumption['from']}." if rate else f"unknown: {consumption['from']}."
+    )
+    return [
+        *lines,
+        "",
+        f"Student consumption at that size: {consumed} Target: the loader ≥ 3× the consumption with the default "
+        "workers.",
+        "",
+    ]
+
+
+def _steps_panel(ax: Any, results: dict[str, Any]) -> None:
+    """Each arm's median step, with and without loading."""
+    runs = results["steps"]["runs"]
+    labels = [f"({k}) {r['kd']}\n{r['source']}" for k, r in runs.items()]
+    ax.bar(labels, [r["step_s"] * 1e3 for r in runs.values()], color="tab:blue", label="batch in memory")
+    ax.scatter(
+        labels,
+        [r["step_with_loading_s"] * 1e3 for r in runs.values()],
+        color="k",
+        label="with loading",
+    )
+    ax.set_ylabel("ms / training step (median)")
+    ax.set_title("training step")
+    ax.tick_params(axis="x", labelsize=7)
+    ax.legend()
+
+
+def _loader_panel(ax: Any, results: dict[str, Any]) -> None:
+    """Patches per second per workers, one bar per patch size, against 3× the student's consumption."""
+    rates = results["loader"]["patches_per_s"]
+    width = 0.8 / len(rates)
+    for i, (patch, by_workers) in enumerate(rates.items()):
+        xs = [int(w) + i * width for w in by_workers]
+        ax.bar(xs, list(by_workers.values()), width=width, label=f"{patch}³")
+    consumption = results["loader"].get("student_consumption", {}).get("patches_per_s")
+    if consumption:
+        ax.axhline(3 * consumption, color="r", ls="--", label="3× student consumption")
+    ax.set_xlabel("loader workers")
+    ax.set_ylabel("patches / s")
+    ax.set_title("paper-size patch loader")
+    ax.legend()
 
 
 def _chart(results: dict[str, Any], path: Path) -> None:
@@ -149,35 +202,7 @@ def _chart(results: dict[str, Any], path: Path) -> None:
         return
     fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4), squeeze=False)
     for ax, panel in zip(axes[0], panels, strict=True):
-        if panel == "steps":
-            runs = results["steps"]["runs"]
-            labels = [f"({k}) {r['kd']}\n{r['source']}" for k, r in runs.items()]
-            ax.bar(
-                labels, [r["step_s"] * 1e3 for r in runs.values()], color="tab:blue", label="batch in memory"
-            )
-            ax.scatter(
-                labels,
-                [r["step_with_loading_s"] * 1e3 for r in runs.values()],
-                color="k",
-                label="with loading",
-            )
-            ax.set_ylabel("ms / training step (median)")
-            ax.set_title("training step")
-            ax.tick_params(axis="x", labelsize=7)
-            ax.legend()
-        else:
-            rates = results["loader"]["patches_per_s"]
-            width = 0.8 / len(rates)
-            for i, (patch, by_workers) in enumerate(rates.items()):
-                xs = [int(w) + i * width for w in by_workers]
-                ax.bar(xs, list(by_workers.values()), width=width, label=f"{patch}³")
-            consumption = results["loader"].get("student_consumption", {}).get("patches_per_s")
-            if consumption:
-                ax.axhline(3 * consumption, color="r", ls="--", label="3× student consumption")
-            ax.set_xlabel("loader workers")
-            ax.set_ylabel("patches / s")
-            ax.set_title("paper-size patch loader")
-            ax.legend()
+        (_steps_panel if panel == "steps" else _loader_panel)(ax, results)
     fig.suptitle(f"make bench BENCH={results['preset']} — {results['machine']['cpu']}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -20,11 +20,12 @@ runner = CliRunner()
 def test_the_paper_store_carries_every_array_the_recipes_read(tmp_path):
     """Patches of the paper-size store carry softmax, maps, sketches and bases; features rebuild on the device."""
     from core.data.patches import PatchDataset, TargetRequest, targets_from_batch
+    from core.terms import TERM_SPECS, targets_needed
 
     path = tmp_path / "paper.zarr"
     cases = write_paper_store(path, 1, (64, 64, 64), sketch_channels=4)
     teachers = tuple(f"{n}/all_folds" for n in PAPER_TEACHERS)
-    request = TargetRequest(teachers, 2.0, softmax=True, attention=True, sketches=True, features=True)
+    request = TargetRequest.for_recipe(teachers, 2.0, targets_needed((n, 1.0) for n in TERM_SPECS))
     item = PatchDataset(path, cases, (32, 32, 32), length=2, targets=request)[0]
     for name, width in PAPER_TEACHERS.items():
         key = f"{name}/all_folds"

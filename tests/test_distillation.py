@@ -8,7 +8,7 @@ import torch
 from core.config import DistillationConfig, TermConfig
 from core.errors import ConfigError
 from core.losses.distillation import TERMS, build_objective
-from core.losses.plain import DISTLoss
+from core.losses.distribution import DISTLoss
 
 T = 2.0
 
@@ -153,9 +153,10 @@ def test_relation_terms_ignore_channel_rotation_and_width(name, args):
 
 
 def test_affinity_weighs_within_and_between_class_pairs_equally():
-    from core.losses.distillation import AffinityDistillation
+    from core.losses.distillation import TermSettings
+    from core.losses.relation import AffinityDistillation
 
-    term = AffinityDistillation(1.0, None, "uniform", {})
+    term = AffinityDistillation(TermSettings(temperature=1.0))
     student = torch.randn(1, 10, 4)
     teacher = torch.randn(1, 10, 3)
     classes = torch.tensor([[1] + [0] * 9])  # one foreground voxel: 18 of 100 pairs cross classes

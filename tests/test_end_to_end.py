@@ -13,7 +13,8 @@ from typer.testing import CliRunner
 
 from core.config import load_config
 from core.models.checkpoint import load_checkpoint
-from core.store.teacher_store import ATTENTION_KINDS, TeacherStore
+from core.store.teacher_store import TeacherStore
+from core.terms import ATTENTION_KINDS
 from teachcache.cli import app
 
 runner = CliRunner()

@@ -8,13 +8,10 @@ import pytest
 import torch
 
 from core.config import DistillationConfig, TermConfig
+from core.losses.attention import AttentionTransferLoss, normalise_map
 from core.losses.distillation import build_objective
-from core.losses.plain import (
-    AttentionTransferLoss,
-    PixelwiseKDLoss,
-    SegmentationLoss,
-    normalise_map,
-)
+from core.losses.distribution import PixelwiseKDLoss
+from core.losses.segmentation import SegmentationLoss
 
 
 def test_pixelwise_kd_matches_hand_computed_value():

@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 from cache_teachers import cache_teachers, preprocess_dataset
 from core.errors import TeachCacheError
 from core.store.teacher_store import TeacherStore
-from core.teachers.kinds import load_teacher
+from core.teachers.base import load_teacher
 from core.teachers.nnunet import predict_nnunet
 from teachcache.cli import app
 from tests.conftest import derived_config

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 import torch
 from typer.testing import CliRunner
 
@@ -45,6 +46,15 @@ def test_online_targets_equal_the_cached_ones_on_the_same_view(trained):
         assert a.shape == b.shape
         assert torch.nn.functional.cosine_similarity(a, b, dim=0) > 0.999, kind
         assert np.isclose(float(a.pow(2).mean().sqrt()), 1.0, atol=1e-4), "unit RMS, as the store keeps maps"
+
+
+def test_online_targets_refuse_kinds_only_the_cache_has():
+    """Teachers in memory give softmax and attention maps; a request for sketches or features is a mistake."""
+    from core.terms import targets_needed
+
+    relation = TargetRequest.for_recipe(["t/all_folds"], 2.0, targets_needed([("affinity", 1.0)]))
+    with pytest.raises(ValueError, match="not feature sketches"):
+        OnlineTargets([], relation, 2.0, torch.device("cpu"))
 
 
 def test_a_student_distils_online_from_checkpoints_with_nothing_cached(trained):

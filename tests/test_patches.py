@@ -190,3 +190,22 @@ def test_teacher_features_are_rebuilt_from_sketch_and_basis_on_the_device():
     for b in range(2):
         expected = (basis[b] @ sketch[b].reshape(4, -1)).reshape(40, 3, 5, 6)
         assert torch.allclose(targets["fine_features"]["t"][b], expected, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "terms,kinds",
+    [
+        ([("pwd", 1.0), ("afs", 1.0)], ["softmax", "coarse", "fine"]),
+        ([("pwd", 1.0), ("affinity", 1.0), ("gram", 1.0)], ["softmax", "coarse_sketch", "fine_sketch"]),
+        ([("ffd", 1.0), ("rgd", 1.0)], ["softmax", "coarse_features", "fine_features"]),
+        ([("afs", 1.0), ("pwd", 0.0)], ["coarse", "fine"]),
+        ([("pwd", 0.0)], []),
+    ],
+)
+def test_a_recipes_request_carries_exactly_what_its_terms_read(terms, kinds):
+    """TargetRequest.for_recipe follows core.terms.targets_needed: terms of weight 0 read nothing."""
+    from core.terms import targets_needed
+
+    request = TargetRequest.for_recipe(["a/fold_0", "b/all_folds"], 2.0, targets_needed(terms))
+    assert request.kinds() == kinds
+    assert request.teachers == ("a/fold_0", "b/all_folds") and request.temperature == 2.0

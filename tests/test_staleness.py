@@ -21,8 +21,8 @@ import yaml
 from typer.testing import CliRunner
 
 from cache_teachers import cache_teachers, preprocess_dataset
+from core import user_cache
 from core.config import Config, load_config
-from core.data import layout
 from core.data.layout import read_raw_dataset
 from core.errors import StoreError
 from core.experiment import fold_split
@@ -204,13 +204,13 @@ def test_manifest_sees_a_same_size_edit_and_remembers_hashes(trained, tmp_path, 
     assert image.stat().st_size == stat.st_size
 
     hashed: list[Path] = []
-    real = getattr(layout, "_file_sha256", None)
+    real = user_cache._file_sha256
 
     def counting(path: Path) -> str:
         hashed.append(path)
         return real(path)
 
-    monkeypatch.setattr(layout, "_file_sha256", counting, raising=False)
+    monkeypatch.setattr(user_cache, "_file_sha256", counting)
     after = ds.manifest_hash()
     assert after != before, "an edit that keeps the size changes the manifest"
     assert hashed == [image], "only the edited file is read again; the others come from the hash cache"

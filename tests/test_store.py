@@ -10,7 +10,8 @@ import zarr
 from core.data.preprocessing import foreground_locations
 from core.errors import StoreError
 from core.store.encoding import kl_per_voxel
-from core.store.teacher_store import FORMAT_VERSION, TeacherStore
+from core.store.format import FORMAT_VERSION
+from core.store.teacher_store import TeacherStore
 
 
 def _new_store(path, shape=(32, 32, 32)):

@@ -8,7 +8,8 @@ import zarr
 from typer.testing import CliRunner
 
 from cache_teachers import cache_teachers, preprocess_dataset
-from core.store.teacher_store import TeacherStore, store_write_lock
+from core.store.locking import store_write_lock
+from core.store.teacher_store import TeacherStore
 from teachcache.cli import app
 from tests.conftest import derived_config
 

@@ -12,7 +12,7 @@ import numpy as np
 from typer.testing import CliRunner
 
 from cache_teachers import cache_teachers, preprocess_dataset
-from core.store.teacher_store import store_write_lock
+from core.store.locking import store_write_lock
 from teachcache.cli import app
 from tests.conftest import derived_config
 from tests.test_store_ops import _arrays
@@ -45,7 +45,7 @@ def test_a_second_writer_is_refused_naming_the_first(trained):
 def test_a_killed_holder_does_not_block_the_next_run(trained):
     cfg, path = _preprocessed(trained, "lock_killed")
     code = (
-        "import sys, time\nfrom core.store.teacher_store import store_write_lock\n"
+        "import sys, time\nfrom core.store.locking import store_write_lock\n"
         f"with store_write_lock({str(cfg.store.path)!r}, 'cache'):\n    print('held', flush=True)\n    time.sleep(60)\n"
     )
     holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)

@@ -22,6 +22,7 @@ from core.inference import predict_volume
 from core.models.checkpoint import build_from_checkpoint
 from core.models.registry import get_spec
 from core.store.teacher_store import TeacherStore
+from core.teachers.base import list_teacher_kinds, register_teacher_kind, teacher_kind
 from teachcache.cli import app
 from tests.conftest import derived_config
 
@@ -210,3 +211,15 @@ def test_teacher_reading_an_unknown_channel_is_refused(trained):
     with pytest.raises(TeachCacheError, match="reads channel\\(s\\) MRI, which the dataset does not have"):
         cache_teachers(cfg, names=["dynunet"], progress=False)
     assert TeacherStore.open(cfg.store.path).teacher_keys() == []
+
+
+def test_every_teacher_kind_is_registered_once():
+    # one table of kinds, filled by importing core.teachers; every kind TeacherConfig can name is in it
+    assert list_teacher_kinds() == ["bundle", "nnunet", "own_preprocessing", "registry"]
+    kind = teacher_kind("registry")
+    with pytest.raises(ValueError, match="teacher kind 'registry' is already registered"):
+        register_teacher_kind(
+            "registry", load=kind.load, predict=kind.predict, check_windows=kind.check_windows
+        )
+    with pytest.raises(TeachCacheError, match="unknown teacher kind 'zoo'; registered: bundle, nnunet"):
+        teacher_kind("zoo")

@@ -10,7 +10,7 @@ import zarr
 from typer.testing import CliRunner
 
 from cache_teachers import cache_teachers, preprocess_dataset
-from core.training.loop import recover_run_dir
+from core.training.checkpoints import recover_run_dir
 from teachcache.cli import app
 from tests.conftest import derived_config
 

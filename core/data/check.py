@@ -86,6 +86,27 @@ def _case_report(ds: RawDataset, case: CaseFiles, progress: Any = None, referenc
             "problems": problems}  # fmt: skip
 
 
+def _geometry_summary(
+    reports: list[dict[str, Any]],
+) -> tuple[dict[str, dict[str, list[float]]], dict[str, dict[str, list[int]]]]:
+    """Per modality over the cases' reports: the spacing's min, median and max, and the shape's min and max (each
+    per axis)."""
+    spacing: dict[str, list[list[float]]] = {}
+    shapes: dict[str, list[list[int]]] = {}
+    for r in reports:
+        for name, m in r["modalities"].items():
+            spacing.setdefault(name, []).append(m["spacing"])
+            shapes.setdefault(name, []).append(m["shape"][:3])
+    spacing_summary = {
+        n: {"min": np.min(v, 0).tolist(), "median": np.median(v, 0).tolist(), "max": np.max(v, 0).tolist()}
+        for n, v in spacing.items()
+    }
+    shape_summary = {
+        n: {"min": np.min(v, 0).tolist(), "max": np.max(v, 0).tolist()} for n, v in shapes.items()
+    }
+    return spacing_summary, shape_summary
+
+
 def check_dataset(
     cfg: DatasetConfig,
     layout: str | None = None,
@@ -112,24 +133,7 @@ def check_dataset(
     if on_total is not None:
         on_total(len(ds.cases))
     reports = [_case_report(ds, case, progress, reference) for case in ds.cases]
-    spacing: dict[str, dict[str, list[float]]] = {}
-    shapes: dict[str, dict[str, list[int]]] = {}
-    for r in reports:
-        for name, m in r["modalities"].items():
-            spacing.setdefault(name, {"all": []})["all"].append(m["spacing"])
-            shapes.setdefault(name, {"all": []})["all"].append(m["shape"][:3])
-    spacing_summary = {
-        n: {
-            "min": np.min(v["all"], 0).tolist(),
-            "median": np.median(v["all"], 0).tolist(),
-            "max": np.max(v["all"], 0).tolist(),
-        }
-        for n, v in spacing.items()
-    }
-    shape_summary = {
-        n: {"min": np.min(v["all"], 0).tolist(), "max": np.max(v["all"], 0).tolist()}
-        for n, v in shapes.items()
-    }
+    spacing_summary, shape_summary = _geometry_summary(reports)
     problems = [p for r in reports for p in r["problems"]]
     return {
         "root": str(root),

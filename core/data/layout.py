@@ -16,6 +16,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from core.errors import DatasetError
 from core.user_cache import FileHashCache, default_hash_cache
@@ -111,14 +112,12 @@ class RawDataset:
         return h.hexdigest()
 
 
-def read_raw_dataset(root: str | Path) -> RawDataset:
-    """Validate and index an nnU-Net v2 raw dataset folder.
+def _read_description(root: Path) -> tuple[Path, dict[str, Any]]:
+    """``dataset.json`` of the folder ``root``, parsed, with the keys every dataset needs.
 
-    Raises:
-        DatasetError: the folder, ``dataset.json`` or a required key is missing; a case lacks a channel file or
-            its label; a label has no image. The message names the path and the fix.
+    Returns:
+        Its path and its content.
     """
-    root = Path(root)
     if not root.is_dir():
         raise DatasetError(
             f"dataset folder not found: {root} (set dataset.raw_dir, or add dataset.synthetic to generate it)"
@@ -140,6 +139,11 @@ def read_raw_dataset(root: str | Path) -> RawDataset:
     missing = [k for k in ("channel_names", "labels", "file_ending") if k not in desc]
     if missing:
         raise DatasetError(f"{desc_path}: missing key(s) {', '.join(missing)}")
+    return desc_path, desc
+
+
+def _channel_names(desc: dict[str, Any], desc_path: Path) -> tuple[str, ...]:
+    """The modalities in channel order, from ``channel_names`` (``{"0": "CT", "1": "PET"}``)."""
     channels = desc["channel_names"]
     if not isinstance(channels, dict) or not channels:
         raise DatasetError(
@@ -147,32 +151,28 @@ def read_raw_dataset(root: str | Path) -> RawDataset:
             f'{{"0": "CT", "1": "PET"}} (nnU-Net v2), got {json.dumps(channels)[:80]}'
         )
     try:
-        channel_names = tuple(str(channels[str(i)]) for i in range(len(channels)))
+        return tuple(str(channels[str(i)]) for i in range(len(channels)))
     except KeyError:
         raise DatasetError(f"{desc_path}: channel_names keys must be '0', '1', ... in order") from None
+
+
+def _labels(desc: dict[str, Any], desc_path: Path) -> dict[str, int]:
+    """``labels`` as ``{class name: integer index}`` (the indices are checked later)."""
     if not isinstance(desc["labels"], dict):
         raise DatasetError(
             f"{desc_path}: labels must be an object mapping class names to integers, e.g. "
             f'{{"background": 0, "tumour": 1}} (nnU-Net v2), got {json.dumps(desc["labels"])[:80]}'
         )
     try:
-        labels = {str(k): int(v) for k, v in desc["labels"].items()}
+        return {str(k): int(v) for k, v in desc["labels"].items()}
     except (TypeError, ValueError):
         raise DatasetError(
             f"{desc_path}: every label must map a name to one integer class index, got {json.dumps(desc['labels'])[:120]}"
         ) from None
-    if not isinstance(desc["file_ending"], str) or not desc["file_ending"].startswith("."):
-        raise DatasetError(
-            f'{desc_path}: file_ending must be a string such as ".nii.gz", got {desc["file_ending"]!r}'
-        )
-    if sorted(labels.values()) != list(range(len(labels))) or labels.get("background", 0) != 0:
-        raise DatasetError(f"{desc_path}: labels must map names to 0..N-1 with background = 0, got {labels}")
-    ending = desc["file_ending"]
 
-    images_dir, labels_dir = root / "imagesTr", root / "labelsTr"
-    for d in (images_dir, labels_dir):
-        if not d.is_dir():
-            raise DatasetError(f"{root}: missing folder {d.name}/")
+
+def _images_by_case(images_dir: Path, ending: str) -> dict[str, dict[int, Path]]:
+    """``{case id: {channel: file}}`` from the names ``CASE_0000<ending>``, … in ``imagesTr``."""
     by_case: dict[str, dict[int, Path]] = {}
     for p in sorted(images_dir.glob(f"*{ending}")):
         stem = p.name[: -len(ending)]
@@ -190,6 +190,14 @@ def read_raw_dataset(root: str | Path) -> RawDataset:
         by_case.setdefault(case_id, {})[int(channel)] = p
     if not by_case:
         raise DatasetError(f"{images_dir}: no images ending in {ending}")
+    return by_case
+
+
+def _pair_labels(
+    by_case: dict[str, dict[int, Path]], channel_names: tuple[str, ...], root: Path, ending: str
+) -> list[CaseFiles]:
+    """Every case with all its channel files and its label, in case order; no label left without images."""
+    images_dir, labels_dir = root / "imagesTr", root / "labelsTr"
     cases = []
     for case_id, files in sorted(by_case.items()):
         absent = [i for i in range(len(channel_names)) if i not in files]
@@ -203,6 +211,31 @@ def read_raw_dataset(root: str | Path) -> RawDataset:
     orphans = sorted({p.name[: -len(ending)] for p in labels_dir.glob(f"*{ending}")} - set(by_case))
     if orphans:
         raise DatasetError(f"{labels_dir}: label(s) without images: {', '.join(orphans[:5])}")
+    return cases
+
+
+def read_raw_dataset(root: str | Path) -> RawDataset:
+    """Validate and index an nnU-Net v2 raw dataset folder.
+
+    Raises:
+        DatasetError: the folder, ``dataset.json`` or a required key is missing; a case lacks a channel file or
+            its label; a label has no image. The message names the path and the fix.
+    """
+    root = Path(root)
+    desc_path, desc = _read_description(root)
+    channel_names = _channel_names(desc, desc_path)
+    labels = _labels(desc, desc_path)
+    if not isinstance(desc["file_ending"], str) or not desc["file_ending"].startswith("."):
+        raise DatasetError(
+            f'{desc_path}: file_ending must be a string such as ".nii.gz", got {desc["file_ending"]!r}'
+        )
+    if sorted(labels.values()) != list(range(len(labels))) or labels.get("background", 0) != 0:
+        raise DatasetError(f"{desc_path}: labels must map names to 0..N-1 with background = 0, got {labels}")
+    ending = desc["file_ending"]
+    for d in (root / "imagesTr", root / "labelsTr"):
+        if not d.is_dir():
+            raise DatasetError(f"{root}: missing folder {d.name}/")
+    cases = _pair_labels(_images_by_case(root / "imagesTr", ending), channel_names, root, ending)
     return RawDataset(
         root=root,
         name=str(desc.get("name", root.name)),

@@ -32,8 +32,9 @@ from torch.utils.data import Dataset
 
 from core.config import AugmentationConfig, TrainingConfig
 from core.errors import StoreError
-from core.store.teacher_store import ATTENTION_KINDS, Box, TeacherStore
-from core.terms import DistillationTargets
+from core.store.format import Box
+from core.store.teacher_store import TeacherStore
+from core.terms import ATTENTION_KINDS, DistillationTargets, TargetsNeeded
 
 __all__ = [
     "EpochSampler",
@@ -49,7 +50,9 @@ __all__ = [
 
 @dataclass(frozen=True)
 class TargetRequest:
-    """Which cached teacher data each patch carries.
+    """Which teacher data each patch carries (cached) or each batch is given (online).
+
+    A recipe's request is :meth:`for_recipe`: what its terms read (:func:`core.terms.targets_needed`), nothing more.
 
     Attributes:
         teachers: teacher names in the store.
@@ -68,8 +71,26 @@ class TargetRequest:
     sketches: bool = False
     features: bool = False
 
+    @classmethod
+    def for_recipe(cls, teachers: Sequence[str], temperature: float, needed: TargetsNeeded) -> TargetRequest:
+        """The request of a recipe whose terms read ``needed`` (:func:`core.terms.targets_needed`) of ``teachers``.
+
+        Args:
+            teachers: the teachers' store keys (``<name>/fold_<k>`` or ``<name>/all_folds``).
+            temperature: the recipe's softmax temperature T.
+            needed: what its terms of non-zero weight read.
+        """
+        return cls(
+            teachers=tuple(teachers),
+            temperature=temperature,
+            softmax=needed.softmax,
+            attention=needed.attention,
+            sketches=needed.sketches,
+            features=needed.features,
+        )
+
     def kinds(self) -> list[str]:
-        """The target kinds carried, as keys of :data:`~core.losses.plain.DistillationTargets`."""
+        """The target kinds carried, as keys of :data:`~core.terms.DistillationTargets`."""
         kinds = ["softmax"] if self.softmax else []
         kinds += list(ATTENTION_KINDS) if self.attention else []
         kinds += [f"{k}_sketch" for k in ATTENTION_KINDS] if self.sketches else []

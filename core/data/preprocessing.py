@@ -196,6 +196,71 @@ def image_keys(files: int) -> list[str]:
     return [f"image_{i}" for i in range(files)]
 
 
+def _reading_steps(images: list[str], label: list[str], reference: str) -> list[Any]:
+    """Load every file, put it channel-first on the reference modality's grid, crop the world box, stack the
+    modalities into ``image``."""
+    keys = [*images, *label]
+    load = LoadImaged(keys=keys, image_only=True)
+    load.register(SimpleITKReader())  # .mha/.mhd; NIfTI stays with MONAI's default readers
+    join = (
+        ConcatItemsd(keys=images, name="image", dim=0)
+        if len(images) > 1
+        else CopyItemsd(keys=images, names="image")
+    )
+    return [
+        load,
+        EnsureChannelFirstd(keys=keys),
+        ToReferenceGridd(keys=keys, reference=reference),
+        CropWorldBoxd(keys=keys, reference=reference, margin=1),
+        join,
+        DeleteItemsd(keys=images),
+    ]
+
+
+def _grid_steps(cfg: PreprocessingConfig, label: list[str]) -> list[Any]:
+    """Orientation (RAS), target spacing, the box exactly on the new grid, the foreground crop: image and label
+    together."""
+    threshold = cfg.foreground_threshold
+    return [
+        # labels stated, so MONAI's FutureWarning about their changing default is not printed on every run
+        Orientationd(keys=["image", *label], axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),
+        Spacingd(
+            keys=["image", *label],
+            pixdim=cfg.target_spacing,
+            mode=("bilinear", "nearest")[: 1 + len(label)],
+        ),
+        CropWorldBoxd(keys=["image", *label], reference="image", half_open=True),  # the box exactly, new grid
+        CropForegroundd(
+            keys=["image", *label],
+            source_key="image",
+            select_fn=lambda x: x > threshold,
+            channel_indices=cfg.foreground_channel,
+            margin=cfg.crop_margin,
+            allow_smaller=True,
+        ),
+    ]
+
+
+def _intensity_and_padding_steps(
+    cfg: PreprocessingConfig, channel_names: tuple[str, ...], label: list[str]
+) -> list[Any]:
+    """Per-modality normalisation, then padding to the minimum size and to a multiple of ``size_divisor`` (the
+    image by replication, the label with background)."""
+    with_label = bool(label)
+    return [
+        NormalizeModalitiesd(
+            keys="image",
+            channel_names=channel_names,
+            ct_window=cfg.ct_window,
+            overrides=cfg.normalization,
+        ),
+        SpatialPadd(keys="image", spatial_size=cfg.min_size, mode="replicate"),
+        *([SpatialPadd(keys="label", spatial_size=cfg.min_size, mode="constant")] if with_label else []),
+        DivisiblePadd(keys="image", k=cfg.size_divisor, mode="replicate"),
+        *([DivisiblePadd(keys="label", k=cfg.size_divisor, mode="constant")] if with_label else []),
+    ]
+
+
 def build_preprocessing(
     cfg: PreprocessingConfig,
     channel_names: tuple[str, ...],
@@ -214,53 +279,13 @@ def build_preprocessing(
     files = len(channel_names) if files is None else files
     images = image_keys(files)
     label = ["label"] if with_label else []
-    keys = [*images, *label]
     reference = images[min(cfg.reference_channel, files - 1)]
-    threshold, channel = cfg.foreground_threshold, cfg.foreground_channel
-    load = LoadImaged(keys=keys, image_only=True)
-    load.register(SimpleITKReader())  # .mha/.mhd; NIfTI stays with MONAI's default readers
-    join = (
-        ConcatItemsd(keys=images, name="image", dim=0)
-        if files > 1
-        else CopyItemsd(keys=images, names="image")
-    )
-    stack = [join, DeleteItemsd(keys=images)]
     return Compose(
         [
-            load,
-            EnsureChannelFirstd(keys=keys),
-            ToReferenceGridd(keys=keys, reference=reference),
-            CropWorldBoxd(keys=keys, reference=reference, margin=1),
-            *stack,
+            *_reading_steps(images, label, reference),
             *([BinariseLabeld(keys="label")] if binarise_label and with_label else []),
-            # labels stated, so MONAI's FutureWarning about their changing default is not printed on every run
-            Orientationd(keys=["image", *label], axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),
-            Spacingd(
-                keys=["image", *label],
-                pixdim=cfg.target_spacing,
-                mode=("bilinear", "nearest")[: 1 + len(label)],
-            ),
-            CropWorldBoxd(
-                keys=["image", *label], reference="image", half_open=True
-            ),  # the box exactly, new grid
-            CropForegroundd(
-                keys=["image", *label],
-                source_key="image",
-                select_fn=lambda x: x > threshold,
-                channel_indices=channel,
-                margin=cfg.crop_margin,
-                allow_smaller=True,
-            ),
-            NormalizeModalitiesd(
-                keys="image",
-                channel_names=channel_names,
-                ct_window=cfg.ct_window,
-                overrides=cfg.normalization,
-            ),
-            SpatialPadd(keys="image", spatial_size=cfg.min_size, mode="replicate"),
-            *([SpatialPadd(keys="label", spatial_size=cfg.min_size, mode="constant")] if with_label else []),
-            DivisiblePadd(keys="image", k=cfg.size_divisor, mode="replicate"),
-            *([DivisiblePadd(keys="label", k=cfg.size_divisor, mode="constant")] if with_label else []),
+            *_grid_steps(cfg, label),
+            *_intensity_and_padding_steps(cfg, channel_names, label),
         ]
     )
 

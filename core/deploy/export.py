@@ -142,6 +142,44 @@ def _run_onnx(path: Path, x: torch.Tensor) -> np.ndarray:
     return session.run(None, {"image": x.numpy()})[0]
 
 
+def _runtime(output: Path) -> str:
+    """The format ``output``'s suffix names (``RUNTIMES``).
+
+    Raises:
+        TeachCacheError: another suffix, or a missing output folder.
+    """
+    runtime = RUNTIMES.get(output.suffix.lower())
+    if runtime is None:
+        raise TeachCacheError(
+            f"{output}: the suffix says which format to write: .pt (TorchScript) or .onnx (ONNX)"
+        )
+    if not output.parent.is_dir():
+        raise TeachCacheError(f"folder not found: {output.parent}; create it first")
+    return runtime
+
+
+def _export_and_run(runtime: str, model: torch.nn.Module, x: torch.Tensor, path: Path) -> np.ndarray:
+    """Export ``model`` to ``path`` in ``runtime``'s format and run the export on ``x`` (B, C, X, Y, Z).
+
+    Returns:
+        (B, K, X, Y, Z) logits of the exported model.
+    """
+    if runtime == "torchscript":
+        _torchscript(model, x, path)
+        return _run_torchscript(path, x)
+    _onnx(model, x, path)
+    return _run_onnx(path, x)
+
+
+def _publish(tmp: Path, output: Path, record: dict[str, Any]) -> None:
+    """Write the record beside the model under a temporary name, then rename both into place."""
+    json_path = record_path(output)
+    json_tmp = json_path.with_name(f".{json_path.name}.tmp")
+    json_tmp.write_text(json.dumps(record, indent=2) + "\n")
+    os.replace(tmp, output)
+    os.replace(json_tmp, json_path)
+
+
 def export_student(
     student: Student, output: Path, tolerance: float = TOLERANCE, seed: int = 0
 ) -> dict[str, Any]:
@@ -160,13 +198,7 @@ def export_student(
         TeachCacheError: another suffix, a missing output folder, ONNX without its packages, or an export whose
             logits differ from PyTorch's by more than ``tolerance`` (nothing is published then).
     """
-    runtime = RUNTIMES.get(output.suffix.lower())
-    if runtime is None:
-        raise TeachCacheError(
-            f"{output}: the suffix says which format to write: .pt (TorchScript) or .onnx (ONNX)"
-        )
-    if not output.parent.is_dir():
-        raise TeachCacheError(f"folder not found: {output.parent}; create it first")
+    runtime = _runtime(output)
     model = student.model.to("cpu").eval()
     generator = torch.Generator().manual_seed(seed)
     window = tuple(student.record.inference.roi_size)
@@ -176,13 +208,7 @@ def export_student(
     tmp = output.with_name(f".{output.stem}.tmp{output.suffix}")
     record = exported_record(student, output.name, runtime)
     try:
-        if runtime == "torchscript":
-            _torchscript(model, x, tmp)
-            got = _run_torchscript(tmp, x)
-        else:
-            _onnx(model, x, tmp)
-            got = _run_onnx(tmp, x)
-        difference = float(np.abs(got - expected).max())
+        difference = float(np.abs(_export_and_run(runtime, model, x, tmp) - expected).max())
         if not difference <= tolerance:
             raise TeachCacheError(
                 f"the {runtime} export of {student.checkpoint} differs from PyTorch by {difference:.3g} on a random "
@@ -194,11 +220,7 @@ def export_student(
             "tolerance": tolerance,
             "torch": torch.__version__,
         }
-        json_path = record_path(output)
-        json_tmp = json_path.with_name(f".{json_path.name}.tmp")
-        json_tmp.write_text(json.dumps(record, indent=2) + "\n")
-        os.replace(tmp, output)
-        os.replace(json_tmp, json_path)
+        _publish(tmp, output, record)
     finally:
         tmp.unlink(missing_ok=True)
         record_path(output).with_name(f".{record_path(output).name}.tmp").unlink(missing_ok=True)

@@ -29,11 +29,12 @@ from typing import Any
 
 import numpy as np
 import torch
+from monai.transforms import Compose
 
 from core.data.inputs import read_cases, strip_suffix
 from core.data.layout import CaseFiles
 from core.data.preprocessing import build_preprocessing, check_image_headers, preprocess_image
-from core.deploy.student_runs import Student
+from core.deploy.student_runs import InputRecord, Student
 from core.errors import DatasetError
 from core.evaluation.geometry import probabilities_to_original_geometry, to_original_geometry
 from core.evaluation.scoring import PREDICTION_SUMMARY
@@ -141,6 +142,93 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
+def _read_inputs(record: InputRecord, inputs: list[Path], output: Path, overwrite: bool) -> list[CaseFiles]:
+    """Every case under ``inputs``, checked against the channels ``record`` expects, and ``output`` checked free:
+    nothing is written before all of it passes.
+
+    Raises:
+        DatasetError: as :func:`predict_cases` says.
+    """
+    cases: list[CaseFiles] = read_cases(inputs, record.channel_names)
+    for case in cases:
+        check_image_headers(case, len(record.channel_names))
+    _check_output(output, overwrite)
+    files = len(cases[0].images)
+    if any(len(c.images) != files for c in cases):
+        raise DatasetError(
+            "inputs mix one 4-D file per case with one file per modality; predict them separately"
+        )
+    return cases
+
+
+def _predict_case(
+    students: list[Student],
+    pipeline: Compose,
+    case: CaseFiles,
+    output: Path,
+    device: torch.device,
+    amp: bool,
+    save_probabilities: bool,
+) -> dict[str, Any]:
+    """Preprocess one case, run the students over it, write its labels (and probabilities) in its own geometry.
+
+    Returns:
+        The case's row of the summary: inputs, output, shapes, seconds.
+    """
+    case_started = time.perf_counter()
+    pc = preprocess_image(pipeline, case)
+    window_started = time.perf_counter()
+    probs = predict_probabilities(students, pc.image, device, amp)
+    window_seconds = time.perf_counter() - window_started
+    label = to_original_geometry(probs.argmax(0), pc.affine, pc.original_affine, pc.original_shape)
+    target = output / f"{case.case_id}.nii.gz"
+    write_like(label, case.images[0], target, "teachcache predict: labels")
+    if save_probabilities:
+        original = probabilities_to_original_geometry(probs, pc.affine, pc.original_affine, pc.original_shape)
+        write_like(
+            np.ascontiguousarray(np.moveaxis(original, 0, -1)),
+            case.images[0],
+            output / PROBABILITIES_DIR / f"{case.case_id}.nii.gz",
+            "teachcache predict: probabilities",
+        )
+    return {
+        "case": case.case_id,
+        "inputs": [str(p) for p in case.images],
+        "output": str(target),
+        "shape": [int(s) for s in label.shape],
+        "preprocessed_shape": [int(s) for s in pc.image.shape[1:]],
+        "seconds": round(time.perf_counter() - case_started, 3),
+        "window_seconds": round(window_seconds, 3),
+    }
+
+
+def _summary(
+    students: list[Student],
+    output: Path,
+    device: torch.device,
+    save_probabilities: bool,
+    rows: list[dict[str, Any]],
+    total: float,
+) -> dict[str, Any]:
+    """What ``prediction.json`` holds: the students, the inputs they expect, and each case's row."""
+    record = students[0].record
+    return {
+        "output": str(output),
+        "device": str(device),
+        "students": [
+            {"checkpoint": str(s.checkpoint), "fold": s.fold, "arch": s.spec.name, "sha256": s.sha256}
+            for s in students
+        ],
+        "folds": [s.fold for s in students],
+        "inputs_expected": record.to_dict(),
+        "inputs_recorded_in": record.source,
+        "probabilities": save_probabilities,
+        "cases": rows,
+        "seconds": round(total, 3),
+        "seconds_per_case": round(total / len(rows), 3) if rows else None,
+    }
+
+
 def predict_cases(
     students: list[Student],
     inputs: list[Path],
@@ -176,16 +264,10 @@ def predict_cases(
             ``overwrite``). Nothing is written then.
     """
     record = students[0].record
-    cases: list[CaseFiles] = read_cases(inputs, record.channel_names)
-    for case in cases:
-        check_image_headers(case, len(record.channel_names))
-    _check_output(output, overwrite)
-    files = len(cases[0].images)
-    if any(len(c.images) != files for c in cases):
-        raise DatasetError(
-            "inputs mix one 4-D file per case with one file per modality; predict them separately"
-        )
-    pipeline = build_preprocessing(record.preprocessing, record.channel_names, files, with_label=False)
+    cases = _read_inputs(record, inputs, output, overwrite)
+    pipeline = build_preprocessing(
+        record.preprocessing, record.channel_names, len(cases[0].images), with_label=False
+    )
     output.mkdir(parents=True, exist_ok=True)
     if save_probabilities:
         (output / PROBABILITIES_DIR).mkdir(exist_ok=True)
@@ -194,51 +276,10 @@ def predict_cases(
     rows = []
     started = time.perf_counter()
     for case in track(cases, "predicting", enabled=progress):
-        case_started = time.perf_counter()
-        pc = preprocess_image(pipeline, case)
-        window_started = time.perf_counter()
-        probs = predict_probabilities(students, pc.image, device, amp)
-        window_seconds = time.perf_counter() - window_started
-        label = to_original_geometry(probs.argmax(0), pc.affine, pc.original_affine, pc.original_shape)
-        target = output / f"{case.case_id}.nii.gz"
-        write_like(label, case.images[0], target, "teachcache predict: labels")
-        if save_probabilities:
-            original = probabilities_to_original_geometry(
-                probs, pc.affine, pc.original_affine, pc.original_shape
-            )
-            write_like(
-                np.ascontiguousarray(np.moveaxis(original, 0, -1)),
-                case.images[0],
-                output / PROBABILITIES_DIR / f"{case.case_id}.nii.gz",
-                "teachcache predict: probabilities",
-            )
-        row = {
-            "case": case.case_id,
-            "inputs": [str(p) for p in case.images],
-            "output": str(target),
-            "shape": [int(s) for s in label.shape],
-            "preprocessed_shape": [int(s) for s in pc.image.shape[1:]],
-            "seconds": round(time.perf_counter() - case_started, 3),
-            "window_seconds": round(window_seconds, 3),
-        }
+        row = _predict_case(students, pipeline, case, output, device, amp, save_probabilities)
         rows.append(row)
         if on_case is not None:
             on_case(row)
-    total = time.perf_counter() - started
-    summary = {
-        "output": str(output),
-        "device": str(device),
-        "students": [
-            {"checkpoint": str(s.checkpoint), "fold": s.fold, "arch": s.spec.name, "sha256": s.sha256}
-            for s in students
-        ],
-        "folds": [s.fold for s in students],
-        "inputs_expected": record.to_dict(),
-        "inputs_recorded_in": record.source,
-        "probabilities": save_probabilities,
-        "cases": rows,
-        "seconds": round(total, 3),
-        "seconds_per_case": round(total / len(rows), 3) if rows else None,
-    }
+    summary = _summary(students, output, device, save_probabilities, rows, time.perf_counter() - started)
     _write_json(output / SUMMARY_FILE, summary)
     return summary

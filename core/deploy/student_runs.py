@@ -144,6 +144,65 @@ def _run_checkpoint(run_dir: Path) -> Path:
     raise CheckpointError(f"{run_dir}: the run's checkpoint {named} is missing; re-run the training")
 
 
+def _checkpoint_file(path: Path, folds: list[int] | None) -> tuple[Path, int | None]:
+    """A checkpoint file named directly, with the fold of its run folder when that says it.
+
+    Raises:
+        CheckpointError: ``folds`` given; the file belongs to an unfinished run.
+    """
+    if folds:
+        raise CheckpointError(
+            f"--folds picks fold folders of a run, but {path} is one checkpoint file; pass the run's "
+            "kd-<kind> folder (or one fold folder) with --folds"
+        )
+    if path.name == _LATEST or _STAGING.match(path.parent.name):
+        raise _unfinished(path.parent)
+    if not (path.parent / "summary.json").is_file() and (path.parent / _LATEST).is_file():
+        raise _unfinished(path.parent)
+    match = _FOLD.match(path.parent.name)
+    return path, int(match[1]) if match else None
+
+
+def _present_folds(base: Path) -> list[int]:
+    """Every fold with a run folder (finished or staging) under ``base``.
+
+    Raises:
+        CheckpointError: none.
+    """
+    present = {
+        int(m[1].removeprefix("fold_"))
+        for p in base.iterdir()
+        if p.is_dir() and (m := _FOLD.match(p.name) or _STAGING.match(p.name))
+    }
+    if not present:
+        raise CheckpointError(
+            f"{base} holds no fold_<k> run folders; pass a student's run folder, its kd-<kind> folder, or a "
+            "checkpoint file"
+        )
+    return sorted(present)
+
+
+def _fold_checkpoint(base: Path, fold: int, implicit: bool) -> Path:
+    """The headline checkpoint of ``base/fold_<fold>``; ``implicit``: the fold was not asked for by name.
+
+    Raises:
+        CheckpointError: no run for the fold, or an unfinished one.
+    """
+    run_dir = base / f"fold_{fold}"
+    if not run_dir.is_dir() and not (base / f".fold_{fold}.partial").is_dir():
+        have = sorted(p.name for p in base.iterdir() if _FOLD.match(p.name))
+        raise CheckpointError(
+            f"{base} has no run for fold {fold} (it has {', '.join(have) or 'none'}); train it with "
+            f"`make distil FOLD={fold}`, or leave it out of --folds"
+        )
+    try:
+        return _run_checkpoint(run_dir)
+    except CheckpointError as exc:
+        if not implicit:
+            raise
+        raise CheckpointError(f"{exc}; or pick the finished folds with --folds") from None
+
+
 def find_checkpoints(path: Path, folds: list[int] | None = None) -> list[tuple[Path, int | None]]:
     """The checkpoints ``path`` and ``folds`` name, each with its fold (``None`` when not known from the path).
 
@@ -157,20 +216,10 @@ def find_checkpoints(path: Path, folds: list[int] | None = None) -> list[tuple[P
             ``folds`` with a single checkpoint file.
     """
     if path.is_file():
-        if folds:
-            raise CheckpointError(
-                f"--folds picks fold folders of a run, but {path} is one checkpoint file; pass the run's "
-                "kd-<kind> folder (or one fold folder) with --folds"
-            )
-        if path.name == _LATEST or _STAGING.match(path.parent.name):
-            raise _unfinished(path.parent)
-        if not (path.parent / "summary.json").is_file() and (path.parent / _LATEST).is_file():
-            raise _unfinished(path.parent)
-        match = _FOLD.match(path.parent.name)
-        return [(path, int(match[1]) if match else None)]
+        return [_checkpoint_file(path, folds)]
     fold_match = _FOLD.match(path.name) or _STAGING.match(path.name)
     if fold_match and not folds:
-        return [(_run_checkpoint(path), int(fold_match[1].removeprefix("fold_")) if fold_match else None)]
+        return [(_run_checkpoint(path), int(fold_match[1].removeprefix("fold_")))]
     base = path.parent if fold_match else path
     if not base.is_dir():
         raise CheckpointError(
@@ -178,34 +227,8 @@ def find_checkpoints(path: Path, folds: list[int] | None = None) -> list[tuple[P
             "folder, or a checkpoint file"
         )
     implicit = folds is None
-    if folds is None:
-        present = {
-            int(m[1].removeprefix("fold_"))
-            for p in base.iterdir()
-            if p.is_dir() and (m := _FOLD.match(p.name) or _STAGING.match(p.name))
-        }
-        if not present:
-            raise CheckpointError(
-                f"{base} holds no fold_<k> run folders; pass a student's run folder, its kd-<kind> folder, or a "
-                "checkpoint file"
-            )
-        folds = sorted(present)
-    found = []
-    for fold in dict.fromkeys(folds):
-        run_dir = base / f"fold_{fold}"
-        if not run_dir.is_dir() and not (base / f".fold_{fold}.partial").is_dir():
-            have = sorted(p.name for p in base.iterdir() if _FOLD.match(p.name))
-            raise CheckpointError(
-                f"{base} has no run for fold {fold} (it has {', '.join(have) or 'none'}); train it with "
-                f"`make distil FOLD={fold}`, or leave it out of --folds"
-            )
-        try:
-            found.append((_run_checkpoint(run_dir), fold))
-        except CheckpointError as exc:
-            if not implicit:
-                raise
-            raise CheckpointError(f"{exc}; or pick the finished folds with --folds") from None
-    return found
+    chosen = _present_folds(base) if folds is None else folds
+    return [(_fold_checkpoint(base, fold, implicit), fold) for fold in dict.fromkeys(chosen)]
 
 
 def _record(ckpt: Checkpoint) -> InputRecord:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -115,6 +116,9 @@ def paired_tests(a: list[float], b: list[float]) -> dict[str, float]:
     return out
 
 
+ENSEMBLE = "teacher ensemble (cached, equal weights)"
+
+
 def build_cv_report(cfg: Config) -> dict[str, Any]:
     """Collect every run over its folds and compare each distilled student with the no-KD student, per case.
 
@@ -127,99 +131,134 @@ def build_cv_report(cfg: Config) -> dict[str, Any]:
             f"no finished run with per-case scores under {cfg.output.runs_dir}; run `make distil FOLD=k` first"
         )
     rows, cases_of = [], {}
-    all_folds: set[int] = set()
     for name, found in runs.items():
-        # per case: the mean over the seeds it was trained with (the case is the unit of the paired tests)
-        by_case: dict[str, list[tuple[float, float]]] = {}
-        seed_fold_dice: dict[int | None, dict[int, float]] = {}
-        params, gflops, latency = None, None, []
-        for (fold, seed), folder in sorted(found.items(), key=lambda kv: (kv[0][0], kv[0][1] or -1)):
-            scores = _per_case(folder)
-            for c, v in scores.items():
-                by_case.setdefault(f"{fold}/{c}", []).append(v)
-            seed_fold_dice.setdefault(seed, {})[fold] = float(np.mean([v[0] for v in scores.values()]))
-            summary = json.loads((folder / "summary.json").read_text())
-            params, gflops = summary.get("parameters"), summary.get("gflops_per_window")
-            seconds = summary.get("seconds_per_volume")
-            if isinstance(seconds, int | float) and math.isfinite(seconds):
-                latency.append(float(seconds))
-        per_case = {
-            c: (float(np.mean([v[0] for v in vs])), float(np.mean([v[1] for v in vs])))
-            for c, vs in by_case.items()
-        }
-        folds = sorted({fold for fold, _ in found})
-        all_folds |= set(folds)
-        fold_dice = [float(np.mean([d[f] for d in seed_fold_dice.values() if f in d])) for f in folds]
-        # seed spread: the sd over seeds of the mean over folds, from seeds that trained every fold
-        complete = [np.mean(list(d.values())) for d in seed_fold_dice.values() if set(d) == set(folds)]
-        rows.append(
-            _row(name, folds, per_case, fold_dice, params)
-            | {
-                "gflops_per_window": gflops,
-                "seconds_per_volume": float(np.mean(latency)) if latency else math.nan,
-                "seeds": len(seed_fold_dice),
-                "dice_std_over_seeds": float(np.std(complete, ddof=1)) if len(complete) > 1 else math.nan,
-            }
-        )
-        cases_of[name] = per_case
-    ensemble = _ensemble(cfg, sorted(all_folds))
+        row, cases_of[name] = _run_row(name, found)
+        rows.append(row)
+    ensemble = _ensemble(cfg, sorted({fold for found in runs.values() for fold, _ in found}))
     if ensemble:
-        ens_folds = sorted({int(c.split("/")[0]) for c in ensemble})
-        fold_dice = [
-            float(np.mean([v[0] for c, v in ensemble.items() if c.startswith(f"{f}/")])) for f in ens_folds
-        ]
-        name = "teacher ensemble (cached, equal weights)"
-        rows.append(
-            _row(name, ens_folds, ensemble, fold_dice, None) | {"seeds": 1, "dice_std_over_seeds": math.nan}
-        )
-        cases_of[name] = ensemble
-    comparisons = []
-    if BASELINE in cases_of:
-        base = cases_of[BASELINE]
-        for name, per_case in cases_of.items():
-            if not name.startswith("student") or name == BASELINE:
-                continue
-            common = sorted(set(per_case) & set(base))
-            test = paired_tests([per_case[c][0] for c in common], [base[c][0] for c in common])
-            comparisons.append({"run": name, "against": BASELINE, "metric": "dice", **test})
-    cached_vs_online = []
-    for name, per_case in cases_of.items():
-        cached = name.removesuffix("-online")
-        if name.startswith("student") and name.endswith("-online") and cached in cases_of:
-            common = sorted(set(per_case) & set(cases_of[cached]))
-            test = paired_tests([cases_of[cached][c][0] for c in common], [per_case[c][0] for c in common])
-            cached_vs_online.append({"run": cached, "against": name, "metric": "dice", **test})
-    against_ensemble = []
-    ensemble_name = "teacher ensemble (cached, equal weights)"
-    if ensemble_name in cases_of:
-        teachers = cases_of[ensemble_name]
-        for name, per_case in cases_of.items():
-            common = sorted(set(per_case) & set(teachers))
-            if not name.startswith("student") or not common:
-                continue
-            student = float(np.mean([per_case[c][0] for c in common]))
-            reference = float(np.mean([teachers[c][0] for c in common]))
-            against_ensemble.append(
-                {
-                    "run": name,
-                    "n": len(common),
-                    "dice": student,
-                    "ensemble_dice": reference,
-                    "ratio": student / reference if reference > 0 else math.nan,
-                }
-            )
+        rows.append(_ensemble_row(ensemble))
+        cases_of[ENSEMBLE] = ensemble
     report = {
         "experiment": cfg.experiment,
         "runs": rows,
-        "paired_vs_no_kd": comparisons,
-        "cached_vs_online": cached_vs_online,
-        "against_teacher_ensemble": against_ensemble,
+        "paired_vs_no_kd": _paired_vs_no_kd(cases_of),
+        "cached_vs_online": _cached_vs_online(cases_of),
+        "against_teacher_ensemble": _against_ensemble(cases_of),
     }
     out = cfg.output.runs_dir / "report"
     out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
     out.with_suffix(".md").write_text(cv_report_markdown(report))
     _plot(cases_of, cfg.output.runs_dir / "report_dice.png", cfg.experiment)
     return report
+
+
+def _read_run(
+    found: dict[tuple[int, int | None], Path],
+) -> tuple[dict[str, list[tuple[float, float]]], dict[int | None, dict[int, float]], list[dict[str, Any]]]:
+    """Read one run's folders in (fold, seed) order.
+
+    Returns:
+        ``(by_case, seed_fold_dice, summaries)``: per ``"<fold>/<case>"`` the (Dice, HD95) of every seed; per seed
+        the mean Dice of each fold; each folder's ``summary.json``.
+    """
+    by_case: dict[str, list[tuple[float, float]]] = {}
+    seed_fold_dice: dict[int | None, dict[int, float]] = {}
+    summaries = []
+    for (fold, seed), folder in sorted(found.items(), key=lambda kv: (kv[0][0], kv[0][1] or -1)):
+        scores = _per_case(folder)
+        for c, v in scores.items():
+            by_case.setdefault(f"{fold}/{c}", []).append(v)
+        seed_fold_dice.setdefault(seed, {})[fold] = float(np.mean([v[0] for v in scores.values()]))
+        summaries.append(json.loads((folder / "summary.json").read_text()))
+    return by_case, seed_fold_dice, summaries
+
+
+def _run_row(
+    name: str, found: dict[tuple[int, int | None], Path]
+) -> tuple[dict[str, Any], dict[str, tuple[float, float]]]:
+    """One run's report row and its per-case (Dice, HD95); per case the mean over the seeds it was trained with
+    (the case is the unit of the paired tests)."""
+    by_case, seed_fold_dice, summaries = _read_run(found)
+    per_case = {
+        c: (float(np.mean([v[0] for v in vs])), float(np.mean([v[1] for v in vs])))
+        for c, vs in by_case.items()
+    }
+    folds = sorted({fold for fold, _ in found})
+    fold_dice = [float(np.mean([d[f] for d in seed_fold_dice.values() if f in d])) for f in folds]
+    # seed spread: the sd over seeds of the mean over folds, from seeds that trained every fold
+    complete = [np.mean(list(d.values())) for d in seed_fold_dice.values() if set(d) == set(folds)]
+    latency = [
+        float(s["seconds_per_volume"])
+        for s in summaries
+        if isinstance(s.get("seconds_per_volume"), int | float) and math.isfinite(s["seconds_per_volume"])
+    ]
+    row = _row(name, folds, per_case, fold_dice, summaries[-1].get("parameters")) | {
+        "gflops_per_window": summaries[-1].get("gflops_per_window"),
+        "seconds_per_volume": float(np.mean(latency)) if latency else math.nan,
+        "seeds": len(seed_fold_dice),
+        "dice_std_over_seeds": float(np.std(complete, ddof=1)) if len(complete) > 1 else math.nan,
+    }
+    return row, per_case
+
+
+def _ensemble_row(ensemble: dict[str, tuple[float, float]]) -> dict[str, Any]:
+    """The report row of the teachers' ensemble, from its per-case (Dice, HD95) keyed ``"<fold>/<case>"``."""
+    folds = sorted({int(c.split("/")[0]) for c in ensemble})
+    fold_dice = [float(np.mean([v[0] for c, v in ensemble.items() if c.startswith(f"{f}/")])) for f in folds]
+    return _row(ENSEMBLE, folds, ensemble, fold_dice, None) | {"seeds": 1, "dice_std_over_seeds": math.nan}
+
+
+def _paired_dice(a: dict[str, tuple[float, float]], b: dict[str, tuple[float, float]]) -> dict[str, float]:
+    """:func:`paired_tests` of the per-case Dice of ``a`` against ``b`` on the cases both scored."""
+    common = sorted(set(a) & set(b))
+    return paired_tests([a[c][0] for c in common], [b[c][0] for c in common])
+
+
+def _paired_vs_no_kd(cases_of: dict[str, dict[str, tuple[float, float]]]) -> list[dict[str, Any]]:
+    """Each distilled student paired per case against the student without distillation."""
+    if BASELINE not in cases_of:
+        return []
+    return [
+        {"run": name, "against": BASELINE, "metric": "dice", **_paired_dice(per_case, cases_of[BASELINE])}
+        for name, per_case in cases_of.items()
+        if name.startswith("student") and name != BASELINE
+    ]
+
+
+def _cached_vs_online(cases_of: dict[str, dict[str, tuple[float, float]]]) -> list[dict[str, Any]]:
+    """Each student distilled from the cache paired per case against the same recipe distilled online."""
+    out = []
+    for name, per_case in cases_of.items():
+        cached = name.removesuffix("-online")
+        if name.startswith("student") and name.endswith("-online") and cached in cases_of:
+            out.append(
+                {"run": cached, "against": name, "metric": "dice", **_paired_dice(cases_of[cached], per_case)}
+            )
+    return out
+
+
+def _against_ensemble(cases_of: dict[str, dict[str, tuple[float, float]]]) -> list[dict[str, Any]]:
+    """Each student's mean Dice against the teacher ensemble's on the cases both scored."""
+    if ENSEMBLE not in cases_of:
+        return []
+    teachers = cases_of[ENSEMBLE]
+    out = []
+    for name, per_case in cases_of.items():
+        common = sorted(set(per_case) & set(teachers))
+        if not name.startswith("student") or not common:
+            continue
+        student = float(np.mean([per_case[c][0] for c in common]))
+        reference = float(np.mean([teachers[c][0] for c in common]))
+        out.append(
+            {
+                "run": name,
+                "n": len(common),
+                "dice": student,
+                "ensemble_dice": reference,
+                "ratio": student / reference if reference > 0 else math.nan,
+            }
+        )
+    return out
 
 
 def _row(
@@ -248,66 +287,89 @@ def _fmt(v: float, digits: int = 4) -> str:
     return "—" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{digits}f}"
 
 
+_RUNS_INTRO = (
+    "Headline models (chosen without the validation cases: the final model, or the epoch best on held-out "
+    "training cases). Dice and HD95 averaged over foreground classes per case; ± is the standard deviation over "
+    "folds, over cases, and over seeds (a run repeated with several training seeds is averaged per case first). "
+    "The teacher ensemble is the argmax of the distilled teachers' cached distributions, averaged."
+)
+
+
+def _table(intro: str, header: str, rule: str, rows: list[str]) -> list[str]:
+    """A markdown section: a blank line, the intro, a blank line, then the table."""
+    return ["", intro, "", header, rule, *rows]
+
+
+def _run_line(r: dict[str, Any]) -> str:
+    return (
+        f"| {r['run']} | {','.join(map(str, r['folds']))} | {r.get('seeds', 1)} | {r['cases']} | "
+        f"{_fmt(r['dice_mean_over_folds'])} ± {_fmt(r['dice_std_over_folds'])} | "
+        f"{_fmt(r['dice_mean_over_cases'])} ± {_fmt(r['dice_std_over_cases'])} | "
+        f"{_fmt(r.get('dice_std_over_seeds', math.nan))} | "
+        f"{_fmt(r['hd95_mm_mean_over_cases'], 2)} | {r['parameters'] or '—'} | "
+        f"{_fmt(r.get('gflops_per_window'), 2)} | {_fmt(r.get('seconds_per_volume', math.nan), 2)} |"
+    )
+
+
+def _paired_line(c: dict[str, Any]) -> str:
+    return (
+        f"| {c['run']} | {c['n']} | {_fmt(c['mean_difference'])} | {_fmt(c['wilcoxon_p'])} | "
+        f"{_fmt(c['t_test_p'])} |"
+    )
+
+
+def _online_line(c: dict[str, Any]) -> str:
+    return (
+        f"| {c['run']} | {c['against']} | {c['n']} | {_fmt(c['mean_difference'])} | "
+        f"{_fmt(c['wilcoxon_p'])} | {_fmt(c['t_test_p'])} |"
+    )
+
+
+def _ensemble_line(c: dict[str, Any]) -> str:
+    return (
+        f"| {c['run']} | {c['n']} | {_fmt(c['dice'])} | {_fmt(c['ensemble_dice'])} | {_fmt(c['ratio'], 3)} |"
+    )
+
+
+# the comparison tables after the runs' table: report key, intro, header, rule, one line per entry
+_COMPARISONS: tuple[tuple[str, str, str, str, Callable[[dict[str, Any]], str]], ...] = (
+    (
+        "paired_vs_no_kd",
+        "Paired per case against the student without distillation (same cases, same folds):",
+        "| run | cases | Dice difference | Wilcoxon p | paired t p |",
+        "|---|---:|---:|---:|---:|",
+        _paired_line,
+    ),
+    (
+        "cached_vs_online",
+        "Distilled from the cache against the same recipe distilled online (teachers in memory), per case:",
+        "| cached run | online run | cases | Dice difference (cached − online) | Wilcoxon p | paired t p |",
+        "|---|---|---:|---:|---:|---:|",
+        _online_line,
+    ),
+    (
+        "against_teacher_ensemble",
+        "Each student against the teacher ensemble on the same cases (the share of the ensemble's Dice it reaches):",
+        "| run | cases | student Dice | ensemble Dice | ratio |",
+        "|---|---:|---:|---:|---:|",
+        _ensemble_line,
+    ),
+)
+
+
 def cv_report_markdown(report: dict[str, Any]) -> str:
-    lines = [
-        f"# {report['experiment']}: cross-validation",
-        "",
-        "Headline models (chosen without the validation cases: the final model, or the epoch best on held-out "
-        "training cases). Dice and HD95 averaged over foreground classes per case; ± is the standard deviation over "
-        "folds, over cases, and over seeds (a run repeated with several training seeds is averaged per case first). "
-        "The teacher ensemble is the argmax of the distilled teachers' cached distributions, averaged.",
-        "",
+    """The cross-validation report as markdown: the runs' table, then each comparison that has entries."""
+    lines = [f"# {report['experiment']}: cross-validation"]
+    lines += _table(
+        _RUNS_INTRO,
         "| run | folds | seeds | cases | Dice, mean ± sd over folds | Dice, mean ± sd over cases | sd over seeds "
         "| HD95 mm | params | GFLOPs / window | s / volume |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for r in report["runs"]:
-        lines.append(
-            f"| {r['run']} | {','.join(map(str, r['folds']))} | {r.get('seeds', 1)} | {r['cases']} | "
-            f"{_fmt(r['dice_mean_over_folds'])} ± {_fmt(r['dice_std_over_folds'])} | "
-            f"{_fmt(r['dice_mean_over_cases'])} ± {_fmt(r['dice_std_over_cases'])} | "
-            f"{_fmt(r.get('dice_std_over_seeds', math.nan))} | "
-            f"{_fmt(r['hd95_mm_mean_over_cases'], 2)} | {r['parameters'] or '—'} | "
-            f"{_fmt(r.get('gflops_per_window'), 2)} | {_fmt(r.get('seconds_per_volume', math.nan), 2)} |"
-        )
-    if report["paired_vs_no_kd"]:
-        lines += [
-            "",
-            "Paired per case against the student without distillation (same cases, same folds):",
-            "",
-            "| run | cases | Dice difference | Wilcoxon p | paired t p |",
-            "|---|---:|---:|---:|---:|",
-        ]
-        for c in report["paired_vs_no_kd"]:
-            lines.append(
-                f"| {c['run']} | {c['n']} | {_fmt(c['mean_difference'])} | {_fmt(c['wilcoxon_p'])} | "
-                f"{_fmt(c['t_test_p'])} |"
-            )
-    if report.get("cached_vs_online"):
-        lines += [
-            "",
-            "Distilled from the cache against the same recipe distilled online (teachers in memory), per case:",
-            "",
-            "| cached run | online run | cases | Dice difference (cached − online) | Wilcoxon p | paired t p |",
-            "|---|---|---:|---:|---:|---:|",
-        ]
-        for c in report["cached_vs_online"]:
-            lines.append(
-                f"| {c['run']} | {c['against']} | {c['n']} | {_fmt(c['mean_difference'])} | "
-                f"{_fmt(c['wilcoxon_p'])} | {_fmt(c['t_test_p'])} |"
-            )
-    if report.get("against_teacher_ensemble"):
-        lines += [
-            "",
-            "Each student against the teacher ensemble on the same cases (the share of the ensemble's Dice it reaches):",
-            "",
-            "| run | cases | student Dice | ensemble Dice | ratio |",
-            "|---|---:|---:|---:|---:|",
-        ]
-        for c in report["against_teacher_ensemble"]:
-            lines.append(
-                f"| {c['run']} | {c['n']} | {_fmt(c['dice'])} | {_fmt(c['ensemble_dice'])} | {_fmt(c['ratio'], 3)} |"
-            )
+        [_run_line(r) for r in report["runs"]],
+    )
+    for key, intro, header, rule, line in _COMPARISONS:
+        if report.get(key):
+            lines += _table(intro, header, rule, [line(c) for c in report[key]])
     return "\n".join(lines) + "\n"
 
 

@@ -26,52 +26,42 @@ def _terms(distillation: dict[str, Any] | None) -> str:
     return f"{terms} (T={distillation.get('temperature', 1.0):g})" if terms else "—"
 
 
-def build_report(cfg: Config, fold: int) -> dict[str, Any]:
-    """Collect the summaries the stages wrote for ``fold``: every teacher of the config and every student run
-    found under ``runs_dir/students/kd-*/``, whatever its recipe.
+def _model_row(model: str, s: dict[str, Any], terms: str) -> dict[str, Any]:
+    """One model's report row from the ``summary.json`` its run wrote."""
+    return {
+        "model": model,
+        "arch": s["arch"],
+        "dice": s.get("headline_mean_dice", s.get("final_mean_dice", float("nan"))),
+        "dice_per_class": s.get("headline_dice_per_class", s.get("final_dice_per_class", [])),
+        "selection": s.get("headline", "final"),
+        "best_on_val_dice": s["best_mean_dice"],
+        "best_on_val_epoch": s["best_epoch"],
+        "parameters": s["parameters"],
+        "train_seconds": s["seconds"],
+        "terms": terms,
+    }
 
-    Raises:
-        TeachCacheError: nothing has been trained for this fold yet.
-    """
+
+def _model_rows(cfg: Config, fold: int) -> list[dict[str, Any]]:
+    """The rows of every teacher of the config, then every student run under ``runs_dir/students/kd-*/``, that
+    finished ``fold``."""
     rows = []
     for t in cfg.teachers:
         s = _summary(teacher_dir(cfg, t.name, fold) / "summary.json")
         if s:
-            rows.append(
-                {
-                    "model": f"teacher {t.name}",
-                    "arch": s["arch"],
-                    "dice": s.get("headline_mean_dice", s.get("final_mean_dice", float("nan"))),
-                    "dice_per_class": s.get("headline_dice_per_class", s.get("final_dice_per_class", [])),
-                    "selection": s.get("headline", "final"),
-                    "best_on_val_dice": s["best_mean_dice"],
-                    "best_on_val_epoch": s["best_epoch"],
-                    "parameters": s["parameters"],
-                    "train_seconds": s["seconds"],
-                    "terms": "—",
-                }
-            )
+            rows.append(_model_row(f"teacher {t.name}", s, "—"))
     students = cfg.output.runs_dir / "students"
     for run in sorted(students.glob("kd-*")) if students.is_dir() else []:
         s = _summary(run / f"fold_{fold}" / "summary.json")
         if s:
             kind = run.name.removeprefix("kd-")
-            rows.append(
-                {
-                    "model": f"student kd-{kind}",
-                    "arch": s["arch"],
-                    "dice": s.get("headline_mean_dice", s.get("final_mean_dice", float("nan"))),
-                    "dice_per_class": s.get("headline_dice_per_class", s.get("final_dice_per_class", [])),
-                    "selection": s.get("headline", "final"),
-                    "best_on_val_dice": s["best_mean_dice"],
-                    "best_on_val_epoch": s["best_epoch"],
-                    "parameters": s["parameters"],
-                    "train_seconds": s["seconds"],
-                    "terms": _terms(s.get("distillation")),
-                }
-            )
-    if not rows:
-        raise TeachCacheError(f"nothing trained for fold {fold} under {cfg.output.runs_dir}; run `make demo`")
+            rows.append(_model_row(f"student kd-{kind}", s, _terms(s.get("distillation"))))
+    return rows
+
+
+def _stage_seconds(cfg: Config, fold: int, rows: list[dict[str, Any]]) -> dict[str, float | None]:
+    """The wall time of each stage for ``fold``: preprocessing and caching (from the store, when there is one),
+    training the teachers (summed) and each distillation run."""
     stages: dict[str, float | None] = {"preprocess": None, "cache": None}
     if TeacherStore.exists(cfg.store.path):
         store = TeacherStore.open(cfg.store.path)
@@ -85,6 +75,20 @@ def build_report(cfg: Config, fold: int) -> dict[str, Any]:
     for r in rows:
         if r["model"].startswith("student"):
             stages[f"distil {r['model'].removeprefix('student ')}"] = r["train_seconds"]
+    return stages
+
+
+def build_report(cfg: Config, fold: int) -> dict[str, Any]:
+    """Collect the summaries the stages wrote for ``fold``: every teacher of the config and every student run
+    found under ``runs_dir/students/kd-*/``, whatever its recipe.
+
+    Raises:
+        TeachCacheError: nothing has been trained for this fold yet.
+    """
+    rows = _model_rows(cfg, fold)
+    if not rows:
+        raise TeachCacheError(f"nothing trained for fold {fold} under {cfg.output.runs_dir}; run `make demo`")
+    stages = _stage_seconds(cfg, fold, rows)
     report = {"experiment": cfg.experiment, "fold": fold, "models": rows, "stage_seconds": stages}
     out = cfg.output.runs_dir / f"report_fold_{fold}"
     out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")

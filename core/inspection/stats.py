@@ -27,7 +27,8 @@ import numpy as np
 from core.errors import StoreError
 from core.evaluation.metrics import dice_per_class
 from core.inspection.views import teachers_for_case
-from core.store.teacher_store import ATTENTION_KINDS, TeacherStore
+from core.store.teacher_store import TeacherStore
+from core.terms import ATTENTION_KINDS
 
 __all__ = ["ECE_BINS", "diff_stores", "store_stats"]
 
@@ -84,6 +85,65 @@ def _name(key: str) -> str:
     return key.split("/")[0]
 
 
+def _stats_plan(store: TeacherStore, fold: int | None) -> dict[str, list[str]]:
+    """``{case: teacher keys}``: the cases to score (a fold's validation cases, else every case) that some cached
+    teacher holds, each with the copies of the teachers that did not train on it."""
+    splits = store.metadata.get("splits", [])
+    if fold is not None and not 0 <= fold < len(splits):
+        raise StoreError(
+            f"{store.location}: no fold {fold}; the store's splits have folds 0–{len(splits) - 1}"
+        )
+    cases = store.case_ids() if fold is None else [c for c in splits[fold]["val"] if store.has_case(c)]
+    plan = {c: teachers_for_case(store, c) for c in cases}
+    plan = {c: t for c, t in plan.items() if t}
+    if not plan:
+        where = f"fold {fold}'s validation cases" if fold is not None else "any case"
+        raise StoreError(f"{store.location}: no cached teacher holds {where}; run `make cache` first")
+    return plan
+
+
+def _accumulate(
+    results: list[dict[str, Any]],
+) -> tuple[dict[str, dict[str, Any]], dict[tuple[str, str], list[float]]]:
+    """Sum the per-case statistics of :func:`_case_stats` per teacher name (all its copies together), and collect
+    the agreement of each pair of teacher names."""
+    per: dict[str, dict[str, Any]] = {}
+    pairs: dict[tuple[str, str], list[float]] = {}
+    for result in results:
+        for key, s in result["teachers"].items():
+            acc = per.setdefault(
+                _name(key),
+                {"copies": set(), "dice": [], "entropy_sum": 0.0, "voxels": 0, "count": np.zeros(ECE_BINS),
+                 "confidence": np.zeros(ECE_BINS), "correct": np.zeros(ECE_BINS)},
+            )  # fmt: skip
+            acc["copies"].add(key)
+            acc["dice"].append(s["dice"])
+            acc["entropy_sum"] += s["entropy_sum"]
+            acc["voxels"] += s["voxels"]
+            acc["count"] += s["bin_count"]
+            acc["confidence"] += s["bin_confidence"]
+            acc["correct"] += s["bin_correct"]
+        for (a, b), dice in result["pairs"].items():
+            pairs.setdefault(tuple(sorted((_name(a), _name(b)))), []).append(dice)  # type: ignore[arg-type]
+    return per, pairs
+
+
+def _teacher_row(name: str, acc: dict[str, Any], pairs: dict[tuple[str, str], list[float]]) -> dict[str, Any]:
+    """One teacher's statistics from its sums (:func:`_accumulate`)."""
+    n = acc["count"].sum()
+    gaps = np.abs(acc["correct"] - acc["confidence"])  # = n_b · |accuracy_b − confidence_b|
+    mine = [np.mean(v) for p, v in pairs.items() if name in p]
+    return {
+        "teacher": name,
+        "copies": sorted(acc["copies"]),
+        "cases": len(acc["dice"]),
+        "dice": float(np.mean(acc["dice"])),
+        "entropy": acc["entropy_sum"] / acc["voxels"],
+        "ece": float(gaps.sum() / n),
+        "agreement": float(np.mean(mine)) if mine else None,
+    }
+
+
 def store_stats(
     store: TeacherStore,
     fold: int | None = None,
@@ -105,63 +165,17 @@ def store_stats(
     """
     import dask
 
-    splits = store.metadata.get("splits", [])
-    if fold is not None and not 0 <= fold < len(splits):
-        raise StoreError(
-            f"{store.location}: no fold {fold}; the store's splits have folds 0–{len(splits) - 1}"
-        )
-    cases = store.case_ids() if fold is None else [c for c in splits[fold]["val"] if store.has_case(c)]
-    plan = {c: teachers_for_case(store, c) for c in cases}
-    plan = {c: t for c, t in plan.items() if t}
-    if not plan:
-        where = f"fold {fold}'s validation cases" if fold is not None else "any case"
-        raise StoreError(f"{store.location}: no cached teacher holds {where}; run `make cache` first")
+    plan = _stats_plan(store, fold)
     num_classes = len(store.metadata["dataset"]["class_names"])
     if on_total is not None:
         on_total(len(plan))
     tasks = [dask.delayed(_case_stats)(store, c, t, num_classes) for c, t in plan.items()]
-    results = _compute(tasks, workers, progress)
-
-    per: dict[str, dict[str, Any]] = {}
-    pairs: dict[tuple[str, str], list[float]] = {}
-    for result in results:
-        for key, s in result["teachers"].items():
-            acc = per.setdefault(
-                _name(key),
-                {"copies": set(), "dice": [], "entropy_sum": 0.0, "voxels": 0, "count": np.zeros(ECE_BINS),
-                 "confidence": np.zeros(ECE_BINS), "correct": np.zeros(ECE_BINS)},
-            )  # fmt: skip
-            acc["copies"].add(key)
-            acc["dice"].append(s["dice"])
-            acc["entropy_sum"] += s["entropy_sum"]
-            acc["voxels"] += s["voxels"]
-            acc["count"] += s["bin_count"]
-            acc["confidence"] += s["bin_confidence"]
-            acc["correct"] += s["bin_correct"]
-        for (a, b), dice in result["pairs"].items():
-            pairs.setdefault(tuple(sorted((_name(a), _name(b)))), []).append(dice)  # type: ignore[arg-type]
-
-    rows = []
-    for name, acc in sorted(per.items()):
-        n = acc["count"].sum()
-        gaps = np.abs(acc["correct"] - acc["confidence"])  # = n_b · |accuracy_b − confidence_b|
-        mine = [np.mean(v) for p, v in pairs.items() if name in p]
-        rows.append(
-            {
-                "teacher": name,
-                "copies": sorted(acc["copies"]),
-                "cases": len(acc["dice"]),
-                "dice": float(np.mean(acc["dice"])),
-                "entropy": acc["entropy_sum"] / acc["voxels"],
-                "ece": float(gaps.sum() / n),
-                "agreement": float(np.mean(mine)) if mine else None,
-            }
-        )
+    per, pairs = _accumulate(_compute(tasks, workers, progress))
     return {
         "store": store.location,
         "fold": fold,
         "cases": len(plan),
-        "teachers": rows,
+        "teachers": [_teacher_row(name, acc, pairs) for name, acc in sorted(per.items())],
         "pairs": [
             {"a": a, "b": b, "cases": len(v), "dice": float(np.mean(v))}
             for (a, b), v in sorted(pairs.items())
@@ -203,6 +217,40 @@ def _case_diff(a: TeacherStore, b: TeacherStore, teacher: str, case_id: str) -> 
     return out
 
 
+def _array_row(name: str, entries: list[dict[str, Any]]) -> dict[str, Any]:
+    """One array of one teacher over the cases both stores hold: the largest and mean absolute difference (and for
+    ``softmax`` the mean KL), or the first case's mismatch (shapes, or held by one store only)."""
+    odd = next((e for e in entries if "max" not in e), None)
+    if odd is not None:
+        return {"array": name, **odd}
+    row = {
+        "array": name,
+        "max": max(e["max"] for e in entries),
+        "mean": sum(e["sum"] for e in entries) / sum(e["n"] for e in entries),
+    }
+    if name == "softmax":
+        row["kl"] = sum(e["kl_sum"] for e in entries) / sum(e["kl_n"] for e in entries)
+    return row
+
+
+def _teacher_diffs(work: list[tuple[str, str]], results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per teacher, in name order, the number of cases compared and one row per array (:func:`_array_row`)."""
+    by_teacher: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    cases_of: dict[str, int] = {}
+    for (t, _), result in zip(work, results, strict=True):
+        cases_of[t] = cases_of.get(t, 0) + 1
+        for name, entry in result.items():
+            by_teacher.setdefault(t, {}).setdefault(name, []).append(entry)
+    return [
+        {
+            "teacher": t,
+            "cases": cases_of[t],
+            "arrays": [_array_row(name, entries) for name, entries in sorted(by_teacher[t].items())],
+        }
+        for t in sorted(by_teacher)
+    ]
+
+
 def diff_stores(
     a: TeacherStore,
     b: TeacherStore,
@@ -235,33 +283,10 @@ def diff_stores(
     if on_total is not None:
         on_total(len(work))
     results = _compute([dask.delayed(_case_diff)(a, b, t, c) for t, c in work], workers, progress)
-    by_teacher: dict[str, dict[str, list[dict[str, Any]]]] = {}
-    cases_of: dict[str, int] = {}
-    for (t, _), result in zip(work, results, strict=True):
-        cases_of[t] = cases_of.get(t, 0) + 1
-        for name, entry in result.items():
-            by_teacher.setdefault(t, {}).setdefault(name, []).append(entry)
-    teachers = []
-    for t in sorted(by_teacher):
-        arrays = []
-        for name, entries in sorted(by_teacher[t].items()):
-            odd = next((e for e in entries if "max" not in e), None)
-            if odd is not None:
-                arrays.append({"array": name, **odd})
-                continue
-            row = {
-                "array": name,
-                "max": max(e["max"] for e in entries),
-                "mean": sum(e["sum"] for e in entries) / sum(e["n"] for e in entries),
-            }
-            if name == "softmax":
-                row["kl"] = sum(e["kl_sum"] for e in entries) / sum(e["kl_n"] for e in entries)
-            arrays.append(row)
-        teachers.append({"teacher": t, "cases": cases_of[t], "arrays": arrays})
     return {
         "a": a.location,
         "b": b.location,
-        "teachers": teachers,
+        "teachers": _teacher_diffs(work, results),
         "only_in_a": sorted(keys_a - keys_b),
         "only_in_b": sorted(keys_b - keys_a),
         "cases_only_in_a": sorted(cases_a - cases_b),

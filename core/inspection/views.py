@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,8 @@ import torch
 import torch.nn.functional as F
 
 from core.errors import StoreError, TeachCacheError
-from core.store.teacher_store import ATTENTION_KINDS, TeacherStore
+from core.store.teacher_store import TeacherStore
+from core.terms import ATTENTION_KINDS
 
 __all__ = [
     "AXES",
@@ -286,6 +288,114 @@ PANEL_INCHES = 2.6
 DPI = 100
 
 
+def _slice_index(case_id: str, label: np.ndarray, axis: int, index: int | None, fg: list[np.ndarray]) -> int:
+    """``index`` checked against the case's slices along ``axis``; ``None``: :func:`default_slice`, falling back on
+    the teachers' mean foreground probability."""
+    size = label.shape[axis]
+    if index is None:
+        return default_slice(label, axis, np.mean(fg, axis=0) if fg else None)
+    if not 0 <= index < size:
+        raise TeachCacheError(
+            f"slice {index} is out of range for case '{case_id}': axis {'xyz'[axis]} has {size} slices (0–{size - 1})"
+        )
+    return index
+
+
+def _disagreement(probs: list[np.ndarray], label: np.ndarray) -> np.ndarray:
+    """(X, Y, Z) bool: where the teachers' argmax classes differ (none with fewer than two teachers)."""
+    argmaxes = [np.argmax(p, axis=0) for p in probs]
+    if len(argmaxes) < 2:
+        return np.zeros_like(label, bool)
+    return np.any([a != argmaxes[0] for a in argmaxes[1:]], axis=0)
+
+
+@dataclass(frozen=True)
+class _SliceView:
+    """What every panel of one slice shares: the first image channel under it, the label outlined on it, the pixel
+    aspect (the spacing up over the spacing across)."""
+
+    base: np.ndarray
+    label: np.ndarray
+    aspect: float
+
+    def image(self, ax: Any, title: str, picture: np.ndarray) -> None:
+        """A greyscale image channel on its own."""
+        ax.imshow(picture, cmap="gray", origin="lower", aspect=self.aspect, interpolation="nearest")
+        ax.set_title(title, fontsize=8)
+
+    def panel(
+        self, ax: Any, title: str, overlay: np.ndarray | None = None, cmap: str = "magma", vmax: float = 1.0
+    ) -> None:
+        """``overlay`` (faint values hidden) over the first image channel, with the label's outline."""
+        ax.imshow(self.base, cmap="gray", origin="lower", aspect=self.aspect, interpolation="nearest")
+        if overlay is not None:
+            shown = np.ma.masked_less(overlay, 0.02 * vmax)
+            ax.imshow(shown, cmap=cmap, origin="lower", aspect=self.aspect, alpha=0.6, vmin=0, vmax=vmax)
+        if self.label.any():
+            ax.contour(self.label > 0, levels=[0.5], colors="cyan", linewidths=0.8, origin="lower")
+        ax.set_title(title, fontsize=8)
+
+
+def _slice_view(
+    store: TeacherStore, case_id: str, image: np.ndarray, label: np.ndarray, axis: int, index: int
+) -> _SliceView:
+    """Slice ``index`` along ``axis`` of the first image channel (C, X, Y, Z) and the label (X, Y, Z), drawn at the
+    case's spacing."""
+    spacing = store.case_attrs(case_id).get("spacing", [1.0, 1.0, 1.0])
+    across, up = (a for a in range(3) if a != axis)
+    aspect = float(spacing[up]) / float(spacing[across])
+    return _SliceView(_take(image[0], axis, index), _take(label, axis, index), aspect)
+
+
+def _draw_case_row(
+    row: Any,
+    view: _SliceView,
+    channel_names: list[str],
+    image: np.ndarray,
+    label: np.ndarray,
+    disagree: np.ndarray,
+    axis: int,
+    index: int,
+) -> None:
+    """The first row: each image channel, the label, and where the teachers disagree."""
+    for c, name in enumerate(channel_names):
+        view.image(row[c], f"{name}", _take(image[c], axis, index))
+    lab = view.label
+    view.panel(
+        row[image.shape[0]],
+        "label (cyan outline)",
+        np.where(lab > 0, lab.astype(np.float32), 0.0),
+        cmap="autumn",
+        vmax=max(1.0, float(label.max())),
+    )
+    view.panel(
+        row[image.shape[0] + 1],
+        f"teachers disagree ({int(disagree.sum())} voxels)",
+        _take(disagree.astype(np.float32), axis, index),
+        cmap="Reds",
+    )
+
+
+def _draw_teacher_rows(
+    axes: Any,
+    view: _SliceView,
+    teachers: list[str],
+    maps: dict[str, dict[str, np.ndarray]],
+    fg: dict[str, np.ndarray],
+    axis: int,
+    index: int,
+) -> None:
+    """One row per teacher: its foreground probability, then its coarse and fine attention."""
+    for r, t in enumerate(teachers, start=1):
+        m = maps[t]
+        view.panel(axes[r, 0], f"{t}\np(foreground)", _take(fg[t], axis, index))
+        for c, kind in enumerate(ATTENTION_KINDS, start=1):
+            sl = _take(m[kind], axis, index)
+            view.panel(
+                axes[r, c], f"{t}\n{kind} attention", sl, cmap="viridis", vmax=float(max(m[kind].max(), 1e-6))
+            )
+
+
 def render_case(
     store: TeacherStore,
     case_id: str,
@@ -309,26 +419,11 @@ def render_case(
     check_output_path(out, (".png",))
     image = store.read_image(case_id)
     label = store.read_label(case_id)
-    meta = store.metadata["dataset"]
     maps = {t: case_maps(store, case_id, t) for t in teachers}
     fg = {t: foreground_probability(m["probs"]) for t, m in maps.items()}
-    mean_fg = np.mean([fg[t] for t in teachers], axis=0) if teachers else None
-    size = label.shape[axis]
-    if index is None:
-        index = default_slice(label, axis, mean_fg)
-    elif not 0 <= index < size:
-        raise TeachCacheError(
-            f"slice {index} is out of range for case '{case_id}': axis {'xyz'[axis]} has {size} slices (0–{size - 1})"
-        )
-    argmaxes = [np.argmax(maps[t]["probs"], axis=0) for t in teachers]
-    disagree = (
-        np.any([a != argmaxes[0] for a in argmaxes[1:]], axis=0)
-        if len(argmaxes) > 1
-        else np.zeros_like(label, bool)
-    )
-    spacing = store.case_attrs(case_id).get("spacing", [1.0, 1.0, 1.0])
-    across, up = (a for a in range(3) if a != axis)
-    aspect = float(spacing[up]) / float(spacing[across])
+    index = _slice_index(case_id, label, axis, index, [fg[t] for t in teachers])
+    disagree = _disagreement([maps[t]["probs"] for t in teachers], label)
+    view = _slice_view(store, case_id, image, label, axis, index)
 
     rows, cols = figure_grid(image.shape[0], len(teachers))
     fig, axes = plt.subplots(
@@ -336,49 +431,10 @@ def render_case(
     )
     for a in axes.flat:
         a.set_axis_off()
-    base = _take(image[0], axis, index)
-    lab = _take(label, axis, index)
-
-    def panel(
-        ax: Any, title: str, overlay: np.ndarray | None = None, cmap: str = "magma", vmax: float = 1.0
-    ) -> None:
-        ax.imshow(base, cmap="gray", origin="lower", aspect=aspect, interpolation="nearest")
-        if overlay is not None:
-            shown = np.ma.masked_less(overlay, 0.02 * vmax)
-            ax.imshow(shown, cmap=cmap, origin="lower", aspect=aspect, alpha=0.6, vmin=0, vmax=vmax)
-        if lab.any():
-            ax.contour(lab > 0, levels=[0.5], colors="cyan", linewidths=0.8, origin="lower")
-        ax.set_title(title, fontsize=8)
-
-    for c, name in enumerate(meta["channel_names"]):
-        ax = axes[0, c]
-        ax.imshow(
-            _take(image[c], axis, index), cmap="gray", origin="lower", aspect=aspect, interpolation="nearest"
-        )
-        ax.set_title(f"{name}", fontsize=8)
-    panel(
-        axes[0, image.shape[0]],
-        "label (cyan outline)",
-        np.where(lab > 0, lab.astype(np.float32), 0.0),
-        cmap="autumn",
-        vmax=max(1.0, float(label.max())),
-    )
-    n_dis = int(disagree.sum())
-    panel(
-        axes[0, image.shape[0] + 1],
-        f"teachers disagree ({n_dis} voxels)",
-        _take(disagree.astype(np.float32), axis, index),
-        cmap="Reds",
-    )
-    for r, t in enumerate(teachers, start=1):
-        m = maps[t]
-        panel(axes[r, 0], f"{t}\np(foreground)", _take(fg[t], axis, index))
-        for c, kind in enumerate(ATTENTION_KINDS, start=1):
-            sl = _take(m[kind], axis, index)
-            panel(
-                axes[r, c], f"{t}\n{kind} attention", sl, cmap="viridis", vmax=float(max(m[kind].max(), 1e-6))
-            )
-    fig.suptitle(f"{case_id} — slice {'xyz'[axis]} = {index} of {size}", fontsize=10)
+    channel_names = store.metadata["dataset"]["channel_names"]
+    _draw_case_row(axes[0], view, channel_names, image, label, disagree, axis, index)
+    _draw_teacher_rows(axes, view, teachers, maps, fg, axis, index)
+    fig.suptitle(f"{case_id} — slice {'xyz'[axis]} = {index} of {label.shape[axis]}", fontsize=10)
     fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=0.9, wspace=0.05, hspace=0.3)
     _write_atomically(out, lambda tmp: fig.savefig(tmp, dpi=DPI, format="png"))
     plt.close(fig)
@@ -389,11 +445,77 @@ def render_case(
         "slice": index,
         "teachers": teachers,
         "pixels": [round(cols * PANEL_INCHES * DPI), round(rows * PANEL_INCHES * DPI)],
-        "disagreeing_voxels": n_dis,
+        "disagreeing_voxels": int(disagree.sum()),
     }
 
 
 # --- napari --------------------------------------------------------------------------------------------------------
+
+
+def _image_layers(
+    store: TeacherStore, case_id: str, spacing: np.ndarray
+) -> list[tuple[Any, dict[str, Any], str]]:
+    """Each image channel (greyscale, additive) and the label."""
+    image = store.lazy(f"cases/{case_id}/image")
+    layers: list[tuple[Any, dict[str, Any], str]] = [
+        (
+            image[c],
+            {"name": name, "scale": tuple(spacing), "colormap": "gray", "blending": "additive"},
+            "image",
+        )
+        for c, name in enumerate(store.metadata["dataset"]["channel_names"])
+    ]
+    layers.append(
+        (store.lazy(f"cases/{case_id}/label"), {"name": "label", "scale": tuple(spacing)}, "labels")
+    )
+    return layers
+
+
+def _foreground_layer(
+    store: TeacherStore, case_id: str, teacher: str, spacing: np.ndarray
+) -> tuple[Any, dict[str, Any], str]:
+    """One teacher's foreground probability, decoded block by block from its stored softmax."""
+    import dask.array as da
+
+    enc = store.entry_encoding(teacher, case_id)
+    stored = store.lazy(f"teachers/{teacher}/{case_id}/softmax")
+    stored = stored.rechunk({0: stored.shape[0]})  # every class of a voxel in one block: decoding needs them
+
+    def fg_block(block: np.ndarray) -> np.ndarray:
+        return foreground_probability(enc.decode(block, 1.0)).astype(np.float32)
+
+    prob = da.map_blocks(fg_block, stored, drop_axis=0, dtype=np.float32)
+    kwargs = {
+        "name": f"{teacher} p(foreground)",
+        "scale": tuple(spacing),
+        "colormap": "magma",
+        "blending": "additive",
+        "contrast_limits": (0.0, 1.0),
+        "visible": False,
+    }
+    return prob, kwargs, "image"
+
+
+def _attention_layers(
+    store: TeacherStore, case_id: str, teacher: str, spacing: np.ndarray
+) -> list[tuple[Any, dict[str, Any], str]]:
+    """One teacher's coarse and fine attention maps, each voxel drawn over the case voxels it covers."""
+    strides = store.entry_attrs(teacher, case_id)
+    layers: list[tuple[Any, dict[str, Any], str]] = []
+    for kind in ATTENTION_KINDS:
+        scale = spacing * np.asarray(strides[f"{kind}_stride"], dtype=np.float64)
+        translate = (scale - spacing) / 2.0  # the map voxel's centre over the case voxels it covers
+        amap = store.lazy(f"teachers/{teacher}/{case_id}/{kind}").astype(np.float32)
+        kwargs = {
+            "name": f"{teacher} {kind} attention",
+            "scale": tuple(scale),
+            "translate": tuple(translate),
+            "colormap": "viridis",
+            "blending": "additive",
+            "visible": False,
+        }
+        layers.append((amap, kwargs, "image"))
+    return layers
 
 
 def napari_layers(
@@ -402,66 +524,9 @@ def napari_layers(
     """napari layer data tuples ``(data, kwargs, "image" | "labels")`` for one case: each image channel, the label,
     and each teacher's foreground probability and attention maps — all lazy dask arrays read from Zarr on demand,
     at their true scale (mm; a tap-grid map is drawn over the case voxels it covers)."""
-    import dask.array as da
-
     spacing = np.asarray(store.case_attrs(case_id).get("spacing", [1.0, 1.0, 1.0]), dtype=np.float64)
-    meta = store.metadata["dataset"]
-    image = store.lazy(f"cases/{case_id}/image")
-    layers: list[tuple[Any, dict[str, Any], str]] = []
-    for c, name in enumerate(meta["channel_names"]):
-        layers.append(
-            (
-                image[c],
-                {"name": name, "scale": tuple(spacing), "colormap": "gray", "blending": "additive"},
-                "image",
-            )
-        )
-    layers.append(
-        (store.lazy(f"cases/{case_id}/label"), {"name": "label", "scale": tuple(spacing)}, "labels")
-    )
+    layers = _image_layers(store, case_id, spacing)
     for t in teachers:
-        enc = store.entry_encoding(t, case_id)
-        stored = store.lazy(f"teachers/{t}/{case_id}/softmax")
-        stored = stored.rechunk(
-            {0: stored.shape[0]}
-        )  # every class of a voxel in one block: decoding needs them
-
-        def fg_block(block: np.ndarray, enc: Any = enc) -> np.ndarray:
-            return foreground_probability(enc.decode(block, 1.0)).astype(np.float32)
-
-        prob = da.map_blocks(fg_block, stored, drop_axis=0, dtype=np.float32)
-        layers.append(
-            (
-                prob,
-                {
-                    "name": f"{t} p(foreground)",
-                    "scale": tuple(spacing),
-                    "colormap": "magma",
-                    "blending": "additive",
-                    "contrast_limits": (0.0, 1.0),
-                    "visible": False,
-                },
-                "image",
-            )
-        )
-        strides = store.entry_attrs(t, case_id)
-        for kind in ATTENTION_KINDS:
-            stride = strides[f"{kind}_stride"]
-            scale = spacing * np.asarray(stride, dtype=np.float64)
-            translate = (scale - spacing) / 2.0  # the map voxel's centre over the case voxels it covers
-            amap = store.lazy(f"teachers/{t}/{case_id}/{kind}").astype(np.float32)
-            layers.append(
-                (
-                    amap,
-                    {
-                        "name": f"{t} {kind} attention",
-                        "scale": tuple(scale),
-                        "translate": tuple(translate),
-                        "colormap": "viridis",
-                        "blending": "additive",
-                        "visible": False,
-                    },
-                    "image",
-                )
-            )
+        layers.append(_foreground_layer(store, case_id, t, spacing))
+        layers += _attention_layers(store, case_id, t, spacing)
     return layers

@@ -8,7 +8,9 @@ import dask
 import numpy as np
 
 from core.errors import StoreError
-from core.store.teacher_store import ATTENTION_KINDS, TeacherStore, entry_hash, entry_key_difference
+from core.store.provenance import entry_hash, entry_key_difference
+from core.store.teacher_store import TeacherStore
+from core.terms import ATTENTION_KINDS
 
 __all__ = ["verify_store"]
 
@@ -142,6 +144,29 @@ def _check_entry_key(where: str, attrs: dict[str, Any], prov: dict[str, Any]) ->
     return []
 
 
+def _stale_provenance(teacher: str, prov: dict[str, Any], meta: dict[str, Any]) -> list[str]:
+    """A teacher cached on other preprocessing, or another version of the dataset, than the store holds."""
+    problems = []
+    if prov.get("preprocessing_hash") != meta["preprocessing_hash"]:
+        problems.append(
+            f"teacher {teacher}: cached on other preprocessing than the store's (stale); run `make cache`"
+        )
+    if prov.get("dataset_manifest_hash") != meta["dataset"]["manifest_hash"]:
+        problems.append(
+            f"teacher {teacher}: cached on another version of the dataset (stale); recompute it: "
+            f"`teachcache cache -c CONFIG -t {teacher} --overwrite`"
+        )
+    return problems
+
+
+def _unchecked_for_lost_chunks(store: TeacherStore, cases: list[str], teachers: list[str]) -> int:
+    """Cases and complete entries written before every chunk was stored (format < 1.3, no ``all_chunks``)."""
+    written = [store.case_attrs(c) for c in cases] + [
+        store.entry_attrs(t, c) for t in teachers for c in cases if store.has_entry(t, c)
+    ]
+    return sum(not attrs.get("all_chunks") for attrs in written)
+
+
 def verify_store(
     store: TeacherStore, scheduler: str = "threads", expected_teachers: list[str] | None = None
 ) -> dict[str, Any]:
@@ -182,28 +207,17 @@ def verify_store(
                 f"teacher {teacher}: records no provenance (its caching was stopped); run `make cache`"
             )
             continue
-        if prov.get("preprocessing_hash") != meta["preprocessing_hash"]:
-            problems.append(
-                f"teacher {teacher}: cached on other preprocessing than the store's (stale); run `make cache`"
-            )
-        if prov.get("dataset_manifest_hash") != meta["dataset"]["manifest_hash"]:
-            problems.append(
-                f"teacher {teacher}: cached on another version of the dataset (stale); recompute it: "
-                f"`teachcache cache -c CONFIG -t {teacher} --overwrite`"
-            )
+        problems.extend(_stale_provenance(teacher, prov, meta))
         tasks += [dask.delayed(_check_entry_guarded)(store, teacher, c, prov) for c in cases]
     if not cases:
         problems.append("the store holds no complete case (run `make cache`)")
     for found in dask.compute(*tasks, scheduler=scheduler):
         problems.extend(found)
-    written = [store.case_attrs(c) for c in cases] + [
-        store.entry_attrs(t, c) for t in teachers for c in cases if store.has_entry(t, c)
-    ]
     return {
         "ok": not problems,
         "problems": problems,
         "cases": len(cases),
         "teachers": teachers,
         "entries_checked": len(cases) * len(teachers),
-        "unchecked_for_lost_chunks": sum(not attrs.get("all_chunks") for attrs in written),
+        "unchecked_for_lost_chunks": _unchecked_for_lost_chunks(store, cases, teachers),
     }

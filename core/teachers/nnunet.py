@@ -1,4 +1,4 @@
-"""nnU-Net v2 teachers: a trained model folder (``nnUNet_results/<Dataset>/<Trainer>__<Plans>__<configuration>``) run
+"""nnU-Net v2 teachers (kind ``nnunet``): a trained model folder (``nnUNet_results/<Dataset>/<Trainer>__<Plans>__<configuration>``) run
 with nnU-Net's own code — its network from ``plans.json``, its preprocessing (transpose, crop to non-zero,
 normalisation, resampling to the configuration's spacing) — and TeachCache's sliding window with taps on the
 result. The optional ``teachcache[nnunet]`` extra (``nnunetv2``) is needed; docs/teachers.md.
@@ -21,6 +21,8 @@ import torch
 from core.config import Config, InferenceConfig, TeacherConfig
 from core.errors import CheckpointError, ConfigError
 from core.models.registry import ModelSpec, TapSpec
+from core.teachers.base import LoadedTeacher, TeacherRun, register_teacher_kind
+from core.teachers.own_inputs import channel_order, teacher_case_files
 
 __all__ = ["load_nnunet", "nnunet_folds", "predict_nnunet"]
 
@@ -76,6 +78,12 @@ def nnunet_folds(teacher: TeacherConfig) -> list[int]:
     return [int(Path(teacher.checkpoint).parent.name.removeprefix("fold_"))]
 
 
+def _configuration_name(teacher: TeacherConfig) -> str:
+    """The nnU-Net configuration the teacher runs: named, else the one its results folder was trained with."""
+    assert teacher.nnunet is not None
+    return teacher.nnunet.configuration or Path(teacher.nnunet.results).name.split("__")[-1]
+
+
 def _splits(teacher: TeacherConfig) -> list[dict[str, list[str]]] | None:
     import os
 
@@ -90,21 +98,11 @@ def _splits(teacher: TeacherConfig) -> list[dict[str, list[str]]] | None:
     return None
 
 
-def load_nnunet(
-    teacher: TeacherConfig, num_classes: int, channel_names: list[str], fold_val: list[str] | None
-):
-    """Network(s), plans and taps of an nnU-Net teacher; checks channels, classes and fold discipline.
-
-    Args:
-        fold_val: the project fold's validation cases (per-fold teachers: nnU-Net's fold must hold them all in its
-            validation set).
-    """
-    from core.teachers.kinds import LoadedTeacher
-
-    _nnunetv2()
-    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
-    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-
+def _read_folder(
+    teacher: TeacherConfig, num_classes: int, channel_names: list[str]
+) -> tuple[Path, str, dict[str, Any], dict[str, Any], list[str]]:
+    """``(results folder, who, plans, dataset.json, its channel names)``; its channels and classes checked against
+    the dataset's."""
     assert teacher.nnunet is not None
     results = Path(teacher.nnunet.results)
     who = f"teacher '{teacher.name}' (nnU-Net {results})"
@@ -126,25 +124,42 @@ def load_nnunet(
         raise ConfigError(
             f"{who} predicts {classes} classes (its dataset.json labels), the dataset has {num_classes}"
         )
-    configuration = teacher.nnunet.configuration or results.name.split("__")[-1]
+    return results, who, plans, dataset_json, names
+
+
+def _configuration(teacher: TeacherConfig, results: Path, who: str, plans: dict[str, Any]) -> tuple[Any, Any]:
+    """``(plans manager, configuration manager)`` of the teacher's configuration (named, else the folder's)."""
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    configuration = _configuration_name(teacher)
     manager = PlansManager(plans)
     try:
-        config_manager = manager.get_configuration(configuration)
+        return manager, manager.get_configuration(configuration)
     except Exception:
         raise ConfigError(
             f"{who}: its plans have no configuration '{configuration}' ({', '.join(plans.get('configurations', {}))})"
         ) from None
-    folds = nnunet_folds(teacher)
-    networks, meta = [], {}
-    splits = _splits(teacher)
-    train_cases: set[str] = set()
-    for fold in folds:
+
+
+def _load_folds(
+    teacher: TeacherConfig, who: str, managers: tuple[Any, Any], dataset_json: dict[str, Any], channels: int,
+    splits: list[dict[str, list[str]]] | None,
+) -> tuple[list[torch.nn.Module], Any, set[str]]:  # fmt: skip
+    """Each fold's network with its weights (eval mode), the last checkpoint's mirror axes, and the cases nnU-Net's
+    splits trained those folds on."""
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+    assert teacher.nnunet is not None
+    manager, config_manager = managers
+    results = Path(teacher.nnunet.results)
+    networks, mirror_axes, train_cases = [], None, set()
+    for fold in nnunet_folds(teacher):
         ckpt = _load_weights(results / f"fold_{fold}" / teacher.nnunet.checkpoint, who)
         trainer = _trainer_class(ckpt.get("trainer_name"), nnUNetTrainer)
         network = trainer.build_network_architecture(
             manager,
             config_manager,
-            len(names),
+            channels,
             manager.get_label_manager(dataset_json).num_segmentation_heads,
             enable_deep_supervision=False,
         )
@@ -160,6 +175,18 @@ def load_nnunet(
             if fold >= len(splits):
                 raise ConfigError(f"{who}: nnU-Net's splits have no fold {fold}")
             train_cases |= set(splits[fold]["train"])
+    return networks, mirror_axes, train_cases
+
+
+def _fold_meta(
+    teacher: TeacherConfig, who: str, splits: list[dict[str, list[str]]] | None, train_cases: set[str],
+    fold_val: list[str] | None,
+) -> dict[str, Any]:  # fmt: skip
+    """The loaded teacher's ``meta`` (its fold, its training cases); a per-fold teacher whose nnU-Net fold trained
+    on this project's validation cases of that fold (or whose splits are unknown) is refused."""
+    assert teacher.nnunet is not None
+    folds = nnunet_folds(teacher)
+    meta: dict[str, Any] = {}
     if teacher.nnunet.folds is None:  # per fold: nnU-Net's fold k serves this project's fold k
         if splits is None:
             raise ConfigError(
@@ -178,22 +205,61 @@ def load_nnunet(
         meta["fold"] = folds[0]
     if splits is not None:
         meta["train_cases"] = sorted(train_cases)
-    # taps: the bottleneck (deepest encoder stage) and the second-to-last decoder stage
-    n_dec = len(networks[0].decoder.stages)
+    return meta
+
+
+def _nnunet_spec(
+    teacher: TeacherConfig, network: torch.nn.Module, channels: int, patch: tuple[int, ...]
+) -> tuple[ModelSpec, dict[str, tuple[int, ...]]]:
+    """The network's taps — the bottleneck (deepest encoder stage) and the second-to-last decoder stage — with
+    their measured per-axis strides."""
+    n_dec = len(network.decoder.stages)
     taps = {
-        "coarse": TapSpec(f"encoder.stages.{len(networks[0].encoder.stages) - 1}", stride=1),
+        "coarse": TapSpec(f"encoder.stages.{len(network.encoder.stages) - 1}", stride=1),
         "fine": TapSpec(f"decoder.stages.{n_dec - 2}", stride=1),
     }
-    patch = tuple(int(p) for p in config_manager.patch_size)
-    axis_strides = _axis_strides(networks[0], taps, len(names), patch)
+    axis_strides = _axis_strides(network, taps, channels, patch)
     taps = {k: TapSpec(t.module, stride=int(max(axis_strides[k]))) for k, t in taps.items()}
     spec = ModelSpec(
         name=f"nnunet:{teacher.name}",
-        build=lambda *a, **k: networks[0],
+        build=lambda *a, **k: network,
         coarse=taps["coarse"],
         fine=taps["fine"],
         size_divisor=int(max(axis_strides["coarse"])),
     )
+    return spec, axis_strides
+
+
+def load_nnunet(
+    teacher: TeacherConfig,
+    in_channels: int,
+    num_classes: int,
+    channel_names: list[str],
+    fold_val: list[str] | None = None,
+) -> LoadedTeacher:
+    """Network(s), plans and taps of an nnU-Net teacher; checks channels, classes and fold discipline.
+
+    Args:
+        teacher: the teacher (``nnunet``; ``channels`` when the dataset's differ in names or order).
+        in_channels: unused (nnU-Net's channels come from its dataset.json, checked by name).
+        num_classes: the dataset's class count.
+        channel_names: the dataset's channels.
+        fold_val: the project fold's validation cases (per-fold teachers: nnU-Net's fold must hold them all in its
+            validation set).
+    """
+    if teacher.channels is not None:
+        channel_order(teacher, channel_names)
+    _nnunetv2()
+    assert teacher.nnunet is not None
+    results, who, plans, dataset_json, names = _read_folder(teacher, num_classes, channel_names)
+    manager, config_manager = _configuration(teacher, results, who, plans)
+    splits = _splits(teacher)
+    networks, mirror_axes, train_cases = _load_folds(
+        teacher, who, (manager, config_manager), dataset_json, len(names), splits
+    )
+    meta = _fold_meta(teacher, who, splits, train_cases, fold_val)
+    patch = tuple(int(p) for p in config_manager.patch_size)
+    spec, axis_strides = _nnunet_spec(teacher, networks[0], len(names), patch)
     inference = teacher.inference or InferenceConfig(
         roi_size=patch, overlap=0.5, sw_batch_size=1, mode="gaussian"
     )
@@ -229,7 +295,10 @@ def _trainer_class(name: str | None, default: Any) -> Any:
     return found
 
 
-def _axis_strides(network: torch.nn.Module, taps: dict[str, TapSpec], channels: int, patch: tuple[int, ...]):
+def _axis_strides(
+    network: torch.nn.Module, taps: dict[str, TapSpec], channels: int, patch: tuple[int, ...]
+) -> dict[str, tuple[int, ...]]:
+    """Each tap's stride per axis, measured: one forward pass of a zero patch, patch size ÷ feature size."""
     from core.models.taps import TapRecorder
 
     with torch.no_grad(), TapRecorder(network, taps) as recorder:
@@ -260,7 +329,7 @@ def _preprocessed_affine(properties: dict[str, Any], data_shape: tuple[int, ...]
     return np.asarray(file_affine, dtype=np.float64) @ m
 
 
-def predict_nnunet(cfg: Config, teacher: TeacherConfig, loaded: Any, case_files: list[Path], device: torch.device,
+def predict_nnunet(cfg: Config, teacher: TeacherConfig, loaded: LoadedTeacher, case_files: list[Path], device: torch.device,
                    p: float, features: bool) -> tuple[dict[str, np.ndarray], np.ndarray]:  # fmt: skip
     """Run an nnU-Net teacher on one case its own way: ``(outputs on its preprocessed grid, that grid's affine)``.
 
@@ -307,3 +376,51 @@ def predict_nnunet(cfg: Config, teacher: TeacherConfig, loaded: Any, case_files:
     mean = {k: v / runs for k, v in total.items()}
     mean["logits"] = np.log(np.clip(mean.pop("probs"), 1e-8, None)).astype(np.float32)
     return mean, affine
+
+
+def _predict_case(run: TeacherRun, case_id: str) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """nnU-Net's own preprocessing of the case's raw files, its folds (and mirrors) averaged."""
+    files = teacher_case_files(run.cfg, run.teacher, case_id)
+    return predict_nnunet(
+        run.cfg, run.teacher, run.loaded, files, run.device, run.cfg.distillation.attention.p, run.features
+    )
+
+
+def _check_windows(run: TeacherRun, case_ids: list[str]) -> None:
+    """Nothing to check: :func:`predict_nnunet` pads each case to a multiple of the coarse stride and the patch."""
+
+
+def _entry_fields(teacher: TeacherConfig) -> dict[str, Any]:
+    """The configuration, folds and mirroring, and the SHA-256 of the plans and of each fold's checkpoint."""
+    from core.user_cache import FileHashCache, default_hash_cache
+
+    assert teacher.nnunet is not None
+    # every entry's key names them: hashed once, then remembered by (path, size, mtime)
+    hashes = FileHashCache(default_hash_cache())
+    file_sha256 = hashes.sha256
+    results = Path(teacher.nnunet.results)
+    fields = {
+        "nnunet": {
+            "configuration": _configuration_name(teacher),
+            "folds": nnunet_folds(teacher),
+            "mirror": teacher.nnunet.mirror,
+            "plans_sha256": file_sha256(results / "plans.json")
+            if (results / "plans.json").is_file()
+            else None,
+            "checkpoints_sha256": [
+                file_sha256(p) if p.is_file() else None
+                for p in (results / f"fold_{f}" / teacher.nnunet.checkpoint for f in nnunet_folds(teacher))
+            ],
+        }
+    }
+    hashes.save()
+    return fields
+
+
+register_teacher_kind(
+    "nnunet",
+    load=load_nnunet,
+    predict=_predict_case,
+    check_windows=_check_windows,
+    entry_fields=_entry_fields,
+)

@@ -1,7 +1,7 @@
 """Online distillation: the fold's teachers in memory compute the targets on every training batch.
 
 The baseline the cache must match (TeachFormer's own regime). :class:`OnlineTargets` is a *target source* like the
-store's (``core.training.loop``): it turns a batch into :data:`~core.losses.plain.DistillationTargets` with the same keys, shapes
+store's (``core.training.loop``): it turns a batch into :data:`~core.terms.DistillationTargets` with the same keys, shapes
 and conventions, so every softmax and attention term trains unchanged from either source. Differences from the
 cache, by design: the teachers see the batch as augmented (the cache holds the un-augmented whole volume, cropped),
 each patch alone (the cache stitches overlapping windows), and exact float32 probabilities (the cache stores an
@@ -17,12 +17,9 @@ from core.data.patches import TargetRequest
 from core.inference import autocast
 from core.models.registry import ModelSpec
 from core.models.taps import TapRecorder, attention_map
-from core.store.teacher_store import ATTENTION_KINDS
-from core.terms import DistillationTargets
+from core.terms import ATTENTION_KINDS, ONLINE_KINDS, DistillationTargets
 
 __all__ = ["OnlineTargets"]
-
-# what live teachers provide; feature sketches are a property of the cache (PCA per case)
 
 
 def _unit_rms(amap: torch.Tensor) -> torch.Tensor:
@@ -38,7 +35,8 @@ class OnlineTargets:
     Args:
         teachers: ``(key, model, spec)`` per teacher; ``key`` names it in the targets as the store would
             (``<name>/fold_<k>``); the model is moved to ``device`` and set to evaluation mode.
-        request: what to compute (softmax at ``request.temperature``, attention maps).
+        request: what to compute: softmax at ``request.temperature`` and attention maps, as the recipe reads them
+            (:meth:`~core.data.patches.TargetRequest.for_recipe`); kinds only the cache has are refused.
         p: the attention maps' power.
         device: where the teachers run.
         amp: mixed precision on CUDA.
@@ -52,7 +50,7 @@ class OnlineTargets:
         device: torch.device,
         amp: bool = True,
     ) -> None:
-        if request.sketches or request.features:
+        if set(request.kinds()) - ONLINE_KINDS:  # feature sketches are a property of the cache (PCA per case)
             raise ValueError("online targets provide softmax and attention maps, not feature sketches")
         self.teachers = [(key, model.to(device).eval(), spec) for key, model, spec in teachers]
         for _, model, _ in self.teachers:
@@ -60,6 +58,7 @@ class OnlineTargets:
         self.request, self.p, self.device, self.amp = request, p, device, amp
 
     def __call__(self, batch: dict[str, torch.Tensor]) -> DistillationTargets:
+        """The targets of one batch: ``{"softmax": {key: (B, K, X, Y, Z)}, "coarse"/"fine": {key: (B, 1, x, y, z)}}``."""
         image = batch["image"].to(self.device, non_blocking=True)
         targets: DistillationTargets = {kind: {} for kind in self.request.kinds()}
         with torch.no_grad(), autocast(self.device, self.amp):

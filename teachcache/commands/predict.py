@@ -1,12 +1,7 @@
-"""``teachcache predict / evaluate / export-model``: using the distilled student on new cases.
-
-Registered on the ``teachcache`` app by :mod:`teachcache.cli` (imported at its end).
-"""
+"""``teachcache predict / evaluate / export-model``: using the distilled student on new cases."""
 
 from __future__ import annotations
 
-import json
-import sys
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -14,14 +9,12 @@ import typer
 from rich.table import Table
 
 from core.errors import TeachCacheError
-from teachcache.cli import app, out, user_errors
+from teachcache.app import JsonSummaryOption, QuietBarOption, out, print_json, user_errors
 
-JsonOption = Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")]
-QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
+__all__ = ["commands", "evaluate", "export_model", "predict"]
 
-
-def _print_json(data: Any) -> None:
-    sys.stdout.write(json.dumps(data, indent=2) + "\n")
+commands = typer.Typer()
+"""This module\'s commands; :mod:`teachcache.cli` adds them to the app."""
 
 
 def _folds(values: list[str] | None, extra: list[str]) -> list[int] | None:
@@ -40,7 +33,7 @@ def _folds(values: list[str] | None, extra: list[str]) -> list[int] | None:
     return folds
 
 
-@app.command(context_settings={"allow_extra_args": True})
+@commands.command(context_settings={"allow_extra_args": True})
 @user_errors
 def predict(
     ctx: typer.Context,
@@ -77,8 +70,8 @@ def predict(
     overwrite: Annotated[
         bool, typer.Option(help="Replace predictions already in the output folder.")
     ] = False,
-    as_json: JsonOption = False,
-    quiet: QuietOption = False,
+    as_json: JsonSummaryOption = False,
+    quiet: QuietBarOption = False,
 ) -> None:
     """Segment new cases with a trained student: the run's own preprocessing, sliding windows (mixed precision on
     CUDA), folds averaged, and a label map per case in the input image's own geometry (shape, affine, orientation)."""
@@ -99,8 +92,13 @@ def predict(
         progress=not quiet and not as_json,
     )
     if as_json:
-        _print_json(summary)
-        return
+        print_json(summary)
+    else:
+        _print_predictions(summary, output)
+
+
+def _print_predictions(summary: dict[str, Any], output: Path) -> None:
+    """``predict``'s table of cases (shape, seconds, sliding-window seconds) and its one-line summary."""
     table = Table(title=f"{len(summary['cases'])} case(s) → {output}")
     for column in ("case", "shape", "seconds", "windows (s)"):
         table.add_column(column, justify="left" if column == "case" else "right")
@@ -114,19 +112,20 @@ def predict(
     out.print(table)
     folds_used = ", ".join(str(s["fold"]) for s in summary["students"])
     out.print(
-        f"{len(students)} student(s) (fold {folds_used}) on {summary['device']}: {summary['seconds_per_case']:.2f} s "
-        f"per case; preprocessing from the {summary['inputs_recorded_in']}; summary: {output / 'prediction.json'}",
+        f"{len(summary['students'])} student(s) (fold {folds_used}) on {summary['device']}: "
+        f"{summary['seconds_per_case']:.2f} s per case; preprocessing from the {summary['inputs_recorded_in']}; "
+        f"summary: {output / 'prediction.json'}",
         highlight=False,
         soft_wrap=True,
     )
 
 
-@app.command()
+@commands.command()
 @user_errors
 def evaluate(
     pred_dir: Annotated[Path, typer.Argument(help="Folder of predicted label maps (<case>.nii.gz).")],
     label_dir: Annotated[Path, typer.Argument(help="Folder of label files (<case>.nii.gz, e.g. labelsTs/).")],
-    as_json: JsonOption = False,
+    as_json: JsonSummaryOption = False,
 ) -> None:
     """Dice and HD95 per case and class, and their means, with the metric code validation uses, at each label
     file's spacing."""
@@ -134,7 +133,7 @@ def evaluate(
 
     scores = evaluate_folder(pred_dir, label_dir)
     if as_json:
-        _print_json(scores)
+        print_json(scores)
         return
     names = scores["class_names"][1:]
     table = Table(title=f"{len(scores['cases'])} case(s): {pred_dir} vs {label_dir}")
@@ -164,7 +163,7 @@ def evaluate(
         )
 
 
-@app.command("export-model")
+@commands.command("export-model")
 @user_errors
 def export_model(
     run: Annotated[
@@ -177,7 +176,7 @@ def export_model(
         int | None, typer.Option("--fold", help="With a kd-<kind> folder: which fold's student.", min=0)
     ] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing file.")] = False,
-    as_json: JsonOption = False,
+    as_json: JsonSummaryOption = False,
 ) -> None:
     """Export a student as TorchScript or ONNX, checked against PyTorch on a random window, with the inputs it
     expects (channels, spacing, orientation, normalisation, classes, window) in a JSON beside it (docs/deploy.md)."""
@@ -195,7 +194,7 @@ def export_model(
     path, k = found[0]
     record = export_student(load_student(path, k), output)
     if as_json:
-        _print_json(record)
+        print_json(record)
         return
     out.print(
         f"{output} ({record['model']['runtime']}) and {record_path(output)}: {record['model']['arch']} from {path}; "

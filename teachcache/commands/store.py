@@ -1,66 +1,54 @@
-"""``teachcache ls / show / export / view / stats / diff``: seeing, exporting and summarising what the teachers wrote.
-
-Registered on the ``teachcache`` app by :mod:`teachcache.cli` (imported at its end).
-"""
+"""``teachcache ls / inspect / show / export / view / stats / diff / verify``: seeing, exporting, summarising and
+checking what the teachers wrote into a store."""
 
 from __future__ import annotations
 
 import json
-import sys
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from core.errors import TeachCacheError
-from teachcache.cli import app, out, user_errors
+from teachcache.app import (
+    JsonOption,
+    JsonTableOption,
+    JsonTablesOption,
+    QuietBarOption,
+    StoreArg,
+    err,
+    load_experiment,
+    out,
+    print_json,
+    progress_bar,
+    user_errors,
+)
 
-StoreArg = Annotated[str, typer.Argument(help="Store path or URL.")]
+if TYPE_CHECKING:
+    from core.store.teacher_store import TeacherStore
+
+__all__ = ["commands", "diff", "export", "inspect", "ls", "show", "stats", "verify", "view"]
+
+commands = typer.Typer()
+"""This module\'s commands; :mod:`teachcache.cli` adds them to the app."""
+
 CaseArg = Annotated[str, typer.Argument(help="Case identifier (`teachcache ls STORE` lists them).")]
-JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 WorkersOption = Annotated[
     int | None, typer.Option("--workers", "-j", help="Threads (default: one per core).", min=1)
 ]
-QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
 
 
-def _open(store: str):
+def _open(store: str) -> TeacherStore:
     from core.store.teacher_store import TeacherStore
 
     return TeacherStore.open(store)
 
 
-def _print_json(data: Any) -> None:
-    sys.stdout.write(json.dumps(data, indent=2) + "\n")
-
-
-@contextmanager
-def _bar(label: str, enabled: bool) -> Iterator[tuple[Callable[[int], None], Callable[[int], None]]]:
-    """(on_total, advance) callbacks driving a progress bar whose total is known only once the work is planned."""
-    from core.progress import ProgressBar
-
-    held: dict[str, ProgressBar] = {}
-
-    def on_total(n: int) -> None:
-        held["bar"] = ProgressBar(label, n, enabled).__enter__()
-
-    def advance(k: int) -> None:
-        if "bar" in held:
-            held["bar"].advance(k)
-
-    try:
-        yield on_total, advance
-    finally:
-        if "bar" in held:
-            held["bar"].__exit__(None, None, None)
-
-
-@app.command("ls")
+@commands.command("ls")
 @user_errors
-def ls(store: StoreArg, as_json: JsonOption = False) -> None:
+def ls(store: StoreArg, as_json: JsonTableOption = False) -> None:
     """List a store's teachers and cases, one line each, with how complete each is."""
     s = _open(store)
     cases = s.case_ids()
@@ -73,7 +61,7 @@ def ls(store: StoreArg, as_json: JsonOption = False) -> None:
         for c in cases
     ]
     if as_json:
-        _print_json({"store": s.location, "teachers": teachers, "cases": rows, "teacher_count": len(keys)})
+        print_json({"store": s.location, "teachers": teachers, "cases": rows, "teacher_count": len(keys)})
         return
     for t in teachers:
         state = "complete" if t["complete"] == t["cases"] else "INCOMPLETE"
@@ -87,7 +75,116 @@ def ls(store: StoreArg, as_json: JsonOption = False) -> None:
         )
 
 
+@commands.command()
+@user_errors
+def inspect(
+    store: StoreArg,
+    teacher: Annotated[
+        str | None,
+        typer.Option("--teacher", "-t", help="Only this teacher (name or copy), with its provenance."),
+    ] = None,
+    case: Annotated[str | None, typer.Option("--case", help="Only this case's arrays.")] = None,
+    as_json: JsonTablesOption = False,
+) -> None:
+    """Show a store's teachers, cases and arrays (shapes, dtypes, chunks, shards, codecs, stored vs raw bytes) and
+    each teacher's provenance."""
+    from core.inspection.describe import describe_store
+    from core.inspection.views import resolve_case, resolve_teachers
+
+    opened = _open(store)
+    keys = None
+    if teacher is not None:  # a copy, or a name: every copy of it (one per fold)
+        keys = [k for k in opened.teacher_keys() if teacher in (k, k.split("/")[0])]
+        keys = keys or resolve_teachers(opened, [teacher])  # none: the error naming the cached teachers
+    if case is not None:
+        resolve_case(opened, case)
+    info = describe_store(opened, teachers=keys, case=case)
+    if as_json:
+        print_json(info)
+        return
+    ds = info["dataset"]
+    out.print(
+        f"[bold]{info['store']}[/] (format {info['format_version']}): {ds['name']}, {len(info['cases'])} cases, "
+        f"channels {', '.join(ds['channel_names'])}, classes {', '.join(ds['class_names'])}, "
+        f"{_bytes(info['stored_bytes'])} stored of {_bytes(info['raw_bytes'])} raw"
+    )
+    out.print(_teachers_table(info))
+    if teacher is not None:
+        for row in info["teachers"]:
+            out.print(f"[bold]provenance of {row['name']}[/]")
+            out.print_json(json.dumps(row["provenance"]))
+    if case is None:
+        out.print(_cases_table(info))
+    out.print(_arrays_table(info, case))
+
+
+def _bytes(n: float) -> str:
+    """A byte count in B, KiB, MiB or GiB."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def _teachers_table(info: dict[str, Any]) -> Table:
+    """``inspect``'s teachers: architecture, training fold, completeness, checkpoint hash, caching time."""
+    t = Table(title="teachers")
+    for col in ("teacher", "arch", "trained on fold", "complete", "checkpoint sha256", "cache s"):
+        t.add_column(col)
+    for row in info["teachers"]:
+        t.add_row(
+            row["name"],
+            row["arch"],
+            str(row["fold"]),
+            f"{row['complete_cases']}/{row['total_cases']}",
+            (row["checkpoint_sha256"] or "")[:12],
+            str(row["cache_seconds"] or "—"),
+        )
+    return t
+
+
+def _cases_table(info: dict[str, Any]) -> Table:
+    """``inspect``'s cases: shape and how many teachers are cached for each."""
+    cs = Table(title="cases")
+    for col in ("case", "shape", "teachers cached"):
+        cs.add_column(col)
+    for c in info["cases"]:
+        cached = f"{len(c['teachers_complete'])}/{len(info['teachers'])}"
+        cs.add_row(c["case_id"], "×".join(map(str, c["shape"])), cached)
+    return cs
+
+
+def _arrays_table(info: dict[str, Any], case: str | None) -> Table:
+    """``inspect``'s arrays of one case (``case``, else the first): layout, codecs and bytes of each."""
+    shown = case or (info["cases"][0]["case_id"] if info["cases"] else None)
+    a = Table(
+        title=f"arrays of case {shown}" + ("" if case else " (--case C for another, --json for every case)")
+    )
+    for col in ("owner", "array", "shape", "dtype", "chunks (shards)", "codecs", "stored / raw"):
+        a.add_column(col, overflow="fold", no_wrap=col == "array")
+    for arr in info["arrays"]:
+        parts = arr["path"].split("/")
+        if shown not in parts:
+            continue
+        owner = "case" if parts[0] == "cases" else "/".join(parts[1:3])
+        chunks = "×".join(map(str, arr["chunks"]))
+        if arr["shards"]:
+            chunks += f" ({'×'.join(map(str, arr['shards']))})"
+        a.add_row(
+            owner,
+            parts[-1],
+            "×".join(map(str, arr["shape"])),
+            arr["dtype"],
+            chunks,
+            arr["codecs"],
+            f"{_bytes(arr['stored_bytes'])} / {_bytes(arr['raw_bytes'])}",
+        )
+    return a
+
+
 def _axis(axis: str) -> int:
+    """``--axis`` (x, y, z or 0, 1, 2) as an array axis."""
     from core.inspection.views import AXES
 
     key = axis.lower()
@@ -98,7 +195,7 @@ def _axis(axis: str) -> int:
     raise TeachCacheError(f"--axis must be x, y or z (or 0, 1, 2), got '{axis}'")
 
 
-@app.command()
+@commands.command()
 @user_errors
 def show(
     store: StoreArg,
@@ -135,7 +232,7 @@ def show(
     )
 
 
-@app.command()
+@commands.command()
 @user_errors
 def export(
     store: StoreArg,
@@ -170,7 +267,7 @@ def export(
     )
 
 
-@app.command()
+@commands.command()
 @user_errors
 def view(
     store: StoreArg,
@@ -199,7 +296,7 @@ def view(
     napari.run()
 
 
-@app.command()
+@commands.command()
 @user_errors
 def stats(
     store: StoreArg,
@@ -213,8 +310,8 @@ def stats(
         ),
     ] = None,
     workers: WorkersOption = None,
-    as_json: JsonOption = False,
-    quiet: QuietOption = False,
+    as_json: JsonTableOption = False,
+    quiet: QuietBarOption = False,
 ) -> None:
     """Per teacher: Dice against the labels, mean entropy, calibration (ECE) and agreement with the other teachers,
     each case scored by the teacher copy that did not train on it; computed in parallel with dask."""
@@ -226,14 +323,14 @@ def stats(
         raise TeachCacheError(
             f"output folder {folder}: {folder.parent} does not exist; create it or choose another -o"
         )
-    with _bar("teacher stats", not quiet and not as_json) as (on_total, advance):
+    with progress_bar("teacher stats", not quiet and not as_json) as (on_total, advance):
         result = store_stats(s, fold=fold, workers=workers, progress=advance, on_total=on_total)
     folder.mkdir(exist_ok=True)
     stem = "stats" if fold is None else f"stats-fold{fold}"
     (folder / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
     stats_chart(result, folder / f"{stem}.png")
     if as_json:
-        _print_json(result)
+        print_json(result)
         return
     scope = f"fold {fold}'s validation cases" if fold is not None else "every case"
     t = Table(title=f"teachers over {result['cases']} cases ({scope}), preprocessed grid")
@@ -249,29 +346,30 @@ def stats(
 
 
 def _beside_store(store: str) -> Path:
+    """The folder holding a local store (the working directory for a remote one)."""
     if "://" in store and not store.startswith("file://"):
         return Path.cwd()
     return Path(store.removeprefix("file://")).resolve().parent
 
 
-@app.command()
+@commands.command()
 @user_errors
 def diff(
     store_a: Annotated[str, typer.Argument(help="First store (A).")],
     store_b: Annotated[str, typer.Argument(help="Second store (B), of the same cases.")],
     workers: WorkersOption = None,
-    as_json: JsonOption = False,
-    quiet: QuietOption = False,
+    as_json: JsonTableOption = False,
+    quiet: QuietBarOption = False,
 ) -> None:
     """Compare two stores of the same cases (two encodings, two checkpoints): per teacher and array, the max and mean
     absolute difference of the decoded values and, for the softmax, KL(A ‖ B)."""
     from core.inspection.stats import diff_stores
 
     a, b = _open(store_a), _open(store_b)
-    with _bar("diff", not quiet and not as_json) as (on_total, advance):
+    with progress_bar("diff", not quiet and not as_json) as (on_total, advance):
         result = diff_stores(a, b, workers=workers, progress=advance, on_total=on_total)
     if as_json:
-        _print_json(result)
+        print_json(result)
         return
     t = Table(title=f"A = {a.location}\nB = {b.location}")
     for col in ("teacher", "cases", "array", "max |A−B|", "mean |A−B|", "KL(A‖B)"):
@@ -300,3 +398,67 @@ def diff(
                        ("cases only in A", "cases_only_in_a"), ("cases only in B", "cases_only_in_b")):  # fmt: skip
         if result[key]:
             out.print(f"{label}: {', '.join(result[key])}", highlight=False)
+
+
+@commands.command()
+@user_errors
+def verify(
+    store: StoreArg,
+    config: Annotated[
+        Path | None,
+        typer.Option(
+            "--config", "-c", help="Also check that every teacher this experiment configures is cached."
+        ),
+    ] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Check every case and teacher entry: complete, no lost or corrupt chunk, right shapes, finite, softmax sums to
+    1, provenance.
+
+    Exit codes: 0 the store is sound; 1 problems found (listed); 2 not a store, or a bad argument; 3 the check
+    itself could not finish (the message says why) — so scripts can tell a bad store from a failed check.
+    """
+    from core.store.verify import verify_store
+
+    expected = [t.name for t in load_experiment(config).teachers] if config is not None else None
+    opened = _open(store)
+    try:
+        result = verify_store(opened, expected_teachers=expected)
+    except TeachCacheError:
+        raise
+    except Exception as exc:  # the check crashed: not the same as a store with problems
+        err.print(
+            f"[bold red]error:[/] verify could not finish on {store}: {type(exc).__name__}: {exc}",
+            highlight=False,
+            soft_wrap=True,
+        )
+        raise typer.Exit(code=3) from None
+    if as_json:
+        print_json(result)
+    elif result["ok"]:
+        out.print(
+            f"ok: {result['cases']} cases, {len(result['teachers'])} teacher(s), "
+            f"{result['entries_checked']} entries checked"
+        )
+    else:
+        for problem in result["problems"]:
+            err.print(f"[red]problem:[/] {escape(str(problem))}", highlight=False, soft_wrap=True)
+        err.print(f"{len(result['problems'])} problem(s) in {store}")
+    if not as_json:
+        for note in _verify_notes(result, config is not None):
+            out.print(f"note: {note}", highlight=False, soft_wrap=True)
+    if not result["ok"]:
+        raise typer.Exit(code=1)
+
+
+def _verify_notes(result: dict[str, Any], with_config: bool) -> list[str]:
+    """What ``verify`` could not check: old groups' lost chunks; which teachers a store without them should hold."""
+    notes = []
+    if result["unchecked_for_lost_chunks"]:
+        notes.append(
+            f"{result['unchecked_for_lost_chunks']} case(s)/entries were written before every chunk was stored "
+            "(store format < 1.3): a lost chunk file cannot be detected there"
+        )
+    if not result["teachers"] and not with_config:
+        notes.append("no teacher is cached yet; pass -c CONFIG to check that every configured teacher is")
+    return notes

@@ -1,0 +1,55 @@
+"""The store format's names and storage settings, spelled once (``docs/store-format.md``).
+
+Its version, the attribute key TeachCache's metadata sits under, the teacher slots, the spatial axis names, and
+how every array is chunked and compressed.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from collections.abc import Sequence
+
+import numpy as np
+from zarr.codecs import BloscCodec
+
+__all__ = [
+    "ATTRS_KEY",
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "NUMCODECS_WARNING",
+    "SPATIAL_DIMS",
+    "TEACHER_SLOT",
+    "Box",
+    "chunk_shape",
+    "compressor_for",
+]
+
+FORMAT_NAME = "teachcache-store"
+FORMAT_VERSION = "2.1"
+# the attribute holding TeachCache's metadata: the root's description, each teacher copy's provenance
+ATTRS_KEY = "teachcache"
+# a teacher key: "<name>/fold_<k>" or "<name>/all_folds"
+TEACHER_SLOT = re.compile(r"^(fold_[0-9]+|all_folds)$")
+SPATIAL_DIMS = ("x", "y", "z")
+
+# zarr warns, each time it parses one, that numcodecs codecs are outside the v3 spec; the store uses numcodecs'
+# Delta filter on purpose (docs/store-format.md says so), so that one message is silenced wherever it arises.
+NUMCODECS_WARNING = "Numcodecs codecs are not in the Zarr version 3"
+warnings.filterwarnings("ignore", message=NUMCODECS_WARNING, category=UserWarning)
+
+# a region of a case's (X, Y, Z) grid
+Box = tuple[slice, slice, slice]
+
+
+def compressor_for(dtype: np.dtype) -> BloscCodec:
+    """Blosc/zstd level 5; bit-shuffle for 1- and 2-byte types, byte-shuffle for wider ones."""
+    # bitshuffle suits low-entropy floats (smooth maps); byte shuffle suits wider types
+    shuffle = "bitshuffle" if np.dtype(dtype).itemsize <= 2 else "shuffle"
+    return BloscCodec(cname="zstd", clevel=5, shuffle=shuffle)
+
+
+def chunk_shape(shape: Sequence[int], spatial_chunk: Sequence[int]) -> tuple[int, ...]:
+    """Chunk shape: whole leading (channel) axes, ``spatial_chunk`` clipped to the array on spatial axes."""
+    lead = len(shape) - 3
+    return tuple(shape[:lead]) + tuple(min(s, c) for s, c in zip(shape[lead:], spatial_chunk, strict=True))
