@@ -1,6 +1,7 @@
 """Run each teacher once over every case and write its softmax and attention maps into the store.
 
-The unit of work is one (teacher, case) entry, computed and written by :func:`compute_entry`. Entries run either
+The unit of work is one (teacher, case) entry, computed and written by :func:`compute_entry` from the
+:class:`EntryJob` of its teacher copy: the store key, checkpoint hash and entry key, resolved once while planning. Entries run either
 in this process (one teacher in memory at a time) or as tasks on a dask.distributed cluster — a LocalCluster of
 ``workers`` processes, or any scheduler address. Each entry owns its own arrays (its own chunk files), so
 workers never write to the same object; metadata is consolidated once, after every task has finished.
@@ -50,7 +51,14 @@ from core.teachers.base import (
     teacher_outputs,
 )
 
-__all__ = ["KILL_AFTER_ENTRIES_ENV", "CacheSummary", "cache_teachers", "cache_units", "compute_entry"]
+__all__ = [
+    "KILL_AFTER_ENTRIES_ENV",
+    "CacheSummary",
+    "EntryJob",
+    "cache_teachers",
+    "cache_units",
+    "compute_entry",
+]
 
 KILL_AFTER_ENTRIES_ENV = "TEACHCACHE_TEST_KILL_AFTER_ENTRIES"
 
@@ -148,19 +156,31 @@ def _entry_device(cfg: Config) -> torch.device:
     return device
 
 
-def compute_entry(cfg: Config, teacher_name: str, fold: int | None, case_id: str, sha: str) -> str:
+@dataclass(frozen=True)
+class EntryJob:
+    """What every entry of one teacher copy is computed from, resolved once while planning (and sent to workers).
+
+    Attributes:
+        teacher_name: the configured teacher.
+        fold: the fold whose checkpoint is used (``None`` for a teacher with one checkpoint for every fold).
+        store_key: the copy's key in the store, ``<name>/fold_<k>`` or ``<name>/all_folds``.
+        sha: SHA-256 of the checkpoint file (checked when the run was planned).
+        entry_key: :func:`core.experiment.entry_key` of the copy, the same for each of its cases.
+    """
+
+    teacher_name: str
+    fold: int | None
+    store_key: str
+    sha: str
+    entry_key: dict[str, Any]
+
+
+def compute_entry(cfg: Config, job: EntryJob, case_id: str) -> str:
     """Compute one teacher's outputs for one case and write them as a complete store entry.
 
     Runs in the calling process or on a dask worker; either way it opens the store itself. (The in-process loop of
     :func:`cache_teachers` instead calls :func:`prepare_entry` and writes each entry on a writer thread while the
     teacher runs on the next case.)
-
-    Args:
-        cfg: the experiment.
-        teacher_name: the configured teacher.
-        fold: the fold whose checkpoint is used (``None`` for a teacher with one checkpoint for every fold).
-        case_id: the case.
-        sha: SHA-256 of the checkpoint file (checked when the run was planned).
 
     Returns:
         ``case_id``, for progress reporting.
@@ -169,41 +189,34 @@ def compute_entry(cfg: Config, teacher_name: str, fold: int | None, case_id: str
         StoreError: the store cannot be written (full disk, read-only destination); entries already complete
             are untouched and this one stays incomplete, so re-running resumes.
     """
-    prepare_entry(cfg, teacher_name, fold, case_id, sha)()
+    prepare_entry(cfg, job, case_id)()
     return case_id
 
 
-def prepare_entry(
-    cfg: Config, teacher_name: str, fold: int | None, case_id: str, sha: str
-) -> Callable[[], None]:
+def prepare_entry(cfg: Config, job: EntryJob, case_id: str) -> Callable[[], None]:
     """Run the teacher on one case (inference, taps, sketches) and return the call that writes the entry."""
-    teacher = _bound(cfg, teacher_name, fold)
+    teacher = _bound(cfg, job.teacher_name, job.fold)
     device = _entry_device(cfg)
     store = _process_store(cfg)
-    loaded = _process_model(cfg, teacher, sha, device)
+    loaded = _process_model(cfg, teacher, job.sha, device)
     k = cfg.store.feature_sketch_channels
     out = teacher_outputs(TeacherRun(cfg, teacher, loaded, store, device, features=k is not None), case_id)
     _check_finite_outputs(out, teacher.name, case_id)
     sketches = _sketches(out, k, cfg.store.feature_sketch_stride) if k is not None else None
-    key = entry_key(cfg, teacher, sha, store)
-    return functools.partial(_write_entry, cfg, store, teacher, fold, case_id, sha, out, sketches, key)
+    return functools.partial(_write_entry, cfg, store, job, case_id, out, sketches)
 
 
 def _write_entry(
     cfg: Config,
     store: TeacherStore,
-    teacher: TeacherConfig,
-    fold: int | None,
+    job: EntryJob,
     case_id: str,
-    sha: str,
     out: dict[str, np.ndarray],
     sketches: dict[str, tuple[np.ndarray, np.ndarray, dict[str, Any]]] | None,
-    key: dict[str, Any],
 ) -> None:
-    k = cfg.store.feature_sketch_channels
     try:
         store.write_entry(
-            teacher.store_key(fold or 0),
+            job.store_key,
             case_id,
             out["logits"],
             out["coarse"],
@@ -211,14 +224,14 @@ def _write_entry(
             sketches,
             on_array=_kill_hook(),
             sketch_dtype=cfg.store.feature_sketch_dtype,
-            checkpoint_sha256=sha,
-            feature_sketch_channels=k,
-            entry_key=key,
-            entry_hash=entry_hash(key),
+            checkpoint_sha256=job.sha,
+            feature_sketch_channels=cfg.store.feature_sketch_channels,
+            entry_key=job.entry_key,
+            entry_hash=entry_hash(job.entry_key),
         )
     except OSError as exc:
         raise StoreError(
-            f"cannot write teacher '{teacher.store_key(fold or 0)}', case '{case_id}' to {cfg.store.path}: "
+            f"cannot write teacher '{job.store_key}', case '{case_id}' to {cfg.store.path}: "
             f"{exc.strerror or exc}. Free space or fix permissions, then re-run `make cache` to resume; "
             "complete entries are kept"
         ) from None
@@ -278,24 +291,24 @@ def _describe(teacher: TeacherConfig, loaded: LoadedTeacher, inference: Any) -> 
     }
 
 
-def _provenance(
-    cfg: Config,
-    teacher: TeacherConfig,
-    fold: int | None,
-    ckpt_meta: dict[str, Any],
-    sha: str,
-    store: TeacherStore,
-    described: dict[str, Any],
-) -> dict[str, Any]:
+def _provenance(cfg: Config, plan: _CopyPlan, store: TeacherStore) -> dict[str, Any]:
     """The teacher copy's provenance, describing the last caching run; each entry records its own ``entry_key``.
 
-    ``described``: what planning found when it loaded the teacher (:func:`_describe`), so it is not loaded again.
+    ``plan.described``: what planning found when it loaded the teacher (:func:`_describe`), so it is not loaded
+    again.
     """
     meta = store.metadata
-    key = entry_key(cfg, teacher, sha, store)
+    teacher, fold, ckpt_meta, sha, described, key = (
+        plan.teacher,
+        plan.job.fold,
+        plan.ckpt_meta,
+        plan.job.sha,
+        plan.described,
+        plan.job.entry_key,
+    )
     return {
         "name": teacher.name,
-        "slot": teacher.store_key(fold or 0).rsplit("/", 1)[1],
+        "slot": plan.job.store_key.rsplit("/", 1)[1],
         "cached_for_fold": fold,
         "kind": teacher.kind,
         "bundle": str(teacher.bundle) if teacher.bundle is not None else None,
@@ -445,12 +458,15 @@ class _CopyPlan:
     """One teacher copy's work, found while planning: what to compute, and what its provenance records."""
 
     teacher: TeacherConfig
-    fold: int | None
-    key: str  # the copy's store key, ``<name>/fold_<k>`` or ``<name>/all_folds``
+    job: EntryJob  # store key, checkpoint hash and entry key, shared by every entry of the copy
     ckpt_meta: dict[str, Any]
-    sha: str
     todo: list[str]  # the cases whose entries are (re)computed
     described: dict[str, Any]  # :func:`_describe`
+
+    @property
+    def key(self) -> str:
+        """The copy's store key, ``<name>/fold_<k>`` or ``<name>/all_folds``."""
+        return self.job.store_key
 
 
 def _plan_copy(
@@ -469,8 +485,8 @@ def _plan_copy(
     _check_fold(teacher, fold, loaded.meta)
     check_teacher_windows(run, case_ids)
     sha = file_sha256(teacher.checkpoint)
-    key = teacher.store_key(fold or 0)
-    wanted = entry_hash(entry_key(cfg, teacher, sha, store))
+    job = EntryJob(teacher.name, fold, teacher.store_key(fold or 0), sha, entry_key(cfg, teacher, sha, store))
+    key, wanted = job.store_key, entry_hash(job.entry_key)
     todo = [
         c
         for c in case_ids
@@ -479,7 +495,7 @@ def _plan_copy(
         or store.entry_attrs(key, c).get("entry_hash") != wanted
         or bool(store.missing_chunks(f"teachers/{key}/{c}"))  # a lost chunk file: recompute
     ]
-    return _CopyPlan(teacher, fold, key, loaded.meta, sha, todo, _describe(teacher, loaded, run.inference))
+    return _CopyPlan(teacher, job, loaded.meta, todo, _describe(teacher, loaded, run.inference))
 
 
 def _run_here(cfg: Config, plan: _CopyPlan, label: str, progress: bool) -> None:
@@ -491,7 +507,7 @@ def _run_here(cfg: Config, plan: _CopyPlan, label: str, progress: bool) -> None:
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="teachcache-writer") as writer:
         pending: Future | None = None
         for case_id in track(plan.todo, label, enabled=progress):
-            write = prepare_entry(cfg, plan.teacher.name, plan.fold, case_id, plan.sha)
+            write = prepare_entry(cfg, plan.job, case_id)
             if pending is not None:
                 pending.result()
             pending = writer.submit(write)
@@ -505,15 +521,7 @@ def _run_on_cluster(client: Any, cfg: Config, plan: _CopyPlan, label: str, progr
     from distributed import as_completed
 
     n = len(plan.todo)
-    futures = client.map(
-        compute_entry,
-        [cfg] * n,
-        [plan.teacher.name] * n,
-        [plan.fold] * n,
-        plan.todo,
-        [plan.sha] * n,
-        pure=False,
-    )
+    futures = client.map(compute_entry, [cfg] * n, [plan.job] * n, plan.todo, pure=False)
     for future in track(as_completed(futures), label, total=n, enabled=progress):
         future.result()  # re-raises a worker's error here
 
@@ -521,7 +529,7 @@ def _run_on_cluster(client: Any, cfg: Config, plan: _CopyPlan, label: str, progr
 def _cache_copy(cfg: Config, store: TeacherStore, plan: _CopyPlan, client: Any, progress: bool) -> float:
     """Write a copy's provenance, compute its entries, record the time taken; returns the seconds."""
     started = time.perf_counter()
-    provenance = _provenance(cfg, plan.teacher, plan.fold, plan.ckpt_meta, plan.sha, store, plan.described)
+    provenance = _provenance(cfg, plan, store)
     if not plan.todo and plan.key in store.teacher_keys():  # a no-op run keeps the last run's time
         previous = store.teacher_metadata(plan.key).get("cache_seconds")
         if previous is not None:

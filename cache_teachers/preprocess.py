@@ -125,8 +125,22 @@ def _write_store(
 ) -> int:
     """Create or reopen the store, write every missing case, then the nnU-Net splits copy; returns cases written."""
     started = time.perf_counter()
-    store_path = cfg.store.path
-    case_ids = [c.case_id for c in ds.cases]
+    store = _open_store(cfg, ds, splits, source)
+    store.drop_consolidated()  # rebuilt by store.consolidate() below
+    written = _write_cases(cfg, ds, store, progress)
+    if written:
+        store.update_metadata(preprocess_seconds=round(time.perf_counter() - started, 2))
+    store.consolidate()
+    missing = sorted({c.case_id for c in ds.cases} - set(store.case_ids()))
+    if missing:
+        raise StoreError(f"{cfg.store.path}: cases not written: {', '.join(missing[:5])}")
+    if not split_file.is_file():  # only once every case is in: a failed run leaves no splits file behind
+        write_splits(splits, split_file)  # the nnU-Net copy, for tools that read it
+    return written
+
+
+def _open_store(cfg: Config, ds: RawDataset, splits: list[dict[str, list[str]]], source: str) -> TeacherStore:
+    """Create the store (or reopen it when it was made from the same dataset, settings and folds)."""
     dataset_meta = {
         "name": ds.name,
         "raw_dir": str(ds.root),
@@ -137,7 +151,7 @@ def _write_store(
         "binarise_label": ds.binarise_label,  # raw labels scored in the original geometry are binarised too
     }
     store = TeacherStore.create(
-        store_path,
+        cfg.store.path,
         dataset=dataset_meta,
         preprocessing=cfg.preprocessing.model_dump(mode="json"),
         preprocessing_hash=cfg.preprocessing_hash(),
@@ -147,11 +161,15 @@ def _write_store(
     difference = splits_difference(splits, store.metadata["splits"], ("the config's splits", "the store"))
     if difference:
         raise StoreError(
-            f"{store_path} records other folds than {source} ({difference}); its teachers were prepared for the "
-            "store's folds: point splits.file at the splits the store was made with, or rebuild the store with "
-            "--overwrite"
+            f"{cfg.store.path} records other folds than {source} ({difference}); its teachers were prepared for "
+            "the store's folds: point splits.file at the splits the store was made with, or rebuild the store "
+            "with --overwrite"
         )
-    store.drop_consolidated()  # rebuilt by store.consolidate() below
+    return store
+
+
+def _write_cases(cfg: Config, ds: RawDataset, store: TeacherStore, progress: bool) -> int:
+    """Preprocess and write every case the store lacks (or holds with a lost chunk); returns how many."""
     files = len(ds.cases[0].images) if ds.cases else len(ds.channel_names)
     pipeline = build_preprocessing(cfg.preprocessing, ds.channel_names, files, ds.binarise_label)
     written = 0
@@ -173,13 +191,4 @@ def _write_store(
             },
         )
         written += 1
-    seconds = round(time.perf_counter() - started, 2)
-    if written:
-        store.update_metadata(preprocess_seconds=seconds)
-    store.consolidate()
-    missing = sorted(set(case_ids) - set(store.case_ids()))
-    if missing:
-        raise StoreError(f"{store_path}: cases not written: {', '.join(missing[:5])}")
-    if not split_file.is_file():  # only once every case is in: a failed run leaves no splits file behind
-        write_splits(splits, split_file)  # the nnU-Net copy, for tools that read it
     return written

@@ -17,9 +17,11 @@ from pathlib import Path
 from typing import Any
 
 from core.config import Config, TeacherConfig
+from core.data.layouts import read_dataset
 from core.data.splits import check_splits, fold_cases, load_splits, splits_difference
-from core.errors import StoreError
+from core.errors import DatasetError, StoreError
 from core.store.teacher_store import TeacherStore
+from core.teachers.base import teacher_entry_fields
 
 __all__ = [
     "RawDataChangedWarning",
@@ -134,8 +136,6 @@ def entry_key(
         "feature_sketch_stride", "feature_sketch_dtype", "softmax_encoding", "margin_reference",
         "preprocessing_hash"}``.
     """
-    from core.teachers.base import teacher_entry_fields
-
     encoding = store.encoding
     key = {
         "checkpoint_sha256": checkpoint_sha256,
@@ -173,8 +173,6 @@ def raw_dataset_status(cfg: Config, store: TeacherStore) -> str:
     Returns:
         ``"matches"``, ``"differs"`` (warned), or ``"unavailable"`` (no readable dataset at ``dataset.raw_dir``).
     """
-    from core.data.layouts import read_dataset
-    from core.errors import DatasetError
 
     try:
         current = read_dataset(cfg.dataset).manifest_hash()

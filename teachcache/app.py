@@ -106,7 +106,7 @@ def one_line_warnings() -> Iterator[None]:
 
     from core.experiment import RawDataChangedWarning
     from core.training.checkpoints import ResumeDiscardedWarning
-    from train_student.distil import TapGridWarning
+    from train_student.from_cache import TapGridWarning
 
     ours = (RawDataChangedWarning, TapGridWarning, ResumeDiscardedWarning)
     shown = warnings.showwarning

@@ -162,6 +162,26 @@ def test_models_command_lists_every_model_with_flops():
     assert rows["hdenseformer_light"]["parameters"] * 5 <= rows["hdenseformer"]["parameters"]
 
 
+def test_a_model_that_cannot_run_at_the_size_is_listed_as_skipped_not_a_traceback():
+    from typer.testing import CliRunner
+
+    from teachcache.cli import app
+
+    result = CliRunner().invoke(app, ["models", "--input-size", "32"])
+    assert result.exit_code == 0, result.output
+    words = " ".join(w for w in result.output.split() if w != "│")  # the table's cells, read across its rows
+    assert "Traceback" not in result.output and "'swin_unetr' cannot run on a 32³ input" in words
+
+
+def test_optional_extras_are_named_in_help_as_pip_takes_them():
+    from typer.testing import CliRunner
+
+    from teachcache.cli import app
+
+    result = CliRunner().invoke(app, ["view", "--help"], terminal_width=200)
+    assert "teachcache[viewer]" in result.output
+
+
 def test_hdenseformer_takes_two_or_three_modalities_and_keeps_the_published_key_layout():
     args = SMALL_ARGS["hdenseformer"]
     for modalities in (2, 3):

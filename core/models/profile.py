@@ -45,7 +45,8 @@ def profile_model(
     A fixed-input network's ``img_size`` defaults to ``input_size``.
 
     Raises:
-        ConfigError: ``input_size`` is not a multiple of the network's ``size_divisor``.
+        ConfigError: ``input_size`` is not a multiple of the network's ``size_divisor``, or the network cannot run
+            on it (a normalisation over a one-voxel feature map).
     """
     spec = get_spec(name)
     if input_size % spec.size_divisor:
@@ -56,8 +57,13 @@ def profile_model(
     model = create_model(name, in_channels, out_channels, args).to("meta").eval()
     x = torch.empty(1, in_channels, input_size, input_size, input_size, device="meta")
     counter = FlopCounterMode(display=False)
-    with counter, torch.no_grad():
-        model(x)
+    try:
+        with counter, torch.no_grad():
+            model(x)
+    except (ValueError, RuntimeError) as exc:  # e.g. instance norm over a one-voxel bottleneck
+        raise ConfigError(
+            f"'{name}' cannot run on a {input_size}³ input ({exc}); use a larger input size"
+        ) from None
     return ModelProfile(
         name=name,
         parameters=sum(p.numel() for p in model.parameters()),

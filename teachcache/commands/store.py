@@ -277,7 +277,7 @@ def view(
     ] = None,
 ) -> None:
     """Open a case in napari: image channels, label, each teacher's probability and attention maps as layers at
-    their true scale, read lazily from Zarr. Needs the viewer extra: pip install 'teachcache[viewer]'."""
+    their true scale, read lazily from Zarr. Needs the viewer extra: pip install 'teachcache\\[viewer]'."""
     from core.inspection.views import napari_layers, resolve_case, resolve_teachers
 
     try:
