@@ -45,6 +45,7 @@ from core.store.sketch import relation_errors, sketch_features
 from core.store.teacher_store import TeacherStore
 from core.teachers.base import (
     LoadedTeacher,
+    ServedDataset,
     TeacherRun,
     check_teacher_windows,
     load_teacher,
@@ -114,7 +115,7 @@ def _load_teacher(
     teacher: TeacherConfig, dataset_meta: dict[str, Any], fold_val: list[str] | None = None
 ) -> LoadedTeacher:
     names = list(dataset_meta["channel_names"])
-    return load_teacher(teacher, len(names), len(dataset_meta["class_names"]), names, fold_val)
+    return load_teacher(teacher, ServedDataset(names, len(dataset_meta["class_names"]), fold_val))
 
 
 def _process_model(cfg: Config, teacher: TeacherConfig, sha: str, device: torch.device) -> LoadedTeacher:

@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 from cache_teachers import cache_teachers, preprocess_dataset
 from core.errors import TeachCacheError
 from core.store.teacher_store import TeacherStore
-from core.teachers.base import load_teacher
+from core.teachers.base import ServedDataset, load_teacher
 from core.teachers.nnunet import predict_nnunet
 from teachcache.cli import app
 from tests.conftest import derived_config
@@ -122,7 +122,7 @@ def test_nnunet_teacher_matches_nnunets_own_inference_on_the_store_grid(trained,
         assert (cached.argmax(0) == expected.argmax(0)).mean() > 0.97
 
         # on nnU-Net's own grid (this dataset needs no resampling there): the same probabilities as its predictor
-        loaded = load_teacher(cfg.teacher("nnunet"), 2, 2, ["CT", "PET"])
+        loaded = load_teacher(cfg.teacher("nnunet"), ServedDataset(["CT", "PET"], 2))
         out, grid = predict_nnunet(cfg, cfg.teacher("nnunet"), loaded, [Path(f) for f in files],
                                    torch.device("cpu"), 2.0, False)  # fmt: skip
         ours = torch.softmax(torch.from_numpy(out["logits"]), 0).numpy()[:, : probs.shape[3], : probs.shape[2],

@@ -29,6 +29,7 @@ __all__ = [
     "LoadedTeacher",
     "Loader",
     "Predictor",
+    "ServedDataset",
     "TeacherKind",
     "TeacherRun",
     "WindowCheck",
@@ -109,7 +110,24 @@ class TeacherRun:
         )
 
 
-Loader = Callable[[TeacherConfig, int, int, list[str], list[str] | None], LoadedTeacher]
+@dataclass(frozen=True)
+class ServedDataset:
+    """What a teacher is loaded to serve: the dataset's channels and classes, and the fold.
+
+    Attributes:
+        channel_names: the dataset's input channels, in its order (a teacher naming its own is checked against
+            them).
+        num_classes: the dataset's classes, background included (the teacher must predict as many).
+        fold_val: the validation cases of the fold a per-fold teacher serves (nnU-Net's splits must agree);
+            ``None`` for a teacher serving every fold.
+    """
+
+    channel_names: list[str]
+    num_classes: int
+    fold_val: list[str] | None = None
+
+
+Loader = Callable[[TeacherConfig, ServedDataset], LoadedTeacher]
 Predictor = Callable[[TeacherRun, str], tuple[dict[str, np.ndarray], np.ndarray | None]]
 WindowCheck = Callable[[TeacherRun, list[str]], None]
 EntryFields = Callable[[TeacherConfig], dict[str, Any]]
@@ -121,7 +139,7 @@ class TeacherKind:
 
     Attributes:
         name: what :attr:`core.config.TeacherConfig.kind` calls it.
-        load: ``(teacher, in_channels, num_classes, channel_names, fold_val) -> LoadedTeacher``: its network with
+        load: ``(teacher, dataset) -> LoadedTeacher``: its network with
             weights (eval mode, CPU) and taps; refuses channels, classes or a fold discipline that do not fit.
         predict: ``(run, case_id) -> (outputs, affine)``: one case's outputs (``predict_volume``'s dict) on the
             grid the teacher ran on, and that grid's voxel-to-world affine (``None``: the store's own grid).
@@ -172,23 +190,14 @@ def list_teacher_kinds() -> list[str]:
     return sorted(_KINDS)
 
 
-def load_teacher(
-    teacher: TeacherConfig,
-    in_channels: int,
-    num_classes: int,
-    channel_names: list[str],
-    fold_val: list[str] | None = None,
-) -> LoadedTeacher:
+def load_teacher(teacher: TeacherConfig, dataset: ServedDataset) -> LoadedTeacher:
     """Build a teacher's network with its weights (eval mode, CPU) and its taps.
 
     Args:
         teacher: the teacher (bound to its fold's checkpoint, if it has one per fold).
-        in_channels: the dataset's channel count.
-        num_classes: the dataset's class count.
-        channel_names: the dataset's channels, in its order.
-        fold_val: the validation cases of the fold a per-fold nnU-Net teacher serves (its splits must agree).
+        dataset: the channels and classes it serves, and the fold (:class:`ServedDataset`).
     """
-    return teacher_kind(teacher.kind).load(teacher, in_channels, num_classes, channel_names, fold_val)
+    return teacher_kind(teacher.kind).load(teacher, dataset)
 
 
 def teacher_outputs(run: TeacherRun, case_id: str) -> dict[str, np.ndarray]:

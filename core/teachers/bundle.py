@@ -18,7 +18,7 @@ from torch import nn
 from core.config import InferenceConfig, TeacherConfig
 from core.errors import CheckpointError, ConfigError
 from core.models.registry import ModelSpec, TapSpec, get_spec
-from core.teachers.base import LoadedTeacher, TeacherRun
+from core.teachers.base import LoadedTeacher, ServedDataset, TeacherRun
 from core.teachers.own_inputs import channel_order, raw_case, register_own_grid_kind
 
 __all__ = ["bundle_fingerprint", "load_bundle"]
@@ -160,25 +160,17 @@ def _bundle_taps(teacher: TeacherConfig, model: nn.Module, who: str) -> dict[str
     )
 
 
-def load_bundle(
-    teacher: TeacherConfig,
-    in_channels: int,
-    num_classes: int,
-    channel_names: list[str],
-    fold_val: list[str] | None = None,
-) -> LoadedTeacher:
+def load_bundle(teacher: TeacherConfig, dataset: ServedDataset) -> LoadedTeacher:
     """A bundle's network with its weights (eval mode, CPU), its preprocessing, inferer and taps (strides measured).
 
     Args:
         teacher: the teacher (``bundle``; ``channels``, ``inference`` and ``taps`` override the bundle's).
-        in_channels: unused (the bundle reads the teacher's channels, else the dataset's).
-        num_classes: the dataset's class count (the network must predict as many).
-        channel_names: the dataset's channels.
-        fold_val: unused.
+        dataset: the dataset's channels (the bundle reads the teacher's channels, else these) and classes (the
+            network must predict as many); its fold is unused.
     """
     bundle = Path(teacher.bundle)  # type: ignore[arg-type]
     who = f"teacher '{teacher.name}' (bundle {bundle})"
-    wanted = teacher.channels or channel_names
+    wanted, num_classes = teacher.channels or dataset.channel_names, dataset.num_classes
     parser = _parse_bundle(bundle, who, wanted)
     model, ckpt = _bundle_network(parser, bundle, who)
     preprocessing = parser.get_parsed_content("preprocessing") if "preprocessing" in parser else None

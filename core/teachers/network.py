@@ -14,35 +14,29 @@ import numpy as np
 
 from core.config import TeacherConfig
 from core.models.registry import get_spec
-from core.teachers.base import LoadedTeacher, TeacherRun, register_teacher_kind
+from core.teachers.base import LoadedTeacher, ServedDataset, TeacherRun, register_teacher_kind
 from core.teachers.own_inputs import channel_order, raw_case, register_own_grid_kind
 
 __all__ = ["load_network"]
 
 
-def load_network(
-    teacher: TeacherConfig,
-    in_channels: int,
-    num_classes: int,
-    channel_names: list[str],
-    fold_val: list[str] | None = None,
-) -> LoadedTeacher:
+def load_network(teacher: TeacherConfig, dataset: ServedDataset) -> LoadedTeacher:
     """A registered network with its checkpoint's weights (eval mode, CPU) and the registry's taps.
 
     Args:
         teacher: the teacher (``arch``, ``args``, ``checkpoint``; ``channels`` when it reads its own).
-        in_channels: the dataset's channel count (the teacher's own channel count when it names its channels).
-        num_classes: the dataset's class count.
-        channel_names: the dataset's channels (the teacher's names are checked against them before anything runs).
-        fold_val: unused (a registered network's fold is checked against its checkpoint by the cache stage).
+        dataset: the dataset's channels (the teacher's own names are checked against them before anything runs)
+            and classes; its fold is unused (a registered network's fold is checked against its checkpoint by the
+            cache stage).
     """
     from core.models.checkpoint import build_from_checkpoint
 
+    in_channels = len(dataset.channel_names)
     if teacher.channels is not None:
-        channel_order(teacher, channel_names)  # names checked before anything runs
+        channel_order(teacher, dataset.channel_names)  # names checked before anything runs
         in_channels = len(teacher.channels)
     model, ckpt = build_from_checkpoint(
-        teacher.checkpoint, teacher.arch, in_channels, num_classes, teacher.args
+        teacher.checkpoint, teacher.arch, in_channels, dataset.num_classes, teacher.args
     )
     return LoadedTeacher(model, get_spec(teacher.arch), ckpt.meta)
 

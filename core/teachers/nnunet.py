@@ -21,7 +21,7 @@ import torch
 from core.config import Config, InferenceConfig, TeacherConfig
 from core.errors import CheckpointError, ConfigError
 from core.models.registry import ModelSpec, TapSpec
-from core.teachers.base import LoadedTeacher, TeacherRun, register_teacher_kind
+from core.teachers.base import LoadedTeacher, ServedDataset, TeacherRun, register_teacher_kind
 from core.teachers.own_inputs import channel_order, teacher_case_files
 
 __all__ = ["load_nnunet", "nnunet_folds", "predict_nnunet"]
@@ -230,34 +230,28 @@ def _nnunet_spec(
     return spec, axis_strides
 
 
-def load_nnunet(
-    teacher: TeacherConfig,
-    in_channels: int,
-    num_classes: int,
-    channel_names: list[str],
-    fold_val: list[str] | None = None,
-) -> LoadedTeacher:
+def load_nnunet(teacher: TeacherConfig, dataset: ServedDataset) -> LoadedTeacher:
     """Network(s), plans and taps of an nnU-Net teacher; checks channels, classes and fold discipline.
 
     Args:
         teacher: the teacher (``nnunet``; ``channels`` when the dataset's differ in names or order).
-        in_channels: unused (nnU-Net's channels come from its dataset.json, checked by name).
-        num_classes: the dataset's class count.
-        channel_names: the dataset's channels.
-        fold_val: the project fold's validation cases (per-fold teachers: nnU-Net's fold must hold them all in its
+        dataset: the dataset's channels (nnU-Net's own come from its dataset.json, checked by name) and classes,
+            and the project fold's validation cases (per-fold teachers: nnU-Net's fold must hold them all in its
             validation set).
     """
     if teacher.channels is not None:
-        channel_order(teacher, channel_names)
+        channel_order(teacher, dataset.channel_names)
     _nnunetv2()
     assert teacher.nnunet is not None
-    results, who, plans, dataset_json, names = _read_folder(teacher, num_classes, channel_names)
+    results, who, plans, dataset_json, names = _read_folder(
+        teacher, dataset.num_classes, dataset.channel_names
+    )
     manager, config_manager = _configuration(teacher, results, who, plans)
     splits = _splits(teacher)
     networks, mirror_axes, train_cases = _load_folds(
         teacher, who, (manager, config_manager), dataset_json, len(names), splits
     )
-    meta = _fold_meta(teacher, who, splits, train_cases, fold_val)
+    meta = _fold_meta(teacher, who, splits, train_cases, dataset.fold_val)
     patch = tuple(int(p) for p in config_manager.patch_size)
     spec, axis_strides = _nnunet_spec(teacher, networks[0], len(names), patch)
     inference = teacher.inference or InferenceConfig(
