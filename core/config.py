@@ -36,10 +36,12 @@ __all__ = [
     "Config",
     "DatasetConfig",
     "DistillationConfig",
+    "EvaluationConfig",
     "InferenceConfig",
     "ModelConfig",
     "OutputConfig",
     "PreprocessingConfig",
+    "PrimaryEndpointConfig",
     "SplitsConfig",
     "StoreConfig",
     "SyntheticConfig",
@@ -420,6 +422,32 @@ class DistillationConfig(_Strict):
         return self
 
 
+class PrimaryEndpointConfig(_Strict):
+    """The one comparison the cross-validation report's claim rests on: the student run kind ``arm`` minus the
+    run kind ``baseline``, mean foreground Dice, over folds. Kinds are run folders' names without ``kd-``
+    (``teachformer``, ``teachformer-online``, ``none``)."""
+
+    # None: the config's own recipe distilled from the cache (distillation.kind)
+    arm: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]+$")
+    baseline: str = Field("none", pattern=r"^[A-Za-z0-9_.-]+$")
+
+    @model_validator(mode="after")
+    def _check_arms(self) -> PrimaryEndpointConfig:
+        if self.arm is not None and self.arm == self.baseline:
+            raise ValueError(f"arm and baseline are both '{self.arm}': the endpoint compares two run kinds")
+        return self
+
+
+class EvaluationConfig(_Strict):
+    """How the cross-validation report compares runs over folds (docs/evaluation.md)."""
+
+    primary_endpoint: PrimaryEndpointConfig = Field(default_factory=PrimaryEndpointConfig)
+    # in Dice units (0.02 = 2 points): cached vs its online twin is "equivalent" when the 90 % CI lies inside ±m
+    equivalence_margin: float = Field(0.02, gt=0, lt=1)
+    bootstrap_resamples: int = Field(10_000, ge=100)
+    bootstrap_seed: int = 0
+
+
 class OutputConfig(_Strict):
     """Where checkpoints, metrics and reports are written."""
 
@@ -440,6 +468,7 @@ class Config(_Strict):
     student: ModelConfig
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     distillation: DistillationConfig = Field(default_factory=DistillationConfig)
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
     output: OutputConfig
 
     @model_validator(mode="after")

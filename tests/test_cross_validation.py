@@ -121,6 +121,12 @@ def test_the_report_has_the_teacher_ensemble_and_seed_repeats(per_fold):
         against["student kd-none"]["dice"] / against["student kd-none"]["ensemble_dice"]
     )
     assert "| sd over seeds |" in (cfg.output.runs_dir / "report.md").read_text()
+    primary = report["fold_level"]["primary"]  # fold 0 with seeds 0 and 3, fold 1 with seed 0: two folds
+    assert (primary["run"], primary["against"], primary["folds"]) == (
+        "student kd-teachformer",
+        "student kd-none",
+        [0, 1],
+    )
     assert (
         rows["student kd-none"]["gflops_per_window"] > 0 and rows["student kd-none"]["seconds_per_volume"] > 0
     )
@@ -217,3 +223,153 @@ def test_holdout_split_is_deterministic_and_leaves_cases_to_train_on():
     assert len(holdout_split(["a", "b"], 0.4, 0)[1]) == 1
     with pytest.raises(ConfigError, match="at least 2 training cases"):
         holdout_split(["a"], 0.2, 0)
+
+
+def _fake_runs(root: Path, kinds: dict[str, float], folds: int = 5, seeds=(None, 1), evaluation=None) -> Path:
+    """A config and finished student runs written by hand (a ``summary.json`` and per-case scores per (fold,
+    seed)): per run kind, a Dice shift over ``kd-none``; each fold its own level, four cases a fold."""
+    data = tiny_config_dict(root)
+    if evaluation is not None:
+        data["evaluation"] = evaluation
+    path = write_config(root, data)
+    rng = np.random.default_rng(0)
+    for kind, shift in kinds.items():
+        for fold in range(folds):
+            for seed in seeds:
+                folder = root / "runs" / "students" / f"kd-{kind}"
+                folder = (folder / f"seed_{seed}" if seed is not None else folder) / f"fold_{fold}"
+                folder.mkdir(parents=True)
+                (folder / "summary.json").write_text(
+                    json.dumps({"parameters": 10, "seconds_per_volume": 1.0})
+                )
+                scores = [0.6 + 0.03 * fold + shift + rng.normal(0, 0.005) for _ in range(4)]
+                rows = [f"f{fold}c{i},{d:.5f},3.0" for i, d in enumerate(scores)]
+                (folder / "validation_per_case.csv").write_text(
+                    "\n".join(["case,mean_dice,mean_hd95_mm", *rows])
+                )
+    return path
+
+
+def test_the_report_compares_over_folds_primary_endpoint_first(tmp_path):
+    path = _fake_runs(tmp_path, {"none": 0.0, "teachformer": 0.03, "teachformer-online": 0.029, "pwd": 0.0})
+    result = runner.invoke(app, ["report", "-c", str(path)])
+    assert result.exit_code == 0, result.output
+    assert "primary endpoint, over folds: student kd-teachformer − student kd-none: improves Dice by +3" in (
+        " ".join(result.output.split())
+    )
+    report = json.loads((tmp_path / "runs" / "report.json").read_text())
+    assert list(report)[:2] == ["experiment", "fold_level"]
+    fold = report["fold_level"]
+    primary = fold["primary"]
+    assert (primary["run"], primary["against"], primary["n_folds"]) == (
+        "student kd-teachformer",
+        "student kd-none",
+        5,
+    )
+    assert primary["t_interval"][0] > 0 and primary["verdict"].startswith("improves Dice by +3.")
+    assert primary["verdict_interval"] == "t" and primary["wilcoxon_min_p"] == 0.0625
+    assert fold["bootstrap"] == {"resamples": 10_000, "seed": 0, "levels": ["fold", "case"]}
+    secondary = {(c["run"], c["against"]): c for c in fold["secondary"]}
+    assert set(secondary) == {
+        ("student kd-pwd", "student kd-none"),
+        ("student kd-teachformer-online", "student kd-none"),
+        ("student kd-teachformer", "student kd-teachformer-online"),
+    }
+    from core.evaluation.statistics import holm
+
+    pairs = list(secondary.values())
+    assert [c["holm_p"] for c in pairs] == pytest.approx(holm([c["t_p"] for c in pairs]))
+    assert secondary[("student kd-pwd", "student kd-none")]["verdict"].startswith("not shown")
+    (tost,) = fold["equivalence"]
+    assert (tost["run"], tost["against"], tost["margin"]) == (
+        "student kd-teachformer",
+        "student kd-teachformer-online",
+        0.02,
+    )
+    assert tost["verdict"] == "equivalent", "0.1 points apart, ±0.5 point noise: inside ±2 points"
+    md = (tmp_path / "runs" / "report.md").read_text()
+    order = [md.index(s) for s in ("**Primary endpoint**", "Secondary comparisons", "Equivalence", "## Runs")]
+    assert order == sorted(order)
+    assert "## Per case: secondary (cases are not independent replicates)" in md
+    assert md.index("## Runs") < md.index("Secondary, per case")
+
+
+def test_the_primary_endpoint_is_the_one_the_config_declares(tmp_path):
+    evaluation = {
+        "primary_endpoint": {"arm": "pwd"},
+        "equivalence_margin": 0.001,
+        "bootstrap_resamples": 500,
+        "bootstrap_seed": 4,
+    }
+    path = _fake_runs(tmp_path, {"none": 0.0, "teachformer": 0.03, "pwd": -0.02}, evaluation=evaluation)
+    assert runner.invoke(app, ["report", "-c", str(path)]).exit_code == 0
+    fold = json.loads((tmp_path / "runs" / "report.json").read_text())["fold_level"]
+    assert fold["primary"]["run"] == "student kd-pwd" and fold["primary"]["verdict"].startswith(
+        "worsens Dice by 2"
+    )
+    assert fold["primary"]["bootstrap_seed"] == 4 and fold["primary"]["bootstrap_resamples"] == 500
+    assert [c["run"] for c in fold["secondary"]] == ["student kd-teachformer"]
+
+
+def test_a_primary_endpoint_naming_a_missing_run_kind_writes_no_report(tmp_path):
+    path = _fake_runs(tmp_path, {"none": 0.0, "teachformer": 0.03}, folds=2, seeds=(None,))
+    runs = tmp_path / "runs"
+
+    def refused() -> None:
+        for key, endpoint in (("arm", {"arm": "teachformer-online"}), ("baseline", {"baseline": "pwd"})):
+            bad = tmp_path / f"bad_{key}.yaml"
+            bad.write_text(
+                f"extends: {path.name}\nevaluation: {{primary_endpoint: {json.dumps(endpoint)}}}\n"
+            )
+            result = runner.invoke(app, ["report", "-c", str(bad)])
+            assert result.exit_code == 2, result.output
+            message = " ".join(result.output.split())
+            assert f"evaluation.primary_endpoint.{key} names the run kind" in message
+            assert "(run kinds there: none, teachformer)" in message
+
+    refused()
+    assert not [p.name for p in runs.iterdir() if p.is_file()], "nothing written, not even a part"
+    assert runner.invoke(app, ["report", "-c", str(path)]).exit_code == 0
+    before = {p.name: p.read_bytes() for p in runs.iterdir() if p.is_file()}
+    assert set(before) == {"report.json", "report.md", "report_dice.png"}
+    refused()
+    assert {p.name: p.read_bytes() for p in runs.iterdir() if p.is_file()} == before, "the last report stands"
+
+
+def test_one_fold_gives_no_interval_and_says_which_runs_ran_which_folds(tmp_path):
+    path = _fake_runs(tmp_path, {"none": 0.0, "teachformer": 0.03}, folds=1)
+    result = runner.invoke(app, ["report", "-c", str(path)])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "runs" / "report.json").read_text())
+    assert report["fold_level"]["primary"]["unavailable"] == (
+        "an interval over folds needs at least two folds run by both: student kd-teachformer ran fold(s) 0; "
+        "student kd-none fold(s) 0"
+    )
+    assert (
+        "no interval (an interval over folds needs at least two folds"
+        in (tmp_path / "runs" / "report.md").read_text()
+    )
+    # the default primary arm (distillation.kind) not trained yet: said, not refused
+    (tmp_path / "runs" / "students" / "kd-teachformer").rename(tmp_path / "runs" / "students" / "kd-pwd")
+    assert runner.invoke(app, ["report", "-c", str(path)]).exit_code == 0
+    primary = json.loads((tmp_path / "runs" / "report.json").read_text())["fold_level"]["primary"]
+    assert primary["unavailable"].startswith("no finished run of student kd-teachformer (the default arm")
+
+
+def test_the_evaluation_section_is_strict_and_changes_no_hash(tmp_path):
+    data = tiny_config_dict(tmp_path)
+    plain = load_config(write_config(tmp_path, data))
+    data["evaluation"] = {"primary_endpoint": {"arm": "pwd"}, "equivalence_margin": 0.01}
+    declared = load_config(write_config(tmp_path, data))
+    assert declared.preprocessing_hash() == plain.preprocessing_hash()
+    assert declared.model_dump(exclude={"evaluation"}) == plain.model_dump(exclude={"evaluation"})
+    assert plain.evaluation.primary_endpoint.arm is None and plain.evaluation.equivalence_margin == 0.02
+    for bad, where in (
+        ({"equivalence_margin": 0}, "evaluation.equivalence_margin: Input should be greater than 0"),
+        ({"equivalence_margin": -0.02}, "evaluation.equivalence_margin: Input should be greater than 0"),
+        ({"primary_endpoint": {"arm": "none"}}, "arm and baseline are both 'none'"),
+        ({"primary_ednpoint": {}}, "evaluation.primary_ednpoint: unknown key"),
+    ):
+        data["evaluation"] = bad
+        with pytest.raises(ConfigError, match=where):
+            load_config(write_config(tmp_path, data))

@@ -1,9 +1,15 @@
-"""The cross-validation report: every run kind over every fold it was trained on, per case, with paired tests.
+"""The cross-validation report: every run kind over every fold it was trained on, compared over folds.
 
 Reads only what runs wrote (``summary.json`` and ``validation_per_case.csv`` of the headline models: final, or
 chosen on held-out training cases) under
 ``runs_dir/students/kd-<kind>/fold_<k>/`` and ``runs_dir/teachers/<name>/fold_<k>/``. Writes
-``runs_dir/report.json``, ``report.md`` and ``report_dice.png`` (per-case Dice of each run kind).
+``runs_dir/report.json``, ``report.md`` and ``report_dice.png`` (per-case Dice of each run kind), each whole or
+not at all.
+
+The fold is the unit of inference (:mod:`core.evaluation.statistics`): the primary endpoint declared in
+``evaluation.primary_endpoint`` first, every other comparison secondary with Holm-adjusted p-values, and the
+equivalence of each cached recipe with its online twin. The per-case paired tests stay, labelled secondary: the
+cases of one fold's model are not independent replicates of a recipe.
 """
 
 from __future__ import annotations
@@ -11,14 +17,18 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
+import re
 from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from core.config import Config
-from core.errors import TeachCacheError
+from core.errors import ConfigError, TeachCacheError
+from core.evaluation.statistics import ComparisonError, FoldComparison, compare_folds, equivalence, holm
 
 __all__ = ["build_cv_report", "cv_report_markdown", "paired_tests"]
 
@@ -118,21 +128,27 @@ def paired_tests(a: list[float], b: list[float]) -> dict[str, float]:
 
 ENSEMBLE = "teacher ensemble (cached, equal weights)"
 
+# a run's per-case (Dice, HD95) of each of its (fold, seed) folders
+RunCases = dict[tuple[int, int | None], dict[str, tuple[float, float]]]
+
 
 def build_cv_report(cfg: Config) -> dict[str, Any]:
-    """Collect every run over its folds and compare each distilled student with the no-KD student, per case.
+    """Collect every run over its folds; compare runs over folds (primary endpoint, secondary comparisons with
+    Holm-adjusted p-values, equivalence of cached and online twins) and, secondary, per case.
 
     Raises:
         TeachCacheError: no finished run (with per-case scores) under ``output.runs_dir``.
+        ConfigError: ``evaluation.primary_endpoint`` names a run kind with no finished run; nothing is written.
     """
     runs = _runs(cfg)
     if not runs:
         raise TeachCacheError(
             f"no finished run with per-case scores under {cfg.output.runs_dir}; run `make distil FOLD=k` first"
         )
-    rows, cases_of = [], {}
+    arm, baseline = _primary_endpoint(cfg, list(runs))
+    rows, cases_of, scores_of = [], {}, {}
     for name, found in runs.items():
-        row, cases_of[name] = _run_row(name, found)
+        row, cases_of[name], scores_of[name] = _run_row(name, found)
         rows.append(row)
     ensemble = _ensemble(cfg, sorted({fold for found in runs.values() for fold, _ in found}))
     if ensemble:
@@ -140,45 +156,63 @@ def build_cv_report(cfg: Config) -> dict[str, Any]:
         cases_of[ENSEMBLE] = ensemble
     report = {
         "experiment": cfg.experiment,
+        "fold_level": _fold_level(cfg, scores_of, arm, baseline),
         "runs": rows,
         "paired_vs_no_kd": _paired_vs_no_kd(cases_of),
         "cached_vs_online": _cached_vs_online(cases_of),
         "against_teacher_ensemble": _against_ensemble(cases_of),
     }
-    out = cfg.output.runs_dir / "report"
-    out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-    out.with_suffix(".md").write_text(cv_report_markdown(report))
-    _plot(cases_of, cfg.output.runs_dir / "report_dice.png", cfg.experiment)
+    _write(cfg.output.runs_dir, report, cases_of)
     return report
 
 
-def _read_run(
-    found: dict[tuple[int, int | None], Path],
-) -> tuple[dict[str, list[tuple[float, float]]], dict[int | None, dict[int, float]], list[dict[str, Any]]]:
+def _write(
+    runs_dir: Path, report: dict[str, Any], cases_of: dict[str, dict[str, tuple[float, float]]]
+) -> None:
+    """Write ``report.json``, ``report.md`` and ``report_dice.png`` whole: each to a temporary file first, then
+    all three renamed into place, so a failure leaves the previous report (or none), never half of one."""
+    out = {
+        runs_dir / "report.json": lambda p: p.write_text(json.dumps(report, indent=2) + "\n"),
+        runs_dir / "report.md": lambda p: p.write_text(cv_report_markdown(report)),
+        runs_dir / "report_dice.png": lambda p: _plot(cases_of, p, report["experiment"]),
+    }
+    staged = {path: path.with_name(f".{path.name}.partial") for path in out}
+    try:
+        for path, write in out.items():
+            write(staged[path])
+        for path, partial in staged.items():
+            os.replace(partial, path)
+    finally:
+        for partial in staged.values():
+            partial.unlink(missing_ok=True)
+
+
+def _read_run(found: dict[tuple[int, int | None], Path]) -> tuple[RunCases, list[dict[str, Any]]]:
     """Read one run's folders in (fold, seed) order.
 
     Returns:
-        ``(by_case, seed_fold_dice, summaries)``: per ``"<fold>/<case>"`` the (Dice, HD95) of every seed; per seed
-        the mean Dice of each fold; each folder's ``summary.json``.
+        ``(scores, summaries)``: per (fold, seed) the per-case (Dice, HD95); each folder's ``summary.json``.
     """
-    by_case: dict[str, list[tuple[float, float]]] = {}
-    seed_fold_dice: dict[int | None, dict[int, float]] = {}
+    scores: RunCases = {}
     summaries = []
-    for (fold, seed), folder in sorted(found.items(), key=lambda kv: (kv[0][0], kv[0][1] or -1)):
-        scores = _per_case(folder)
-        for c, v in scores.items():
-            by_case.setdefault(f"{fold}/{c}", []).append(v)
-        seed_fold_dice.setdefault(seed, {})[fold] = float(np.mean([v[0] for v in scores.values()]))
+    for key, folder in sorted(found.items(), key=lambda kv: (kv[0][0], kv[0][1] or -1)):
+        scores[key] = _per_case(folder)
         summaries.append(json.loads((folder / "summary.json").read_text()))
-    return by_case, seed_fold_dice, summaries
+    return scores, summaries
 
 
 def _run_row(
     name: str, found: dict[tuple[int, int | None], Path]
-) -> tuple[dict[str, Any], dict[str, tuple[float, float]]]:
-    """One run's report row and its per-case (Dice, HD95); per case the mean over the seeds it was trained with
-    (the case is the unit of the paired tests)."""
-    by_case, seed_fold_dice, summaries = _read_run(found)
+) -> tuple[dict[str, Any], dict[str, tuple[float, float]], RunCases]:
+    """One run's report row, its per-case (Dice, HD95) averaged over the seeds it was trained with (keyed
+    ``"<fold>/<case>"``, for the per-case tables), and its scores per (fold, seed) (for the fold-level ones)."""
+    scores, summaries = _read_run(found)
+    by_case: dict[str, list[tuple[float, float]]] = {}
+    seed_fold_dice: dict[int | None, dict[int, float]] = {}
+    for (fold, seed), per in scores.items():
+        for c, v in per.items():
+            by_case.setdefault(f"{fold}/{c}", []).append(v)
+        seed_fold_dice.setdefault(seed, {})[fold] = float(np.mean([v[0] for v in per.values()]))
     per_case = {
         c: (float(np.mean([v[0] for v in vs])), float(np.mean([v[1] for v in vs])))
         for c, vs in by_case.items()
@@ -198,7 +232,76 @@ def _run_row(
         "seeds": len(seed_fold_dice),
         "dice_std_over_seeds": float(np.std(complete, ddof=1)) if len(complete) > 1 else math.nan,
     }
-    return row, per_case
+    return row, per_case, scores
+
+
+def _primary_endpoint(cfg: Config, names: list[str]) -> tuple[str, str]:
+    """The primary endpoint's two runs (``"student kd-<arm>"``, ``"student kd-<baseline>"``).
+
+    Raises:
+        ConfigError: ``evaluation.primary_endpoint.arm`` or ``.baseline``, set in the config, names a run kind
+            with no finished run (the defaults — the config's own recipe from the cache minus no-KD — may be
+            missing: the report then says so).
+    """
+    endpoint = cfg.evaluation.primary_endpoint
+    kinds = sorted(n.removeprefix("student kd-") for n in names if n.startswith("student kd-"))
+    declared = {
+        "arm": endpoint.arm,
+        "baseline": endpoint.baseline if "baseline" in endpoint.model_fields_set else None,
+    }
+    for key, kind in declared.items():
+        if kind is not None and kind not in kinds:
+            raise ConfigError(
+                f"evaluation.primary_endpoint.{key} names the run kind '{kind}', which has no finished run "
+                f"under {cfg.output.runs_dir / 'students'} (run kinds there: "
+                f"{', '.join(kinds) or 'no student run yet'}); no report written"
+            )
+    return f"student kd-{endpoint.arm or cfg.distillation.kind}", f"student kd-{endpoint.baseline}"
+
+
+def _online_twins(names: list[str]) -> list[tuple[str, str]]:
+    """Each student run distilled online (``kd-<kind>-online``, or ``kd-<kind>-online-<mode>``) with its cached
+    twin (``kd-<kind>``), where both exist: ``[(cached, online)]``."""
+    out = []
+    for name in names:
+        match = re.fullmatch(r"(student kd-.+?)-online(-[A-Za-z0-9_.]+)?", name)
+        if match and match.group(1) in names:
+            out.append((match.group(1), name))
+    return out
+
+
+def _fold_scores(cases: RunCases) -> dict[tuple[int, int | None], dict[str, float]]:
+    """A run's per-case Dice per (fold, seed): the input of :func:`compare_folds`."""
+    return {key: {c: v[0] for c, v in per.items()} for key, per in cases.items()}
+
+
+def _compare(cfg: Config, scores_of: dict[str, RunCases], run: str, against: str) -> FoldComparison | str:
+    """``run`` against ``against`` over folds, or why there is no interval (naming the runs and their folds)."""
+    missing = [n for n in (run, against) if n not in scores_of]
+    if missing:
+        return f"no finished run of {' or '.join(missing)}"
+    if run == against:
+        return f"{run} against itself: set evaluation.primary_endpoint.arm to another run kind"
+    try:
+        return compare_folds(
+            _fold_scores(scores_of[run]),
+            _fold_scores(scores_of[against]),
+            resamples=cfg.evaluation.bootstrap_resamples,
+            seed=cfg.evaluation.bootstrap_seed,
+        )
+    except ComparisonError:
+        folds = {n: sorted({f for f, _ in scores_of[n]}) for n in (run, against)}
+        return (
+            f"an interval over folds needs at least two folds run by both: {run} ran fold(s) "
+            f"{', '.join(map(str, folds[run]))}; {against} fold(s) {', '.join(map(str, folds[against]))}"
+        )
+
+
+def _comparison_entry(run: str, against: str, result: FoldComparison | str) -> dict[str, Any]:
+    """A fold-level comparison as the report records it: the statistics and the claim, or why there are none."""
+    if isinstance(result, str):
+        return {"run": run, "against": against, "unavailable": result}
+    return {"run": run, "against": against, "n_folds": result.n_folds, **asdict(result)}
 
 
 def _ensemble_row(ensemble: dict[str, tuple[float, float]]) -> dict[str, Any]:
@@ -227,14 +330,69 @@ def _paired_vs_no_kd(cases_of: dict[str, dict[str, tuple[float, float]]]) -> lis
 
 def _cached_vs_online(cases_of: dict[str, dict[str, tuple[float, float]]]) -> list[dict[str, Any]]:
     """Each student distilled from the cache paired per case against the same recipe distilled online."""
-    out = []
-    for name, per_case in cases_of.items():
-        cached = name.removesuffix("-online")
-        if name.startswith("student") and name.endswith("-online") and cached in cases_of:
-            out.append(
-                {"run": cached, "against": name, "metric": "dice", **_paired_dice(cases_of[cached], per_case)}
-            )
-    return out
+    return [
+        {
+            "run": cached,
+            "against": online,
+            "metric": "dice",
+            **_paired_dice(cases_of[cached], cases_of[online]),
+        }
+        for cached, online in _online_twins(list(cases_of))
+    ]
+
+
+def _secondary_pairs(names: list[str], primary: tuple[str, str]) -> list[tuple[str, str]]:
+    """Every comparison but the primary: each other student against the primary's baseline, then each cached
+    recipe against its online twin (cached − online)."""
+    baseline = primary[1]
+    students = [n for n in names if n.startswith("student ") and n != baseline] if baseline in names else []
+    pairs = [(n, baseline) for n in students] + _online_twins(names)
+    return [pair for pair in pairs if pair != primary]
+
+
+def _equivalence_entry(cfg: Config, run: str, against: str, result: FoldComparison | str) -> dict[str, Any]:
+    """TOST of a cached recipe against its online twin over folds, against ``evaluation.equivalence_margin``."""
+    if isinstance(result, str):
+        return {"run": run, "against": against, "unavailable": result}
+    tost = equivalence(result, cfg.evaluation.equivalence_margin)
+    return {
+        "run": run,
+        "against": against,
+        "n_folds": result.n_folds,
+        "mean_difference": result.mean_difference,
+        **asdict(tost),
+    }
+
+
+def _fold_level(cfg: Config, scores_of: dict[str, RunCases], arm: str, baseline: str) -> dict[str, Any]:
+    """The fold-level comparisons: the primary endpoint, the secondary ones with Holm-adjusted t p-values (over
+    the secondary family; the primary is tested alone), and the equivalence of each cached/online pair."""
+    names = list(scores_of)
+    pairs = [(arm, baseline), *_secondary_pairs(names, (arm, baseline))]
+    results = {pair: _compare(cfg, scores_of, *pair) for pair in pairs}
+    primary, *secondary = [_comparison_entry(*pair, results[pair]) for pair in pairs]
+    for entry, p in zip(secondary, holm([c.get("t_p", math.nan) for c in secondary]), strict=True):
+        entry["holm_p"] = p
+    if primary.get("unavailable") and arm not in scores_of:
+        primary["unavailable"] += (
+            " (the default arm is distillation.kind; evaluation.primary_endpoint.arm sets it)"
+        )
+    return {
+        "unit": "fold",
+        "metric": "mean foreground Dice; differences run − against, in Dice units (0.01 = 1 point)",
+        "verdict_interval": "t",
+        "confidence": 0.95,
+        "bootstrap": {
+            "resamples": cfg.evaluation.bootstrap_resamples,
+            "seed": cfg.evaluation.bootstrap_seed,
+            "levels": ["fold", "case"],
+        },
+        "primary": primary,
+        "secondary": secondary,
+        "holm_family": len([c for c in secondary if math.isfinite(c.get("t_p", math.nan))]),
+        "equivalence_margin": cfg.evaluation.equivalence_margin,
+        "equivalence": [_equivalence_entry(cfg, *pair, results[pair]) for pair in _online_twins(names)],
+    }
 
 
 def _against_ensemble(cases_of: dict[str, dict[str, tuple[float, float]]]) -> list[dict[str, Any]]:
@@ -335,14 +493,16 @@ def _ensemble_line(c: dict[str, Any]) -> str:
 _COMPARISONS: tuple[tuple[str, str, str, str, Callable[[dict[str, Any]], str]], ...] = (
     (
         "paired_vs_no_kd",
-        "Paired per case against the student without distillation (same cases, same folds):",
+        "Secondary, per case: each student paired per case against the student without distillation (same "
+        "cases, same folds):",
         "| run | cases | Dice difference | Wilcoxon p | paired t p |",
         "|---|---:|---:|---:|---:|",
         _paired_line,
     ),
     (
         "cached_vs_online",
-        "Distilled from the cache against the same recipe distilled online (teachers in memory), per case:",
+        "Secondary, per case: distilled from the cache against the same recipe distilled online (teachers in "
+        "memory):",
         "| cached run | online run | cases | Dice difference (cached − online) | Wilcoxon p | paired t p |",
         "|---|---|---:|---:|---:|---:|",
         _online_line,
@@ -358,8 +518,12 @@ _COMPARISONS: tuple[tuple[str, str, str, str, Callable[[dict[str, Any]], str]], 
 
 
 def cv_report_markdown(report: dict[str, Any]) -> str:
-    """The cross-validation report as markdown: the runs' table, then each comparison that has entries."""
+    """The cross-validation report as markdown: the fold-level comparisons (primary endpoint first), the runs'
+    table, then each per-case comparison that has entries, labelled secondary."""
     lines = [f"# {report['experiment']}: cross-validation"]
+    if report.get("fold_level"):
+        lines += _fold_level_markdown(report["fold_level"])
+    lines += ["", "## Runs"]
     lines += _table(
         _RUNS_INTRO,
         "| run | folds | seeds | cases | Dice, mean ± sd over folds | Dice, mean ± sd over cases | sd over seeds "
@@ -367,10 +531,123 @@ def cv_report_markdown(report: dict[str, Any]) -> str:
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         [_run_line(r) for r in report["runs"]],
     )
+    if any(report.get(key) for key, *_ in _COMPARISONS):
+        lines += ["", "## Per case: secondary (cases are not independent replicates)", "", _PER_CASE_INTRO]
     for key, intro, header, rule, line in _COMPARISONS:
         if report.get(key):
             lines += _table(intro, header, rule, [line(c) for c in report[key]])
     return "\n".join(lines) + "\n"
+
+
+_PER_CASE_INTRO = (
+    "The cases validated by one fold's model share that model, and a fold's seeds share its teachers and cases: "
+    "the p-values below treat cases as independent and overstate the evidence. The fold-level comparisons above "
+    "are the ones to cite."
+)
+
+
+def _fold_level_markdown(fold: dict[str, Any]) -> list[str]:
+    """The fold-level section: how it is computed, the primary endpoint in words, the secondary table with Holm
+    p-values, and the equivalence table."""
+    boot = fold["bootstrap"]
+    lines = [
+        "",
+        "## Over folds: the fold is the unit",
+        "",
+        "Per fold, the mean Dice (foreground classes) over its validation cases and seeds; each comparison is the "
+        "mean over folds of the per-fold difference (run − against), in Dice points. The verdict reads the 95 % "
+        "t-interval over the fold differences; beside it, a hierarchical bootstrap interval (folds resampled, then "
+        f"cases within each fold; {boot['resamples']} resamples, seed {boot['seed']}). The Wilcoxon p on fold "
+        "means is descriptive only: with n folds it cannot go below 2 / 2ⁿ (0.0625 for 5 folds), shown as "
+        '"min". The primary endpoint is tested alone; the secondary p-values are Holm-adjusted over the '
+        f"{fold['holm_family']} secondary comparison(s) with a test.",
+        "",
+        f"**Primary endpoint** (`evaluation.primary_endpoint`): {_claim(fold['primary'])}",
+    ]
+    if fold["secondary"]:
+        lines += _table(
+            "Secondary comparisons:",
+            "| run | against | folds | difference, points | 95 % CI (t) | 95 % CI (bootstrap) | t p | Holm p "
+            "| Wilcoxon p (min) | verdict |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
+            [_secondary_line(c) for c in fold["secondary"]],
+        )
+    if fold["equivalence"]:
+        lines += _table(
+            f"Equivalence of each cached recipe with its online twin: two one-sided tests against "
+            f"±{_points(fold['equivalence_margin'])} points (`evaluation.equivalence_margin`); equivalent when "
+            "the 90 % CI lies inside the margin, not equivalent when the 95 % CI lies wholly outside it, "
+            "inconclusive otherwise.",
+            "| cached run | online run | folds | difference, points | 90 % CI | 95 % CI | TOST p | verdict |",
+            "|---|---|---:|---:|---:|---:|---:|---|",
+            [_equivalence_line(c) for c in fold["equivalence"]],
+        )
+    return lines
+
+
+def _points(v: float | None, digits: int = 1, sign: str = "") -> str:
+    """A Dice value or difference in points (× 100), with a true minus sign; "—" when there is none."""
+    if v is None or not math.isfinite(v):
+        return "—"
+    return f"{100 * v:{sign}.{digits}f}".replace("-", "−")
+
+
+def _interval(ci: list[float] | tuple[float, float], digits: int = 2) -> str:
+    return f"[{_points(ci[0], digits)}, {_points(ci[1], digits)}]"
+
+
+def _p(v: float | None) -> str:
+    return "—" if v is None or not math.isfinite(v) else ("< 0.001" if v < 0.001 else f"{v:.3g}")
+
+
+def _claim(c: dict[str, Any]) -> str:
+    """A fold-level comparison in words: the verdict with its effect and CI, then the rest in brackets."""
+    if "unavailable" in c:
+        return f"{c['run']} − {c['against']}: no interval ({c['unavailable']})."
+    return (
+        f"{c['run']} − {c['against']}, {c['n_folds']} folds: {c['verdict']} (hierarchical bootstrap 95 % CI "
+        f"{_interval(c['bootstrap_interval'], 1)}; t p = {_p(c['t_p'])}; Wilcoxon p = {_p(c['wilcoxon_p'])}, "
+        f"descriptive, min {_p(c['wilcoxon_min_p'])})."
+    )
+
+
+def _comparison_line(c: dict[str, Any], cells: Callable[[dict[str, Any]], list[str]], width: int) -> str:
+    """A fold-level table row: the two runs, ``width`` statistics and the verdict; dashes and the reason when the
+    comparison has no interval."""
+    rest = ["—"] * width + [f"no interval: {c['unavailable']}"] if "unavailable" in c else cells(c)
+    return "| " + " | ".join([c["run"], c["against"], *rest]) + " |"
+
+
+def _secondary_line(c: dict[str, Any]) -> str:
+    return _comparison_line(
+        c,
+        lambda c: [
+            str(c["n_folds"]),
+            _points(c["mean_difference"], 2, "+"),
+            _interval(c["t_interval"]),
+            _interval(c["bootstrap_interval"]),
+            _p(c["t_p"]),
+            _p(c["holm_p"]),
+            f"{_p(c['wilcoxon_p'])} ({_p(c['wilcoxon_min_p'])})",
+            c["verdict"],
+        ],
+        width=7,
+    )
+
+
+def _equivalence_line(c: dict[str, Any]) -> str:
+    return _comparison_line(
+        c,
+        lambda c: [
+            str(c["n_folds"]),
+            _points(c["mean_difference"], 2, "+"),
+            _interval(c["interval_90"]),
+            _interval(c["interval_95"]),
+            _p(c["p"]),
+            c["sentence"],
+        ],
+        width=5,
+    )
 
 
 def _plot(cases_of: dict[str, dict[str, tuple[float, float]]], path: Path, title: str) -> None:
@@ -390,5 +667,5 @@ def _plot(cases_of: dict[str, dict[str, tuple[float, float]]], path: Path, title
     ax.set_ylim(0, 1)
     ax.set_title(f"{title}: every fold trained")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=100, format="png")
     plt.close(fig)

@@ -259,8 +259,9 @@ def report(
         typer.Option("--fold", "-f", help="One fold's table; without it, every fold trained.", min=0),
     ] = None,
 ) -> None:
-    """Every run over the folds it was trained on, per case, with paired tests against the no-KD student; or,
-    with --fold, one fold's table with each stage's wall time."""
+    """Every run over the folds it was trained on, compared over folds (the primary endpoint of
+    evaluation.primary_endpoint with its 95 % CI, the other comparisons Holm-adjusted, cached vs online
+    equivalence) and, secondary, per case; or, with --fold, one fold's table with each stage's wall time."""
     cfg = load_experiment(config)
     if fold is None:
         _cv_report(cfg)
@@ -292,8 +293,21 @@ def _fold_report(cfg: Config, fold: int) -> None:
     out.print(f"written to {cfg.output.runs_dir}/report_fold_{fold}.md and .json")
 
 
+def _fold_level_lines(fold: dict[str, Any]) -> None:
+    """The fold-level claims in words: the primary endpoint, then each cached/online equivalence verdict."""
+    primary = fold["primary"]
+    what = primary.get("verdict") or f"no interval ({primary['unavailable']})"
+    out.print(
+        f"  primary endpoint, over folds: {primary['run']} − {primary['against']}: {what}", highlight=False
+    )
+    for c in fold["equivalence"]:
+        what = c.get("sentence") or f"no interval ({c['unavailable']})"
+        out.print(f"  {c['run']} vs {c['against']}, over folds: {what}", highlight=False)
+
+
 def _cv_report(cfg: Config) -> None:
-    """Every run over its folds (Dice per fold and per case, HD95), paired tests and the teacher-ensemble ratio."""
+    """Every run over its folds (Dice per fold and per case, HD95), the fold-level claims, the per-case paired
+    tests (secondary) and the teacher-ensemble ratio."""
     from core.evaluation.cv_report import build_cv_report
 
     rep = build_cv_report(cfg)
@@ -311,10 +325,11 @@ def _cv_report(cfg: Config) -> None:
             f"{r['hd95_mm_mean_over_cases']:.2f}",
         )
     out.print(t)
+    _fold_level_lines(rep["fold_level"])
     for c in rep["paired_vs_no_kd"]:
         out.print(
-            f"  {c['run']} − no KD: Dice {c['mean_difference']:+.4f} over {c['n']} cases, Wilcoxon p = "
-            f"{c['wilcoxon_p']:.3g}, paired t p = {c['t_test_p']:.3g}",
+            f"  {c['run']} − no KD, per case (secondary): Dice {c['mean_difference']:+.4f} over {c['n']} cases, "
+            f"Wilcoxon p = {c['wilcoxon_p']:.3g}, paired t p = {c['t_test_p']:.3g}",
             highlight=False,
         )
     for c in rep.get("against_teacher_ensemble", []):
