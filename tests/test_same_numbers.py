@@ -127,3 +127,42 @@ def test_a_student_run_reproduces_its_recorded_weights_and_dice(random_teacher_s
     want_sha, want_dice = PINNED[(kind, source)]
     assert result.final_mean_dice == want_dice
     assert sha == want_sha
+
+
+def test_checkpoints_keep_their_meta_fields_in_the_order_they_always_had(random_teacher_store):
+    """Checkpoint bytes feed hashes (a holdout-selected teacher's sha256 enters every entry key it caches), so the
+    order of each checkpoint's ``meta`` fields is part of what must not change."""
+    import yaml
+
+    from core.config import load_config
+    from core.models.checkpoint import load_checkpoint
+    from train_student import distil
+
+    data = yaml.safe_load(random_teacher_store.read_text())
+    data["distillation"] = {"kind": "none", "terms": []}
+    data["training"]["holdout"] = 0.34
+    path = random_teacher_store.parent / "holdout.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    result = distil(load_config(path), 0, progress=False)
+    run_dir = Path(result.checkpoint_final).parent
+    tails = {
+        name: list(load_checkpoint(run_dir / name).meta)[-6:]
+        for name in ("checkpoint_final.pth", "checkpoint_selected.pth", "checkpoint_best.pth")
+    }
+    assert tails["checkpoint_final.pth"] == [
+        "epoch",
+        "val_mean_dice",
+        "val_dice",
+        "selection",
+        "holdout_mean_dice",
+        "holdout_cases",
+    ]
+    assert tails["checkpoint_selected.pth"] == [
+        "epoch",
+        "val_mean_dice",
+        "val_dice",
+        "holdout_mean_dice",
+        "holdout_cases",
+        "selection",
+    ]
+    assert tails["checkpoint_best.pth"][-4:] == ["epoch", "val_mean_dice", "val_dice", "selection"]

@@ -170,21 +170,21 @@ def save_latest(staging: Path, state: RunState) -> None:
     os.replace(tmp, path)
 
 
-def save_model(run: TrainingRun, path: Path, scores: Scores, selection: str, **extra: Any) -> None:
+def save_model(run: TrainingRun, path: Path, scores: Scores, chosen: dict[str, Any]) -> None:
     """Write ``run.model`` as a checkpoint that records the run and the validation ``scores`` it was chosen with.
 
     Args:
         path: the checkpoint file (final, selected or best).
         scores: the validation scores of the epoch the weights are from.
-        selection: how the weights were chosen (``"final"``, ``"best on the held-out training cases"``, …).
-        extra: more fields for the checkpoint's ``meta`` (the held-out Dice and cases).
+        chosen: how the weights were chosen — ``selection`` (``"final"``, ``"best on the held-out training
+            cases"``, …) and, with held-out cases, ``holdout_mean_dice`` and ``holdout_cases`` — in the order the
+            checkpoint's ``meta`` lists them (each file keeps the order it always had, so its bytes do not change).
     """
     meta = {
         **run.recorded_fields,
         "epoch": scores.epoch,
         "val_mean_dice": scores.mean_dice,
         "val_dice": scores.dice_per_class,
-        "selection": selection,
-        **extra,
+        **chosen,
     }
     save_checkpoint(path, run.model, run.spec.name, run.in_channels, run.num_classes, run.args, meta)

@@ -418,8 +418,10 @@ def _finish(
         run,
         staging / FINAL_CHECKPOINT,
         state.last,
-        "final",
-        **({"holdout_mean_dice": final_holdout, "holdout_cases": holdout} if holdout else {}),
+        {
+            "selection": "final",
+            **({"holdout_mean_dice": final_holdout, "holdout_cases": holdout} if holdout else {}),
+        },
     )
     headline = choose_headline(run, state, staging)
     write_per_case_csv(staging / "validation_per_case.csv", run, headline.scores)

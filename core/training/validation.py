@@ -124,7 +124,9 @@ def validate_epoch(run: TrainingRun, state: RunState, epoch: int, row: dict[str,
     state.last = scores
     if scores.mean_dice > state.best.mean_dice:
         state.best = Scores(epoch, scores.mean_dice, per_class)
-        save_model(run, staging / BEST_CHECKPOINT, scores, "best on the validation cases (optimistic)")
+        save_model(
+            run, staging / BEST_CHECKPOINT, scores, {"selection": "best on the validation cases (optimistic)"}
+        )
     if not run.holdout_cases:
         return
     held, _ = _score(run, list(run.holdout_cases))
@@ -136,9 +138,11 @@ def validate_epoch(run: TrainingRun, state: RunState, epoch: int, row: dict[str,
             run,
             staging / SELECTED_CHECKPOINT,
             scores,
-            "best on the held-out training cases",
-            holdout_mean_dice=held_dice,
-            holdout_cases=list(run.holdout_cases),
+            {
+                "holdout_mean_dice": held_dice,
+                "holdout_cases": list(run.holdout_cases),
+                "selection": "best on the held-out training cases",
+            },
         )
     state.stale = epoch - state.selected.epoch
 

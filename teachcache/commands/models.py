@@ -5,10 +5,11 @@ from __future__ import annotations
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from core.errors import TeachCacheError
-from teachcache.app import JsonOption, out, print_json, user_errors
+from teachcache.app import JsonOption, err, out, print_json, user_errors
 
 __all__ = ["commands", "models"]
 
@@ -36,6 +37,8 @@ def models(
             skipped[name] = str(exc)
     if as_json:
         print_json(rows)
+        for reason in skipped.values():  # stdout stays the JSON list; what was left out is said on stderr
+            err.print(f"[bold yellow]skipped:[/] {escape(reason)}", highlight=False, soft_wrap=True)
         return
     t = Table(
         title=f"models at {input_size}³, {in_channels} → {out_channels} (GFLOPs: a multiply-add = 2 FLOPs)"
