@@ -122,10 +122,22 @@ def test_holm_against_a_hand_computed_example():
     assert holm([]) == []
 
 
-def test_holm_matches_statsmodels_when_it_is_installed():
-    multitest = pytest.importorskip("statsmodels.stats.multitest")
+def test_holm_t_interval_and_tost_match_statsmodels():
+    """statsmodels is the reference: Holm (multipletests), the t-interval of a mean (DescrStatsW) and the TOST
+    p-value of paired samples (ttost_paired), on the same numbers."""
+    from statsmodels.stats.multitest import multipletests
+    from statsmodels.stats.weightstats import DescrStatsW, ttost_paired
+
     p = np.random.default_rng(3).uniform(0, 0.2, size=9)
-    assert holm(p) == pytest.approx(multitest.multipletests(p, method="holm")[1])
+    assert holm(p) == pytest.approx(multipletests(p, method="holm")[1])
+    d = np.array([0.012, -0.004, 0.021, 0.007, 0.015])
+    assert t_interval(d) == pytest.approx(DescrStatsW(d).tconfint_mean(alpha=0.05))
+    assert t_interval(d, 0.90) == pytest.approx(DescrStatsW(d).tconfint_mean(alpha=0.10))
+    c = compare_folds(*_arms(list(d)), resamples=200)
+    assert c.fold_differences == pytest.approx(d)
+    for margin in (0.01, 0.02, 0.05):
+        reference_p = ttost_paired(np.asarray(c.fold_differences), np.zeros(len(d)), -margin, margin)[0]
+        assert equivalence(c, margin).p == pytest.approx(reference_p)
 
 
 @pytest.mark.parametrize(
