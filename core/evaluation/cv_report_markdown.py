@@ -1,0 +1,222 @@
+"""The cross-validation report as markdown (``report.md``), rendered from the report's JSON (:mod:`core.evaluation.cv_report`).
+
+The fold-level comparisons first (the primary endpoint, then the secondary comparisons with Holm-adjusted p-values
+and the equivalence verdicts), the runs' table, then the per-case comparisons, labelled secondary.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+__all__ = ["cv_report_markdown"]
+
+
+def _fmt(v: float, digits: int = 4) -> str:
+    return "—" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{digits}f}"
+
+
+_RUNS_INTRO = (
+    "Headline models (chosen without the validation cases: the final model, or the epoch best on held-out "
+    "training cases). Dice and HD95 averaged over foreground classes per case; ± is the standard deviation over "
+    "folds, over cases, and over seeds (a run repeated with several training seeds is averaged per case first). "
+    "The teacher ensemble is the argmax of the distilled teachers' cached distributions, averaged."
+)
+
+
+def _table(intro: str, header: str, rule: str, rows: list[str]) -> list[str]:
+    """A markdown section: a blank line, the intro, a blank line, then the table."""
+    return ["", intro, "", header, rule, *rows]
+
+
+def _run_line(r: dict[str, Any]) -> str:
+    return (
+        f"| {r['run']} | {','.join(map(str, r['folds']))} | {r.get('seeds', 1)} | {r['cases']} | "
+        f"{_fmt(r['dice_mean_over_folds'])} ± {_fmt(r['dice_std_over_folds'])} | "
+        f"{_fmt(r['dice_mean_over_cases'])} ± {_fmt(r['dice_std_over_cases'])} | "
+        f"{_fmt(r.get('dice_std_over_seeds', math.nan))} | "
+        f"{_fmt(r['hd95_mm_mean_over_cases'], 2)} | {r['parameters'] or '—'} | "
+        f"{_fmt(r.get('gflops_per_window'), 2)} | {_fmt(r.get('seconds_per_volume', math.nan), 2)} |"
+    )
+
+
+def _paired_line(c: dict[str, Any]) -> str:
+    return (
+        f"| {c['run']} | {c['n']} | {_fmt(c['mean_difference'])} | {_fmt(c['wilcoxon_p'])} | "
+        f"{_fmt(c['t_test_p'])} |"
+    )
+
+
+def _online_line(c: dict[str, Any]) -> str:
+    return (
+        f"| {c['run']} | {c['against']} | {c['n']} | {_fmt(c['mean_difference'])} | "
+        f"{_fmt(c['wilcoxon_p'])} | {_fmt(c['t_test_p'])} |"
+    )
+
+
+def _ensemble_line(c: dict[str, Any]) -> str:
+    return (
+        f"| {c['run']} | {c['n']} | {_fmt(c['dice'])} | {_fmt(c['ensemble_dice'])} | {_fmt(c['ratio'], 3)} |"
+    )
+
+
+# the comparison tables after the runs' table: report key, intro, header, rule, one line per entry
+_COMPARISONS: tuple[tuple[str, str, str, str, Callable[[dict[str, Any]], str]], ...] = (
+    (
+        "paired_vs_no_kd",
+        "Secondary, per case: each student paired per case against the student without distillation (same "
+        "cases, same folds):",
+        "| run | cases | Dice difference | Wilcoxon p | paired t p |",
+        "|---|---:|---:|---:|---:|",
+        _paired_line,
+    ),
+    (
+        "cached_vs_online",
+        "Secondary, per case: distilled from the cache against the same recipe distilled online (teachers in "
+        "memory):",
+        "| cached run | online run | cases | Dice difference (cached − online) | Wilcoxon p | paired t p |",
+        "|---|---|---:|---:|---:|---:|",
+        _online_line,
+    ),
+    (
+        "against_teacher_ensemble",
+        "Each student against the teacher ensemble on the same cases (the share of the ensemble's Dice it reaches):",
+        "| run | cases | student Dice | ensemble Dice | ratio |",
+        "|---|---:|---:|---:|---:|",
+        _ensemble_line,
+    ),
+)
+
+
+def cv_report_markdown(report: dict[str, Any]) -> str:
+    """The cross-validation report as markdown: the fold-level comparisons (primary endpoint first), the runs'
+    table, then each per-case comparison that has entries, labelled secondary."""
+    lines = [f"# {report['experiment']}: cross-validation"]
+    if report.get("fold_level"):
+        lines += _fold_level_markdown(report["fold_level"])
+    lines += ["", "## Runs"]
+    lines += _table(
+        _RUNS_INTRO,
+        "| run | folds | seeds | cases | Dice, mean ± sd over folds | Dice, mean ± sd over cases | sd over seeds "
+        "| HD95 mm | params | GFLOPs / window | s / volume |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        [_run_line(r) for r in report["runs"]],
+    )
+    if any(report.get(key) for key, *_ in _COMPARISONS):
+        lines += ["", "## Per case: secondary (cases are not independent replicates)", "", _PER_CASE_INTRO]
+    for key, intro, header, rule, line in _COMPARISONS:
+        if report.get(key):
+            lines += _table(intro, header, rule, [line(c) for c in report[key]])
+    return "\n".join(lines) + "\n"
+
+
+_PER_CASE_INTRO = (
+    "The cases validated by one fold's model share that model, and a fold's seeds share its teachers and cases: "
+    "the p-values below treat cases as independent and overstate the evidence. The fold-level comparisons above "
+    "are the ones to cite."
+)
+
+
+def _fold_level_markdown(fold: dict[str, Any]) -> list[str]:
+    """The fold-level section: how it is computed, the primary endpoint in words, the secondary table with Holm
+    p-values, and the equivalence table."""
+    boot = fold["bootstrap"]
+    lines = [
+        "",
+        "## Over folds: the fold is the unit",
+        "",
+        "Per fold, the mean Dice (foreground classes) over its validation cases and seeds; each comparison is the "
+        "mean over folds of the per-fold difference (run − against), in Dice points. The verdict reads the 95 % "
+        "t-interval over the fold differences; beside it, a hierarchical bootstrap interval (folds resampled, then "
+        f"cases within each fold; {boot['resamples']} resamples, seed {boot['seed']}). The Wilcoxon p on fold "
+        "means is descriptive only: with n folds it cannot go below 2 / 2ⁿ (0.0625 for 5 folds), shown as "
+        '"min". The primary endpoint is tested alone; the secondary p-values are Holm-adjusted over the '
+        f"{fold['holm_family']} secondary comparison(s) with a test.",
+        "",
+        f"**Primary endpoint** (`evaluation.primary_endpoint`): {_claim(fold['primary'])}",
+    ]
+    if fold["secondary"]:
+        lines += _table(
+            "Secondary comparisons:",
+            "| run | against | folds | difference, points | 95 % CI (t) | 95 % CI (bootstrap) | t p | Holm p "
+            "| Wilcoxon p (min) | verdict |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
+            [_secondary_line(c) for c in fold["secondary"]],
+        )
+    if fold["equivalence"]:
+        lines += _table(
+            f"Equivalence of each cached recipe with its online twin: two one-sided tests against "
+            f"±{_points(fold['equivalence_margin'])} points (`evaluation.equivalence_margin`); equivalent when "
+            "the 90 % CI lies inside the margin, not equivalent when the 95 % CI lies wholly outside it, "
+            "inconclusive otherwise.",
+            "| cached run | online run | folds | difference, points | 90 % CI | 95 % CI | TOST p | verdict |",
+            "|---|---|---:|---:|---:|---:|---:|---|",
+            [_equivalence_line(c) for c in fold["equivalence"]],
+        )
+    return lines
+
+
+def _points(v: float | None, digits: int = 1, sign: str = "") -> str:
+    """A Dice value or difference in points (× 100), with a true minus sign; "—" when there is none."""
+    if v is None or not math.isfinite(v):
+        return "—"
+    return f"{100 * v:{sign}.{digits}f}".replace("-", "−")
+
+
+def _interval(ci: list[float] | tuple[float, float], digits: int = 2) -> str:
+    return f"[{_points(ci[0], digits)}, {_points(ci[1], digits)}]"
+
+
+def _p(v: float | None) -> str:
+    return "—" if v is None or not math.isfinite(v) else ("< 0.001" if v < 0.001 else f"{v:.3g}")
+
+
+def _claim(c: dict[str, Any]) -> str:
+    """A fold-level comparison in words: the verdict with its effect and CI, then the rest in brackets."""
+    if "unavailable" in c:
+        return f"{c['run']} − {c['against']}: no interval ({c['unavailable']})."
+    return (
+        f"{c['run']} − {c['against']}, {c['n_folds']} folds: {c['verdict']} (hierarchical bootstrap 95 % CI "
+        f"{_interval(c['bootstrap_interval'], 1)}; t p = {_p(c['t_p'])}; Wilcoxon p = {_p(c['wilcoxon_p'])}, "
+        f"descriptive, min {_p(c['wilcoxon_min_p'])})."
+    )
+
+
+def _comparison_line(c: dict[str, Any], cells: Callable[[dict[str, Any]], list[str]], width: int) -> str:
+    """A fold-level table row: the two runs, ``width`` statistics and the verdict; dashes and the reason when the
+    comparison has no interval."""
+    rest = ["—"] * width + [f"no interval: {c['unavailable']}"] if "unavailable" in c else cells(c)
+    return "| " + " | ".join([c["run"], c["against"], *rest]) + " |"
+
+
+def _secondary_line(c: dict[str, Any]) -> str:
+    return _comparison_line(
+        c,
+        lambda c: [
+            str(c["n_folds"]),
+            _points(c["mean_difference"], 2, "+"),
+            _interval(c["t_interval"]),
+            _interval(c["bootstrap_interval"]),
+            _p(c["t_p"]),
+            _p(c["holm_p"]),
+            f"{_p(c['wilcoxon_p'])} ({_p(c['wilcoxon_min_p'])})",
+            c["verdict"],
+        ],
+        width=7,
+    )
+
+
+def _equivalence_line(c: dict[str, Any]) -> str:
+    return _comparison_line(
+        c,
+        lambda c: [
+            str(c["n_folds"]),
+            _points(c["mean_difference"], 2, "+"),
+            _interval(c["interval_90"]),
+            _interval(c["interval_95"]),
+            _p(c["p"]),
+            c["sentence"],
+        ],
+        width=5,
+    )
