@@ -58,8 +58,6 @@ def register_term(name: str) -> Callable[[type[DistillationTerm]], type[Distilla
         if name not in TERM_SPECS:
             raise ValueError(f"distillation term '{name}' has no entry in core.terms.TERM_SPECS")
         cls.name = name
-        cls.needs = TERM_SPECS[name].reads
-        cls.needs_channels = TERM_SPECS[name].needs_channels
         TERMS[name] = cls
         return cls
 
@@ -99,13 +97,10 @@ class DistillationTerm(nn.Module):
         settings: temperature, combination and teacher weighting (:class:`TermSettings`).
     """
 
-    name: ClassVar[str] = ""
-    # target kinds read (core.terms.TERM_SPECS, set on registration)
-    needs: ClassVar[frozenset[str]] = frozenset()
+    name: ClassVar[str] = ""  # what it reads: core.terms.TERM_SPECS[name]
     # works on class distributions (can average teachers, per-voxel weights)
     distribution: ClassVar[bool] = True
     default_combine: ClassVar[str] = "average"
-    needs_channels: ClassVar[bool] = False  # built with the tap widths (core.terms.TERM_SPECS)
 
     def __init__(self, settings: TermSettings):
         super().__init__()
@@ -240,12 +235,6 @@ class DistillationObjective(nn.Module):
     def uses_teachers(self) -> bool:
         return any(w > 0 for w in self.term_weights)
 
-    @property
-    def needs(self) -> frozenset[str]:
-        return frozenset().union(
-            *(t.needs for t, w in zip(self.terms, self.term_weights, strict=True) if w > 0)
-        )
-
     def forward(
         self,
         logits: torch.Tensor,
@@ -280,7 +269,7 @@ def _term_from_config(
 ) -> DistillationTerm:
     cls = TERMS[term.name]
     args = {**cls.config_defaults(cfg), **term.args}
-    if cls.needs_channels:
+    if TERM_SPECS[term.name].needs_channels:
         args["channels"] = channels
     try:
         return cls(TermSettings(cfg.temperature, term.combine, term.teacher_weights, teacher_dice), **args)
