@@ -406,12 +406,24 @@ class DistillationConfig(_Strict):
     """The recipe the student is trained with: a name, a temperature, and weighted terms."""
 
     kind: str = Field("teachformer", pattern=r"^[A-Za-z0-9_.-]+$")
-    # where the targets come from: the store ("cache"), or the fold's teachers in memory on each batch ("online")
-    source: Literal["cache", "online"] = "cache"
+    # where the targets come from: the store ("cache"), or the fold's teachers in memory on each batch —
+    # "online-patch" (each teacher sees the augmented training patch alone; "online" is its old name) or
+    # "online-context" (the cache's own sliding windows that meet the patch, stitched, cropped and augmented)
+    source: Literal["cache", "online", "online-patch", "online-context"] = "cache"
     temperature: float = Field(2.0, gt=0)
     terms: list[TermConfig] = Field(default_factory=_teachformer_terms)
     attention: AttentionConfig = Field(default_factory=AttentionConfig)
     teachers: list[str] | None = None
+
+    @field_validator("source")
+    @classmethod
+    def _name_online_mode(cls, value: str) -> str:
+        return "online-patch" if value == "online" else value
+
+    @property
+    def online_mode(self) -> str | None:
+        """``"patch"`` or ``"context"`` for a recipe distilled online, ``None`` from the cache."""
+        return self.source.removeprefix("online-") if self.source != "cache" else None
 
     @model_validator(mode="after")
     def _check_terms(self) -> DistillationConfig:
@@ -425,7 +437,7 @@ class DistillationConfig(_Strict):
 class PrimaryEndpointConfig(_Strict):
     """The one comparison the cross-validation report's claim rests on: the student run kind ``arm`` minus the
     run kind ``baseline``, mean foreground Dice, over folds. Kinds are run folders' names without ``kd-``
-    (``teachformer``, ``teachformer-online``, ``none``)."""
+    (``teachformer``, ``teachformer-online-patch``, ``teachformer-online-context``, ``none``)."""
 
     # None: the config's own recipe distilled from the cache (distillation.kind)
     arm: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]+$")
@@ -446,6 +458,9 @@ class EvaluationConfig(_Strict):
     equivalence_margin: float = Field(0.02, gt=0, lt=1)
     bootstrap_resamples: int = Field(10_000, ge=100)
     bootstrap_seed: int = 0
+    # `make cv ONLINE=1` trains the online-patch twin with every seed and the online-context twin (the cache's
+    # windows run afresh around every patch: expensive by design) with these training seeds only
+    context_seeds: list[int] = Field(default_factory=list)
 
 
 class OutputConfig(_Strict):

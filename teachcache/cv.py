@@ -39,15 +39,20 @@ def run_cv(
     say: Callable[[str], None] = print,
     seeds: list[int] | None = None,
     online: bool = False,
+    allow_mixed: bool = False,
 ) -> CvSummary:
     """Run the chain for ``folds`` (default: every fold of the store's splits) and write the CV report.
 
     With ``seeds``, each student run is repeated with each training seed (teachers are trained once per fold); the
     config's own ``training.seed`` trains into the usual folder, others into ``kd-<kind>/seed_<s>/``. With
-    ``online``, each distilled student is also trained with the teachers in memory (``kd-<kind>-online/``).
+    ``online``, each distilled student is also trained with the teachers in memory on each patch
+    (``kd-<kind>-online-patch/``), and for the seeds of ``evaluation.context_seeds`` with the teachers running the
+    cache's windows around each patch (``kd-<kind>-online-context/``).
 
     Raises:
         ConfigError: a fold the splits do not have.
+        MixedProvenanceError: the runs of a row, or of a compared pair, are not the same experiment (without
+            ``allow_mixed``): the report is not written.
         StoreError, CheckpointError, TrainingError: as the stages raise them (each names its fix).
     """
     from cache_teachers import cache_teachers, train_teachers
@@ -74,10 +79,14 @@ def run_cv(
             f"fold {fold}: cached {sum(cached.written.values())} entries, {sum(cached.skipped.values())} already"
         )
         for seed in seeds or [cfg.training.seed]:
-            runs = [("none", None), (None, None)] + ([(None, "online")] if online else [])
+            runs = [("none", None), (None, None)]
+            if online:
+                runs.append((None, "online-patch"))
+                if seed in cfg.evaluation.context_seeds:
+                    runs.append((None, "online-context"))
             for kd, source in runs:
                 r = distil(cfg, fold, kd, progress=progress, skip_done=True, seed=seed, source=source)
                 done.append(f"{r.name} (seed {seed}): {r.headline_mean_dice:.4f}")
                 say(f"fold {fold}: {done[-1]}")
-    build_cv_report(cfg)
+    build_cv_report(cfg, allow_mixed)
     return summary

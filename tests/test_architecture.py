@@ -22,7 +22,13 @@ TOP_PACKAGES = ("core", "cache_teachers", "train_student", "teachcache")
 
 # Lowest first. Units of one layer may not import each other (the two stages never do).
 LAYERS: list[tuple[str, ...]] = [
-    ("core", "core.errors", "core.progress", "core.user_cache"),  # `core` itself: its __init__ (the version)
+    (
+        "core",
+        "core.errors",
+        "core.progress",
+        "core.source_code",
+        "core.user_cache",
+    ),  # `core` itself: its __init__ (the version)
     ("core.terms",),
     ("core.config",),
     ("core.models",),

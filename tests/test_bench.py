@@ -61,7 +61,7 @@ def test_a_training_step_is_timed_as_training_runs_it(trained, kd, source):
     expected = (
         "kd-none"
         if kd == "none"
-        else f"kd-{cfg.distillation.kind}" + ("-online" if source == "online" else "")
+        else f"kd-{cfg.distillation.kind}" + ("-online-patch" if source == "online" else "")
     )
     assert result["kd"] == expected and result["steps"] == 3
     assert 0 < result["step_s"] <= result["step_with_loading_s"]

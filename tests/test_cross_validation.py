@@ -251,14 +251,21 @@ def _fake_runs(root: Path, kinds: dict[str, float], folds: int = 5, seeds=(None,
 
 
 def test_the_report_compares_over_folds_primary_endpoint_first(tmp_path):
-    path = _fake_runs(tmp_path, {"none": 0.0, "teachformer": 0.03, "teachformer-online": 0.029, "pwd": 0.0})
+    kinds = {
+        "none": 0.0,
+        "teachformer": 0.03,
+        "teachformer-online-patch": 0.0,
+        "teachformer-online-context": 0.029,
+        "pwd": 0.0,
+    }
+    path = _fake_runs(tmp_path, kinds)
     result = runner.invoke(app, ["report", "-c", str(path)])
     assert result.exit_code == 0, result.output
     assert "primary endpoint, over folds: student kd-teachformer − student kd-none: improves Dice by +3" in (
         " ".join(result.output.split())
     )
     report = json.loads((tmp_path / "runs" / "report.json").read_text())
-    assert list(report)[:2] == ["experiment", "fold_level"]
+    assert list(report)[:3] == ["experiment", "provenance", "fold_level"]
     fold = report["fold_level"]
     primary = fold["primary"]
     assert (primary["run"], primary["against"], primary["n_folds"]) == (
@@ -272,18 +279,22 @@ def test_the_report_compares_over_folds_primary_endpoint_first(tmp_path):
     secondary = {(c["run"], c["against"]): c for c in fold["secondary"]}
     assert set(secondary) == {
         ("student kd-pwd", "student kd-none"),
-        ("student kd-teachformer-online", "student kd-none"),
-        ("student kd-teachformer", "student kd-teachformer-online"),
+        ("student kd-teachformer-online-patch", "student kd-none"),
+        ("student kd-teachformer-online-context", "student kd-none"),
+        ("student kd-teachformer", "student kd-teachformer-online-patch"),
+        ("student kd-teachformer", "student kd-teachformer-online-context"),
     }
     from core.evaluation.statistics import holm
 
     pairs = list(secondary.values())
     assert [c["holm_p"] for c in pairs] == pytest.approx(holm([c["t_p"] for c in pairs]))
     assert secondary[("student kd-pwd", "student kd-none")]["verdict"].startswith("not shown")
-    (tost,) = fold["equivalence"]
+    patch = secondary[("student kd-teachformer", "student kd-teachformer-online-patch")]
+    assert patch["verdict"].startswith("improves Dice by +3"), "the cache beats per-patch targets"
+    (tost,) = fold["equivalence"]  # only the context twin computes the cache's own targets
     assert (tost["run"], tost["against"], tost["margin"]) == (
         "student kd-teachformer",
-        "student kd-teachformer-online",
+        "student kd-teachformer-online-context",
         0.02,
     )
     assert tost["verdict"] == "equivalent", "0.1 points apart, ±0.5 point noise: inside ±2 points"

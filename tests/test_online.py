@@ -72,10 +72,12 @@ def test_a_student_distils_online_from_checkpoints_with_nothing_cached(trained):
     preprocess_dataset(cfg, progress=False)  # no `make cache`: the teachers run in memory
     result = runner.invoke(app, ["distil", "-c", str(path), "--fold", "0", "--source", "online", "-q"])
     assert result.exit_code == 0, result.output
-    run = cfg.output.runs_dir / "students" / "kd-teachformer-online" / "fold_0"
+    # "online" is online-patch's old name: the same run, in its named folder
+    run = cfg.output.runs_dir / "students" / "kd-teachformer-online-patch" / "fold_0"
     summary = json.loads((run / "summary.json").read_text())
-    assert summary["source"] == "online" and summary["epochs_run"] == 1
-    assert "student kd-teachformer-online: val Dice" in result.output
+    assert summary["source"] == "online-patch" and summary["epochs_run"] == 1
+    assert 0 < summary["teacher_forward_seconds"] < summary["seconds"]
+    assert "student kd-teachformer-online-patch: val Dice" in result.output
     assert summary["teachers"] == {
         "dynunet/all_folds": file_sha256(cfg.teacher("dynunet").checkpoint),
         "unetr/all_folds": file_sha256(cfg.teacher("unetr").checkpoint),

@@ -19,11 +19,13 @@ from core.experiment import student_dir
 from core.inference import check_window
 from core.losses.distillation import build_objective
 from core.models import create_model
+from core.source_code import code_version
+from core.teachers.context import ContextTargets, ContextTeacher
 from core.teachers.online import OnlineTargets
 from core.terms import builds_with_channels
 from core.training.loop import fit
 from core.training.run import FitResult, TargetSource, TrainingRun
-from train_student.fold import Recipe, StudentFold, TeacherReads
+from train_student.fold import Recipe, StudentFold, TeacherReads, cached_alignment
 from train_student.from_cache import cache_reads, cached_teacher_dice, tap_channels
 from train_student.online import LiveTeachers, load_live_teachers, online_reads
 
@@ -70,8 +72,10 @@ def student_run(
         skip_done: return the finished run already in the run folder when it is this very run (``make cv``).
         seed: repeat the run with this ``training.seed`` (its folder: ``kd-<kind>/seed_<seed>/fold_<k>``); the
             config's own seed (or ``None``) trains into ``kd-<kind>/fold_<k>``.
-        source: override ``distillation.source``: ``"cache"`` (targets from the store) or ``"online"`` (the fold's
-            teachers in memory compute them on each augmented batch; runs go to ``kd-<kind>-online/``).
+        source: override ``distillation.source``: ``"cache"`` (targets from the store), ``"online-patch"`` (or
+            ``"online"``: the fold's teachers in memory compute them on each augmented batch; runs go to
+            ``kd-<kind>-online-patch/``) or ``"online-context"`` (the teachers run the cache's windows around each
+            patch; ``kd-<kind>-online-context/``).
 
     Returns:
         The :class:`~core.training.run.TrainingRun`; its files go to ``runs_dir/students/kd-<kind>/fold_<k>/``.
@@ -83,7 +87,7 @@ def student_run(
     """
     recipe = Recipe.of(cfg.distillation, kd, source)
     run = StudentFold.open(cfg, fold, seed)
-    live = load_live_teachers(run) if recipe.online else None
+    live = load_live_teachers(run, recipe.mode) if recipe.online else None
     teacher_dice = live.dice if live is not None else cached_teacher_dice(run.store, run.teachers, run.val)
     model, loss = _student_and_objective(run, recipe, teacher_dice)
     if live is not None:
@@ -109,17 +113,26 @@ def _student_and_objective(
     return model, build_objective(dcfg, cfg.training.focal_gamma, teacher_dice, channels)
 
 
-def _target_source(
+def _targets(
     run: StudentFold, recipe: Recipe, reads: TeacherReads, live: LiveTeachers | None
-) -> TargetSource | None:
-    """Batches into distillation targets: the live teachers' or the cached ones the patches carry."""
+) -> tuple[TargetSource | None, ContextTargets | None, OnlineTargets | None]:
+    """Where the run's targets come from: ``(source, context, online)``.
+
+    ``source`` turns a batch into targets: the cached (or context-computed) maps the patches carry, or the patch-mode
+    teachers run on the augmented batch. ``context`` computes each patch's targets in the patch dataset (context
+    mode); ``online`` is the patch-mode source. Both online ones clock their teachers' forward passes.
+    """
     if reads.request is None:
-        return None
+        return None, None, None
+    p = recipe.config.attention.p
+    if live is not None and recipe.mode == "patch":
+        online = OnlineTargets(live.models, reads.request, p, run.device, run.cfg.training.amp)
+        return online, None, online
+    context = None
     if live is not None:
-        return OnlineTargets(
-            live.models, reads.request, recipe.config.attention.p, run.device, run.cfg.training.amp
-        )
-    return partial(targets_from_batch, request=reads.request, device=run.device)
+        teachers = [ContextTeacher(key, m, spec, live.inference[key]) for key, m, spec in live.models]
+        context = ContextTargets(teachers, reads.request, p, run.device, run.cfg.training.amp)
+    return partial(targets_from_batch, request=reads.request, device=run.device), context, None
 
 
 def _training_run(
@@ -134,6 +147,8 @@ def _training_run(
 ) -> TrainingRun:
     """The checked pieces as one :class:`~core.training.run.TrainingRun`, with what its key and records hold."""
     cfg, store = run.cfg, run.store
+    source, context, online = _targets(run, recipe, reads, live)
+    cached = reads.request is not None and live is None
     return TrainingRun(
         name=f"student kd-{recipe.run_kind}",
         model=model,
@@ -142,7 +157,14 @@ def _training_run(
         in_channels=run.in_channels,
         num_classes=len(run.class_names),
         dataset=training_patches(
-            store.location, run.fit_cases, cfg.training, run.seed, None if recipe.online else reads.request
+            store.location,
+            run.fit_cases,
+            cfg.training,
+            run.seed,
+            None if online is not None else reads.request,
+            context=context,
+            # every arm draws the patches of the fold's cached run (no distillation and online alike)
+            align=None if cached else cached_alignment(run, recipe.twin_needed),
         ),
         store=store,
         val_cases=run.val,
@@ -155,7 +177,8 @@ def _training_run(
         skip_done=skip_done,
         original_geometry=run.raw_dataset == "matches",
         device=run.device,
-        target_source=_target_source(run, recipe, reads, live),
+        target_source=source,
+        teacher_clock=context or online,
         capture_taps=recipe.needed.student_taps,
         meta=_run_meta(run, recipe, reads, allow_leakage),
         # what `teachcache predict` and `export-model` need to feed the student as it was trained, so a run folder
@@ -165,6 +188,9 @@ def _training_run(
             "preprocessing": store.metadata["preprocessing"],
             "inference": cfg.inference.model_dump(mode="json"),
             "patch_size": list(cfg.training.patch_size),
+            # provenance the cross-validation report checks before pooling runs (docs/evaluation.md)
+            "code": code_version(),
+            "teacher_entry_keys": reads.entry_keys,
         },
     )
 
@@ -181,7 +207,7 @@ def _run_meta(run: StudentFold, recipe: Recipe, reads: TeacherReads, allow_leaka
         "class_names": run.class_names,
         "distillation": recipe.config.model_dump(mode="json"),
         "teachers": reads.checkpoints,
-        "source": "online" if recipe.online else "cache",
+        "source": recipe.config.source if recipe.online else "cache",
         "allow_leakage": allow_leakage,
         "leaked_val_cases": reads.leakage,
         "splits_from": store.location,  # the store's own folds (train_cases / val_cases above)

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from core.config import Config, DistillationConfig, TeacherConfig
-from core.data.patches import TargetRequest
+from core.data.patches import PatchDataset, TargetRequest, fine_alignment
 from core.data.splits import holdout_split
 from core.errors import ConfigError, StoreError
 from core.experiment import fold_split, open_store_for, raw_dataset_status
@@ -29,6 +30,7 @@ __all__ = [
     "ResolvedTeacher",
     "StudentFold",
     "TeacherReads",
+    "cached_alignment",
     "leaked_cases",
     "refuse_leakage",
     "refuse_unknown_dice",
@@ -40,14 +42,17 @@ class Recipe:
     """The distillation a run trains: the config's, with the ``kd`` and ``source`` overrides applied.
 
     Attributes:
-        config: the distillation settings.
+        config: the distillation settings (``source`` ``"online"`` read as ``"online-patch"``).
         online: the fold's teachers run in memory instead of being read from the store.
         needed: what its terms read of the teachers (nothing when ``kind`` is ``none``).
+        twin_needed: what the config's own recipe reads: the cached run every arm of the fold is paired with, whose
+            patches they all draw (:func:`cached_alignment`).
     """
 
     config: DistillationConfig
     online: bool
     needed: TargetsNeeded
+    twin_needed: TargetsNeeded
 
     @classmethod
     def of(cls, distillation: DistillationConfig, kd: str | None, source: str | None) -> Recipe:
@@ -58,17 +63,23 @@ class Recipe:
         """
         dcfg = distillation if kd is None else distillation.model_copy(update={"kind": kd})
         if source is not None:
-            dcfg = dcfg.model_copy(update={"source": source})
-        online = dcfg.source == "online" and dcfg.kind != "none"
+            dcfg = dcfg.model_copy(update={"source": "online-patch" if source == "online" else source})
+        online = dcfg.source != "cache" and dcfg.kind != "none"
         if online:
             _refuse_offline_only_terms(dcfg)
         terms = [] if dcfg.kind == "none" else [(t.name, t.weight) for t in dcfg.terms]
-        return cls(dcfg, online, targets_needed(terms))
+        twin = targets_needed([(t.name, t.weight) for t in distillation.terms])
+        return cls(dcfg, online, targets_needed(terms), twin)
+
+    @property
+    def mode(self) -> str | None:
+        """``"patch"`` or ``"context"`` when distilled online, else ``None``."""
+        return self.config.online_mode if self.online else None
 
     @property
     def run_kind(self) -> str:
-        """The run's kind in its name and folder: ``<kind>``, or ``<kind>-online``."""
-        return f"{self.config.kind}-online" if self.online else self.config.kind
+        """The run's kind in its name and folder: ``<kind>``, or ``<kind>-online-patch`` / ``-online-context``."""
+        return f"{self.config.kind}-online-{self.mode}" if self.online else self.config.kind
 
 
 def _refuse_offline_only_terms(dcfg: DistillationConfig) -> None:
@@ -77,8 +88,9 @@ def _refuse_offline_only_terms(dcfg: DistillationConfig) -> None:
     if offline:
         raise ConfigError(
             f"distillation terms {', '.join(offline)} read the store's feature sketches, which online teachers do "
-            "not produce; online distillation trains softmax and attention terms (teachformer, pwd-only, "
-            "afs-only, cwd, dist). Use distillation.source: cache for these"
+            f"not produce (distillation.source: {dcfg.source}); online distillation, patch or context, trains "
+            "softmax and attention terms (teachformer, pwd-only, afs-only, cwd, dist). Use distillation.source: "
+            "cache for these"
         )
 
 
@@ -209,11 +221,15 @@ class TeacherReads:
         checkpoints: per teacher key, the SHA-256 of the checkpoint its targets come from (recorded in ``meta``).
         leakage: per teacher key, the validation cases it was trained on (``None``: not recorded).
         request: the targets each batch carries; ``None`` when the recipe reads no teacher.
+        entry_keys: per teacher key, the entry key (:func:`core.experiment.entry_key`) of the store entries its
+            targets are (cached), or that the cache would write for that teacher and these settings (online);
+            recorded by the run, and checked by the cross-validation report before it pools runs.
     """
 
     checkpoints: dict[str, str] = field(default_factory=dict)
     leakage: dict[str, list[str] | None] = field(default_factory=dict)
     request: TargetRequest | None = None
+    entry_keys: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 def leaked_cases(trained_on: list[str] | None, val: list[str]) -> list[str] | None:
@@ -246,3 +262,30 @@ def refuse_unknown_dice(
                 "training.holdout > 0 (`make teachers`, then `make cache`), or use teacher_weights 'uniform' or "
                 "'confidence'"
             )
+
+
+def cached_alignment(run: StudentFold, needed: TargetsNeeded) -> int | None:
+    """Where the patches of the fold's cached run with a recipe reading ``needed`` start (its fine maps' stride).
+
+    Every student arm of a fold — without distillation, cached, online — passes this to its patches, so with the
+    same seed they all draw the same boxes and augmentations: the arms then differ only in their targets. Read from
+    the store's fine maps of the first training case when the teachers are cached there, else from the teachers'
+    registered taps (a teacher fed its own way, not cached: ``None``, the patch dataset's own rule).
+    """
+    if not (needed.attention or needed.sketches or needed.features):
+        return 1
+    if not run.fit_cases:
+        return None  # the patch dataset refuses an empty training set with its own message
+    first = run.fit_cases[0]
+    if all(run.store.has_entry(key, first) for key in run.teachers.keys):
+        request = TargetRequest.for_recipe(run.teachers.keys, 1.0, needed)
+        probe = PatchDataset(
+            run.store.location, run.fit_cases, run.cfg.training.patch_size, 1, targets=request
+        )
+        try:
+            return probe.alignment(first)
+        except StoreError:  # sketches the recipe reads are not cached: its cached run is refused on its own
+            pass
+    if any(t.config.kind != "registry" for t in run.teachers.teachers):
+        return None
+    return fine_alignment([get_spec(t.config.arch).taps["fine"].stride for t in run.teachers.teachers])

@@ -63,7 +63,7 @@ def _check_cached_teacher(
     train: list[str],
     val: list[str],
     allow_leakage: bool,
-) -> list[str] | None:
+) -> tuple[list[str] | None, dict[str, Any]]:
     """Refuse a teacher that is not (fully) cached, cached from other settings or weights, or trained on ``val``.
 
     Every entry the run reads (one per training case; validation scores the student against labels only) must be
@@ -74,7 +74,7 @@ def _check_cached_teacher(
 
     Returns:
         The validation cases it was trained on (``None`` when its checkpoint did not record its training cases, so
-        leakage could not be checked).
+        leakage could not be checked), and the entry key of its entries.
     """
     name = teacher.key
     prov = store.teacher_metadata(name)  # StoreError "not cached: run make cache FOLD=k"
@@ -92,10 +92,11 @@ def _check_cached_teacher(
                 f"teacher '{name}': {teacher.checkpoint} changed since it was cached (sha256 "
                 f"{prov['checkpoint_sha256'][:12]}… in the store); the cache is stale — re-run `make cache`"
             )
-    _check_entries(store, name, train, entry_key(cfg, teacher.config, sha, store))
+    wanted = entry_key(cfg, teacher.config, sha, store)
+    _check_entries(store, name, train, wanted)
     leaked = leaked_cases(prov.get("train_cases"), val)
     refuse_leakage(name, leaked, "this fold", allow_leakage)
-    return leaked
+    return leaked, wanted
 
 
 def _check_entries(store: TeacherStore, teacher: str, cases: list[str], wanted: dict[str, Any]) -> None:
@@ -180,10 +181,11 @@ def cache_reads(
         raise StoreError(
             f"{store.location} holds no teacher outputs yet; run `make cache FOLD={teachers.fold}` before `make distil`"
         )
-    leakage = {
+    checked = {
         t.key: _check_cached_teacher(run.cfg, store, t, run.train, run.val, allow_leakage)
         for t in teachers.teachers
     }
+    leakage = {key: leaked for key, (leaked, _) in checked.items()}
     refuse_unknown_dice(recipe.config, teachers, teacher_dice)
     if needed.sketches or needed.features:
         lacking = [t for t in teachers.keys if not store.has_sketch(t, run.train[0], "fine")]
@@ -195,7 +197,7 @@ def cache_reads(
     request = TargetRequest.for_recipe(teachers.keys, recipe.config.temperature, needed)
     _warn_small_tap_grids(store, teachers, needed.taps, run.cfg.training.patch_size)
     checkpoints = {t: store.teacher_metadata(t)["checkpoint_sha256"] for t in teachers.keys}
-    return TeacherReads(checkpoints, leakage, request)
+    return TeacherReads(checkpoints, leakage, request, {key: h for key, (_, h) in checked.items()})
 
 
 def tap_channels(run: StudentFold, model: torch.nn.Module, spec: ModelSpec) -> dict[str, Any]:

@@ -1,5 +1,7 @@
 """Targets from teachers in memory (online distillation): the fold's teachers loaded from their checkpoints and
-checked for what the recipe reads; they then compute the targets on each augmented batch."""
+checked for what the recipe reads. In ``patch`` mode they then compute the targets on each augmented batch
+(:class:`core.teachers.online.OnlineTargets`); in ``context`` mode on the cache's windows around each patch, before
+its augmentation (:class:`core.teachers.context.ContextTargets`)."""
 
 from __future__ import annotations
 
@@ -7,9 +9,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from core.config import TeacherConfig
+from core.config import InferenceConfig, TeacherConfig
 from core.data.patches import TargetRequest
 from core.errors import ConfigError
+from core.experiment import entry_key
+from core.inference import check_window
 from core.models import ModelSpec, get_spec
 from core.models.checkpoint import build_from_checkpoint, file_sha256
 from train_student.fold import (
@@ -30,31 +34,41 @@ class LiveTeachers:
 
     Attributes:
         models: ``(key, model, spec)`` per teacher.
+        inference: each teacher's sliding window (the cache's: context mode runs it).
         dice: each teacher's held-out Dice (for ``teacher_weights: dice``); ``None`` when not recorded.
         checkpoints: each checkpoint's SHA-256.
         leakage: per teacher, the validation cases it was trained on (``None``: not recorded).
     """
 
     models: list[tuple[str, torch.nn.Module, ModelSpec]] = field(default_factory=list)
+    inference: dict[str, InferenceConfig] = field(default_factory=dict)
     dice: dict[str, float | None] = field(default_factory=dict)
     checkpoints: dict[str, str] = field(default_factory=dict)
     leakage: dict[str, list[str] | None] = field(default_factory=dict)
 
 
-def _online_spec(teacher: TeacherConfig, patch_size: tuple[int, ...]) -> ModelSpec:
-    """A teacher's registry entry, when it can run online: on the student's patches of the store's grid.
+def _online_spec(run: StudentFold, teacher: TeacherConfig, mode: str) -> ModelSpec:
+    """A teacher's registry entry, when it can run online on the store's grid: on the student's patches (``patch``),
+    or with its cached sliding window over every training case (``context``).
 
     Raises:
-        ConfigError: a teacher fed its own inputs, or a fixed-input teacher (UNETR) whose input size is not
-            ``patch_size``.
+        ConfigError: a teacher fed its own inputs; in patch mode a fixed-input teacher (UNETR) whose input size is
+            not the training patch size; in context mode a window it cannot run on a training case.
     """
     if teacher.kind != "registry":
         raise ConfigError(
             f"teacher '{teacher.name}' is fed its own inputs ({teacher.kind}): online distillation runs teachers "
-            "on the student's patches of the store's grid, which is not what it was trained on; distil from the "
-            "cache (distillation.source: cache)"
+            "on the store's grid, which is not what it was trained on; distil from the cache "
+            "(distillation.source: cache)"
         )
     spec = get_spec(teacher.arch)
+    if mode == "context":
+        inference = run.cfg.inference_for(teacher)
+        for case_id in run.fit_cases:
+            shape = run.store.case_shape(case_id)
+            check_window(spec, inference, shape, teacher.args, name=teacher.name, case_id=case_id)
+        return spec
+    patch_size = run.cfg.training.patch_size
     fixed = spec.input_size(teacher.args)
     if fixed is not None and tuple(fixed) != tuple(patch_size):
         raise ConfigError(
@@ -65,18 +79,19 @@ def _online_spec(teacher: TeacherConfig, patch_size: tuple[int, ...]) -> ModelSp
     return spec
 
 
-def load_live_teachers(run: StudentFold) -> LiveTeachers:
-    """Load the fold's distilled teachers from their checkpoints, for online distillation.
+def load_live_teachers(run: StudentFold, mode: str = "patch") -> LiveTeachers:
+    """Load the fold's distilled teachers from their checkpoints, for online distillation in ``mode``.
 
     Raises:
         CheckpointError: a checkpoint is missing, unsafe, or does not fit its architecture.
-        ConfigError: a teacher fed its own inputs, or a fixed-input teacher (UNETR) whose input size is not the
-            training patch size.
+        ConfigError: a teacher fed its own inputs; in patch mode a fixed-input teacher (UNETR) whose input size is
+            not the training patch size; in context mode a sliding window it cannot run on a training case.
     """
     live = LiveTeachers()
     for resolved in run.teachers.teachers:
         teacher, key = resolved.config, resolved.key
-        spec = _online_spec(teacher, run.cfg.training.patch_size)
+        spec = _online_spec(run, teacher, mode)
+        live.inference[key] = run.cfg.inference_for(teacher)
         model, ckpt = build_from_checkpoint(
             teacher.checkpoint, teacher.arch, run.in_channels, len(run.class_names), teacher.args
         )
@@ -96,6 +111,10 @@ def online_reads(run: StudentFold, recipe: Recipe, live: LiveTeachers, allow_lea
         StoreError: a teacher trained on validation cases, without ``allow_leakage``.
     """
     reads = TeacherReads(live.checkpoints, live.leakage)
+    configs = {t.key: t.config for t in run.teachers.teachers}
+    reads.entry_keys = {  # what the cache would write for these teachers: pairs the run with its cached twin
+        key: entry_key(run.cfg, configs[key], sha, run.store) for key, sha in live.checkpoints.items()
+    }
     if recipe.needed.any:
         refuse_unknown_dice(recipe.config, run.teachers, live.dice)
         for key, leaked in live.leakage.items():

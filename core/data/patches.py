@@ -43,6 +43,7 @@ __all__ = [
     "TargetRequest",
     "build_augmentation",
     "crop_map",
+    "fine_alignment",
     "targets_from_batch",
     "training_patches",
 ]
@@ -136,6 +137,16 @@ def crop_map(
     grid = torch.stack((gz, gy, gx), dim=-1)[None]  # grid_sample wants (W, H, D) order last
     src = torch.as_tensor(amap, dtype=torch.float32)[None]
     return F.grid_sample(src, grid, mode="bilinear", padding_mode="border", align_corners=True)[0]
+
+
+def fine_alignment(strides: Sequence[float]) -> int:
+    """Where patch starts snap to, given the strides of the fine maps (and sketches) a patch reads: the largest
+    when it is a whole number and a multiple of every other, else 1 — so those large maps are cut, not interpolated
+    (:func:`crop_map`)."""
+    if not strides or not all(float(s).is_integer() for s in strides):
+        return 1
+    largest = int(max(strides))
+    return largest if all(largest % int(s) == 0 for s in strides) else 1
 
 
 class RandJointAffined(MapTransform, RandomizableTransform):
@@ -283,6 +294,12 @@ class PatchDataset(Dataset):
         targets: teacher data to attach, or ``None``.
         augment: apply ``augmentation`` (see :func:`build_augmentation`); ``False`` for none.
         augmentation: what to apply; default: flips on every axis and 90° rotations in the x-y plane.
+        context: computes the ``targets`` of a patch instead of reading them from the store —
+            ``context(store, case_id, start, patch_size) -> {key: tensor}`` with the keys a cached patch carries
+            (:class:`core.teachers.context.ContextTargets`); they are augmented as cached maps are. A dataset with a
+            context runs in the training process (its teachers are there).
+        align: patch starts snap to multiples of this; ``None``: to the fine stride of the cached maps read (1 when
+            none is read). Runs that must draw the same patches as a cached run pass that run's alignment.
     """
 
     def __init__(
@@ -296,6 +313,8 @@ class PatchDataset(Dataset):
         targets: TargetRequest | None = None,
         augment: bool = True,
         augmentation: AugmentationConfig | None = None,
+        context: Any = None,
+        align: int | None = None,
     ):
         if not case_ids:
             raise StoreError("no training cases to sample patches from")
@@ -307,6 +326,8 @@ class PatchDataset(Dataset):
         self.seed = seed
         self.targets = targets
         self.augment = augment
+        self.context = context
+        self.align = align
         self.epoch = 0
         self._store: TeacherStore | None = None
         self._maps: dict[tuple[str, str, str], tuple[np.ndarray, tuple[float, ...]]] = {}
@@ -353,7 +374,7 @@ class PatchDataset(Dataset):
             start = np.clip(point - np.array(self.patch_size) // 2 + jitter, 0, hi)
         else:
             start = np.array([rng.integers(0, h + 1) for h in hi])
-        start = tuple(int(s - s % self._align(case_id)) for s in start)
+        start = tuple(int(s - s % self.alignment(case_id)) for s in start)
         return start, tuple(slice(s, s + p) for s, p in zip(start, self.patch_size, strict=True))  # type: ignore[return-value]
 
     def _sketch_grid(
@@ -364,12 +385,14 @@ class PatchDataset(Dataset):
             self._grids[key] = self.store.sketch_grid(teacher, case_id, kind)
         return self._grids[key]
 
-    def _align(self, case_id: str) -> int:
+    def alignment(self, case_id: str) -> int:
         """Patch starts snap to a multiple of the fine maps' and sketches' strides (the largest, when it is a multiple
         of the others; else 1), so those large maps are cut, not interpolated (:func:`crop_map`); coarse maps are
         small. 1 when no map is read."""
         t = self.targets
-        if t is None:
+        if self.align is not None:
+            return self.align
+        if t is None or self.context is not None:
             return 1
         strides: list[float] = []
         for teacher in t.teachers:
@@ -377,10 +400,7 @@ class PatchDataset(Dataset):
                 strides += self._attention(teacher, case_id, "fine")[1]
             if t.sketches or t.features:
                 strides += self._sketch_grid(teacher, case_id, "fine")[1]
-        if not strides or not all(float(s).is_integer() for s in strides):
-            return 1
-        largest = int(max(strides))
-        return largest if all(largest % int(s) == 0 for s in strides) else 1
+        return fine_alignment(strides)
 
     def _foreground(self, case_id: str) -> np.ndarray:
         if case_id not in self._fg:  # small (N, 4) lists; keep them per worker
@@ -403,7 +423,9 @@ class PatchDataset(Dataset):
             "image": torch.from_numpy(np.ascontiguousarray(self.store.read_image(case_id, box))),
             "label": torch.from_numpy(self.store.read_label(case_id, box).astype(np.int64))[None],
         }
-        if self.targets is not None:
+        if self.targets is not None and self.context is not None:
+            sample.update(self.context(self.store, case_id, start, self.patch_size))
+        elif self.targets is not None:
             for t in self.targets.teachers:
                 if self.targets.softmax:
                     probs = self.store.read_softmax(t, case_id, box, self.targets.temperature)
@@ -460,12 +482,14 @@ def training_patches(
     training: TrainingConfig,
     seed: int,
     targets: TargetRequest | None = None,
+    context: Any = None,
+    align: int | None = None,
 ) -> PatchDataset:
     """The patches one epoch of a training run draws, as ``training`` sets them (teachers and students alike).
 
     ``iterations_per_epoch × batch_size`` patches of ``training.patch_size`` from ``cases``, with its foreground
-    oversampling and augmentation, and the cached ``targets`` a distilling student reads (``None``: image and label
-    only).
+    oversampling and augmentation, and the ``targets`` a distilling student reads (``None``: image and label only):
+    cached, or computed by ``context``; ``align``: see :class:`PatchDataset`.
     """
     return PatchDataset(
         store_path,
@@ -476,4 +500,6 @@ def training_patches(
         seed=seed,
         targets=targets,
         augmentation=training.augmentation,
+        context=context,
+        align=align,
     )

@@ -8,7 +8,8 @@ not at all.
 
 The fold is the unit of inference (:mod:`core.evaluation.statistics`): the primary endpoint declared in
 ``evaluation.primary_endpoint`` first, every other comparison secondary with Holm-adjusted p-values, and the
-equivalence of each cached recipe with its online twin. The per-case paired tests stay, labelled secondary: the
+equivalence of each cached recipe with its online-context twin. Runs of mixed provenance are refused before
+anything is written (:mod:`core.evaluation.provenance`). The per-case paired tests stay, labelled secondary: the
 cases of one fold's model are not independent replicates of a recipe.
 """
 
@@ -28,6 +29,7 @@ import numpy as np
 from core.config import Config
 from core.errors import ConfigError, TeachCacheError
 from core.evaluation.cv_report_markdown import cv_report_markdown
+from core.evaluation.provenance import RunRecord, check_pooling
 from core.evaluation.statistics import ComparisonError, FoldComparison, compare_folds, equivalence, holm
 
 __all__ = ["build_cv_report", "paired_tests"]
@@ -54,6 +56,25 @@ def _runs(cfg: Config) -> dict[str, dict[tuple[int, int | None], Path]]:
             fold = int(folder.name.removeprefix("fold_"))
             found.setdefault(name, {})[(fold, seed)] = folder
     return found
+
+
+def _cache_seconds(cfg: Config, folds: list[int]) -> dict[str, float]:
+    """Per fold, the seconds ``make cache`` took for the fold's distilled teachers (the store's ``cache_seconds``;
+    a teacher cached for every fold counts in each): the cost the cached runs share. Empty without a store."""
+    from core.experiment import open_store_for
+
+    try:
+        store = open_store_for(cfg)
+    except TeachCacheError:
+        return {}
+    cached = set(store.teacher_keys())
+    out = {}
+    for fold in folds:
+        keys = [t.store_key(fold) for t in cfg.distilled_teachers()]
+        seconds = [store.teacher_metadata(k).get("cache_seconds") for k in keys if k in cached]
+        if seconds and all(isinstance(v, int | float) for v in seconds) and len(seconds) == len(keys):
+            out[str(fold)] = round(float(sum(seconds)), 2)
+    return out
 
 
 def _ensemble(cfg: Config, folds: list[int]) -> dict[str, tuple[float, float]]:
@@ -107,6 +128,26 @@ def _per_case(folder: Path) -> dict[str, tuple[float, float]]:
         }
 
 
+def _per_class(folders: list[Path]) -> dict[str, dict[str, float]]:
+    """Per class, the mean over the runs' validation cases of its Dice and HD95 (``dice_<class>``,
+    ``hd95_mm_<class>`` columns; HD95 over the cases where it is finite): ``{"dice": {...}, "hd95_mm": {...}}``."""
+    columns: dict[str, list[float]] = {}
+    for folder in folders:
+        with open(folder / "validation_per_case.csv") as f:
+            for r in csv.DictReader(f):
+                for key, value in r.items():
+                    if key.startswith(("dice_", "hd95_mm_")):
+                        columns.setdefault(key, []).append(float(value))
+    out: dict[str, dict[str, float]] = {"dice": {}, "hd95_mm": {}}
+    for key, values in columns.items():
+        metric, name = (
+            ("hd95_mm", key.removeprefix("hd95_mm_")) if key.startswith("hd95") else ("dice", key[5:])
+        )
+        finite = [v for v in values if math.isfinite(v)]
+        out[metric][name] = float(np.mean(finite)) if finite else math.nan
+    return out
+
+
 def paired_tests(a: list[float], b: list[float]) -> dict[str, float]:
     """Paired comparison of two runs on the same cases: mean difference (a − b), Wilcoxon signed-rank and paired t.
 
@@ -132,13 +173,20 @@ ENSEMBLE = "teacher ensemble (cached, equal weights)"
 RunCases = dict[tuple[int, int | None], dict[str, tuple[float, float]]]
 
 
-def build_cv_report(cfg: Config) -> dict[str, Any]:
-    """Collect every run over its folds; compare runs over folds (primary endpoint, secondary comparisons with
-    Holm-adjusted p-values, equivalence of cached and online twins) and, secondary, per case.
+def build_cv_report(cfg: Config, allow_mixed: bool = False) -> dict[str, Any]:
+    """Collect every run over its folds; check they may be pooled (:mod:`core.evaluation.provenance`); compare runs
+    over folds (primary endpoint, secondary comparisons with Holm-adjusted p-values, equivalence of cached and
+    online-context twins) and, secondary, per case.
+
+    Args:
+        cfg: the experiment.
+        allow_mixed: pool runs of mixed provenance anyway (the report's header says so).
 
     Raises:
         TeachCacheError: no finished run (with per-case scores) under ``output.runs_dir``.
         ConfigError: ``evaluation.primary_endpoint`` names a run kind with no finished run; nothing is written.
+        MixedProvenanceError: runs pooled in one row, or paired, are not the same experiment (without
+            ``allow_mixed``); nothing is written.
     """
     runs = _runs(cfg)
     if not runs:
@@ -146,6 +194,11 @@ def build_cv_report(cfg: Config) -> dict[str, Any]:
             f"no finished run with per-case scores under {cfg.output.runs_dir}; run `make distil FOLD=k` first"
         )
     arm, baseline = _primary_endpoint(cfg, list(runs))
+    pooling = check_pooling(
+        {name: _records(name, found) for name, found in runs.items()},
+        [(arm, baseline), *_secondary_pairs(list(runs), (arm, baseline))],
+        allow_mixed,
+    )
     rows, cases_of, scores_of = [], {}, {}
     for name, found in runs.items():
         row, cases_of[name], scores_of[name] = _run_row(name, found)
@@ -156,11 +209,13 @@ def build_cv_report(cfg: Config) -> dict[str, Any]:
         cases_of[ENSEMBLE] = ensemble
     report = {
         "experiment": cfg.experiment,
+        "provenance": pooling.as_json(),
         "fold_level": _fold_level(cfg, scores_of, arm, baseline),
         "runs": rows,
         "paired_vs_no_kd": _paired_vs_no_kd(cases_of),
         "cached_vs_online": _cached_vs_online(cases_of),
         "against_teacher_ensemble": _against_ensemble(cases_of),
+        "cache_seconds": _cache_seconds(cfg, sorted({fold for found in runs.values() for fold, _ in found})),
     }
     _write(cfg.output.runs_dir, report, cases_of)
     return report
@@ -185,6 +240,16 @@ def _write(
     finally:
         for partial in staged.values():
             partial.unlink(missing_ok=True)
+
+
+def _records(name: str, found: dict[tuple[int, int | None], Path]) -> list[RunRecord]:
+    """A row's run folders with their summaries, in (fold, seed) order."""
+    return [
+        RunRecord(name, fold, seed, folder, json.loads((folder / "summary.json").read_text()))
+        for (fold, seed), folder in sorted(
+            found.items(), key=lambda kv: (kv[0][0], -1 if kv[0][1] is None else kv[0][1])
+        )
+    ]
 
 
 def _read_run(found: dict[tuple[int, int | None], Path]) -> tuple[RunCases, list[dict[str, Any]]]:
@@ -229,10 +294,20 @@ def _run_row(
     row = _row(name, folds, per_case, fold_dice, summaries[-1].get("parameters")) | {
         "gflops_per_window": summaries[-1].get("gflops_per_window"),
         "seconds_per_volume": float(np.mean(latency)) if latency else math.nan,
+        # cost beside effect: the mean wall time of one training run, and of it the teachers' forward passes
+        "training_seconds_per_run": _mean_of(summaries, "seconds"),
+        "teacher_seconds_per_run": _mean_of(summaries, "teacher_forward_seconds"),
+        "per_class": _per_class(list(found.values())),
         "seeds": len(seed_fold_dice),
         "dice_std_over_seeds": float(np.std(complete, ddof=1)) if len(complete) > 1 else math.nan,
     }
     return row, per_case, scores
+
+
+def _mean_of(summaries: list[dict[str, Any]], key: str) -> float:
+    """The mean of a number the runs' summaries record (NaN when none records it)."""
+    values = [float(s[key]) for s in summaries if isinstance(s.get(key), int | float)]
+    return float(np.mean(values)) if values else math.nan
 
 
 def _primary_endpoint(cfg: Config, names: list[str]) -> tuple[str, str]:
@@ -343,7 +418,7 @@ def _cached_vs_online(cases_of: dict[str, dict[str, tuple[float, float]]]) -> li
 
 def _secondary_pairs(names: list[str], primary: tuple[str, str]) -> list[tuple[str, str]]:
     """Every comparison but the primary: each other student against the primary's baseline, then each cached
-    recipe against its online twin (cached − online)."""
+    recipe against each of its online twins, patch and context (cached − online)."""
     baseline = primary[1]
     students = [n for n in names if n.startswith("student ") and n != baseline] if baseline in names else []
     pairs = [(n, baseline) for n in students] + _online_twins(names)
@@ -351,7 +426,7 @@ def _secondary_pairs(names: list[str], primary: tuple[str, str]) -> list[tuple[s
 
 
 def _equivalence_entry(cfg: Config, run: str, against: str, result: FoldComparison | str) -> dict[str, Any]:
-    """TOST of a cached recipe against its online twin over folds, against ``evaluation.equivalence_margin``."""
+    """TOST of a cached recipe against its online-context twin over folds, against ``evaluation.equivalence_margin``."""
     if isinstance(result, str):
         return {"run": run, "against": against, "unavailable": result}
     tost = equivalence(result, cfg.evaluation.equivalence_margin)
@@ -391,7 +466,11 @@ def _fold_level(cfg: Config, scores_of: dict[str, RunCases], arm: str, baseline:
         "secondary": secondary,
         "holm_family": len([c for c in secondary if math.isfinite(c.get("t_p", math.nan))]),
         "equivalence_margin": cfg.evaluation.equivalence_margin,
-        "equivalence": [_equivalence_entry(cfg, *pair, results[pair]) for pair in _online_twins(names)],
+        "equivalence": [
+            _equivalence_entry(cfg, *pair, results[pair])
+            for pair in _online_twins(names)
+            if pair[1].endswith("-online-context")  # the twin that computes the cache's own targets
+        ],
     }
 
 

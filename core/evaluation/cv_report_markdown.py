@@ -10,7 +10,7 @@ import math
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["cv_report_markdown"]
+__all__ = ["cv_report_markdown", "report_sections"]
 
 
 def _fmt(v: float, digits: int = 4) -> str:
@@ -21,7 +21,9 @@ _RUNS_INTRO = (
     "Headline models (chosen without the validation cases: the final model, or the epoch best on held-out "
     "training cases). Dice and HD95 averaged over foreground classes per case; ± is the standard deviation over "
     "folds, over cases, and over seeds (a run repeated with several training seeds is averaged per case first). "
-    "The teacher ensemble is the argmax of the distilled teachers' cached distributions, averaged."
+    "The teacher ensemble is the argmax of the distilled teachers' cached distributions, averaged. Cost: the mean "
+    "wall time of one training run (validation included) and, for runs distilled online, the seconds of it spent "
+    "in the teachers' forward passes (a cached run's teachers ran once, in `make cache`)."
 )
 
 
@@ -37,7 +39,8 @@ def _run_line(r: dict[str, Any]) -> str:
         f"{_fmt(r['dice_mean_over_cases'])} ± {_fmt(r['dice_std_over_cases'])} | "
         f"{_fmt(r.get('dice_std_over_seeds', math.nan))} | "
         f"{_fmt(r['hd95_mm_mean_over_cases'], 2)} | {r['parameters'] or '—'} | "
-        f"{_fmt(r.get('gflops_per_window'), 2)} | {_fmt(r.get('seconds_per_volume', math.nan), 2)} |"
+        f"{_fmt(r.get('gflops_per_window'), 2)} | {_fmt(r.get('seconds_per_volume', math.nan), 2)} | "
+        f"{_fmt(r.get('training_seconds_per_run', math.nan), 0)} | {_fmt(r.get('teacher_seconds_per_run', math.nan), 0)} |"
     )
 
 
@@ -93,22 +96,85 @@ def cv_report_markdown(report: dict[str, Any]) -> str:
     """The cross-validation report as markdown: the fold-level comparisons (primary endpoint first), the runs'
     table, then each per-case comparison that has entries, labelled secondary."""
     lines = [f"# {report['experiment']}: cross-validation"]
-    if report.get("fold_level"):
-        lines += _fold_level_markdown(report["fold_level"])
-    lines += ["", "## Runs"]
-    lines += _table(
+    for section in report_sections(report).values():
+        lines += section
+    return "\n".join(lines) + "\n"
+
+
+def report_sections(report: dict[str, Any]) -> dict[str, list[str]]:
+    """The report's markdown sections, in order, by name (``provenance``, ``fold_level``, ``runs``, ``per_class``,
+    ``per_case``): what ``report.md`` is made of, and what ``scripts/demo_doc.py`` puts into docs/demo.md."""
+    runs = ["", "## Runs"]
+    runs += _table(
         _RUNS_INTRO,
         "| run | folds | seeds | cases | Dice, mean ± sd over folds | Dice, mean ± sd over cases | sd over seeds "
-        "| HD95 mm | params | GFLOPs / window | s / volume |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| HD95 mm | params | GFLOPs / window | s / volume | training s / run | teacher s / run |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         [_run_line(r) for r in report["runs"]],
     )
+    runs += _cache_cost(report.get("cache_seconds") or {})
+    per_case: list[str] = []
     if any(report.get(key) for key, *_ in _COMPARISONS):
-        lines += ["", "## Per case: secondary (cases are not independent replicates)", "", _PER_CASE_INTRO]
+        per_case += ["", "## Per case: secondary (cases are not independent replicates)", "", _PER_CASE_INTRO]
     for key, intro, header, rule, line in _COMPARISONS:
         if report.get(key):
-            lines += _table(intro, header, rule, [line(c) for c in report[key]])
-    return "\n".join(lines) + "\n"
+            per_case += _table(intro, header, rule, [line(c) for c in report[key]])
+    return {
+        "provenance": _provenance_markdown(report.get("provenance") or {}),
+        "fold_level": _fold_level_markdown(report["fold_level"]) if report.get("fold_level") else [],
+        "runs": runs,
+        "per_class": _per_class_markdown(report["runs"]),
+        "per_case": per_case,
+    }
+
+
+def _cache_cost(seconds: dict[str, float]) -> list[str]:
+    """What the cached runs share: the cache stage's seconds per fold (teachers run once, every window once)."""
+    if not seconds:
+        return []
+    folds = ", ".join(f"fold {k} {v:.0f} s" for k, v in seconds.items())
+    mean = sum(seconds.values()) / len(seconds)
+    return [
+        "",
+        f"Caching the distilled teachers (`make cache`) took {mean:.0f} s per fold on average ({folds}; a teacher "
+        "serving every fold counts in each): shared by every seed and every recipe distilled from the cache.",
+    ]
+
+
+def _per_class_markdown(runs: list[dict[str, Any]]) -> list[str]:
+    """Per class, each run's Dice and HD95 (means over its validation cases); nothing when no run records them."""
+    classes = list(dict.fromkeys(c for r in runs for c in (r.get("per_class") or {}).get("dice", {})))
+    if not classes:
+        return []
+    cells = [f"{c} Dice | {c} HD95 mm" for c in classes]
+    rows = []
+    for r in runs:
+        per = r.get("per_class") or {"dice": {}, "hd95_mm": {}}
+        values = [
+            f"{_fmt(per['dice'].get(c, math.nan))} | {_fmt(per['hd95_mm'].get(c, math.nan), 2)}"
+            for c in classes
+        ]
+        rows.append(f"| {r['run']} | " + " | ".join(values) + " |")
+    return _table(
+        "Per class (means over every validation case of every fold and seed; HD95 over the cases where it is finite):",
+        "| run | " + " | ".join(cells) + " |",
+        "|---|" + "---:|" * (2 * len(classes)),
+        rows,
+    )
+
+
+def _provenance_markdown(prov: dict[str, Any]) -> list[str]:
+    """The header's provenance lines: runs pooled despite mixed provenance (``--allow-mixed``), then warnings."""
+    lines = []
+    if prov.get("mixed"):
+        lines += ["", "**Pooled with --allow-mixed**: these runs are not the same experiment:", ""]
+        lines += [f"- {m}" for m in prov["mixed"]]
+    if prov.get("warnings"):
+        lines += ["", "Provenance warnings:", ""] + [f"- {w}" for w in prov["warnings"]]
+    commits = prov.get("commits") or []
+    if len(commits) == 1:
+        lines += ["", f"Every run recording its code was made by commit `{commits[0][:12]}`."]
+    return lines
 
 
 _PER_CASE_INTRO = (
@@ -146,7 +212,8 @@ def _fold_level_markdown(fold: dict[str, Any]) -> list[str]:
         )
     if fold["equivalence"]:
         lines += _table(
-            f"Equivalence of each cached recipe with its online twin: two one-sided tests against "
+            f"Equivalence of each cached recipe with its online-context twin (the teachers run afresh on the "
+            "cache's own windows around every patch: the targets the cache should hold): two one-sided tests against "
             f"±{_points(fold['equivalence_margin'])} points (`evaluation.equivalence_margin`); equivalent when "
             "the 90 % CI lies inside the margin, not equivalent when the 95 % CI lies wholly outside it, "
             "inconclusive otherwise.",

@@ -1,6 +1,7 @@
 """Online distillation: the fold's teachers in memory compute the targets on every training batch.
 
-The baseline the cache must match (TeachFormer's own regime). :class:`OnlineTargets` is a *target source* like the
+``distillation.source: online-patch``, TeachFormer's own regime: does the cache do at least as well as what a user
+would otherwise run? (:mod:`core.teachers.context` is the other online baseline.) :class:`OnlineTargets` is a *target source* like the
 store's (``core.training.loop``): it turns a batch into :data:`~core.terms.DistillationTargets` with the same keys, shapes
 and conventions, so every softmax and attention term trains unchanged from either source. Differences from the
 cache, by design: the teachers see the batch as augmented (the cache holds the un-augmented whole volume, cropped),
@@ -9,6 +10,8 @@ encoding).
 """
 
 from __future__ import annotations
+
+import time
 
 import torch
 from torch import nn
@@ -56,11 +59,13 @@ class OnlineTargets:
         for _, model, _ in self.teachers:
             model.requires_grad_(False)
         self.request, self.p, self.device, self.amp = request, p, device, amp
+        self.seconds = 0.0  # time spent in teacher forward passes so far
 
     def __call__(self, batch: dict[str, torch.Tensor]) -> DistillationTargets:
         """The targets of one batch: ``{"softmax": {key: (B, K, X, Y, Z)}, "coarse"/"fine": {key: (B, 1, x, y, z)}}``."""
         image = batch["image"].to(self.device, non_blocking=True)
         targets: DistillationTargets = {kind: {} for kind in self.request.kinds()}
+        began = time.perf_counter()
         with torch.no_grad(), autocast(self.device, self.amp):
             for key, model, spec in self.teachers:
                 with TapRecorder(model, spec.taps) as recorder:
@@ -70,4 +75,7 @@ class OnlineTargets:
                 if self.request.attention:
                     for kind in ATTENTION_KINDS:
                         targets[kind][key] = _unit_rms(attention_map(recorder.features[kind], self.p))
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.seconds += time.perf_counter() - began
         return targets

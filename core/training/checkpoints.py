@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from core.errors import TrainingError
+from core.evaluation.provenance import dotted
 from core.models.checkpoint import save_checkpoint
 from core.training.run import FitResult, TrainingRun, run_fields
 from core.training.state import RunState, Scores
@@ -98,16 +99,6 @@ class ResumeDiscardedWarning(UserWarning):
     afresh."""
 
 
-def _dotted(tree: Any, prefix: str = "") -> dict[str, Any]:
-    """A nested dict flattened to dotted keys (``{"a": {"b": 1}}`` → ``{"a.b": 1}``)."""
-    if isinstance(tree, dict) and tree:
-        out: dict[str, Any] = {}
-        for k, v in tree.items():
-            out.update(_dotted(v, f"{prefix}{k}."))
-        return out
-    return {prefix.rstrip("."): tree}
-
-
 def _load_latest(staging: Path) -> Any:
     """The contents of the staging folder's ``checkpoint_latest.pth``; ``None`` when absent or unreadable."""
     path = staging / LATEST_CHECKPOINT
@@ -131,7 +122,7 @@ def warn_if_discarding(staging: Path, run: TrainingRun, key: str) -> None:
     elif "run_fields" not in state:
         what = "was written by an older TeachCache"
     else:
-        before, now = _dotted(json.loads(state["run_fields"])), _dotted(run_fields(run))
+        before, now = dotted(json.loads(state["run_fields"])), dotted(run_fields(run))
         changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
         what = f"differs in {', '.join(changed[:6])}{'…' if len(changed) > 6 else ''}"
     warnings.warn(

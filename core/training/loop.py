@@ -243,7 +243,8 @@ def _write_summary(
         }
     )
     (staging / LATEST_CHECKPOINT).unlink(missing_ok=True)  # the optimizer state is for resuming only
-    summary = {**asdict(result), **run.recorded_fields, "run_key": key}
+    # run_fields: what the key hashes, so the cross-validation report can say what differs between pooled runs
+    summary = {**asdict(result), **run.recorded_fields, "run_key": key, "run_fields": run_fields(run)}
     (staging / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return result
 
@@ -297,11 +298,20 @@ def _start(
             run.model, device_ids=[run.device.index] if run.device.type == "cuda" else None
         )
     opt = Optimisation.build(run.model, run.loss_fn, run.cfg, run.device)
-    state = RunState(run.model, run.loss_fn, opt, len(run.foreground_names), key, run_fields(run))
+    state = RunState(
+        run.model,
+        run.loss_fn,
+        opt,
+        len(run.foreground_names),
+        key,
+        run_fields(run),
+        teacher_clock=run.teacher_clock,
+    )
     if resume is not None:
         state.restore(resume)
     state.steps_done = state.epochs_done * run.cfg.iterations_per_epoch
-    workers = resolve_num_workers(run.cfg.num_workers, run.device)
+    # a dataset that runs teachers (context mode) stays in this process, where they are
+    workers = 0 if run.dataset.context is not None else resolve_num_workers(run.cfg.num_workers, run.device)
     sampler = EpochSampler(len(run.dataset), ctx.rank, ctx.world)
     loader = DataLoader(
         run.dataset,
@@ -461,6 +471,7 @@ def _result(
         replicas_identical=identical,
         evaluated_in=headline.evaluated_in,
         seconds_per_volume=state.latency,
+        teacher_forward_seconds=None if state.teacher_seconds is None else round(state.teacher_seconds, 2),
         gflops_per_window=_gflops(run.spec.name, run.inference, run.in_channels, run.num_classes, run.args),
     )
 

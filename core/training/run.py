@@ -79,6 +79,7 @@ class FitResult:
     evaluated_in: str = "preprocessed grid"
     seconds_per_volume: float = float("nan")
     gflops_per_window: float | None = None
+    teacher_forward_seconds: float | None = None
 
 
 @dataclass(frozen=True, eq=False)
@@ -108,6 +109,8 @@ class TrainingRun:
         recorded: fields recorded in the checkpoints and summary beside ``meta`` that describe the run without
             being part of its key (what they hold is already in it, e.g. the inputs the model expects, which
             ``teachcache predict`` reads back), so recording more never makes a finished run look like another.
+        teacher_clock: teachers run during training (online distillation) and their ``seconds`` so far in forward
+            passes; recorded as ``teacher_forward_seconds`` (``None``: no teacher runs).
         holdout_cases: training cases held out of ``dataset`` to choose the headline checkpoint and stop early
             (``training.holdout``); empty: the final model is the headline.
         skip_done: when the run folder already holds a finished run with the same key (same settings, cases,
@@ -136,6 +139,7 @@ class TrainingRun:
     capture_taps: bool = False
     meta: dict[str, Any] | None = None
     recorded: dict[str, Any] | None = None
+    teacher_clock: Any = None
     holdout_cases: list[str] = field(default_factory=list)
     skip_done: bool = False
     original_geometry: bool = False
@@ -174,6 +178,8 @@ def run_fields(run: TrainingRun) -> dict[str, Any]:
         "loss_weights": getattr(run.loss_fn, "term_weights", None),
         "meta": run.meta or {},
     }
+    if getattr(run.dataset, "align", None) is not None:  # patches snapped to a cached twin's (student arms)
+        payload["align"] = run.dataset.align
     return json.loads(json.dumps(payload, sort_keys=True, default=str))
 
 

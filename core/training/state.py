@@ -89,6 +89,8 @@ class RunState:
         selected: the epoch with the best Dice on the held-out training cases, and its validation scores.
         stale: epochs since the held-out Dice last improved (early stopping).
         seconds_before: training seconds spent by earlier processes of this run (a resumed run).
+        teacher_seconds_before: of those, the seconds teachers ran in (online distillation).
+        teacher_clock: the run's teachers in memory (their ``seconds`` in this process); ``None``: none.
         started: ``time.perf_counter()`` when this process began training.
         steps_done: training steps counted by the progress bar and the kill hook (not resumed: recounted).
         latency: seconds to predict one validation volume (the last validation's mean; not resumed).
@@ -107,6 +109,8 @@ class RunState:
     selected: Scores = field(init=False)
     stale: int = 0
     seconds_before: float = 0.0
+    teacher_seconds_before: float = 0.0
+    teacher_clock: Any = None
     started: float = field(default_factory=time.perf_counter)
     steps_done: int = 0
     latency: float = float("nan")
@@ -120,6 +124,13 @@ class RunState:
     def seconds(self) -> float:
         """Training seconds of the whole run so far, earlier processes included."""
         return self.seconds_before + time.perf_counter() - self.started
+
+    @property
+    def teacher_seconds(self) -> float | None:
+        """Seconds the run's teachers ran in forward passes, earlier processes included; ``None``: no teachers."""
+        if self.teacher_clock is None:
+            return None
+        return self.teacher_seconds_before + float(self.teacher_clock.seconds)
 
     def to_checkpoint(self) -> dict[str, Any]:
         """Everything needed to continue after the last complete epoch (the ``checkpoint_latest.pth`` payload)."""
@@ -145,6 +156,7 @@ class RunState:
                 *(np.asarray(a).tolist() for a in (last.case_dice, last.case_hd95)),
             ],
             "seconds": self.seconds,
+            "teacher_seconds": self.teacher_seconds,
             "selected": [
                 selected.holdout_mean_dice,
                 selected.epoch,
@@ -167,6 +179,7 @@ class RunState:
             torch.cuda.set_rng_state_all(checkpoint["cuda_rng"])
         self.rows, self.stale = list(checkpoint["rows"]), int(checkpoint["stale"])
         self.seconds_before = float(checkpoint["seconds"])
+        self.teacher_seconds_before = float(checkpoint.get("teacher_seconds") or 0.0)
         mean_dice, per_class, epoch = checkpoint["best"]
         self.best = Scores(int(epoch), float(mean_dice), list(per_class))
         mean_dice, per_class, epoch, dice, hd95 = checkpoint["last"]

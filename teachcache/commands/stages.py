@@ -14,6 +14,7 @@ from teachcache.app import (
     ConfigOption,
     FoldOption,
     QuietOption,
+    err,
     load_experiment,
     one_line_warnings,
     out,
@@ -31,6 +32,19 @@ commands = typer.Typer()
 TeacherOption = Annotated[
     list[str] | None, typer.Option("--teacher", "-t", help="Only this teacher (repeatable).")
 ]
+
+
+AllowMixedOption = Annotated[
+    bool,
+    typer.Option(
+        "--allow-mixed",
+        help="Pool runs of mixed provenance (settings or teacher entries that differ) anyway; the report's header "
+        "says so.",
+    ),
+]
+
+# where a student's targets come from (distillation.source); "online" is online-patch's old name
+SOURCES = ("cache", "online-patch", "online-context", "online")
 
 
 @commands.command()
@@ -178,8 +192,9 @@ def distil(
     source: Annotated[
         str | None,
         typer.Option(
-            help="'cache' (targets from the store) or 'online' (the fold's teachers in memory, into "
-            "kd-<kind>-online/); default: distillation.source."
+            help="'cache' (targets from the store); 'online-patch' (or 'online': the fold's teachers in memory on "
+            "each augmented patch, into kd-<kind>-online-patch/); 'online-context' (the teachers run the cache's "
+            "windows around each patch, into kd-<kind>-online-context/); default: distillation.source."
         ),
     ] = None,
     quiet: QuietOption = False,
@@ -196,8 +211,8 @@ def distil(
             f"`make distil FOLD={fold} CONFIG=configs/ablations/{kd}.yaml`"
         )
     with one_line_warnings():
-        if source not in (None, "cache", "online"):
-            raise TeachCacheError(f"--source {source}: use 'cache' or 'online'")
+        if source not in (None, *SOURCES):
+            raise TeachCacheError(f"--source {source}: use one of {', '.join(SOURCES)}")
         r = run(cfg, fold, kd, progress=not quiet, allow_leakage=allow_leakage, seed=seed, source=source)
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun (make distil GPUS=n), process 0 speaks
         out.print(_fit_line(r), highlight=False, soft_wrap=True)
@@ -217,8 +232,12 @@ def cv(
     ] = None,
     online: Annotated[
         bool,
-        typer.Option(help="Also train each distilled student online (teachers in memory), the baseline."),
+        typer.Option(
+            help="Also train each distilled student online: on each patch (online-patch) with every seed, and on "
+            "the cache's windows around each patch (online-context) with the seeds of evaluation.context_seeds."
+        ),
     ] = False,
+    allow_mixed: AllowMixedOption = False,
     quiet: QuietOption = False,
 ) -> None:
     """Cross-validation: per fold, train the teachers, cache them, train the no-KD and the distilled student; then
@@ -234,6 +253,7 @@ def cv(
             say=lambda line: out.print(line, highlight=False),
             seeds=seed,
             online=online,
+            allow_mixed=allow_mixed,
         )
     out.print(f"report: {cfg.output.runs_dir / 'report.md'}")
 
@@ -258,13 +278,14 @@ def report(
         int | None,
         typer.Option("--fold", "-f", help="One fold's table; without it, every fold trained.", min=0),
     ] = None,
+    allow_mixed: AllowMixedOption = False,
 ) -> None:
     """Every run over the folds it was trained on, compared over folds (the primary endpoint of
     evaluation.primary_endpoint with its 95 % CI, the other comparisons Holm-adjusted, cached vs online
     equivalence) and, secondary, per case; or, with --fold, one fold's table with each stage's wall time."""
     cfg = load_experiment(config)
     if fold is None:
-        _cv_report(cfg)
+        _cv_report(cfg, allow_mixed)
     else:
         _fold_report(cfg, fold)
 
@@ -305,12 +326,15 @@ def _fold_level_lines(fold: dict[str, Any]) -> None:
         out.print(f"  {c['run']} vs {c['against']}, over folds: {what}", highlight=False)
 
 
-def _cv_report(cfg: Config) -> None:
+def _cv_report(cfg: Config, allow_mixed: bool = False) -> None:
     """Every run over its folds (Dice per fold and per case, HD95), the fold-level claims, the per-case paired
     tests (secondary) and the teacher-ensemble ratio."""
     from core.evaluation.cv_report import build_cv_report
 
-    rep = build_cv_report(cfg)
+    rep = build_cv_report(cfg, allow_mixed)
+    prov = rep["provenance"]
+    for line in ([f"pooled with --allow-mixed: {m}" for m in prov["mixed"]]) + prov["warnings"]:
+        err.print(f"provenance: {line}", highlight=False, soft_wrap=True)
     t = Table(title=f"{rep['experiment']}: headline models over the folds trained (Dice per case)")
     for col in ("run", "folds", "cases", "Dice (folds)", "Dice (cases)", "HD95 mm"):
         t.add_column(col, justify="left" if col in ("run", "folds") else "right", no_wrap=True)
