@@ -155,3 +155,30 @@ def test_the_two_stages_never_import_each_other():
                     else []
                 )
                 assert not any(n.split(".")[0] == other for n in names), f"{path.name} imports {other}"
+
+
+def test_every_ablation_states_its_whole_recipe_and_the_paper_recipe_is_frozen():
+    """A recipe in configs/ablations/ inherits its dataset and training from the demo but never its distillation:
+    changing the demo's default recipe must not change a reproduction (configs/ablations/none.yaml trains no term)."""
+    from core.config import load_config
+
+    root = Path(__file__).resolve().parents[1] / "configs" / "ablations"
+    for path in sorted(root.glob("*.yaml")):
+        if path.name == "none.yaml":
+            continue
+        own = yaml.safe_load(path.read_text())["distillation"]
+        assert set(own) == {"kind", "source", "temperature", "attention", "teachers", "terms"}, path.name
+        for term in own["terms"]:
+            assert set(term) == {"name", "weight", "combine", "teacher_weights", "args"}, path.name
+    paper = load_config(root / "teachformer-paper.yaml").distillation
+    assert (paper.kind, paper.source, paper.temperature, paper.teachers) == (
+        "teachformer-paper",
+        "cache",
+        2.0,
+        None,
+    )
+    assert (paper.attention.p, paper.attention.norm) == (2.0, "l2")
+    assert [(t.name, t.weight, t.teacher_weights, t.combine, t.args) for t in paper.terms] == [
+        ("pwd", 1.0, "uniform", None, {}),
+        ("afs", 1.0, "uniform", None, {}),
+    ]
