@@ -384,3 +384,23 @@ def test_the_evaluation_section_is_strict_and_changes_no_hash(tmp_path):
         data["evaluation"] = bad
         with pytest.raises(ConfigError, match=where):
             load_config(write_config(tmp_path, data))
+
+
+def test_a_twin_trained_with_fewer_seeds_is_paired_with_the_same_seeds(tmp_path):
+    """The context twin runs seed 0 only: per case and over folds it is compared with the cached run's seed 0,
+    not with the cached run averaged over its seeds."""
+    import shutil
+
+    path = _fake_runs(tmp_path, {"none": 0.0, "teachformer": 0.03, "teachformer-online-context": 0.03})
+    shutil.rmtree(tmp_path / "runs" / "students" / "kd-teachformer-online-context" / "seed_1")
+    cached_seed_1 = tmp_path / "runs" / "students" / "kd-teachformer" / "seed_1"
+    for csv_path in cached_seed_1.rglob("validation_per_case.csv"):  # seed 1 of the cached run far better
+        lines = csv_path.read_text().splitlines()
+        rows = [",".join([c, f"{float(d) + 0.2:.5f}", h]) for c, d, h in (r.split(",") for r in lines[1:])]
+        csv_path.write_text("\n".join([lines[0], *rows]))
+    assert runner.invoke(app, ["report", "-c", str(path)]).exit_code == 0
+    report = json.loads((tmp_path / "runs" / "report.json").read_text())
+    (per_case,) = report["cached_vs_online"]
+    assert per_case["n"] == 20 and abs(per_case["mean_difference"]) < 0.01
+    (tost,) = report["fold_level"]["equivalence"]
+    assert abs(tost["mean_difference"]) < 0.01 and tost["verdict"] == "equivalent"

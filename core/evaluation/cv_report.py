@@ -212,8 +212,8 @@ def build_cv_report(cfg: Config, allow_mixed: bool = False) -> dict[str, Any]:
         "provenance": pooling.as_json(),
         "fold_level": _fold_level(cfg, scores_of, arm, baseline),
         "runs": rows,
-        "paired_vs_no_kd": _paired_vs_no_kd(cases_of),
-        "cached_vs_online": _cached_vs_online(cases_of),
+        "paired_vs_no_kd": _paired_vs_no_kd(cases_of, scores_of),
+        "cached_vs_online": _cached_vs_online(cases_of, scores_of),
         "against_teacher_ensemble": _against_ensemble(cases_of),
         "cache_seconds": _cache_seconds(cfg, sorted({fold for found in runs.values() for fold, _ in found})),
     }
@@ -392,28 +392,50 @@ def _paired_dice(a: dict[str, tuple[float, float]], b: dict[str, tuple[float, fl
     return paired_tests([a[c][0] for c in common], [b[c][0] for c in common])
 
 
-def _paired_vs_no_kd(cases_of: dict[str, dict[str, tuple[float, float]]]) -> list[dict[str, Any]]:
-    """Each distilled student paired per case against the student without distillation."""
+def _common_runs(
+    a: RunCases, b: RunCases
+) -> tuple[dict[str, tuple[float, float]], dict[str, tuple[float, float]]]:
+    """Two runs' per-case (Dice, HD95) keyed ``"<fold>/<case>"``, each averaged over the (fold, seed) runs both have
+    only: a twin trained with fewer seeds is paired with the same seeds of the other."""
+    common = set(a) & set(b)
+
+    def averaged(cases: RunCases) -> dict[str, tuple[float, float]]:
+        by_case: dict[str, list[tuple[float, float]]] = {}
+        for key in common:
+            for c, v in cases[key].items():
+                by_case.setdefault(f"{key[0]}/{c}", []).append(v)
+        return {
+            c: (float(np.mean([v[0] for v in vs])), float(np.mean([v[1] for v in vs])))
+            for c, vs in by_case.items()
+        }
+
+    return averaged(a), averaged(b)
+
+
+def _paired_vs_no_kd(
+    cases_of: dict[str, dict[str, tuple[float, float]]], scores_of: dict[str, RunCases]
+) -> list[dict[str, Any]]:
+    """Each distilled student paired per case against the student without distillation (same folds and seeds)."""
     if BASELINE not in cases_of:
         return []
-    return [
-        {"run": name, "against": BASELINE, "metric": "dice", **_paired_dice(per_case, cases_of[BASELINE])}
-        for name, per_case in cases_of.items()
-        if name.startswith("student") and name != BASELINE
-    ]
+    out = []
+    for name in cases_of:
+        if name.startswith("student") and name != BASELINE and name in scores_of:
+            mine, theirs = _common_runs(scores_of[name], scores_of[BASELINE])
+            out.append({"run": name, "against": BASELINE, "metric": "dice", **_paired_dice(mine, theirs)})
+    return out
 
 
-def _cached_vs_online(cases_of: dict[str, dict[str, tuple[float, float]]]) -> list[dict[str, Any]]:
-    """Each student distilled from the cache paired per case against the same recipe distilled online."""
-    return [
-        {
-            "run": cached,
-            "against": online,
-            "metric": "dice",
-            **_paired_dice(cases_of[cached], cases_of[online]),
-        }
-        for cached, online in _online_twins(list(cases_of))
-    ]
+def _cached_vs_online(
+    cases_of: dict[str, dict[str, tuple[float, float]]], scores_of: dict[str, RunCases]
+) -> list[dict[str, Any]]:
+    """Each student distilled from the cache paired per case against the same recipe distilled online (same folds
+    and seeds: a context twin trained with seed 0 only is paired with the cached run's seed 0)."""
+    out = []
+    for cached, online in _online_twins(list(cases_of)):
+        mine, theirs = _common_runs(scores_of[cached], scores_of[online])
+        out.append({"run": cached, "against": online, "metric": "dice", **_paired_dice(mine, theirs)})
+    return out
 
 
 def _secondary_pairs(names: list[str], primary: tuple[str, str]) -> list[tuple[str, str]]:

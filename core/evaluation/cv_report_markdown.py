@@ -69,15 +69,15 @@ _COMPARISONS: tuple[tuple[str, str, str, str, Callable[[dict[str, Any]], str]], 
     (
         "paired_vs_no_kd",
         "Secondary, per case: each student paired per case against the student without distillation (same "
-        "cases, same folds):",
+        "cases, folds and seeds):",
         "| run | cases | Dice difference | Wilcoxon p | paired t p |",
         "|---|---:|---:|---:|---:|",
         _paired_line,
     ),
     (
         "cached_vs_online",
-        "Secondary, per case: distilled from the cache against the same recipe distilled online (teachers in "
-        "memory):",
+        "Secondary, per case: distilled from the cache against the same recipe distilled online, patch or "
+        "context (teachers in memory; the folds and seeds both ran):",
         "| cached run | online run | cases | Dice difference (cached − online) | Wilcoxon p | paired t p |",
         "|---|---|---:|---:|---:|---:|",
         _online_line,
