@@ -135,6 +135,9 @@ def test_context_patches_are_the_cached_patches_augmented_alike(context_store):
         store.location, cases, PATCH, context=context, align=cached.alignment(cases[0]), **kwargs
     )
     assert cached.alignment(cases[0]) == context.alignment() > 1
+    # a run that reads no target but must draw the cached run's patches snaps to the cached maps, case by case
+    plain = PatchDataset(store.location, cases, PATCH, length=4, seed=3, align=context.request)
+    assert plain.alignment(cases[0]) == cached.alignment(cases[0]) and set(plain[0]) == {"image", "label"}
     for i in range(4):
         a, b = cached[i], live[i]
         assert set(a) == set(b)

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from core.config import Config, DistillationConfig, TeacherConfig
-from core.data.patches import PatchDataset, TargetRequest, fine_alignment
+from core.data.patches import TargetRequest, fine_alignment
 from core.data.splits import holdout_split
 from core.errors import ConfigError, StoreError
 from core.experiment import fold_split, open_store_for, raw_dataset_status
@@ -264,28 +264,30 @@ def refuse_unknown_dice(
             )
 
 
-def cached_alignment(run: StudentFold, needed: TargetsNeeded) -> int | None:
+def cached_alignment(run: StudentFold, needed: TargetsNeeded) -> int | TargetRequest | None:
     """Where the patches of the fold's cached run with a recipe reading ``needed`` start (its fine maps' stride).
 
     Every student arm of a fold — without distillation, cached, online — passes this to its patches, so with the
-    same seed they all draw the same boxes and augmentations: the arms then differ only in their targets. Read from
-    the store's fine maps of the first training case when the teachers are cached there, else from the teachers'
-    registered taps (a teacher fed its own way, not cached: ``None``, the patch dataset's own rule).
+    same seed they all draw the same boxes and augmentations: the arms then differ only in their targets. For
+    registered networks on the store's grid read for their attention maps, their fine taps' stride (what the cached
+    maps have, on every case); otherwise, when the teachers are cached, the cached run's own request (its maps'
+    strides read case by case, as that run reads them); ``None`` (the patch dataset's own rule) for a teacher fed
+    its own way and not cached.
     """
     if not (needed.attention or needed.sketches or needed.features):
         return 1
+    teachers = run.teachers.teachers
+    registry = all(t.config.kind == "registry" for t in teachers)
+    if registry and not (needed.sketches or needed.features):
+        return fine_alignment([get_spec(t.config.arch).taps["fine"].stride for t in teachers])
     if not run.fit_cases:
         return None  # the patch dataset refuses an empty training set with its own message
-    first = run.fit_cases[0]
-    if all(run.store.has_entry(key, first) for key in run.teachers.keys):
-        request = TargetRequest.for_recipe(run.teachers.keys, 1.0, needed)
-        probe = PatchDataset(
-            run.store.location, run.fit_cases, run.cfg.training.patch_size, 1, targets=request
-        )
-        try:
-            return probe.alignment(first)
-        except StoreError:  # sketches the recipe reads are not cached: its cached run is refused on its own
-            pass
-    if any(t.config.kind != "registry" for t in run.teachers.teachers):
-        return None
-    return fine_alignment([get_spec(t.config.arch).taps["fine"].stride for t in run.teachers.teachers])
+    first, keys = run.fit_cases[0], run.teachers.keys
+    cached = all(run.store.has_entry(key, first) for key in keys) and (
+        not (needed.sketches or needed.features) or all(run.store.has_sketch(k, first, "fine") for k in keys)
+    )
+    if cached:
+        return TargetRequest.for_recipe(keys, 1.0, needed)
+    return (
+        fine_alignment([get_spec(t.config.arch).taps["fine"].stride for t in teachers]) if registry else None
+    )

@@ -298,8 +298,10 @@ class PatchDataset(Dataset):
             ``context(store, case_id, start, patch_size) -> {key: tensor}`` with the keys a cached patch carries
             (:class:`core.teachers.context.ContextTargets`); they are augmented as cached maps are. A dataset with a
             context runs in the training process (its teachers are there).
-        align: patch starts snap to multiples of this; ``None``: to the fine stride of the cached maps read (1 when
-            none is read). Runs that must draw the same patches as a cached run pass that run's alignment.
+        align: patch starts snap to multiples of this; a :class:`TargetRequest`: to the fine stride of those cached
+            maps, case by case, as a run reading them would (without reading them as targets); ``None``: to the fine
+            stride of the cached maps read (1 when none is read). Runs that must draw the same patches as a cached
+            run pass that run's alignment.
     """
 
     def __init__(
@@ -314,7 +316,7 @@ class PatchDataset(Dataset):
         augment: bool = True,
         augmentation: AugmentationConfig | None = None,
         context: Any = None,
-        align: int | None = None,
+        align: int | TargetRequest | None = None,
     ):
         if not case_ids:
             raise StoreError("no training cases to sample patches from")
@@ -389,10 +391,10 @@ class PatchDataset(Dataset):
         """Patch starts snap to a multiple of the fine maps' and sketches' strides (the largest, when it is a multiple
         of the others; else 1), so those large maps are cut, not interpolated (:func:`crop_map`); coarse maps are
         small. 1 when no map is read."""
-        t = self.targets
-        if self.align is not None:
+        if isinstance(self.align, int):
             return self.align
-        if t is None or self.context is not None:
+        t = self.align if isinstance(self.align, TargetRequest) else self.targets
+        if t is None or (self.context is not None and self.align is None):
             return 1
         strides: list[float] = []
         for teacher in t.teachers:
@@ -483,7 +485,7 @@ def training_patches(
     seed: int,
     targets: TargetRequest | None = None,
     context: Any = None,
-    align: int | None = None,
+    align: int | TargetRequest | None = None,
 ) -> PatchDataset:
     """The patches one epoch of a training run draws, as ``training`` sets them (teachers and students alike).
 
