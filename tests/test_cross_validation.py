@@ -404,3 +404,34 @@ def test_a_twin_trained_with_fewer_seeds_is_paired_with_the_same_seeds(tmp_path)
     assert per_case["n"] == 20 and abs(per_case["mean_difference"]) < 0.01
     (tost,) = report["fold_level"]["equivalence"]
     assert abs(tost["mean_difference"]) < 0.01 and tost["verdict"] == "equivalent"
+
+
+def test_a_class_distillation_hurts_is_flagged_over_folds(tmp_path):
+    """Per class over folds: a thin class whose Dice falls in every fold is flagged with its CI; a class that
+    gains a little is not."""
+    path = write_config(tmp_path, tiny_config_dict(tmp_path))
+    rng = np.random.default_rng(1)
+    for kind, shift in (("none", (0.0, 0.0)), ("teachformer", (0.01, -0.08))):
+        for fold in range(5):
+            folder = tmp_path / "runs" / "students" / f"kd-{kind}" / f"fold_{fold}"
+            folder.mkdir(parents=True)
+            (folder / "summary.json").write_text(json.dumps({"parameters": 10}))
+            rows = []
+            for i in range(4):
+                organ = 0.8 + shift[0] + rng.normal(0, 0.01)
+                vessel = 0.5 + 0.02 * fold + shift[1] + rng.normal(0, 0.01)
+                rows.append(f"f{fold}c{i},{organ:.4f},{vessel:.4f},{(organ + vessel) / 2:.4f},2.0,3.0,2.5")
+            header = "case,dice_organ,dice_vessel,mean_dice,hd95_mm_organ,hd95_mm_vessel,mean_hd95_mm"
+            (folder / "validation_per_case.csv").write_text("\n".join([header, *rows]))
+    result = runner.invoke(app, ["report", "-c", str(path)])
+    assert result.exit_code == 0, result.output
+    assert "harm flag, over folds: kd-teachformer hurts class vessel" in " ".join(result.output.split())
+    fold = json.loads((tmp_path / "runs" / "report.json").read_text())["fold_level"]
+    by_class = {c["class"]: c for c in fold["per_class"]}
+    assert set(by_class) == {"organ", "vessel"}
+    assert by_class["vessel"]["t_interval"][1] < 0 < by_class["organ"]["t_interval"][0]
+    (flag,) = fold["harm_flags"]
+    assert flag.startswith("kd-teachformer hurts class vessel: −8.") and "against kd-none, 95 % CI [−" in flag
+    md = (tmp_path / "runs" / "report.md").read_text()
+    assert "**Harm flags**" in md and f"- {flag}" in md
+    assert "| student kd-teachformer | student kd-none | vessel | 5 |" in md

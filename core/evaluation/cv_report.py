@@ -210,7 +210,8 @@ def build_cv_report(cfg: Config, allow_mixed: bool = False) -> dict[str, Any]:
     report = {
         "experiment": cfg.experiment,
         "provenance": pooling.as_json(),
-        "fold_level": _fold_level(cfg, scores_of, arm, baseline),
+        "fold_level": _fold_level(cfg, scores_of, arm, baseline)
+        | dict(zip(("per_class", "harm_flags"), _per_class_vs_baseline(cfg, runs, baseline), strict=True)),
         "runs": rows,
         "paired_vs_no_kd": _paired_vs_no_kd(cases_of, scores_of),
         "cached_vs_online": _cached_vs_online(cases_of, scores_of),
@@ -250,6 +251,71 @@ def _records(name: str, found: dict[tuple[int, int | None], Path]) -> list[RunRe
             found.items(), key=lambda kv: (kv[0][0], -1 if kv[0][1] is None else kv[0][1])
         )
     ]
+
+
+def _class_scores(
+    found: dict[tuple[int, int | None], Path],
+) -> dict[str, dict[tuple[int, int | None], dict[str, float]]]:
+    """Per class, per (fold, seed) run, per case: the class's Dice (the ``dice_<class>`` columns)."""
+    out: dict[str, dict[tuple[int, int | None], dict[str, float]]] = {}
+    for key, folder in found.items():
+        with open(folder / "validation_per_case.csv") as f:
+            for r in csv.DictReader(f):
+                for column, value in r.items():
+                    if column.startswith("dice_"):
+                        out.setdefault(column.removeprefix("dice_"), {}).setdefault(key, {})[r["case"]] = (
+                            float(value)
+                        )
+    return out
+
+
+def _signed_points(v: float) -> str:
+    """A Dice difference in points with a true minus sign (−8.1)."""
+    return f"{100 * v:.1f}".replace("-", "−")
+
+
+def _per_class_vs_baseline(
+    cfg: Config, runs: dict[str, dict[tuple[int, int | None], Path]], baseline: str
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """Each student run against ``baseline`` over folds, class by class (95 % t-interval, unadjusted: a safety
+    check, not a claim), and the harm flags: a class whose interval lies wholly below zero."""
+    if baseline not in runs:
+        return [], []
+    theirs = _class_scores(runs[baseline])
+    entries, flags = [], []
+    for name, found in runs.items():
+        if not name.startswith("student ") or name == baseline:
+            continue
+        for cls, mine in _class_scores(found).items():
+            if cls not in theirs:
+                continue
+            try:
+                c = compare_folds(
+                    mine,
+                    theirs[cls],
+                    resamples=cfg.evaluation.bootstrap_resamples,
+                    seed=cfg.evaluation.bootstrap_seed,
+                )
+            except ComparisonError:
+                continue
+            entries.append(
+                {
+                    "run": name,
+                    "against": baseline,
+                    "class": cls,
+                    "n_folds": c.n_folds,
+                    "mean_difference": c.mean_difference,
+                    "t_interval": list(c.t_interval),
+                    "verdict": c.verdict,
+                }
+            )
+            if c.t_interval[1] < 0:
+                low, high = (_signed_points(v) for v in c.t_interval)
+                flags.append(
+                    f"{name.removeprefix('student ')} hurts class {cls}: {_signed_points(c.mean_difference)} points "
+                    f"against {baseline.removeprefix('student ')}, 95 % CI [{low}, {high}]"
+                )
+    return entries, flags
 
 
 def _read_run(found: dict[tuple[int, int | None], Path]) -> tuple[RunCases, list[dict[str, Any]]]:

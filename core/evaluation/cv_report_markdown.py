@@ -210,6 +210,13 @@ def _fold_level_markdown(fold: dict[str, Any]) -> list[str]:
             "|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
             [_secondary_line(c) for c in fold["secondary"]],
         )
+    if fold.get("harm_flags"):
+        lines += [
+            "",
+            "**Harm flags** (a class whose 95 % CI against the baseline lies wholly below zero):",
+            "",
+        ]
+        lines += [f"- {f}" for f in fold["harm_flags"]]
     if fold["equivalence"]:
         lines += _table(
             f"Equivalence of each cached recipe with its online-context twin (the teachers run afresh on the "
@@ -220,6 +227,18 @@ def _fold_level_markdown(fold: dict[str, Any]) -> list[str]:
             "| cached run | online run | folds | difference, points | 90 % CI | 95 % CI | TOST p | verdict |",
             "|---|---|---:|---:|---:|---:|---:|---|",
             [_equivalence_line(c) for c in fold["equivalence"]],
+        )
+    if fold.get("per_class"):
+        lines += _table(
+            "Per class, each student against the baseline over folds (95 % t-interval, not adjusted for "
+            "multiplicity: a safety check for harm, not a claim):",
+            "| run | against | class | folds | difference, points | 95 % CI (t) | verdict |",
+            "|---|---|---|---:|---:|---:|---|",
+            [
+                f"| {c['run']} | {c['against']} | {c['class']} | {c['n_folds']} | "
+                f"{_points(c['mean_difference'], 2, '+')} | {_interval(c['t_interval'])} | {c['verdict']} |"
+                for c in fold["per_class"]
+            ],
         )
     return lines
 
