@@ -88,6 +88,17 @@ def _cost(report: dict[str, Any]) -> str:
     return line
 
 
+def _finished(report: dict[str, Any]) -> str:
+    """Which student runs the report pooled: per run kind, its (fold, seed) runs and folds."""
+    parts = [
+        f"{r['run'].removeprefix('student ')} {r.get('training_runs', '?')} run(s) over fold(s) "
+        f"{','.join(map(str, r['folds']))}"
+        for r in report["runs"]
+        if r["run"].startswith("student")
+    ]
+    return "**Finished when generated**: " + "; ".join(parts) + " (the study resumes with `make cv`)."
+
+
 def generated_block(report: dict[str, Any], source: str) -> str:
     """The generated part of the document: the claims in words, then the report's sections."""
     fold = report["fold_level"]
@@ -108,6 +119,7 @@ def generated_block(report: dict[str, Any], source: str) -> str:
         "- "
         + _comparison(patch, "**The cache against per-patch online distillation** (TeachFormer's regime)"),
         "- " + _cost(report),
+        "- " + _finished(report),
     ]
     for name, section in report_sections(report).items():
         if name == "per_case":

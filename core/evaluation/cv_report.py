@@ -365,6 +365,7 @@ def _run_row(
         "teacher_seconds_per_run": _mean_of(summaries, "teacher_forward_seconds"),
         "per_class": _per_class(list(found.values())),
         "seeds": len(seed_fold_dice),
+        "training_runs": len(scores),  # (fold, seed) runs
         "dice_std_over_seeds": float(np.std(complete, ddof=1)) if len(complete) > 1 else math.nan,
     }
     return row, per_case, scores
