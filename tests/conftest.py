@@ -148,3 +148,27 @@ def derived_config(root: Path, data: dict[str, Any], name: str, **changes: Any):
     path = root / f"{name}.yaml"
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return load_config(path), path
+
+
+def cache_random_teachers(root: Path, data: dict[str, Any], seed: int) -> Path:
+    """Write ``data`` as ``root/config.yaml``, its synthetic dataset and store, one seeded random checkpoint per
+    teacher (seeds ``seed``, ``seed + 1``, …; recorded as trained on no case), all cached by the real cache stage.
+    Returns the config's path."""
+    import torch
+
+    from cache_teachers import cache_teachers, preprocess_dataset
+    from core.config import load_config
+    from core.data.synthetic import write_synthetic_dataset
+    from core.models import create_model
+    from core.models.checkpoint import save_checkpoint
+
+    path = write_config(root, data)
+    cfg = load_config(path)
+    write_synthetic_dataset(cfg.dataset.synthetic, cfg.dataset.raw_dir, progress=False)
+    preprocess_dataset(cfg, progress=False)
+    for i, teacher in enumerate(cfg.teachers):
+        torch.manual_seed(seed + i)
+        model = create_model(teacher.arch, 2, 2, teacher.args)
+        save_checkpoint(teacher.checkpoint, model, teacher.arch, 2, 2, teacher.args, {"train_cases": []})
+    cache_teachers(cfg, progress=False)
+    return path

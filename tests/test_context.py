@@ -17,11 +17,11 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from core.data.patches import PatchDataset, TargetRequest, crop_map
+from core.data.patches import PatchDataset, TargetRequest, crop_map, fine_alignment
 from core.store.teacher_store import TeacherStore
 from core.teachers.context import ContextTargets, ContextTeacher, window_starts
 from teachcache.cli import app
-from tests.conftest import TINY_TEACHER_TRAINING, tiny_config_dict, write_config
+from tests.conftest import TINY_TEACHER_TRAINING, cache_random_teachers, tiny_config_dict
 
 runner = CliRunner()
 TEACHERS = ("unetr", "dynunet")  # a transformer and a CNN
@@ -31,11 +31,6 @@ PATCH = (32, 32, 32)
 @pytest.fixture(scope="module")
 def context_store(tmp_path_factory) -> Path:
     """Seeded random UNETR and DynUNet checkpoints, cached over 64³ cases; returns the config's path."""
-    from cache_teachers import cache_teachers, preprocess_dataset
-    from core.config import load_config
-    from core.data.synthetic import write_synthetic_dataset
-    from core.models import create_model
-    from core.models.checkpoint import save_checkpoint
 
     root = tmp_path_factory.mktemp("context")
     data = tiny_config_dict(root)
@@ -44,16 +39,7 @@ def context_store(tmp_path_factory) -> Path:
     data["teachers"] = [t for t in data["teachers"] if t["name"] in TEACHERS]
     data["splits"]["num_folds"] = 2
     data["training"] = {**TINY_TEACHER_TRAINING, "epochs": 1, "iterations_per_epoch": 2, "val_every": 1}
-    path = write_config(root, data)
-    cfg = load_config(path)
-    write_synthetic_dataset(cfg.dataset.synthetic, cfg.dataset.raw_dir, progress=False)
-    preprocess_dataset(cfg, progress=False)
-    for i, teacher in enumerate(cfg.teachers):
-        torch.manual_seed(200 + i)
-        model = create_model(teacher.arch, 2, 2, teacher.args)
-        save_checkpoint(teacher.checkpoint, model, teacher.arch, 2, 2, teacher.args, {"train_cases": []})
-    cache_teachers(cfg, progress=False)
-    return path
+    return cache_random_teachers(root, data, seed=200)
 
 
 def _context(cfg, name: str, temperature: float) -> tuple[ContextTargets, str]:
@@ -134,7 +120,8 @@ def test_context_patches_are_the_cached_patches_augmented_alike(context_store):
     live = PatchDataset(
         store.location, cases, PATCH, context=context, align=cached.alignment(cases[0]), **kwargs
     )
-    assert cached.alignment(cases[0]) == context.alignment() > 1
+    taps = fine_alignment([t.spec.taps["fine"].stride for t in context.teachers])
+    assert cached.alignment(cases[0]) == taps > 1, "the registered taps' stride is the cached maps'"
     # a run that reads no target but must draw the cached run's patches snaps to the cached maps, case by case
     plain = PatchDataset(store.location, cases, PATCH, length=4, seed=3, align=context.request)
     assert plain.alignment(cases[0]) == cached.alignment(cases[0]) and set(plain[0]) == {"image", "label"}

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import TINY_TEACHER_TRAINING, tiny_config_dict, write_config
+from tests.conftest import TINY_TEACHER_TRAINING, cache_random_teachers, tiny_config_dict
 
 # (recipe, source) -> (sha256 of the final state_dict, final validation mean Dice), from torch 2.13.0 on x86-64 CPU
 PINNED: dict[tuple[str, str], tuple[str, float]] = {
@@ -80,27 +80,13 @@ def state_dict_sha256(state: dict[str, torch.Tensor]) -> str:
 @pytest.fixture(scope="module")
 def random_teacher_store(tmp_path_factory) -> Path:
     """Two seeded random teachers (UNETR, DynUNet) cached into a tiny store with feature sketches."""
-    from cache_teachers import cache_teachers, preprocess_dataset
-    from core.config import load_config
-    from core.data.synthetic import write_synthetic_dataset
-    from core.models import create_model
-    from core.models.checkpoint import save_checkpoint
 
     root = tmp_path_factory.mktemp("same-numbers")
     data = tiny_config_dict(root)
     data["teachers"] = [t for t in data["teachers"] if t["name"] != "swin"]
     data["store"]["feature_sketch_channels"] = 4
     data["training"] = {**TINY_TEACHER_TRAINING, "epochs": 2, "val_every": 1}
-    path = write_config(root, data)
-    cfg = load_config(path)
-    write_synthetic_dataset(cfg.dataset.synthetic, cfg.dataset.raw_dir, progress=False)
-    preprocess_dataset(cfg, progress=False)
-    for i, teacher in enumerate(cfg.teachers):
-        torch.manual_seed(100 + i)
-        model = create_model(teacher.arch, 2, 2, teacher.args)
-        save_checkpoint(teacher.checkpoint, model, teacher.arch, 2, 2, teacher.args, {"train_cases": []})
-    cache_teachers(cfg, progress=False)
-    return path
+    return cache_random_teachers(root, data, seed=100)
 
 
 @pytest.mark.parametrize(("kind", "source"), RUNS, ids=[f"{k}-{s}" for k, s in RUNS])

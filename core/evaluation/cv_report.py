@@ -21,6 +21,7 @@ import math
 import os
 import re
 from dataclasses import asdict
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -120,12 +121,18 @@ def _ensemble(cfg: Config, folds: list[int]) -> dict[str, tuple[float, float]]:
     return out
 
 
-def _per_case(folder: Path) -> dict[str, tuple[float, float]]:
+@cache
+def _case_rows(folder: Path) -> tuple[dict[str, str], ...]:
+    """A run's ``validation_per_case.csv`` rows, read once per report (:func:`build_cv_report` clears the cache)."""
     with open(folder / "validation_per_case.csv") as f:
-        # runs written before HD95 was measured have no mean_hd95_mm column
-        return {
-            r["case"]: (float(r["mean_dice"]), float(r.get("mean_hd95_mm", "nan"))) for r in csv.DictReader(f)
-        }
+        return tuple(csv.DictReader(f))
+
+
+def _per_case(folder: Path) -> dict[str, tuple[float, float]]:
+    # runs written before HD95 was measured have no mean_hd95_mm column
+    return {
+        r["case"]: (float(r["mean_dice"]), float(r.get("mean_hd95_mm", "nan"))) for r in _case_rows(folder)
+    }
 
 
 def _per_class(folders: list[Path]) -> dict[str, dict[str, float]]:
@@ -133,11 +140,10 @@ def _per_class(folders: list[Path]) -> dict[str, dict[str, float]]:
     ``hd95_mm_<class>`` columns; HD95 over the cases where it is finite): ``{"dice": {...}, "hd95_mm": {...}}``."""
     columns: dict[str, list[float]] = {}
     for folder in folders:
-        with open(folder / "validation_per_case.csv") as f:
-            for r in csv.DictReader(f):
-                for key, value in r.items():
-                    if key.startswith(("dice_", "hd95_mm_")):
-                        columns.setdefault(key, []).append(float(value))
+        for r in _case_rows(folder):
+            for key, value in r.items():
+                if key.startswith(("dice_", "hd95_mm_")):
+                    columns.setdefault(key, []).append(float(value))
     out: dict[str, dict[str, float]] = {"dice": {}, "hd95_mm": {}}
     for key, values in columns.items():
         metric, name = (
@@ -188,6 +194,7 @@ def build_cv_report(cfg: Config, allow_mixed: bool = False) -> dict[str, Any]:
         MixedProvenanceError: runs pooled in one row, or paired, are not the same experiment (without
             ``allow_mixed``); nothing is written.
     """
+    _case_rows.cache_clear()  # a report reads each run's per-case scores once, as they are now
     runs = _runs(cfg)
     if not runs:
         raise TeachCacheError(
@@ -259,13 +266,12 @@ def _class_scores(
     """Per class, per (fold, seed) run, per case: the class's Dice (the ``dice_<class>`` columns)."""
     out: dict[str, dict[tuple[int, int | None], dict[str, float]]] = {}
     for key, folder in found.items():
-        with open(folder / "validation_per_case.csv") as f:
-            for r in csv.DictReader(f):
-                for column, value in r.items():
-                    if column.startswith("dice_"):
-                        out.setdefault(column.removeprefix("dice_"), {}).setdefault(key, {})[r["case"]] = (
-                            float(value)
-                        )
+        for r in _case_rows(folder):
+            for column, value in r.items():
+                if column.startswith("dice_"):
+                    out.setdefault(column.removeprefix("dice_"), {}).setdefault(key, {})[r["case"]] = float(
+                        value
+                    )
     return out
 
 

@@ -28,11 +28,12 @@ from monai.inferers.utils import _get_scan_interval
 from torch import nn
 
 from core.config import InferenceConfig
-from core.data.patches import TargetRequest, crop_map, fine_alignment
+from core.data.patches import TargetRequest, crop_map
 from core.inference import aligned_overlap, predict_volume
 from core.models.registry import ModelSpec
 from core.store.format import Box
 from core.store.teacher_store import TeacherStore
+from core.teachers.online import unit_rms
 from core.terms import ATTENTION_KINDS, ONLINE_KINDS
 
 __all__ = ["ContextTargets", "ContextTeacher", "window_starts"]
@@ -53,12 +54,6 @@ def window_starts(shape: Sequence[int], roi: Sequence[int], overlap: Sequence[fl
     scan = _get_scan_interval(tuple(shape), tuple(roi), len(shape), tuple(overlap))
     slices = dense_patch_slices(tuple(shape), tuple(roi), scan)
     return [sorted({int(s[axis].start) for s in slices}) for axis in range(len(shape))]
-
-
-def _unit_rms(amap: torch.Tensor) -> torch.Tensor:
-    """The map scaled to unit root-mean-square (the losses normalise each map; this keeps float ranges alike)."""
-    norm = amap.flatten().norm().clamp_min(1e-12) / amap.numel() ** 0.5
-    return amap / norm
 
 
 class ContextTargets:
@@ -95,13 +90,6 @@ class ContextTargets:
         self.teachers, self.request, self.p, self.device, self.amp = teachers, request, p, device, amp
         self.seconds = 0.0
         self.windows = 0
-
-    def alignment(self) -> int:
-        """Where the patches of a run distilled from these teachers start (:func:`fine_alignment` of their fine
-        taps, as the cached run's patches start on the cached fine maps' grid)."""
-        if not self.request.attention:
-            return 1
-        return fine_alignment([t.spec.taps["fine"].stride for t in self.teachers])
 
     def context_box(
         self, teacher: ContextTeacher, shape: Sequence[int], start: Sequence[int], size: Sequence[int]
@@ -175,5 +163,5 @@ class ContextTargets:
                 for kind in ATTENTION_KINDS:
                     amap = out[kind]
                     stride = [e / m for e, m in zip(extent, amap.shape, strict=True)]
-                    sample[f"{kind}/{teacher.key}"] = _unit_rms(crop_map(amap, stride, offset, size))
+                    sample[f"{kind}/{teacher.key}"] = unit_rms(crop_map(amap, stride, offset, size)[None])[0]
         return sample

@@ -22,10 +22,10 @@ from core.models.registry import ModelSpec
 from core.models.taps import TapRecorder, attention_map
 from core.terms import ATTENTION_KINDS, ONLINE_KINDS, DistillationTargets
 
-__all__ = ["OnlineTargets"]
+__all__ = ["OnlineTargets", "unit_rms"]
 
 
-def _unit_rms(amap: torch.Tensor) -> torch.Tensor:
+def unit_rms(amap: torch.Tensor) -> torch.Tensor:
     """Each sample's map scaled to unit root-mean-square, as the store keeps maps (the losses normalise anyway)."""
     flat = amap.flatten(1)
     norm = flat.norm(dim=1).clamp_min(1e-12) / flat.shape[1] ** 0.5
@@ -74,7 +74,7 @@ class OnlineTargets:
                     targets["softmax"][key] = torch.softmax(logits / self.request.temperature, dim=1)
                 if self.request.attention:
                     for kind in ATTENTION_KINDS:
-                        targets[kind][key] = _unit_rms(attention_map(recorder.features[kind], self.p))
+                        targets[kind][key] = unit_rms(attention_map(recorder.features[kind], self.p))
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.seconds += time.perf_counter() - began
