@@ -380,6 +380,30 @@ class AttentionConfig(_Strict):
     norm: Literal["l1", "l2"] = "l2"
 
 
+class BalanceConfig(_Strict):
+    """How the KD terms' weights move during training, and the gradient health check (``docs/losses.md``, "Term
+    balancing and the health check")."""
+
+    # the KD weights ramp linearly from 0 to their configured value over the first warmup_epochs (per step)
+    warmup_epochs: int = Field(0, ge=0)
+    # each KD term's weighted gradient norm on the student's weights held at this fraction of L_SEG's, its weight
+    # re-scaled at every measurement; None: the configured weights as they are
+    grad_fraction: float | None = Field(None, gt=0)
+    # training steps between two gradient measurements (the health check's and the balance's); 0: no health check
+    every: int = Field(25, ge=0)
+
+    @model_validator(mode="after")
+    def _measured(self) -> BalanceConfig:
+        if self.grad_fraction is not None and self.every == 0:
+            raise ValueError("grad_fraction re-measures the gradients every `every` steps; set every >= 1")
+        return self
+
+    @property
+    def changes_training(self) -> bool:
+        """Whether the weights move (a ramp or the balance); the health check alone changes no step."""
+        return self.warmup_epochs > 0 or self.grad_fraction is not None
+
+
 class TermConfig(_Strict):
     """One distillation term (``docs/losses.md``): its registered name, weight and options."""
 
@@ -414,6 +438,15 @@ class DistillationConfig(_Strict):
     terms: list[TermConfig] = Field(default_factory=_teachformer_terms)
     attention: AttentionConfig = Field(default_factory=AttentionConfig)
     teachers: list[str] | None = None
+    balance: BalanceConfig = Field(default_factory=BalanceConfig)
+
+    def key_fields(self) -> dict[str, Any]:
+        """The recipe as run keys hash it: every field, ``balance`` only where it changes training (so the health
+        check's interval never makes a finished run look like another, nor do runs made before it existed)."""
+        dump = self.model_dump(mode="json")
+        if not self.balance.changes_training:
+            dump.pop("balance")
+        return dump
 
     @field_validator("source")
     @classmethod
@@ -497,6 +530,12 @@ class Config(_Strict):
                 raise ValueError(
                     f"distillation.teachers names '{wanted}', which is not in teachers ({', '.join(names)})"
                 )
+        ramp, epochs = self.distillation.balance.warmup_epochs, self.training.epochs
+        if ramp > epochs:
+            raise ValueError(
+                f"distillation.balance.warmup_epochs ({ramp}) is longer than training.epochs ({epochs}): the KD "
+                "terms would never reach their weight; shorten the ramp or train longer"
+            )
         return self
 
     def preprocessing_hash(self) -> str:

@@ -57,8 +57,10 @@ TERM_SPECS: dict[str, TermSpec] = {
     spec.name: spec
     for spec in (
         TermSpec("pwd", frozenset({"softmax"})),
+        TermSpec("dkd", frozenset({"softmax"})),
         TermSpec("cwd", frozenset({"softmax"})),
         TermSpec("dist", frozenset({"softmax"})),
+        TermSpec("region", frozenset({"softmax"})),
         TermSpec("afs", frozenset(ATTENTION_KINDS)),
         TermSpec("affinity", frozenset({"softmax", *SKETCH_KINDS})),
         TermSpec("gram", frozenset(SKETCH_KINDS)),

@@ -2,7 +2,9 @@
 and the cosine between that gradient and L_SEG's, averaged over training patches of one fold.
 
 A distillation term whose gradient is large beside L_SEG's and points against it (negative cosine) fights the
-labels; docs/kd-harm.md uses this to explain when distillation hurts.
+labels; docs/recipes.md uses this to explain when distillation hurts. Training runs take the same measurement every
+``distillation.balance.every`` steps (core/training/health.py, the health check); this script takes it offline, on a
+chosen checkpoint.
 
     .venv/bin/python scripts/term_gradients.py -c configs/demo-thin.yaml --fold 0 \
         [--checkpoint runs/demo-thin/students/kd-none/fold_0/checkpoint_final.pth] [--batches 20]
@@ -25,6 +27,7 @@ from core.losses.distillation import build_objective
 from core.models import TapRecorder, create_model, get_spec
 from core.models.checkpoint import load_checkpoint
 from core.terms import targets_needed
+from core.training.health import term_gradients
 from core.training.run import run_seed
 
 
@@ -72,16 +75,8 @@ def main() -> None:
             logits = model(image)
         terms = loss(logits, label, dict(recorder.features), targets)
         params = [p for p in model.parameters() if p.requires_grad]
-        grads = {}
-        for name in ["seg", *[n for n in loss.names if weights[n] > 0]]:
-            weight = 1.0 if name == "seg" else weights[name]
-            parts = torch.autograd.grad(weight * terms[name], params, retain_graph=True, allow_unused=True)
-            grads[name] = torch.cat(
-                [
-                    (g if g is not None else torch.zeros_like(p)).flatten()
-                    for g, p in zip(parts, params, strict=True)
-                ]
-            )
+        weighted = {"seg": terms["seg"], **{n: weights[n] * terms[n] for n in loss.names if weights[n] > 0}}
+        grads = term_gradients(weighted, list(weighted), params)
         for name, g in grads.items():
             cos = torch.nn.functional.cosine_similarity(g, grads["seg"], dim=0).item()
             rows.setdefault(name, []).append((float(terms[name].detach()), float(g.norm()), cos))

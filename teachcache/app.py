@@ -106,9 +106,10 @@ def one_line_warnings() -> Iterator[None]:
 
     from core.experiment import RawDataChangedWarning
     from core.training.checkpoints import ResumeDiscardedWarning
+    from core.training.health import KDHealthWarning
     from train_student.from_cache import TapGridWarning
 
-    ours = (RawDataChangedWarning, TapGridWarning, ResumeDiscardedWarning)
+    ours = (RawDataChangedWarning, TapGridWarning, ResumeDiscardedWarning, KDHealthWarning)
     shown = warnings.showwarning
 
     def show(message, category, filename, lineno, file=None, line=None) -> None:  # type: ignore[no-untyped-def]

@@ -167,7 +167,10 @@ def test_every_ablation_states_its_whole_recipe_and_the_paper_recipe_is_frozen()
         if path.name == "none.yaml":
             continue
         own = yaml.safe_load(path.read_text())["distillation"]
-        assert set(own) == {"kind", "source", "temperature", "attention", "teachers", "terms"}, path.name
+        assert set(own) == {"kind", "source", "temperature", "attention", "teachers", "balance", "terms"}, (
+            path.name
+        )
+        assert set(own["balance"]) == {"warmup_epochs", "grad_fraction", "every"}, path.name
         for term in own["terms"]:
             assert set(term) == {"name", "weight", "combine", "teacher_weights", "args"}, path.name
     paper = load_config(root / "teachformer-paper.yaml").distillation
@@ -178,6 +181,7 @@ def test_every_ablation_states_its_whole_recipe_and_the_paper_recipe_is_frozen()
         None,
     )
     assert (paper.attention.p, paper.attention.norm) == (2.0, "l2")
+    assert not paper.balance.changes_training
     assert [(t.name, t.weight, t.teacher_weights, t.combine, t.args) for t in paper.terms] == [
         ("pwd", 1.0, "uniform", None, {}),
         ("afs", 1.0, "uniform", None, {}),

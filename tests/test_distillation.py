@@ -30,7 +30,7 @@ def _objective(name: str, **term: object):
     )
 
 
-@pytest.mark.parametrize("name", ["pwd", "cwd", "dist"])
+@pytest.mark.parametrize("name", ["pwd", "dkd", "cwd", "dist"])
 def test_distribution_terms_vanish_on_agreement_and_pull_otherwise(name):
     torch.manual_seed(0)
     student = torch.randn(2, 3, 4, 4, 4, requires_grad=True)
@@ -46,7 +46,7 @@ def test_distribution_terms_vanish_on_agreement_and_pull_otherwise(name):
 
 
 def test_every_registered_term_is_covered():
-    assert sorted(TERMS) == ["affinity", "afs", "cwd", "dist", "ffd", "gram", "pwd", "rgd"]
+    assert sorted(TERMS) == ["affinity", "afs", "cwd", "dist", "dkd", "ffd", "gram", "pwd", "region", "rgd"]
 
 
 def test_dice_weights_follow_the_better_teacher():

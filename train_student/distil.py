@@ -205,7 +205,7 @@ def _run_meta(run: StudentFold, recipe: Recipe, reads: TeacherReads, allow_leaka
         "fit_cases": run.fit_cases,
         "val_cases": run.val,
         "class_names": run.class_names,
-        "distillation": recipe.config.model_dump(mode="json"),
+        "distillation": recipe.config.key_fields(),
         "teachers": reads.checkpoints,
         "source": recipe.config.source if recipe.online else "cache",
         "allow_leakage": allow_leakage,

@@ -15,7 +15,7 @@ Two variants, each built so that the task needs every modality:
     Thin structures, three classes: vessels are tubes 2–3 mm across (1–2 voxels at the demo's 2 mm grid), bright on
     both channels; nodules are blobs, dark on T1 and bright on T2. Each channel alone has a mimic: nerve-like tubes
     bright on T1 only, and cysts bright on both (a vessel's signature, but round). The variant in which
-    distillation was seen to hurt on real thin-structure MRI (docs/kd-harm.md).
+    distillation was seen to hurt on real thin-structure MRI (docs/recipes.md).
 
 Volumes are anisotropic (thick slices) with LPS-style affines and a random origin per case, so orientation and
 resampling in the preprocessing pipeline do real work. Everything is deterministic for a seed.

@@ -32,6 +32,7 @@ from core.errors import ConfigError, TeachCacheError
 from core.evaluation.cv_report_markdown import cv_report_markdown
 from core.evaluation.provenance import RunRecord, check_pooling
 from core.evaluation.statistics import ComparisonError, FoldComparison, compare_folds, equivalence, holm
+from core.training.health import MOST as HEALTH_MOST
 
 __all__ = ["build_cv_report", "paired_tests"]
 
@@ -224,6 +225,7 @@ def build_cv_report(cfg: Config, allow_mixed: bool = False) -> dict[str, Any]:
         "cached_vs_online": _cached_vs_online(cases_of, scores_of),
         "against_teacher_ensemble": _against_ensemble(cases_of),
         "cache_seconds": _cache_seconds(cfg, sorted({fold for found in runs.values() for fold, _ in found})),
+        "health_warnings": health_warnings(rows),
     }
     _write(cfg.output.runs_dir, report, cases_of)
     return report
@@ -373,8 +375,47 @@ def _run_row(
         "seeds": len(seed_fold_dice),
         "training_runs": len(scores),  # (fold, seed) runs
         "dice_std_over_seeds": float(np.std(complete, ddof=1)) if len(complete) > 1 else math.nan,
+        "kd_health": _health(summaries),
     }
     return row, per_case, scores
+
+
+def _health(summaries: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per KD term of a row, what its runs' health checks said (``summary.json``'s ``kd_health``): the runs measured,
+    how many of them the term dominated or opposed L_SEG in, and the median over runs of its median ratio and cosine."""
+    terms: dict[str, dict[str, Any]] = {}
+    for s in summaries:
+        for term, t in ((s.get("kd_health") or {}).get("terms") or {}).items():
+            e = terms.setdefault(term, {"runs": 0, "dominates": 0, "opposes": 0, "ratio": [], "cosine": []})
+            e["runs"] += 1
+            e["dominates"] += int(t["dominant_epochs"] > HEALTH_MOST)
+            e["opposes"] += int(t["opposing_epochs"] > HEALTH_MOST)
+            e["ratio"].append(t["ratio_median"])
+            e["cosine"].append(t["cosine_median"])
+    return {
+        term: {
+            **{k: e[k] for k in ("runs", "dominates", "opposes")},
+            "ratio_median": float(np.median(e["ratio"])),
+            "cosine_median": float(np.median(e["cosine"])),
+        }
+        for term, e in terms.items()
+    }
+
+
+def health_warnings(rows: list[dict[str, Any]]) -> list[str]:
+    """One line per run kind and KD term that dominated or opposed L_SEG in most of its runs."""
+    said = []
+    for row in rows:
+        for term, h in (row.get("kd_health") or {}).items():
+            for what, stat in (
+                ("dominates", f"median ratio {h['ratio_median']:.2f}"),
+                ("opposes", f"median cosine {h['cosine_median']:+.2f}"),
+            ):
+                if h[what] * 2 > h["runs"]:
+                    said.append(
+                        f"{row['run']}: KD term '{term}' {what} L_SEG in {h[what]} of {h['runs']} runs ({stat})"
+                    )
+    return said
 
 
 def _mean_of(summaries: list[dict[str, Any]], key: str) -> float:

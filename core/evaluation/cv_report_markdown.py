@@ -119,6 +119,14 @@ def report_sections(report: dict[str, Any]) -> dict[str, list[str]]:
     for key, intro, header, rule, line in _COMPARISONS:
         if report.get(key):
             per_case += _table(intro, header, rule, [line(c) for c in report[key]])
+    if report.get("health_warnings"):
+        runs += [
+            "",
+            "**Health check** (a KD term whose weighted gradient dominated L_SEG's, or pointed against it, in most "
+            "epochs of most of a row's runs; docs/losses.md):",
+            "",
+            *[f"- {w}" for w in report["health_warnings"]],
+        ]
     return {
         "provenance": _provenance_markdown(report.get("provenance") or {}),
         "fold_level": _fold_level_markdown(report["fold_level"]) if report.get("fold_level") else [],

@@ -29,12 +29,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from core.config import DistillationConfig, TermConfig
+from core.config import BalanceConfig, DistillationConfig, TermConfig
 from core.errors import ConfigError
 from core.losses.segmentation import SegmentationLoss
 from core.terms import ATTENTION_KINDS, TERM_SPECS, DistillationTargets
 
 __all__ = [
+    "STAT_PREFIX",
     "TERMS",
     "DistillationObjective",
     "DistillationTerm",
@@ -46,6 +47,8 @@ __all__ = [
 ]
 
 TERMS: dict[str, type[DistillationTerm]] = {}
+# what a term measures besides its value, logged under "stat_<term>_<what>" and never part of the total
+STAT_PREFIX = "stat_"
 
 
 def register_term(name: str) -> Callable[[type[DistillationTerm]], type[DistillationTerm]]:
@@ -218,22 +221,42 @@ class TapTerm(DistillationTerm):
 
 
 class DistillationObjective(nn.Module):
-    """L = L_SEG + Σ_terms weight · term, returning the total and every term's value (for logging).
+    """L = L_SEG + Σ_terms weight · multiplier · term, returning the total and every term's value (for logging).
 
     A term that returns several parts (the tap terms: one per tap) is logged per part as ``<name>_<part>`` and
-    counts as their mean.
+    counts as their mean. What a term measures besides its value (:attr:`DistributionTerm.stats`: the fraction of
+    voxels masked) is returned as ``stat_<name>_<what>``, outside the total. The terms receive the batch's label
+    as ``targets["classes"]["label"]``.
+
+    :attr:`multipliers` (one per term, 1 by default) are set by the training loop's
+    :class:`~core.training.health.TermHealth` before each step (the warm-up ramp times the balance's scale);
+    :attr:`balance_scales`, a buffer saved with the run's resume state, holds the automatic balance's scales.
     """
 
-    def __init__(self, seg: SegmentationLoss, terms: list[tuple[str, float, DistillationTerm]]):
+    def __init__(
+        self,
+        seg: SegmentationLoss,
+        terms: list[tuple[str, float, DistillationTerm]],
+        balance: BalanceConfig | None = None,
+    ):
         super().__init__()
         self.seg = seg
         self.names = [n for n, _, _ in terms]
         self.term_weights = [w for _, w, _ in terms]
         self.terms = nn.ModuleList(t for _, _, t in terms)
+        self.balance = balance or BalanceConfig()
+        self.multipliers = [1.0] * len(terms)
+        if self.balance.grad_fraction is not None:
+            self.register_buffer("balance_scales", torch.ones(len(terms), dtype=torch.float64))
 
     @property
     def uses_teachers(self) -> bool:
         return any(w > 0 for w in self.term_weights)
+
+    def effective_weight(self, index: int) -> float:
+        """The weight term ``index`` enters the total with at this step."""
+        m = self.multipliers[index]
+        return self.term_weights[index] if m == 1.0 else self.term_weights[index] * m
 
     def forward(
         self,
@@ -245,11 +268,13 @@ class DistillationObjective(nn.Module):
         """Args: logits (B, K, X, Y, Z); label (B, 1, X, Y, Z); taps ``{tap: (B, C, x, y, z)}``; the targets.
 
         Returns:
-            ``{"seg", <term>, <term>_<tap>…, "total"}``, scalars.
+            ``{"seg", <term>, <term>_<tap>…, stat_<term>_<what>…, "total"}``, scalars.
         """
         values = {"seg": self.seg(logits, label)}
         total = values["seg"]
-        for name, weight, term in zip(self.names, self.term_weights, self.terms, strict=True):
+        if targets is not None:
+            targets = {**targets, "classes": {"label": label}}
+        for i, (name, weight, term) in enumerate(zip(self.names, self.term_weights, self.terms, strict=True)):
             if weight == 0:
                 continue
             if targets is None:
@@ -259,7 +284,10 @@ class DistillationObjective(nn.Module):
                 values.update({f"{name}_{part}": v for part, v in out.items()})
                 out = torch.stack(list(out.values())).mean()
             values[name] = out
-            total = total + weight * out
+            values.update(
+                {f"{STAT_PREFIX}{name}_{k}": v.detach() for k, v in getattr(term, "stats", {}).items()}
+            )
+            total = total + self.effective_weight(i) * out
         values["total"] = total
         return values
 
@@ -290,4 +318,4 @@ def build_objective(
     """
     terms = [] if cfg.kind == "none" else cfg.terms
     built = [(t.name, t.weight, _term_from_config(t, cfg, teacher_dice or {}, channels)) for t in terms]
-    return DistillationObjective(SegmentationLoss(focal_gamma), built)
+    return DistillationObjective(SegmentationLoss(focal_gamma), built, cfg.balance if terms else None)

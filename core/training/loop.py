@@ -36,6 +36,7 @@ import os
 import shutil
 import signal
 import time
+import warnings
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,7 @@ from core.config import InferenceConfig
 from core.data.patches import EpochSampler
 from core.errors import TrainingError
 from core.inference import autocast
+from core.losses.distillation import STAT_PREFIX
 from core.models.taps import TapRecorder
 from core.progress import ProgressBar
 from core.training import distributed
@@ -66,6 +68,7 @@ from core.training.checkpoints import (
     write_error,
 )
 from core.training.distributed import Distributed
+from core.training.health import KDHealthWarning, TermHealth
 from core.training.metrics_log import plot_curves, write_metrics_csv
 from core.training.run import (
     FitResult,
@@ -119,12 +122,15 @@ def train_step(
     recorder: TapRecorder | None = None,
     ctx: Distributed | None = None,
     where: tuple[str, int, int] = ("run", 0, 0),
+    health: TermHealth | None = None,
+    step: int = 0,
 ) -> dict[str, torch.Tensor]:
     """One optimisation step on a collated batch: targets from the source, forward (taps recorded), loss, update.
 
     The training loop's own step (``make bench`` times exactly this). ``batch["image"]`` is (B, C, D, H, W),
     ``batch["label"]`` (B, D, H, W). ``where`` is (run name, epoch, step) for the error raised on a non-finite loss
-    term.
+    term. ``health`` sets the KD terms' weights for ``step`` (the run's step, 0-based) and, on its measured steps,
+    measures their gradients beside the step's own backward pass.
 
     Returns:
         The loss terms of the step, ``"total"`` among them (scalars, still attached to the graph).
@@ -133,6 +139,8 @@ def train_step(
     label = batch["label"].to(device, non_blocking=True)
     targets = target_source(batch) if target_source is not None else None
     opt.optimizer.zero_grad(set_to_none=True)
+    if health is not None:
+        health.before_step(step)
     with autocast(device, amp):
         if recorder is not None:
             with recorder:
@@ -142,6 +150,8 @@ def train_step(
             logits, taps = model(image), None
         terms = loss_fn(logits, label, taps, targets)
     _check_finite(terms, *where)
+    if health is not None and health.measures(step):
+        health.measure(terms)
     opt.scaler.scale(terms["total"]).backward()
     distributed.average_gradients(opt.extra, ctx or Distributed())  # DDP averages the model's own
     opt.scaler.step(opt.optimizer)
@@ -277,6 +287,9 @@ class _Stepper:
         ctx: this process's place in a data-parallel run.
         kill_at: the training step after which the process SIGKILLs itself (``TEACHCACHE_TEST_KILL_AT_STEP``);
             0: never.
+        health: the KD terms' weights and gradient health check (:mod:`core.training.health`); ``None`` without KD
+            terms, and under ``torchrun`` (DDP reduces gradients in its own backward hooks, which a second
+            measurement pass would disturb).
     """
 
     module: nn.Module
@@ -285,6 +298,7 @@ class _Stepper:
     recorder: TapRecorder | None
     ctx: Distributed
     kill_at: int
+    health: TermHealth | None = None
 
 
 def _start(
@@ -324,7 +338,8 @@ def _start(
     )
     recorder = TapRecorder(run.model, run.spec.taps) if run.capture_taps else None
     kill_at = int(os.environ.get(KILL_AT_STEP_ENV, "0") or 0)
-    return state, _Stepper(module, loader, sampler, recorder, ctx, kill_at)
+    health = None if ctx.active else TermHealth.of(run.loss_fn, run.model, run.cfg.iterations_per_epoch)
+    return state, _Stepper(module, loader, sampler, recorder, ctx, kill_at, health)
 
 
 def _train(
@@ -363,7 +378,7 @@ def _train(
         return FitResult(
             run.name, run.spec.name, count_parameters(run.model), -1.0, [], -1, len(state.rows), 0.0, "", ""
         )
-    return _finish(run, state, staging, ctx.world, identical)
+    return _finish(run, state, staging, ctx.world, identical, stepper.health)
 
 
 def _train_epoch(
@@ -392,6 +407,8 @@ def _train_epoch(
             stepper.recorder,
             stepper.ctx,
             (run.name, epoch, steps),
+            stepper.health,
+            state.steps_done,
         )
         for k, v in terms.items():
             sums[k] = sums.get(k, 0.0) + float(v.detach())
@@ -407,7 +424,8 @@ def _train_epoch(
         "epoch": epoch,
         "seconds": round(time.perf_counter() - epoch_start, 3),
         "lr": state.opt.optimizer.param_groups[0]["lr"],
-        **{f"loss_{k}": v / max(steps, 1) for k, v in sums.items()},
+        **{k if k.startswith(STAT_PREFIX) else f"loss_{k}": v / max(steps, 1) for k, v in sums.items()},
+        **(stepper.health.epoch_columns() if stepper.health is not None else {}),
     }
 
 
@@ -418,10 +436,19 @@ def _stops_early(run: TrainingRun, state: RunState) -> bool:
 
 
 def _finish(
-    run: TrainingRun, state: RunState, staging: Path, world: int, identical: bool | None
+    run: TrainingRun,
+    state: RunState,
+    staging: Path,
+    world: int,
+    identical: bool | None,
+    health: TermHealth | None = None,
 ) -> FitResult:
-    """After the last epoch (process 0): the curves, the final checkpoint, the headline and its per-case scores."""
+    """After the last epoch (process 0): the curves, the final checkpoint, the headline and its per-case scores, and
+    the KD terms' health (each warning said once)."""
     plot_curves(state.rows, staging / "curves.png", run.name)
+    verdict = health.verdict(state.rows) if health is not None else {}
+    for message in verdict.get("warnings", []):
+        warnings.warn(KDHealthWarning(f"{run.name}: {message}"), stacklevel=2)
     holdout = list(run.holdout_cases)
     final_holdout = state.rows[-1].get("holdout_mean_dice")
     save_model(
@@ -435,11 +462,17 @@ def _finish(
     )
     headline = choose_headline(run, state, staging)
     write_per_case_csv(staging / "validation_per_case.csv", run, headline.scores)
-    return _result(run, state, headline, staging, world, identical)
+    return _result(run, state, headline, staging, world, identical, verdict or None)
 
 
 def _result(
-    run: TrainingRun, state: RunState, headline: Headline, staging: Path, world: int, identical: bool | None
+    run: TrainingRun,
+    state: RunState,
+    headline: Headline,
+    staging: Path,
+    world: int,
+    identical: bool | None,
+    kd_health: dict[str, Any] | None = None,
 ) -> FitResult:
     """What the finished run produced, its files named by their staging paths."""
     last, chosen = state.last, headline.scores
@@ -473,6 +506,7 @@ def _result(
         seconds_per_volume=state.latency,
         teacher_forward_seconds=None if state.teacher_seconds is None else round(state.teacher_seconds, 2),
         gflops_per_window=_gflops(run.spec.name, run.inference, run.in_channels, run.num_classes, run.args),
+        kd_health=kd_health,
     )
 
 

@@ -80,6 +80,8 @@ class FitResult:
     seconds_per_volume: float = float("nan")
     gflops_per_window: float | None = None
     teacher_forward_seconds: float | None = None
+    # the KD terms' gradient health (core.training.health.TermHealth.verdict); None without KD terms
+    kd_health: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True, eq=False)

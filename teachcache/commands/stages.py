@@ -352,6 +352,8 @@ def _cv_report(cfg: Config, allow_mixed: bool = False) -> None:
     _fold_level_lines(rep["fold_level"])
     for flag in rep["fold_level"].get("harm_flags", []):
         out.print(f"  harm flag, over folds: {flag}", highlight=False, soft_wrap=True)
+    for warning in rep.get("health_warnings", []):
+        out.print(f"  health check: {warning}", highlight=False, soft_wrap=True)
     for c in rep["paired_vs_no_kd"]:
         out.print(
             f"  {c['run']} − no KD, per case (secondary): Dice {c['mean_difference']:+.4f} over {c['n']} cases, "
