@@ -410,7 +410,7 @@ class TermConfig(_Strict):
     name: str
     weight: float = Field(1.0, ge=0)
     combine: Literal["average", "sum"] | None = None
-    teacher_weights: Literal["uniform", "dice", "confidence"] = "uniform"
+    teacher_weights: Literal["uniform", "dice", "class_dice", "confidence"] = "uniform"
     args: dict[str, Any] = Field(default_factory=dict)
 
     @field_validator("name")

@@ -79,11 +79,31 @@ def test_teacher_dice_weights_come_from_cases_held_out_of_the_teachers_training(
         held = prov["holdout_cases"]
         assert held and set(held) <= set(splits[fold]["train"]) and not set(held) & set(splits[fold]["val"])
         assert 0.0 <= prov["holdout_mean_dice"] <= 1.0
+        # per class too (teacher_weights: class_dice): one Dice per foreground class, their mean the mean
+        assert len(prov["holdout_dice_per_class"]) == len(store.metadata["dataset"]["class_names"]) - 1
+        assert sum(prov["holdout_dice_per_class"]) / len(prov["holdout_dice_per_class"]) == pytest.approx(
+            prov["holdout_mean_dice"]
+        )
         teacher_run = json.loads(
             (cfg.output.runs_dir / "teachers" / "dynunet" / f"fold_{fold}" / "summary.json").read_text()
         )
         assert not set(held) & set(teacher_run["fit_cases"]), "held-out cases are not trained on"
         assert teacher_run["headline"] == "holdout"
+
+
+def test_a_student_weighs_its_teachers_by_their_per_class_holdout_dice(per_fold, tmp_path):
+    import yaml
+
+    _, path, _ = per_fold
+    data = yaml.safe_load(Path(path).read_text())
+    data["distillation"]["terms"] = [{"name": "pwd", "weight": 1.0, "teacher_weights": "class_dice"}]
+    data["output"]["runs_dir"] = str(tmp_path / "runs")
+    other = tmp_path / "class_dice.yaml"
+    other.write_text(yaml.safe_dump(data))
+    result = runner.invoke(app, ["distil", "-c", str(other), "--fold", "0", "-q"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads((tmp_path / "runs/students/kd-teachformer/fold_0/summary.json").read_text())
+    assert summary["distillation"]["terms"][0]["teacher_weights"] == "class_dice"
 
 
 def test_the_cv_report_and_a_rerun_that_trains_nothing(per_fold):

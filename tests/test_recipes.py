@@ -418,3 +418,42 @@ def test_the_cv_report_lists_a_term_flagged_in_most_of_a_rows_runs():
     assert health_warnings([row, {"run": "kd-none", "kd_health": {}}]) == [
         "kd-x: KD term 'pwd' dominates L_SEG in 2 of 3 runs (median ratio 2.00)"
     ]
+
+
+# --- per-class teacher weights ----------------------------------------------------------------------------------------
+
+
+def test_class_dice_weights_trust_each_teacher_on_the_classes_it_segments_well():
+    student, teachers, label = _case(12)
+    probs = _tempered(teachers)
+    per_class = {"a": [0.9, 0.1, 0.5], "b": [0.3, 0.7, 0.0]}  # foreground classes 1..3
+    objective = build_objective(
+        DistillationConfig(temperature=T, terms=[TermConfig(name="pwd", teacher_weights="class_dice")]),
+        class_dice=per_class,
+    )
+    out = objective(student.float(), label, None, {"softmax": probs})
+    table = {t: torch.tensor([sum(d) / 3, *d], dtype=torch.float64) for t, d in per_class.items()}
+    total = table["a"] + table["b"]
+    w = {t: (table[t] / total)[label[:, 0]].unsqueeze(1) for t in "ab"}
+    mixed = w["a"] * probs["a"].double() + w["b"] * probs["b"].double()
+    assert out["pwd"].item() == pytest.approx(float(_kl64(student, mixed).mean()), rel=1e-5)
+
+
+def test_class_dice_weights_without_per_class_holdout_dice_are_refused_before_training():
+    from train_student.fold import TeacherDice, refuse_unknown_dice
+
+    cfg = DistillationConfig(terms=[TermConfig(name="pwd", teacher_weights="class_dice")])
+    dice = TeacherDice(mean={"a/fold_0": 0.8}, per_class={"a/fold_0": None})
+    with pytest.raises(ConfigError, match=r"per-class Dice on cases held out.*training\.holdout > 0"):
+        refuse_unknown_dice(cfg, _Keys(["a/fold_0"]), dice)
+    with pytest.raises(
+        ConfigError, match=r"afs.*per-voxel 'class_dice' weights apply to distribution terms only"
+    ):
+        build_objective(DistillationConfig(terms=[TermConfig(name="afs", teacher_weights="class_dice")]))
+
+
+class _Keys:
+    """Stands in for FoldTeachers where only its keys and fold are read."""
+
+    def __init__(self, keys: list[str]):
+        self.keys, self.fold = keys, 0

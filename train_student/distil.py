@@ -25,7 +25,7 @@ from core.teachers.online import OnlineTargets
 from core.terms import builds_with_channels
 from core.training.loop import fit
 from core.training.run import FitResult, TargetSource, TrainingRun
-from train_student.fold import Recipe, StudentFold, TeacherReads, cached_alignment
+from train_student.fold import Recipe, StudentFold, TeacherDice, TeacherReads, cached_alignment
 from train_student.from_cache import cache_reads, cached_teacher_dice, tap_channels
 from train_student.online import LiveTeachers, load_live_teachers, online_reads
 
@@ -101,7 +101,7 @@ def student_run(
 
 
 def _student_and_objective(
-    run: StudentFold, recipe: Recipe, teacher_dice: dict[str, float | None]
+    run: StudentFold, recipe: Recipe, teacher_dice: TeacherDice
 ) -> tuple[torch.nn.Module, torch.nn.Module]:
     """The student, initialised from the run's seed, and its objective (built with the tap widths its terms need)."""
     cfg, dcfg = run.cfg, recipe.config
@@ -110,7 +110,9 @@ def _student_and_objective(
     channels = None
     if dcfg.kind != "none" and builds_with_channels(t.name for t in dcfg.terms):
         channels = tap_channels(run, model, run.student_spec)
-    return model, build_objective(dcfg, cfg.training.focal_gamma, teacher_dice, channels)
+    return model, build_objective(
+        dcfg, cfg.training.focal_gamma, teacher_dice.mean, channels, teacher_dice.per_class
+    )
 
 
 def _targets(

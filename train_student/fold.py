@@ -29,6 +29,7 @@ __all__ = [
     "Recipe",
     "ResolvedTeacher",
     "StudentFold",
+    "TeacherDice",
     "TeacherReads",
     "cached_alignment",
     "leaked_cases",
@@ -248,15 +249,38 @@ def refuse_leakage(key: str, leaked: list[str] | None, where: str, allow_leakage
         )
 
 
-def refuse_unknown_dice(
-    dcfg: DistillationConfig, teachers: FoldTeachers, teacher_dice: dict[str, float | None]
-) -> None:
-    """``teacher_weights: dice`` needs each teacher's Dice on cases held out of its own training."""
-    unknown = [t for t in teachers.keys if teacher_dice.get(t) is None]
+@dataclass
+class TeacherDice:
+    """Each teacher's Dice on cases held out of its own training, for Dice-weighted teachers.
+
+    Attributes:
+        mean: the mean over foreground classes (``teacher_weights: dice``); ``None`` when not recorded.
+        per_class: per foreground class (``teacher_weights: class_dice``); ``None`` when not recorded.
+    """
+
+    mean: dict[str, float | None] = field(default_factory=dict)
+    per_class: dict[str, list[float] | None] = field(default_factory=dict)
+
+    def record(self, key: str, provenance: dict[str, Any]) -> None:
+        """Read ``holdout_mean_dice`` and ``holdout_dice_per_class`` from a checkpoint's meta or a store's
+        provenance."""
+        held, per_class = provenance.get("holdout_mean_dice"), provenance.get("holdout_dice_per_class")
+        self.mean[key] = float(held) if held is not None else None
+        self.per_class[key] = [float(d) for d in per_class] if per_class else None
+
+
+def refuse_unknown_dice(dcfg: DistillationConfig, teachers: FoldTeachers, dice: TeacherDice) -> None:
+    """``teacher_weights: dice`` (``class_dice``) needs each teacher's (per-class) Dice on cases held out of its own
+    training."""
     for term in dcfg.terms:
-        if term.teacher_weights == "dice" and term.weight > 0 and unknown:
+        if term.weight == 0 or term.teacher_weights not in ("dice", "class_dice"):
+            continue
+        known = dice.mean if term.teacher_weights == "dice" else dice.per_class
+        unknown = [t for t in teachers.keys if known.get(t) is None]
+        if unknown:
+            what = "Dice" if term.teacher_weights == "dice" else "per-class Dice"
             raise ConfigError(
-                f"distillation term '{term.name}' weighs teachers by their Dice on cases held out of their own "
+                f"distillation term '{term.name}' weighs teachers by their {what} on cases held out of their own "
                 f"training, which is not recorded for {', '.join(unknown)} (a teacher's Dice on fold {teachers.fold}'s "
                 "validation cases is never used: the student is scored there). Train the teachers with "
                 "training.holdout > 0 (`make teachers`, then `make cache`), or use teacher_weights 'uniform' or "

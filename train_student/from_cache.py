@@ -22,6 +22,7 @@ from train_student.fold import (
     Recipe,
     ResolvedTeacher,
     StudentFold,
+    TeacherDice,
     TeacherReads,
     leaked_cases,
     refuse_leakage,
@@ -31,28 +32,28 @@ from train_student.fold import (
 __all__ = ["TapGridWarning", "cache_reads", "cached_teacher_dice", "tap_channels"]
 
 
-def cached_teacher_dice(
-    store: TeacherStore, teachers: FoldTeachers, val: list[str]
-) -> dict[str, float | None]:
-    """Each teacher's Dice for ``teacher_weights: dice``, measured on cases the student is not scored on.
+def cached_teacher_dice(store: TeacherStore, teachers: FoldTeachers, val: list[str]) -> TeacherDice:
+    """Each teacher's Dice for ``teacher_weights: dice`` and ``class_dice``, measured on cases the student is not
+    scored on.
 
     The Dice on the cases held out of the teacher's own training (``training.holdout``, recorded as
-    ``holdout_mean_dice``); for a teacher trained elsewhere, the validation Dice its checkpoint records when its
-    validation cases are known and none is one of ``val``. ``None`` when neither is available.
+    ``holdout_mean_dice`` and, per class, ``holdout_dice_per_class``); for a teacher trained elsewhere, the
+    validation Dice its checkpoint records when its validation cases are known and none is one of ``val`` (the mean
+    only). ``None`` when neither is available.
     """
-    dice: dict[str, float | None] = {}
+    dice = TeacherDice()
     for key in teachers.keys:
         if key not in store.teacher_keys():
-            dice[key] = None
+            dice.mean[key] = dice.per_class[key] = None
             continue
         prov = store.teacher_metadata(key)
+        dice.record(key, prov)
         own_val = prov.get("val_cases")
-        if prov.get("holdout_mean_dice") is not None:
-            dice[key] = float(prov["holdout_mean_dice"])
-        elif prov.get("val_mean_dice") is not None and own_val is not None and not set(own_val) & set(val):
-            dice[key] = float(prov["val_mean_dice"])
-        else:
-            dice[key] = None
+        unseen = own_val is not None and not set(own_val) & set(
+            val
+        )  # the teacher's validation is not the student's
+        if dice.mean[key] is None and prov.get("val_mean_dice") is not None and unseen:
+            dice.mean[key] = float(prov["val_mean_dice"])
     return dice
 
 
@@ -163,12 +164,13 @@ def _warn_small_tap_grids(
 
 
 def cache_reads(
-    run: StudentFold, recipe: Recipe, teacher_dice: dict[str, float | None], allow_leakage: bool
+    run: StudentFold, recipe: Recipe, teacher_dice: TeacherDice, allow_leakage: bool
 ) -> TeacherReads:
     """Check every entry the recipe reads from the store; the request the patches then carry.
 
     Raises:
-        ConfigError: terms but no teachers, or ``teacher_weights: dice`` without each teacher's held-out Dice.
+        ConfigError: terms but no teachers, or ``teacher_weights: dice`` (``class_dice``) without each teacher's
+            held-out (per-class) Dice.
         StoreError: teachers not (fully) cached, cached from other settings or weights, cached without the feature
             sketches a term reads, or trained on validation cases without ``allow_leakage``.
     """

@@ -19,6 +19,7 @@ from core.models.checkpoint import build_from_checkpoint, file_sha256
 from train_student.fold import (
     Recipe,
     StudentFold,
+    TeacherDice,
     TeacherReads,
     leaked_cases,
     refuse_leakage,
@@ -35,14 +36,14 @@ class LiveTeachers:
     Attributes:
         models: ``(key, model, spec)`` per teacher.
         inference: each teacher's sliding window (the cache's: context mode runs it).
-        dice: each teacher's held-out Dice (for ``teacher_weights: dice``); ``None`` when not recorded.
+        dice: each teacher's held-out Dice, mean and per class (for ``teacher_weights: dice``, ``class_dice``).
         checkpoints: each checkpoint's SHA-256.
         leakage: per teacher, the validation cases it was trained on (``None``: not recorded).
     """
 
     models: list[tuple[str, torch.nn.Module, ModelSpec]] = field(default_factory=list)
     inference: dict[str, InferenceConfig] = field(default_factory=dict)
-    dice: dict[str, float | None] = field(default_factory=dict)
+    dice: TeacherDice = field(default_factory=TeacherDice)
     checkpoints: dict[str, str] = field(default_factory=dict)
     leakage: dict[str, list[str] | None] = field(default_factory=dict)
 
@@ -97,8 +98,7 @@ def load_live_teachers(run: StudentFold, mode: str = "patch") -> LiveTeachers:
         )
         live.models.append((key, model, spec))
         live.checkpoints[key] = file_sha256(teacher.checkpoint)
-        held = ckpt.meta.get("holdout_mean_dice")
-        live.dice[key] = float(held) if held is not None else None
+        live.dice.record(key, ckpt.meta)
         live.leakage[key] = leaked_cases(ckpt.meta.get("train_cases"), run.val)
     return live
 
@@ -107,7 +107,7 @@ def online_reads(run: StudentFold, recipe: Recipe, live: LiveTeachers, allow_lea
     """Check the loaded teachers for what the recipe reads; the request they then compute on each batch.
 
     Raises:
-        ConfigError: ``teacher_weights: dice`` without each teacher's held-out Dice.
+        ConfigError: ``teacher_weights: dice`` (``class_dice``) without each teacher's held-out (per-class) Dice.
         StoreError: a teacher trained on validation cases, without ``allow_leakage``.
     """
     reads = TeacherReads(live.checkpoints, live.leakage)

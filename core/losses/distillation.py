@@ -8,9 +8,11 @@ attention maps, feature sketches) — never a teacher network. Each term combine
 - ``sum``: compute the loss per teacher and take the weighted sum — any term; attention maps and features live on
   each teacher's own grid, so the tap terms (:class:`TapTerm`) always do this.
 
-Teacher weights, normalised to sum to 1: ``uniform``; ``dice`` — proportional to each teacher's validation Dice
-recorded in the store; ``confidence`` — per voxel, proportional to exp(−entropy) of each teacher's distribution
-(confident teachers weigh more), for distribution terms.
+Teacher weights, normalised to sum to 1: ``uniform``; ``dice`` — proportional to each teacher's held-out Dice
+recorded in the store; ``class_dice`` — per voxel, proportional to the teacher's held-out Dice on the voxel's label
+class (the mean over foreground classes on background voxels); ``confidence`` — per voxel, proportional to
+exp(−entropy) of each teacher's distribution (confident teachers weigh more). The per-voxel ones are for
+distribution terms.
 
 The terms live beside the plain losses they wrap, one module per family: :mod:`core.losses.distribution`
 (``pwd``, ``cwd``, ``dist``), :mod:`core.losses.attention` (``afs``), :mod:`core.losses.relation` (``affinity``,
@@ -47,6 +49,8 @@ __all__ = [
 ]
 
 TERMS: dict[str, type[DistillationTerm]] = {}
+# teacher weights that vary voxel by voxel (distribution terms only)
+PER_VOXEL_WEIGHTS = ("confidence", "class_dice")
 # what a term measures besides its value, logged under "stat_<term>_<what>" and never part of the total
 STAT_PREFIX = "stat_"
 
@@ -84,13 +88,15 @@ class TermSettings:
         temperature: T of the cached distributions the term receives.
         combine: ``"average"`` or ``"sum"`` (see the module docstring); None for the term's default.
         teacher_weights: ``"uniform"``, ``"dice"`` or ``"confidence"``.
-        teacher_dice: validation Dice per teacher (needed for ``"dice"``).
+        teacher_dice: held-out Dice per teacher (needed for ``"dice"``).
+        class_dice: held-out Dice per teacher and foreground class (needed for ``"class_dice"``).
     """
 
     temperature: float
     combine: str | None = None
     teacher_weights: str = "uniform"
     teacher_dice: dict[str, float] | None = None
+    class_dice: dict[str, list[float]] | None = None
 
 
 class DistillationTerm(nn.Module):
@@ -115,10 +121,13 @@ class DistillationTerm(nn.Module):
             raise ValueError(
                 "combine 'average' needs a distribution term; attention maps are combined by 'sum'"
             )
-        if settings.teacher_weights == "confidence" and not self.distribution:
-            raise ValueError("per-voxel 'confidence' weights apply to distribution terms only")
+        if settings.teacher_weights in PER_VOXEL_WEIGHTS and not self.distribution:
+            raise ValueError(
+                f"per-voxel '{settings.teacher_weights}' weights apply to distribution terms only"
+            )
         self.teacher_weights = settings.teacher_weights
         self.teacher_dice = settings.teacher_dice or {}
+        self.class_dice = settings.class_dice or {}
 
     @classmethod
     def config_defaults(cls, cfg: DistillationConfig) -> dict[str, Any]:
@@ -126,9 +135,13 @@ class DistillationTerm(nn.Module):
         return {}
 
     def weights(
-        self, teachers: list[str], probs: dict[str, torch.Tensor] | None
+        self,
+        teachers: list[str],
+        probs: dict[str, torch.Tensor] | None,
+        label: torch.Tensor | None = None,
     ) -> list[torch.Tensor | float]:
-        """Normalised weights per teacher: scalars, or (B, 1, X, Y, Z) maps for ``confidence``."""
+        """Normalised weights per teacher: scalars, or (B, 1, X, Y, Z) maps for ``confidence`` and ``class_dice``
+        (which reads ``label``, (B, 1, X, Y, Z))."""
         if self.teacher_weights == "uniform":
             return [1.0 / len(teachers)] * len(teachers)
         if self.teacher_weights == "dice":
@@ -140,10 +153,41 @@ class DistillationTerm(nn.Module):
                 )
             total = sum(self.teacher_dice[t] for t in teachers)
             return [self.teacher_dice[t] / total for t in teachers]
+        if self.teacher_weights == "class_dice":
+            return self._class_dice_weights(teachers, label)
         assert probs is not None
         scores = [torch.exp((p * torch.log(p.clamp_min(1e-12))).sum(1, keepdim=True)) for p in probs.values()]
         total = torch.stack(scores).sum(0)
         return [s / total for s in scores]
+
+    def _class_dice_weights(
+        self, teachers: list[str], label: torch.Tensor | None
+    ) -> list[torch.Tensor | float]:
+        """Per voxel x: ``w_t(x) = D_t[y(x)] / Σ_t' D_t'[y(x)]``, D_t[c] teacher t's held-out Dice on class c and
+        D_t[0] (background) its mean over the foreground classes; uniform where every teacher's D is 0."""
+        missing = [t for t in teachers if not self.class_dice.get(t)]
+        if missing:
+            raise ConfigError(
+                f"teacher_weights 'class_dice' needs each teacher's per-class Dice on its held-out cases; missing for "
+                f"{', '.join(missing)}"
+            )
+        if label is None:
+            raise ValueError("teacher_weights 'class_dice' needs the batch's label")
+        tables = []
+        for t in teachers:
+            fg = torch.as_tensor(self.class_dice[t], dtype=torch.float32, device=label.device)
+            tables.append(torch.cat([fg.mean().reshape(1), fg]))
+        table = torch.stack(tables)  # (teachers, K)
+        if table.shape[1] <= int(label.max()):
+            raise ValueError(
+                f"teacher_weights 'class_dice': the teachers' Dice covers {table.shape[1] - 1} foreground classes, "
+                f"the label has class {int(label.max())}"
+            )
+        total = table.sum(0)
+        table = torch.where(
+            total > 0, table / total.clamp_min(1e-12), torch.full_like(table, 1 / len(teachers))
+        )
+        return [table[i][label.long()] for i in range(len(teachers))]
 
 
 class TapTerm(DistillationTerm):
@@ -293,14 +337,19 @@ class DistillationObjective(nn.Module):
 
 
 def _term_from_config(
-    term: TermConfig, cfg: DistillationConfig, teacher_dice: dict[str, float], channels: dict[str, Any] | None
+    term: TermConfig,
+    cfg: DistillationConfig,
+    teacher_dice: dict[str, float],
+    channels: dict[str, Any] | None,
+    class_dice: dict[str, list[float]] | None = None,
 ) -> DistillationTerm:
     cls = TERMS[term.name]
     args = {**cls.config_defaults(cfg), **term.args}
     if TERM_SPECS[term.name].needs_channels:
         args["channels"] = channels
+    settings = TermSettings(cfg.temperature, term.combine, term.teacher_weights, teacher_dice, class_dice)
     try:
-        return cls(TermSettings(cfg.temperature, term.combine, term.teacher_weights, teacher_dice), **args)
+        return cls(settings, **args)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"distillation term '{term.name}': {exc}") from None
 
@@ -310,6 +359,7 @@ def build_objective(
     focal_gamma: float = 2.0,
     teacher_dice: dict[str, float] | None = None,
     channels: dict[str, Any] | None = None,
+    class_dice: dict[str, list[float]] | None = None,
 ) -> DistillationObjective:
     """The objective for ``cfg``: L_SEG alone when ``kind`` is ``none``, else L_SEG plus every configured term.
 
@@ -317,5 +367,7 @@ def build_objective(
         ConfigError: a term's arguments are invalid (the message names the term).
     """
     terms = [] if cfg.kind == "none" else cfg.terms
-    built = [(t.name, t.weight, _term_from_config(t, cfg, teacher_dice or {}, channels)) for t in terms]
+    built = [
+        (t.name, t.weight, _term_from_config(t, cfg, teacher_dice or {}, channels, class_dice)) for t in terms
+    ]
     return DistillationObjective(SegmentationLoss(focal_gamma), built, cfg.balance if terms else None)

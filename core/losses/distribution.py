@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from monai.losses import DiceLoss
 from torch import nn
 
-from core.losses.distillation import DistillationTerm, TermSettings, register_term
+from core.losses.distillation import PER_VOXEL_WEIGHTS, DistillationTerm, TermSettings, register_term
 from core.losses.weighting import VoxelWeighting
 from core.terms import DistillationTargets
 
@@ -168,7 +168,7 @@ class DistributionTerm(DistillationTerm):
         batch's label as ``targets["classes"]["label"]`` (B, 1, X, Y, Z) when the term reads it."""
         probs = targets["softmax"]
         teachers = list(probs)
-        weights = self.weights(teachers, probs)
+        weights = self.weights(teachers, probs, targets.get("classes", {}).get("label"))
         mixed = None
         if self.combine == "average" or not self.spatial.plain:
             mixed = sum(w * probs[t] for w, t in zip(weights, teachers, strict=True))
@@ -255,7 +255,7 @@ class ChannelWiseDistillation(DistributionTerm):
 
     def __init__(self, settings: TermSettings):
         super().__init__(settings)
-        if settings.teacher_weights == "confidence":
+        if settings.teacher_weights in PER_VOXEL_WEIGHTS:
             raise ValueError(
                 "cwd compares spatial distributions per channel; use 'uniform' or 'dice' weights"
             )
@@ -285,7 +285,7 @@ class DISTDistillation(DistributionTerm):
 
     def __init__(self, settings: TermSettings, beta: float = 1.0, gamma: float = 1.0):
         super().__init__(settings)
-        if settings.teacher_weights == "confidence":
+        if settings.teacher_weights in PER_VOXEL_WEIGHTS:
             raise ValueError("dist correlates whole patches; use 'uniform' or 'dice' weights")
         self.dist = DISTLoss(settings.temperature, beta, gamma)
 
@@ -399,7 +399,7 @@ class RegionDistillation(DistributionTerm):
 
     def __init__(self, settings: TermSettings):
         super().__init__(settings)
-        if settings.teacher_weights == "confidence":
+        if settings.teacher_weights in PER_VOXEL_WEIGHTS:
             raise ValueError("region compares whole class regions; use 'uniform' or 'dice' weights")
         self.dice = DiceLoss(include_background=False, softmax=True, batch=True)
         self._untemper = settings.temperature
