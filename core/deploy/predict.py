@@ -37,12 +37,14 @@ from core.data.preprocessing import build_preprocessing, check_image_headers, pr
 from core.deploy.student_runs import InputRecord, Student
 from core.errors import DatasetError
 from core.evaluation.geometry import probabilities_to_original_geometry, to_original_geometry
+from core.evaluation.postprocess import keep_largest_component
 from core.evaluation.scoring import PREDICTION_SUMMARY
 from core.inference import check_window, predict_volume
 from core.progress import track
 
 __all__ = [
     "SUMMARY_FILE",
+    "postprocessing",
     "predict_cases",
     "predict_probabilities",
     "write_like",
@@ -161,6 +163,15 @@ def _read_inputs(record: InputRecord, inputs: list[Path], output: Path, overwrit
     return cases
 
 
+def postprocessing(students: list[Student]) -> tuple[int, ...]:
+    """The classes whose largest component predict keeps: those every student's run chose (on its own held-out
+    cases), so an average of folds is postprocessed only where all of them found it helps."""
+    chosen = set(students[0].postprocess)
+    for s in students[1:]:
+        chosen &= set(s.postprocess)
+    return tuple(sorted(chosen))
+
+
 def _predict_case(
     students: list[Student],
     pipeline: Compose,
@@ -169,6 +180,7 @@ def _predict_case(
     device: torch.device,
     amp: bool,
     save_probabilities: bool,
+    postprocess: bool = True,
 ) -> dict[str, Any]:
     """Preprocess one case, run the students over it, write its labels (and probabilities) in its own geometry.
 
@@ -180,7 +192,9 @@ def _predict_case(
     window_started = time.perf_counter()
     probs = predict_probabilities(students, pc.image, device, amp)
     window_seconds = time.perf_counter() - window_started
-    label = to_original_geometry(probs.argmax(0), pc.affine, pc.original_affine, pc.original_shape)
+    classes = postprocessing(students) if postprocess else ()
+    prediction = keep_largest_component(probs.argmax(0), classes)
+    label = to_original_geometry(prediction, pc.affine, pc.original_affine, pc.original_shape)
     target = output / f"{case.case_id}.nii.gz"
     write_like(label, case.images[0], target, "teachcache predict: labels")
     if save_probabilities:
@@ -209,6 +223,7 @@ def _summary(
     save_probabilities: bool,
     rows: list[dict[str, Any]],
     total: float,
+    postprocess: bool = True,
 ) -> dict[str, Any]:
     """What ``prediction.json`` holds: the students, the inputs they expect, and each case's row."""
     record = students[0].record
@@ -220,6 +235,9 @@ def _summary(
             for s in students
         ],
         "folds": [s.fold for s in students],
+        # the classes whose largest connected component alone was kept (chosen by every student's run on its
+        # held-out cases); [] when none, or with --no-postprocess
+        "largest_component_classes": list(postprocessing(students)) if postprocess else [],
         "inputs_expected": record.to_dict(),
         "inputs_recorded_in": record.source,
         "probabilities": save_probabilities,
@@ -240,6 +258,7 @@ def predict_cases(
     amp: bool = True,
     progress: bool = True,
     on_case: Callable[[dict[str, Any]], None] | None = None,
+    postprocess: bool = True,
 ) -> dict[str, Any]:
     """Predict every case under ``inputs`` into ``output`` (module docstring).
 
@@ -253,6 +272,8 @@ def predict_cases(
         amp: mixed precision on CUDA.
         progress: a bar over the cases.
         on_case: called with each case's summary once its files are written.
+        postprocess: keep the largest connected component of the classes the students' runs chose
+            (:func:`postprocessing`); ``False``: the argmax as it is.
 
     Returns:
         The summary written to ``prediction.json``: the students, the inputs they expect, and per case its files,
@@ -276,10 +297,12 @@ def predict_cases(
     rows = []
     started = time.perf_counter()
     for case in track(cases, "predicting", enabled=progress):
-        row = _predict_case(students, pipeline, case, output, device, amp, save_probabilities)
+        row = _predict_case(students, pipeline, case, output, device, amp, save_probabilities, postprocess)
         rows.append(row)
         if on_case is not None:
             on_case(row)
-    summary = _summary(students, output, device, save_probabilities, rows, time.perf_counter() - started)
+    summary = _summary(
+        students, output, device, save_probabilities, rows, time.perf_counter() - started, postprocess
+    )
     _write_json(output / SUMMARY_FILE, summary)
     return summary

@@ -77,6 +77,8 @@ class Student:
         args: its constructor arguments.
         record: the inputs it expects.
         sha256: the checkpoint file's SHA-256.
+        postprocess: the classes whose largest connected component alone its run chose to keep (on its held-out
+            cases; ``meta["postprocessing"]``), empty when it chose none or had no held-out cases.
     """
 
     checkpoint: Path
@@ -86,6 +88,7 @@ class Student:
     args: dict[str, Any]
     record: InputRecord
     sha256: str
+    postprocess: tuple[int, ...] = ()
 
     @property
     def in_channels(self) -> int:
@@ -294,7 +297,10 @@ def load_student(path: Path, fold: int | None = None) -> Student:
     model, _ = build_from_checkpoint(path, ckpt.arch, ckpt.in_channels, ckpt.out_channels, ckpt.args)
     if fold is None and isinstance(ckpt.meta.get("fold"), int):
         fold = ckpt.meta["fold"]
-    return Student(path, fold, model, get_spec(ckpt.arch), dict(ckpt.args), record, file_sha256(path))
+    chosen = (ckpt.meta.get("postprocessing") or {}).get("largest_component_classes") or []
+    return Student(
+        path, fold, model, get_spec(ckpt.arch), dict(ckpt.args), record, file_sha256(path), tuple(chosen)
+    )
 
 
 def load_students(path: Path, folds: list[int] | None = None) -> list[Student]:

@@ -376,8 +376,27 @@ def _run_row(
         "training_runs": len(scores),  # (fold, seed) runs
         "dice_std_over_seeds": float(np.std(complete, ddof=1)) if len(complete) > 1 else math.nan,
         "kd_health": _health(summaries),
+        "postprocessing": _postprocessing(summaries),
     }
     return row, per_case, scores
+
+
+def _postprocessing(summaries: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """A row's headline Dice without and with the postprocessing its runs chose on their held-out cases (the mean
+    over the runs that chose on some), and how often each class was chosen; ``None`` when no run had held-out cases."""
+    chosen = [s for s in summaries if s.get("postprocessing")]
+    if not chosen:
+        return None
+    counts: dict[str, int] = {}
+    for s in chosen:
+        for c in s["postprocessing"]["largest_component_classes"]:
+            counts[str(c)] = counts.get(str(c), 0) + 1
+    return {
+        "runs": len(chosen),
+        "dice_without": float(np.mean([s["headline_mean_dice"] for s in chosen])),
+        "dice_with": float(np.mean([s["postprocessing"]["headline_mean_dice"] for s in chosen])),
+        "classes_chosen": counts,
+    }
 
 
 def _health(summaries: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:

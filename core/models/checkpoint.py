@@ -24,7 +24,14 @@ from torch import nn
 from core.errors import CheckpointError
 from core.models.registry import create_model
 
-__all__ = ["Checkpoint", "build_from_checkpoint", "file_sha256", "load_checkpoint", "save_checkpoint"]
+__all__ = [
+    "Checkpoint",
+    "add_checkpoint_meta",
+    "build_from_checkpoint",
+    "file_sha256",
+    "load_checkpoint",
+    "save_checkpoint",
+]
 
 _FORMAT_KEY = "teachcache_checkpoint"
 _WRAPPER_KEYS = ("state_dict", "model", "network_weights", "model_state_dict")
@@ -77,6 +84,17 @@ def save_checkpoint(
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "meta": _jsonable(meta or {}),
     }
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
+def add_checkpoint_meta(path: str | Path, extra: dict[str, Any]) -> None:
+    """Add ``extra`` to the ``meta`` of a checkpoint written by :func:`save_checkpoint`, atomically (what a run decides
+    after it saved the weights, e.g. its postprocessing)."""
+    path = Path(path)
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    payload["meta"] = {**payload.get("meta", {}), **_jsonable(extra)}
     tmp = path.with_name(f".{path.name}.tmp")
     torch.save(payload, tmp)
     os.replace(tmp, path)

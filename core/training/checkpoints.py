@@ -30,6 +30,7 @@ __all__ = [
     "FINAL_CHECKPOINT",
     "LATEST_CHECKPOINT",
     "OWN_CHECKPOINTS",
+    "POSTPROCESSED_CSV",
     "SELECTED_CHECKPOINT",
     "ResumeDiscardedWarning",
     "finished_run",
@@ -48,6 +49,8 @@ FINAL_CHECKPOINT = "checkpoint_final.pth"
 SELECTED_CHECKPOINT = "checkpoint_selected.pth"
 BEST_CHECKPOINT = "checkpoint_best.pth"
 OWN_CHECKPOINTS = (FINAL_CHECKPOINT, SELECTED_CHECKPOINT, BEST_CHECKPOINT, LATEST_CHECKPOINT)
+# the headline's validation scores with the postprocessing chosen on the held-out cases (core.evaluation.postprocess)
+POSTPROCESSED_CSV = "validation_per_case_postprocessed.csv"
 
 
 def staging_dir(out_dir: Path) -> Path:

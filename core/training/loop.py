@@ -50,6 +50,7 @@ from core.data.patches import EpochSampler
 from core.errors import TrainingError
 from core.inference import autocast
 from core.losses.distillation import STAT_PREFIX
+from core.models.checkpoint import add_checkpoint_meta
 from core.models.taps import TapRecorder
 from core.progress import ProgressBar
 from core.training import distributed
@@ -57,6 +58,7 @@ from core.training.checkpoints import (
     FINAL_CHECKPOINT,
     LATEST_CHECKPOINT,
     OWN_CHECKPOINTS,
+    POSTPROCESSED_CSV,
     finished_run,
     publish_run_dir,
     recover_run_dir,
@@ -84,6 +86,8 @@ from core.training.state import Optimisation, RunState
 from core.training.validation import (
     Headline,
     choose_headline,
+    choose_postprocessing,
+    score_postprocessed,
     skip_validation,
     validate_epoch,
     write_per_case_csv,
@@ -462,7 +466,27 @@ def _finish(
     )
     headline = choose_headline(run, state, staging)
     write_per_case_csv(staging / "validation_per_case.csv", run, headline.scores)
-    return _result(run, state, headline, staging, world, identical, verdict or None)
+    postprocessing = _postprocessing(run, headline, staging)
+    return _result(run, state, headline, staging, world, identical, verdict or None, postprocessing)
+
+
+def _postprocessing(run: TrainingRun, headline: Headline, staging: Path) -> dict[str, Any] | None:
+    """With held-out cases: the classes whose largest component to keep (chosen on them), recorded in the headline
+    checkpoint for ``teachcache predict``, and the validation scores with them (``validation_per_case_postprocessed.csv``);
+    ``None`` without held-out cases."""
+    choice = choose_postprocessing(run)
+    if choice is None:
+        return None
+    add_checkpoint_meta(staging / headline.checkpoint, {"postprocessing": choice})
+    classes = choice["largest_component_classes"]
+    scores = score_postprocessed(run, headline, classes) if classes else headline.scores
+    write_per_case_csv(staging / POSTPROCESSED_CSV, run, scores)
+    return {
+        **choice,
+        "headline_mean_dice": scores.mean_dice,
+        "headline_dice_per_class": list(scores.dice_per_class),
+        "per_case_csv": str(run.out_dir / POSTPROCESSED_CSV),
+    }
 
 
 def _result(
@@ -473,6 +497,7 @@ def _result(
     world: int,
     identical: bool | None,
     kd_health: dict[str, Any] | None = None,
+    postprocessing: dict[str, Any] | None = None,
 ) -> FitResult:
     """What the finished run produced, its files named by their staging paths."""
     last, chosen = state.last, headline.scores
@@ -507,6 +532,7 @@ def _result(
         teacher_forward_seconds=None if state.teacher_seconds is None else round(state.teacher_seconds, 2),
         gflops_per_window=_gflops(run.spec.name, run.inference, run.in_channels, run.num_classes, run.args),
         kd_health=kd_health,
+        postprocessing=postprocessing,
     )
 
 

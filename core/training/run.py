@@ -82,6 +82,9 @@ class FitResult:
     teacher_forward_seconds: float | None = None
     # the KD terms' gradient health (core.training.health.TermHealth.verdict); None without KD terms
     kd_health: dict[str, Any] | None = None
+    # with held-out cases: the largest-component classes chosen on them and the headline's validation scores with
+    # them (core.evaluation.postprocess); None without held-out cases
+    postprocessing: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True, eq=False)

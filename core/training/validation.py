@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from torch import nn
 from core.config import InferenceConfig
 from core.errors import TrainingError
 from core.evaluation.metrics import dice_per_class, hd95_per_class
+from core.evaluation.postprocess import choose_largest_component, keep_largest_component
 from core.inference import predict_volume
 from core.models.checkpoint import load_checkpoint
 from core.store.teacher_store import TeacherStore
@@ -32,7 +34,9 @@ from core.training.state import RunState, Scores
 __all__ = [
     "Headline",
     "choose_headline",
+    "choose_postprocessing",
     "evaluate",
+    "score_postprocessed",
     "skip_validation",
     "validate_epoch",
     "write_per_case_csv",
@@ -49,6 +53,7 @@ def evaluate(
     amp: bool = True,
     original: bool = False,
     timings: list[float] | None = None,
+    postprocess: Sequence[int] = (),
 ) -> tuple[np.ndarray, np.ndarray]:
     """Dice and HD95 (mm) per foreground class of each case, predicted with sliding windows over the whole volume.
 
@@ -60,6 +65,8 @@ def evaluate(
     Args:
         timings: when given, each case's prediction time in seconds (sliding windows over the whole volume) is
             appended to it.
+        postprocess: the classes whose largest connected component alone is kept, on the preprocessed grid
+            (:mod:`core.evaluation.postprocess`).
 
     Returns:
         ``(dice, hd95)``, each (N_cases, K-1).
@@ -68,13 +75,10 @@ def evaluate(
 
     dice, hd95 = [], []
     for case_id in case_ids:
-        image = store.read_image(case_id)
-        started = time.perf_counter()
-        logits = predict_volume(model, image, inference, device, amp=amp)["logits"]
-        if timings is not None:
-            timings.append(time.perf_counter() - started)
+        prediction = _predict(model, store, case_id, inference, device, amp, timings)
+        prediction = keep_largest_component(prediction, postprocess)
         attrs = store.case_attrs(case_id)
-        prediction, label, spacing = logits.argmax(0), store.read_label(case_id), attrs["spacing"]
+        label, spacing = store.read_label(case_id), attrs["spacing"]
         if original:
             reference = original_label(store, case_id)
             if reference is None:
@@ -90,6 +94,37 @@ def evaluate(
         hd95.append(hd95_per_class(prediction, label, num_classes, spacing))
     model.train()
     return np.asarray(dice, dtype=np.float64), np.asarray(hd95, dtype=np.float64)
+
+
+def _predict(
+    model: nn.Module,
+    store: TeacherStore,
+    case_id: str,
+    inference: InferenceConfig,
+    device: torch.device,
+    amp: bool,
+    timings: list[float] | None = None,
+) -> np.ndarray:
+    """The model's class map of one stored case, on the preprocessed grid (sliding windows over the whole volume)."""
+    started = time.perf_counter()
+    logits = predict_volume(model, store.read_image(case_id), inference, device, amp=amp)["logits"]
+    if timings is not None:
+        timings.append(time.perf_counter() - started)
+    return logits.argmax(0)
+
+
+def choose_postprocessing(run: TrainingRun) -> dict[str, Any] | None:
+    """With held-out cases, which classes' largest connected component to keep (decided on those cases alone,
+    :func:`core.evaluation.postprocess.choose_largest_component`); ``None`` without held-out cases. ``run.model``
+    holds the headline weights."""
+    if not run.holdout_cases:
+        return None
+    predictions = [
+        _predict(run.model, run.store, c, run.inference, run.device, run.cfg.amp) for c in run.holdout_cases
+    ]
+    labels = [run.store.read_label(c) for c in run.holdout_cases]
+    run.model.train()
+    return choose_largest_component(predictions, labels, run.num_classes)
 
 
 def _score(run: TrainingRun, case_ids: list[str], **options: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -176,15 +211,14 @@ class Headline:
 def choose_headline(run: TrainingRun, state: RunState, staging: Path) -> Headline:
     """The headline, chosen without the validation cases: the epoch selected on the held-out cases when there are
     some, else the final model; with ``run.original_geometry`` scored once more in the original geometry (the
-    selected weights are then loaded into ``run.model``)."""
+    selected weights are then loaded into ``run.model``, which holds the headline's weights on return)."""
     if run.holdout_cases:
         headline = Headline("holdout", SELECTED_CHECKPOINT, state.selected)
+        run.model.load_state_dict(load_checkpoint(staging / SELECTED_CHECKPOINT).state_dict)
     else:
         headline = Headline("final", FINAL_CHECKPOINT, state.last)
     if not run.original_geometry:
         return headline
-    if run.holdout_cases:
-        run.model.load_state_dict(load_checkpoint(staging / SELECTED_CHECKPOINT).state_dict)
     case_dice, case_hd95 = _score(run, run.val_cases, original=True)
     per_class = case_dice.mean(axis=0).tolist()
     scores = replace(
@@ -221,3 +255,19 @@ def write_per_case_csv(path: Path, run: TrainingRun, scores: Scores) -> None:
                     f"{float(np.mean(one_hd)):.4f}",
                 ]
             )
+
+
+def score_postprocessed(run: TrainingRun, headline: Headline, classes: Sequence[int]) -> Scores:
+    """The headline's validation scores once more with ``classes``' largest component kept (in the geometry the
+    headline was scored in); ``run.model`` holds the headline weights."""
+    case_dice, case_hd95 = _score(
+        run, run.val_cases, original=headline.evaluated_in == "original geometry", postprocess=classes
+    )
+    per_class = case_dice.mean(axis=0).tolist()
+    return replace(
+        headline.scores,
+        mean_dice=float(np.mean(per_class)),
+        dice_per_class=per_class,
+        case_dice=case_dice,
+        case_hd95=case_hd95,
+    )

@@ -70,6 +70,13 @@ def predict(
     overwrite: Annotated[
         bool, typer.Option(help="Replace predictions already in the output folder.")
     ] = False,
+    postprocess: Annotated[
+        bool,
+        typer.Option(
+            help="Keep only the largest connected component of the classes the students' runs chose on their "
+            "held-out cases (every student's choice; none without training.holdout)."
+        ),
+    ] = True,
     as_json: JsonSummaryOption = False,
     quiet: QuietBarOption = False,
 ) -> None:
@@ -90,6 +97,7 @@ def predict(
         overwrite=overwrite,
         save_probabilities=save_probabilities,
         progress=not quiet and not as_json,
+        postprocess=postprocess,
     )
     if as_json:
         print_json(summary)
