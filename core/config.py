@@ -62,7 +62,7 @@ class _Strict(BaseModel):
 class SyntheticConfig(_Strict):
     """How to generate the embedded synthetic dataset when ``dataset.raw_dir`` does not exist yet."""
 
-    kind: Literal["petct", "mri", "thin"] = "petct"
+    kind: Literal["petct", "mri", "thin", "organ"] = "petct"
     num_cases: int = Field(20, ge=2)
     shape: Triple = (80, 80, 32)
     spacing: FloatTriple = (1.6, 1.6, 4.0)

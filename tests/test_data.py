@@ -185,3 +185,28 @@ def test_building_the_preprocessing_prints_no_library_warning():
         warnings.simplefilter("always")
         build_preprocessing(PreprocessingConfig(), ("CT", "PET"))
     assert [str(w.message)[:80] for w in caught] == []
+
+
+def test_organ_variant_has_four_nested_touching_classes_of_very_different_sizes(tmp_path):
+    from scipy import ndimage
+
+    cfg = SyntheticConfig(kind="organ", num_cases=4, shape=(96, 96, 40), spacing=(1.0, 1.0, 2.0))
+    for i in range(4):
+        (ct, t2), label, _ = generate_case(cfg, i)
+        sizes = [int((label == c).sum()) for c in range(1, 5)]
+        assert all(s > 0 for s in sizes), f"case {i}: every class present ({sizes})"
+        organ, core, duct, lesion = sizes
+        assert organ > 5 * core and core > 3 * min(duct, lesion), f"sizes span orders of magnitude ({sizes})"
+        inside = ndimage.binary_dilation(label == 1, np.ones((3, 3, 3), bool))
+        for c in (2, 3, 4):  # nested in the organ, touching it
+            assert (inside & (label == c)).any(), f"class {c} touches the organ"
+        assert ndimage.binary_erosion(label == 3, np.ones((3, 3, 1), bool), iterations=2).sum() <= 0.02 * duct, (
+            "ducts are thin"
+        )
+        # the core differs from the organ on T2 only; lesions are hypodense on CT
+        assert abs(np.median(ct[label == 2]) - np.median(ct[label == 1])) < 15
+        assert np.median(t2[label == 2]) > np.median(t2[label == 1]) + 80
+        assert np.median(ct[label == 4]) < np.median(ct[label == 1]) - 30
+    write_synthetic_dataset(cfg.model_copy(update={"num_cases": 2}), tmp_path / "organ", progress=False)
+    dataset = read_raw_dataset(tmp_path / "organ")
+    assert dataset.class_names == ["background", "organ", "core", "duct", "lesion"]

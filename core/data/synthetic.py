@@ -17,6 +17,14 @@ Two variants, each built so that the task needs every modality:
     bright on T1 only, and cysts bright on both (a vessel's signature, but round). The variant in which
     distillation was seen to hurt on real thin-structure MRI (docs/recipes.md).
 
+``organ`` (channels ``0000`` = CT in HU, ``0001`` = T2-like MRI; label 1 = organ, 2 = core, 3 = duct, 4 = lesion)
+    Four foreground classes of very different sizes, nested and touching, as in abdominal or brain anatomy: a large
+    organ (slightly denser on CT and brighter on T2 than the tissue around it), its core — a substructure inside it,
+    the organ's density on CT but bright on T2, so only T2 draws the boundary —, a duct 1–2 voxels across running
+    through organ and core (contrast-bright on CT and bright on T2; vessel-like mimics outside and inside the organ
+    are CT-bright only), and small lesions inside the organ or its core (dark on CT, mid-bright on T2; calcifications
+    are CT-bright specks). Classes overlap in that order: a later class replaces an earlier one.
+
 Volumes are anisotropic (thick slices) with LPS-style affines and a random origin per case, so orientation and
 resampling in the preprocessing pipeline do real work. Everything is deterministic for a seed.
 """
@@ -41,13 +49,15 @@ CHANNELS: dict[str, dict[str, str]] = {
     "petct": {"0": "CT", "1": "PET"},
     "mri": {"0": "T2W", "1": "ADC", "2": "HBV"},
     "thin": {"0": "T1", "1": "T2"},
+    "organ": {"0": "CT", "1": "T2"},
 }
 LABELS: dict[str, dict[str, int]] = {
     "petct": {"background": 0, "tumour": 1},
     "mri": {"background": 0, "lesion": 1},
     "thin": {"background": 0, "vessel": 1, "nodule": 2},
+    "organ": {"background": 0, "organ": 1, "core": 2, "duct": 3, "lesion": 4},
 }
-PREFIX = {"petct": "SYNPETCT", "mri": "SYNMRI", "thin": "SYNTHIN"}
+PREFIX = {"petct": "SYNPETCT", "mri": "SYNMRI", "thin": "SYNTHIN", "organ": "SYNORGAN"}
 
 
 @dataclass(frozen=True)
@@ -227,7 +237,49 @@ def _thin_signal(rng: np.random.Generator, g: _Grid) -> tuple[list[np.ndarray], 
     return [t1, t2], label, body
 
 
-_VARIANTS = {"petct": _petct_case, "mri": _mri_case, "thin": _thin_case}
+def _organ_case(rng: np.random.Generator, g: _Grid) -> tuple[list[np.ndarray], np.ndarray]:
+    grid = g.coords_mm()
+    extent = np.array(g.shape) * np.array(g.spacing) / 2.0
+    body_c = rng.uniform(-0.05, 0.05, size=3) * extent
+    body_r = extent * rng.uniform([0.82, 0.75, 0.9], [0.92, 0.85, 0.98])
+    body = _ellipsoid(grid, body_c, body_r)
+    ct = np.where(body, 40.0, -1000.0).astype(np.float32)
+    t2 = np.where(body, 300.0, 0.0).astype(np.float32)
+    label = np.zeros(g.shape, dtype=np.uint8)
+
+    organ_c = body_c + rng.uniform(-0.15, 0.15, size=3) * body_r
+    organ_r = body_r * rng.uniform([0.45, 0.4, 0.5], [0.55, 0.5, 0.6])
+    organ = _ellipsoid(grid, organ_c, organ_r) & body
+    ct[organ], t2[organ] = 70.0, 380.0
+    label[organ] = 1
+    core_c = organ_c + rng.uniform(-0.2, 0.2, size=3) * organ_r
+    core = _ellipsoid(grid, core_c, organ_r * rng.uniform(0.35, 0.5, size=3)) & organ
+    t2[core] = 520.0  # the organ's density on CT: only T2 shows the core
+    label[core] = 2
+    inner = organ_r * 0.7
+    for _ in range(int(rng.integers(2, 4))):  # vessel-like mimics: contrast-bright on CT only
+        mimic = _tube(rng, grid, organ_c, inner * 1.6, rng.uniform(1.0, 1.6)) & body
+        ct[mimic] = 220.0
+    for _ in range(int(rng.integers(1, 3))):  # ducts: bright on both, through organ and core
+        duct = _tube(rng, grid, organ_c, inner, rng.uniform(1.0, 1.6)) & organ
+        ct[duct], t2[duct] = 220.0, 700.0
+        label[duct] = 3
+    taken: list[tuple[np.ndarray, float]] = []
+    lesions = _place_blobs(rng, grid, organ_c, organ_r * 0.8, int(rng.integers(1, 4)), (2.5, 4.5), taken)
+    specks = _place_blobs(rng, grid, organ_c, organ_r * 0.8, 2, (1.5, 2.5), taken)
+    for speck in specks:  # calcifications: bright CT specks, T2 unchanged
+        ct[speck & organ] = 400.0
+    for lesion in lesions:  # hypodense on CT, mid-bright on T2
+        lesion = lesion & organ
+        ct[lesion], t2[lesion] = 15.0, 450.0
+        label[lesion] = 4
+
+    ct = _smooth(ct, 0.7, g.spacing) + rng.normal(0.0, 20.0, g.shape).astype(np.float32)
+    t2 = _smooth(t2, 0.7, g.spacing) + rng.normal(0.0, 45.0, g.shape).astype(np.float32) * body
+    return [ct.astype(np.float32), np.clip(t2, 0.0, None).astype(np.float32)], label
+
+
+_VARIANTS = {"petct": _petct_case, "mri": _mri_case, "thin": _thin_case, "organ": _organ_case}
 
 
 def _affine(rng: np.random.Generator, g: _Grid) -> np.ndarray:
