@@ -12,6 +12,8 @@ WORKERS ?=
 GPUS   ?=
 KD_SOURCE ?=
 ONLINE ?=
+RECIPES ?=
+SCREEN ?=
 ARGS   ?=
 BENCH  ?= cpu
 
@@ -19,7 +21,7 @@ BIN := $(VENV)/bin
 TC  := $(BIN)/teachcache
 STAMP := $(VENV)/.installed
 
-.PHONY: setup data preprocess teachers cache distil cv report demo-doc demo bench bench-store test lint format clean
+.PHONY: setup data preprocess teachers cache distil cv screen report demo-doc demo bench bench-store test lint format clean
 
 setup: $(STAMP)
 
@@ -53,12 +55,18 @@ distil: setup
 # cross-validation: every fold (or FOLDS=0,1) of teachers → cache → no-KD and distilled students → report; re-run
 # to resume (finished runs are skipped)
 comma := ,
+# RECIPES=configs/recipes/cb-pwd.yaml,…: those recipes too, from the same cache
 cv: preprocess
-	$(TC) cv --config $(CONFIG) $(foreach k,$(subst $(comma), ,$(FOLDS)),--fold $(k)) $(foreach s,$(subst $(comma), ,$(SEEDS)),--seed $(s)) $(if $(ONLINE),--online) $(ARGS)
+	$(TC) cv --config $(CONFIG) $(foreach k,$(subst $(comma), ,$(FOLDS)),--fold $(k)) $(foreach s,$(subst $(comma), ,$(SEEDS)),--seed $(s)) $(if $(ONLINE),--online) $(foreach r,$(subst $(comma), ,$(RECIPES)),--recipe $(r)) $(ARGS)
+
+# the recipes' screening (docs/recipes.md): every recipe of configs/recipes/ (or RECIPES=…), one seed, each student
+# holding evaluation.screening_holdout of its training cases out; compared on those → runs_dir/screening/screening.md
+screen: preprocess
+	$(TC) cv --config $(CONFIG) --screen $(foreach k,$(subst $(comma), ,$(FOLDS)),--fold $(k)) $(foreach r,$(or $(subst $(comma), ,$(RECIPES)),$(wildcard configs/recipes/*.yaml)),--recipe $(r)) $(ARGS)
 
 # every fold trained, with paired tests (make report); one fold's table with stage times (make report FOLD=0)
 report: setup
-	$(TC) report --config $(CONFIG) $(if $(filter command line,$(origin FOLD)),--fold $(FOLD)) $(ARGS)
+	$(TC) report --config $(CONFIG) $(if $(filter command line,$(origin FOLD)),--fold $(FOLD)) $(if $(SCREEN),--screen) $(ARGS)
 
 # docs/demo.md's evidence (claims, fold-level comparisons, runs, cost) rewritten from the report of `make cv`
 DOC ?= docs/demo.md

@@ -33,6 +33,7 @@ from core.terms import TERM_SPECS
 __all__ = [
     "AttentionConfig",
     "AugmentationConfig",
+    "BalanceConfig",
     "Config",
     "DatasetConfig",
     "DistillationConfig",
@@ -48,6 +49,7 @@ __all__ = [
     "TeacherConfig",
     "TermConfig",
     "TrainingConfig",
+    "apply_recipe",
     "load_config",
 ]
 
@@ -486,6 +488,8 @@ class PrimaryEndpointConfig(_Strict):
 class EvaluationConfig(_Strict):
     """How the cross-validation report compares runs over folds (docs/evaluation.md)."""
 
+    # `make screen`: the fraction of each fold's training cases held out, on which recipes are compared
+    screening_holdout: float = Field(0.2, gt=0, lt=0.5)
     primary_endpoint: PrimaryEndpointConfig = Field(default_factory=PrimaryEndpointConfig)
     # in Dice units (0.02 = 2 points): cached vs its online twin is "equivalent" when the 90 % CI lies inside ±m
     equivalence_margin: float = Field(0.02, gt=0, lt=1)
@@ -637,6 +641,11 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Co
         for key in parents:
             node = node.setdefault(key, {})
         node[leaf] = value
+    return _validate(data, str(path))
+
+
+def _validate(data: dict[str, Any], source: str) -> Config:
+    """``data`` as a :class:`Config`, or one :class:`ConfigError` naming ``source`` and every offending key."""
     try:
         return Config.model_validate(data)
     except ValidationError as exc:
@@ -647,4 +656,26 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Co
             if err["type"] == "extra_forbidden":
                 msg = "unknown key (check the spelling against docs/configuration.md)"
             lines.append(f"  {where}: {msg}")
-        raise ConfigError(f"{path}: invalid configuration\n" + "\n".join(lines)) from None
+        raise ConfigError(f"{source}: invalid configuration\n" + "\n".join(lines)) from None
+
+
+def apply_recipe(cfg: Config, path: str | Path) -> Config:
+    """``cfg`` with the distillation recipe of the file ``path`` in place of its own.
+
+    A recipe file holds one key, ``distillation`` (a whole section: its mappings are merged into the config's and its
+    lists replace them, as ``extends`` does); everything else — dataset, teachers, student, training — stays the
+    config's, so one recipe runs on every dataset (``configs/recipes/``, ``make screen``).
+
+    Raises:
+        ConfigError: the file is missing or not YAML, holds other keys or no ``kind``, or the result is invalid.
+    """
+    path = Path(path)
+    data = _read_yaml(path, seen=())
+    if set(data) != {"distillation"} or not isinstance(data["distillation"], dict):
+        raise ConfigError(
+            f"{path}: a recipe file holds one key, 'distillation' (found: {', '.join(sorted(data)) or 'nothing'}); "
+            "settings of the dataset, teachers or training belong in the experiment's config"
+        )
+    if "kind" not in data["distillation"]:
+        raise ConfigError(f"{path}: the recipe needs a distillation.kind (its runs' folder is kd-<kind>)")
+    return _validate(_merge(cfg.model_dump(mode="json"), data), f"{path} applied to {cfg.experiment}")

@@ -15,7 +15,7 @@ from core.config import Config
 from core.errors import ConfigError
 from core.experiment import open_store_for, store_splits, teacher_dir
 
-__all__ = ["CvSummary", "run_cv"]
+__all__ = ["CvSummary", "run_cv", "screening_config"]
 
 
 @dataclass
@@ -32,6 +32,27 @@ def _trains_teacher(cfg: Config, name: str, fold: int) -> bool:
     return not teacher.checkpoint.is_file() or (teacher_dir(cfg, name, fold) / "summary.json").is_file()
 
 
+def _same_recipe(a: Config, b: Config) -> bool:
+    """Two configs distil with the same recipe (the same kind, or every other distillation key equal): the config's
+    own recipe is not trained twice under another name."""
+    da, db = a.distillation, b.distillation
+    return da.kind == db.kind or da.model_dump(exclude={"kind"}) == db.model_dump(exclude={"kind"})
+
+
+def screening_config(cfg: Config) -> Config:
+    """The experiment as a screening runs it (``make screen``): its runs in ``<runs_dir>/screening/`` (the same store
+    and teacher checkpoints), every student holding ``evaluation.screening_holdout`` of its fold's training cases out
+    of training (unless ``training.holdout`` already does), so recipes are compared on those cases, never on the
+    validation cases."""
+    holdout = cfg.training.holdout or cfg.evaluation.screening_holdout
+    return cfg.model_copy(
+        update={
+            "output": cfg.output.model_copy(update={"runs_dir": cfg.output.runs_dir / "screening"}),
+            "training": cfg.training.model_copy(update={"holdout": holdout}),
+        }
+    )
+
+
 def run_cv(
     cfg: Config,
     folds: list[int] | None = None,
@@ -40,6 +61,8 @@ def run_cv(
     seeds: list[int] | None = None,
     online: bool = False,
     allow_mixed: bool = False,
+    recipes: list[Config] | None = None,
+    screen: bool = False,
 ) -> CvSummary:
     """Run the chain for ``folds`` (default: every fold of the store's splits) and write the CV report.
 
@@ -47,7 +70,10 @@ def run_cv(
     config's own ``training.seed`` trains into the usual folder, others into ``kd-<kind>/seed_<s>/``. With
     ``online``, each distilled student is also trained with the teachers in memory on each patch
     (``kd-<kind>-online-patch/``), and for the seeds of ``evaluation.context_seeds`` with the teachers running the
-    cache's windows around each patch (``kd-<kind>-online-context/``).
+    cache's windows around each patch (``kd-<kind>-online-context/``). ``recipes`` (the config with each recipe file
+    applied, :func:`core.config.apply_recipe`) are trained beside the config's own recipe, from the same cache. With
+    ``screen``, ``cfg`` is already :func:`screening_config`'s and the report compares the held-out cases
+    (``screening.md``).
 
     Raises:
         ConfigError: a fold the splits do not have.
@@ -78,15 +104,22 @@ def run_cv(
         say(
             f"fold {fold}: cached {sum(cached.written.values())} entries, {sum(cached.skipped.values())} already"
         )
+        others = [r for r in recipes or [] if not _same_recipe(r, cfg)]
         for seed in seeds or [cfg.training.seed]:
-            runs = [("none", None), (None, None)]
+            runs = [(cfg, "none", None), (cfg, None, None)]
             if online:
-                runs.append((None, "online-patch"))
+                runs.append((cfg, None, "online-patch"))
                 if seed in cfg.evaluation.context_seeds:
-                    runs.append((None, "online-context"))
-            for kd, source in runs:
-                r = distil(cfg, fold, kd, progress=progress, skip_done=True, seed=seed, source=source)
-                done.append(f"{r.name} (seed {seed}): {r.headline_mean_dice:.4f}")
+                    runs.append((cfg, None, "online-context"))
+            runs += [(recipe, None, None) for recipe in others]
+            for run_cfg, kd, source in runs:
+                r = distil(run_cfg, fold, kd, progress=progress, skip_done=True, seed=seed, source=source)
+                score = (
+                    f"held-out Dice {r.final_holdout_mean_dice:.4f}"
+                    if screen
+                    else f"{r.headline_mean_dice:.4f}"
+                )
+                done.append(f"{r.name} (seed {seed}): {score}")
                 say(f"fold {fold}: {done[-1]}")
-    build_cv_report(cfg, allow_mixed)
+    build_cv_report(cfg, allow_mixed, on="holdout" if screen else "validation")
     return summary

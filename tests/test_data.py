@@ -200,9 +200,9 @@ def test_organ_variant_has_four_nested_touching_classes_of_very_different_sizes(
         inside = ndimage.binary_dilation(label == 1, np.ones((3, 3, 3), bool))
         for c in (2, 3, 4):  # nested in the organ, touching it
             assert (inside & (label == c)).any(), f"class {c} touches the organ"
-        assert ndimage.binary_erosion(label == 3, np.ones((3, 3, 1), bool), iterations=2).sum() <= 0.02 * duct, (
-            "ducts are thin"
-        )
+        assert (
+            ndimage.binary_erosion(label == 3, np.ones((3, 3, 1), bool), iterations=2).sum() <= 0.02 * duct
+        ), "ducts are thin"
         # the core differs from the organ on T2 only; lesions are hypodense on CT
         assert abs(np.median(ct[label == 2]) - np.median(ct[label == 1])) < 15
         assert np.median(t2[label == 2]) > np.median(t2[label == 1]) + 80

@@ -20,6 +20,7 @@ import json
 import math
 import os
 import re
+from contextvars import ContextVar
 from dataclasses import asdict
 from functools import cache
 from pathlib import Path
@@ -32,11 +33,16 @@ from core.errors import ConfigError, TeachCacheError
 from core.evaluation.cv_report_markdown import cv_report_markdown
 from core.evaluation.provenance import RunRecord, check_pooling
 from core.evaluation.statistics import ComparisonError, FoldComparison, compare_folds, equivalence, holm
+from core.training.checkpoints import HOLDOUT_CSV
 from core.training.health import MOST as HEALTH_MOST
 
 __all__ = ["build_cv_report", "paired_tests"]
 
 BASELINE = "student kd-none"
+# which cases a report compares: the validation cases (the CV report) or the held-out training cases (a screening)
+SCORES_FILES = {"validation": "validation_per_case.csv", "holdout": HOLDOUT_CSV}
+REPORT_STEMS = {"validation": "report", "holdout": "screening"}
+_SCORES: ContextVar[str] = ContextVar("per-case scores file", default=SCORES_FILES["validation"])
 
 
 def _runs(cfg: Config) -> dict[str, dict[tuple[int, int | None], Path]]:
@@ -50,7 +56,7 @@ def _runs(cfg: Config) -> dict[str, dict[tuple[int, int | None], Path]]:
     )
     for role, pattern in patterns:
         for folder in sorted(cfg.output.runs_dir.glob(pattern)):
-            if not ((folder / "summary.json").is_file() and (folder / "validation_per_case.csv").is_file()):
+            if not ((folder / "summary.json").is_file() and (folder / _SCORES.get()).is_file()):
                 continue
             repeat = folder.parent.name.startswith("seed_")
             name = f"{role} {(folder.parent.parent if repeat else folder.parent).name}"
@@ -124,8 +130,9 @@ def _ensemble(cfg: Config, folds: list[int]) -> dict[str, tuple[float, float]]:
 
 @cache
 def _case_rows(folder: Path) -> tuple[dict[str, str], ...]:
-    """A run's ``validation_per_case.csv`` rows, read once per report (:func:`build_cv_report` clears the cache)."""
-    with open(folder / "validation_per_case.csv") as f:
+    """A run's per-case scores (``validation_per_case.csv``, or ``holdout_per_case.csv`` for a screening), read once
+    per report (:func:`build_cv_report` clears the cache)."""
+    with open(folder / _SCORES.get()) as f:
         return tuple(csv.DictReader(f))
 
 
@@ -180,7 +187,7 @@ ENSEMBLE = "teacher ensemble (cached, equal weights)"
 RunCases = dict[tuple[int, int | None], dict[str, tuple[float, float]]]
 
 
-def build_cv_report(cfg: Config, allow_mixed: bool = False) -> dict[str, Any]:
+def build_cv_report(cfg: Config, allow_mixed: bool = False, on: str = "validation") -> dict[str, Any]:
     """Collect every run over its folds; check they may be pooled (:mod:`core.evaluation.provenance`); compare runs
     over folds (primary endpoint, secondary comparisons with Holm-adjusted p-values, equivalence of cached and
     online-context twins) and, secondary, per case.
@@ -188,6 +195,9 @@ def build_cv_report(cfg: Config, allow_mixed: bool = False) -> dict[str, Any]:
     Args:
         cfg: the experiment.
         allow_mixed: pool runs of mixed provenance anyway (the report's header says so).
+        on: ``"validation"`` — the validation cases (``report.json``, ``report.md``, ``report_dice.png``); or
+            ``"holdout"`` — a screening: the final models on the training cases held out of training
+            (``holdout_per_case.csv``; ``screening.*``), so recipes are chosen without the validation cases.
 
     Raises:
         TeachCacheError: no finished run (with per-case scores) under ``output.runs_dir``.
@@ -195,11 +205,22 @@ def build_cv_report(cfg: Config, allow_mixed: bool = False) -> dict[str, Any]:
         MixedProvenanceError: runs pooled in one row, or paired, are not the same experiment (without
             ``allow_mixed``); nothing is written.
     """
+    token = _SCORES.set(SCORES_FILES[on])
+    try:
+        return _build(cfg, allow_mixed, on)
+    finally:
+        _SCORES.reset(token)
+
+
+def _build(cfg: Config, allow_mixed: bool, on: str) -> dict[str, Any]:
     _case_rows.cache_clear()  # a report reads each run's per-case scores once, as they are now
     runs = _runs(cfg)
     if not runs:
+        how = (
+            "`make distil FOLD=k`" if on == "validation" else "`make screen` (runs with training.holdout > 0)"
+        )
         raise TeachCacheError(
-            f"no finished run with per-case scores under {cfg.output.runs_dir}; run `make distil FOLD=k` first"
+            f"no finished run with {SCORES_FILES[on]} under {cfg.output.runs_dir}; run {how} first"
         )
     arm, baseline = _primary_endpoint(cfg, list(runs))
     pooling = check_pooling(
@@ -211,12 +232,14 @@ def build_cv_report(cfg: Config, allow_mixed: bool = False) -> dict[str, Any]:
     for name, found in runs.items():
         row, cases_of[name], scores_of[name] = _run_row(name, found)
         rows.append(row)
-    ensemble = _ensemble(cfg, sorted({fold for found in runs.values() for fold, _ in found}))
+    folds = sorted({fold for found in runs.values() for fold, _ in found})
+    ensemble = _ensemble(cfg, folds) if on == "validation" else {}
     if ensemble:
         rows.append(_ensemble_row(ensemble))
         cases_of[ENSEMBLE] = ensemble
     report = {
         "experiment": cfg.experiment,
+        "cases": on,
         "provenance": pooling.as_json(),
         "fold_level": _fold_level(cfg, scores_of, arm, baseline)
         | dict(zip(("per_class", "harm_flags"), _per_class_vs_baseline(cfg, runs, baseline), strict=True)),
@@ -227,19 +250,22 @@ def build_cv_report(cfg: Config, allow_mixed: bool = False) -> dict[str, Any]:
         "cache_seconds": _cache_seconds(cfg, sorted({fold for found in runs.values() for fold, _ in found})),
         "health_warnings": health_warnings(rows),
     }
-    _write(cfg.output.runs_dir, report, cases_of)
+    _write(cfg.output.runs_dir, report, cases_of, REPORT_STEMS[on])
     return report
 
 
 def _write(
-    runs_dir: Path, report: dict[str, Any], cases_of: dict[str, dict[str, tuple[float, float]]]
+    runs_dir: Path,
+    report: dict[str, Any],
+    cases_of: dict[str, dict[str, tuple[float, float]]],
+    stem: str = "report",
 ) -> None:
-    """Write ``report.json``, ``report.md`` and ``report_dice.png`` whole: each to a temporary file first, then
+    """Write ``<stem>.json``, ``<stem>.md`` and ``<stem>_dice.png`` whole: each to a temporary file first, then
     all three renamed into place, so a failure leaves the previous report (or none), never half of one."""
     out = {
-        runs_dir / "report.json": lambda p: p.write_text(json.dumps(report, indent=2) + "\n"),
-        runs_dir / "report.md": lambda p: p.write_text(cv_report_markdown(report)),
-        runs_dir / "report_dice.png": lambda p: _plot(cases_of, p, report["experiment"]),
+        runs_dir / f"{stem}.json": lambda p: p.write_text(json.dumps(report, indent=2) + "\n"),
+        runs_dir / f"{stem}.md": lambda p: p.write_text(cv_report_markdown(report)),
+        runs_dir / f"{stem}_dice.png": lambda p: _plot(cases_of, p, report["experiment"]),
     }
     staged = {path: path.with_name(f".{path.name}.partial") for path in out}
     try:

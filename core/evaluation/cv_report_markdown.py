@@ -96,6 +96,14 @@ def cv_report_markdown(report: dict[str, Any]) -> str:
     """The cross-validation report as markdown: the fold-level comparisons (primary endpoint first), the runs'
     table, then each per-case comparison that has entries, labelled secondary."""
     lines = [f"# {report['experiment']}: cross-validation"]
+    if report.get("cases") == "holdout":
+        lines = [
+            f"# {report['experiment']}: screening on the held-out training cases",
+            "",
+            "Every score below is the final model's on the training cases each run held out of training "
+            "(`holdout_per_case.csv`): the validation cases are not looked at, so the recipe chosen here can then be "
+            "evaluated on them (docs/recipes.md).",
+        ]
     for section in report_sections(report).values():
         lines += section
     return "\n".join(lines) + "\n"

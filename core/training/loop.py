@@ -56,6 +56,7 @@ from core.progress import ProgressBar
 from core.training import distributed
 from core.training.checkpoints import (
     FINAL_CHECKPOINT,
+    HOLDOUT_CSV,
     LATEST_CHECKPOINT,
     OWN_CHECKPOINTS,
     POSTPROCESSED_CSV,
@@ -87,6 +88,7 @@ from core.training.validation import (
     Headline,
     choose_headline,
     choose_postprocessing,
+    final_holdout_scores,
     score_postprocessed,
     skip_validation,
     validate_epoch,
@@ -464,10 +466,16 @@ def _finish(
             **({"holdout_mean_dice": final_holdout, "holdout_cases": holdout} if holdout else {}),
         },
     )
+    final_holdout = final_holdout_scores(run, state)
+    if final_holdout is not None:  # the final model on the held-out cases: what a screening compares
+        write_per_case_csv(staging / HOLDOUT_CSV, run, final_holdout, list(run.holdout_cases))
     headline = choose_headline(run, state, staging)
     write_per_case_csv(staging / "validation_per_case.csv", run, headline.scores)
     postprocessing = _postprocessing(run, headline, staging)
-    return _result(run, state, headline, staging, world, identical, verdict or None, postprocessing)
+    result = _result(run, state, headline, staging, world, identical, verdict or None, postprocessing)
+    if final_holdout is None:
+        return result
+    return replace(result, final_holdout_mean_dice=final_holdout.mean_dice)
 
 
 def _postprocessing(run: TrainingRun, headline: Headline, staging: Path) -> dict[str, Any] | None:

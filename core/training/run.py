@@ -85,6 +85,8 @@ class FitResult:
     # with held-out cases: the largest-component classes chosen on them and the headline's validation scores with
     # them (core.evaluation.postprocess); None without held-out cases
     postprocessing: dict[str, Any] | None = None
+    # the final model's mean Dice on the held-out cases (holdout_per_case.csv; what a screening compares)
+    final_holdout_mean_dice: float | None = None
 
 
 @dataclass(frozen=True, eq=False)

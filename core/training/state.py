@@ -94,6 +94,7 @@ class RunState:
         started: ``time.perf_counter()`` when this process began training.
         steps_done: training steps counted by the progress bar and the kill hook (not resumed: recounted).
         latency: seconds to predict one validation volume (the last validation's mean; not resumed).
+        last_holdout: the last validation's scores on the held-out training cases (not resumed).
     """
 
     model: nn.Module
@@ -114,6 +115,7 @@ class RunState:
     started: float = field(default_factory=time.perf_counter)
     steps_done: int = 0
     latency: float = float("nan")
+    last_holdout: Scores | None = None
 
     def __post_init__(self) -> None:
         empty = np.empty((0, self.num_foreground))

@@ -36,6 +36,7 @@ __all__ = [
     "choose_headline",
     "choose_postprocessing",
     "evaluate",
+    "final_holdout_scores",
     "score_postprocessed",
     "skip_validation",
     "validate_epoch",
@@ -164,8 +165,9 @@ def validate_epoch(run: TrainingRun, state: RunState, epoch: int, row: dict[str,
         )
     if not run.holdout_cases:
         return
-    held, _ = _score(run, list(run.holdout_cases))
+    held, held_hd95 = _score(run, list(run.holdout_cases))
     held_dice = float(held.mean(axis=0).mean())
+    state.last_holdout = Scores(epoch, held_dice, held.mean(axis=0).tolist(), held, held_hd95)
     row["holdout_mean_dice"] = held_dice
     if held_dice > state.selected.holdout_mean_dice:
         state.selected = replace(scores, holdout_mean_dice=held_dice)
@@ -231,8 +233,22 @@ def choose_headline(run: TrainingRun, state: RunState, staging: Path) -> Headlin
     return replace(headline, scores=scores, evaluated_in="original geometry")
 
 
-def write_per_case_csv(path: Path, run: TrainingRun, scores: Scores) -> None:
-    """``validation_per_case.csv``: Dice and HD95 (mm) per validation case and foreground class, and their means."""
+def final_holdout_scores(run: TrainingRun, state: RunState) -> Scores | None:
+    """The final model's scores on the held-out training cases (what a screening compares recipes on: no epoch is
+    chosen on them); ``None`` without held-out cases. Call before the headline's weights are loaded."""
+    if not run.holdout_cases:
+        return None
+    if state.last_holdout is not None and state.last_holdout.epoch == state.last.epoch:
+        return state.last_holdout
+    held, held_hd95 = _score(run, list(run.holdout_cases))
+    return Scores(
+        state.last.epoch, float(held.mean(axis=0).mean()), held.mean(axis=0).tolist(), held, held_hd95
+    )
+
+
+def write_per_case_csv(path: Path, run: TrainingRun, scores: Scores, cases: list[str] | None = None) -> None:
+    """``validation_per_case.csv``: Dice and HD95 (mm) per validation case (or ``cases``) and foreground class, and
+    their means."""
     names = run.foreground_names
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
@@ -245,7 +261,8 @@ def write_per_case_csv(path: Path, run: TrainingRun, scores: Scores) -> None:
                 "mean_hd95_mm",
             ]
         )
-        for case_id, one_dice, one_hd in zip(run.val_cases, scores.case_dice, scores.case_hd95, strict=True):
+        rows = zip(cases or run.val_cases, scores.case_dice, scores.case_hd95, strict=True)
+        for case_id, one_dice, one_hd in rows:
             writer.writerow(
                 [
                     case_id,

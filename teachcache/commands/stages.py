@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
@@ -40,6 +41,22 @@ AllowMixedOption = Annotated[
         "--allow-mixed",
         help="Pool runs of mixed provenance (settings or teacher entries that differ) anyway; the report's header "
         "says so.",
+    ),
+]
+RecipeOption = Annotated[
+    list[Path] | None,
+    typer.Option(
+        "--recipe",
+        help="Also train this recipe (a file holding a distillation section, e.g. configs/recipes/cb-pwd.yaml) on "
+        "every fold and seed, from the same cache (repeatable).",
+    ),
+]
+ScreenOption = Annotated[
+    bool,
+    typer.Option(
+        "--screen",
+        help="The screening: runs in runs_dir/screening/, each student holding evaluation.screening_holdout of its "
+        "training cases out; recipes compared on those cases (screening.md), never on the validation cases.",
     ),
 ]
 
@@ -238,13 +255,17 @@ def cv(
         ),
     ] = False,
     allow_mixed: AllowMixedOption = False,
+    recipe: RecipeOption = None,
+    screen: ScreenOption = False,
     quiet: QuietOption = False,
 ) -> None:
-    """Cross-validation: per fold, train the teachers, cache them, train the no-KD and the distilled student; then
-    the report. Re-running skips what is finished and resumes what was killed."""
+    """Cross-validation: per fold, train the teachers, cache them, train the no-KD and the distilled student (and
+    each --recipe's); then the report. With --screen, the students hold cases out of training and the recipes are
+    compared on those (runs_dir/screening/screening.md). Re-running skips what is finished and resumes what was
+    killed."""
     from teachcache.cv import run_cv
 
-    cfg = load_experiment(config)
+    cfg, recipes = _with_recipes(load_experiment(config), recipe or [], screen)
     with one_line_warnings():
         run_cv(
             cfg,
@@ -254,8 +275,29 @@ def cv(
             seeds=seed,
             online=online,
             allow_mixed=allow_mixed,
+            recipes=recipes,
+            screen=screen,
         )
-    out.print(f"report: {cfg.output.runs_dir / 'report.md'}")
+    out.print(f"report: {cfg.output.runs_dir / ('screening.md' if screen else 'report.md')}")
+
+
+def _with_recipes(cfg: Config, paths: list[Path], screen: bool) -> tuple[Config, list[Config]]:
+    """The experiment (as a screening runs it, with ``screen``) and each recipe file applied to it; two recipes of
+    one kind would share a run folder and are refused."""
+    from core.config import apply_recipe
+    from teachcache.cv import screening_config
+
+    if screen:
+        cfg = screening_config(cfg)
+    recipes = [apply_recipe(cfg, p) for p in paths]
+    kinds = [r.distillation.kind for r in recipes]
+    repeated = sorted({k for k in kinds if kinds.count(k) > 1})
+    if repeated:
+        raise TeachCacheError(
+            f"--recipe: several recipe files have distillation.kind {', '.join(repeated)}; each kind is one run "
+            "folder (kd-<kind>), so give each recipe its own kind"
+        )
+    return cfg, recipes
 
 
 def _fit_line(r: Any) -> str:
@@ -279,12 +321,18 @@ def report(
         typer.Option("--fold", "-f", help="One fold's table; without it, every fold trained.", min=0),
     ] = None,
     allow_mixed: AllowMixedOption = False,
+    screen: ScreenOption = False,
 ) -> None:
     """Every run over the folds it was trained on, compared over folds (the primary endpoint of
     evaluation.primary_endpoint with its 95 % CI, the other comparisons Holm-adjusted, cached vs online
-    equivalence) and, secondary, per case; or, with --fold, one fold's table with each stage's wall time."""
+    equivalence) and, secondary, per case; or, with --fold, one fold's table with each stage's wall time. With
+    --screen, the screening's runs compared on their held-out training cases."""
     cfg = load_experiment(config)
-    if fold is None:
+    if screen:
+        from teachcache.cv import screening_config
+
+        _cv_report(screening_config(cfg), allow_mixed, on="holdout")
+    elif fold is None:
         _cv_report(cfg, allow_mixed)
     else:
         _fold_report(cfg, fold)
@@ -326,12 +374,12 @@ def _fold_level_lines(fold: dict[str, Any]) -> None:
         out.print(f"  {c['run']} vs {c['against']}, over folds: {what}", highlight=False)
 
 
-def _cv_report(cfg: Config, allow_mixed: bool = False) -> None:
+def _cv_report(cfg: Config, allow_mixed: bool = False, on: str = "validation") -> None:
     """Every run over its folds (Dice per fold and per case, HD95), the fold-level claims, the per-case paired
     tests (secondary) and the teacher-ensemble ratio."""
     from core.evaluation.cv_report import build_cv_report
 
-    rep = build_cv_report(cfg, allow_mixed)
+    rep = build_cv_report(cfg, allow_mixed, on)
     prov = rep["provenance"]
     for line in ([f"pooled with --allow-mixed: {m}" for m in prov["mixed"]]) + prov["warnings"]:
         err.print(f"provenance: {line}", highlight=False, soft_wrap=True)
@@ -366,4 +414,5 @@ def _cv_report(cfg: Config, allow_mixed: bool = False) -> None:
             f"{c['ensemble_dice']:.4f}, {c['n']} cases)",
             highlight=False,
         )
-    out.print(f"written to {cfg.output.runs_dir}/report.md, .json and report_dice.png")
+    stem = "screening" if on == "holdout" else "report"
+    out.print(f"written to {cfg.output.runs_dir}/{stem}.md, .json and {stem}_dice.png")
