@@ -448,6 +448,8 @@ class DistillationConfig(_Strict):
         dump = self.model_dump(mode="json")
         if not self.balance.changes_training:
             dump.pop("balance")
+        elif self.balance.grad_fraction is None:  # a ramp alone: the measurement interval changes no step
+            dump["balance"].pop("every")
         return dump
 
     @field_validator("source")

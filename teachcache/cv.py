@@ -63,6 +63,7 @@ def run_cv(
     allow_mixed: bool = False,
     recipes: list[Config] | None = None,
     screen: bool = False,
+    teachers_from: Config | None = None,
 ) -> CvSummary:
     """Run the chain for ``folds`` (default: every fold of the store's splits) and write the CV report.
 
@@ -73,7 +74,8 @@ def run_cv(
     cache's windows around each patch (``kd-<kind>-online-context/``). ``recipes`` (the config with each recipe file
     applied, :func:`core.config.apply_recipe`) are trained beside the config's own recipe, from the same cache. With
     ``screen``, ``cfg`` is already :func:`screening_config`'s and the report compares the held-out cases
-    (``screening.md``).
+    (``screening.md``); ``teachers_from`` is then the experiment as it is, whose runs folder trains the teachers (a
+    screening leaves their runs, like their checkpoints and cache, to the experiment).
 
     Raises:
         ConfigError: a fold the splits do not have.
@@ -95,9 +97,10 @@ def run_cv(
     summary = CvSummary(folds=folds)
     for fold in folds:
         done = summary.runs.setdefault(fold, [])
-        own = [t.name for t in cfg.teachers if _trains_teacher(cfg, t.name, fold)]
+        home = teachers_from or cfg
+        own = [t.name for t in home.teachers if _trains_teacher(home, t.name, fold)]
         if own:
-            for r in train_teachers(cfg, fold, own, progress=progress, skip_done=True):
+            for r in train_teachers(home, fold, own, progress=progress, skip_done=True):
                 done.append(f"{r.name}: {r.headline_mean_dice:.4f}")
                 say(f"fold {fold}: {done[-1]}")
         cached = cache_teachers(cfg, folds=[fold], progress=progress)

@@ -98,7 +98,41 @@ def test_a_run_with_held_out_cases_records_its_choice_and_reports_with_and_witho
         assert chosen["headline_mean_dice"] == pytest.approx(summary["headline_mean_dice"])
 
 
-def test_predict_applies_the_recorded_choice_and_can_be_told_not_to(held_out_student, tmp_path):
+def test_validation_with_postprocessing_scores_the_largest_component_of_the_prediction(held_out_student):
+    """evaluate(postprocess=[1]) against an independent route: the same prediction, scipy's largest 26-connected
+    component of class 1, MONAI-free Dice."""
+    import torch
+
+    from core.evaluation.metrics import dice_per_class
+    from core.inference import predict_volume
+    from core.store.teacher_store import TeacherStore
+    from core.training.validation import evaluate
+
+    cfg, _, result = held_out_student
+    store = TeacherStore.open(cfg.store.path)
+    model = load_checkpoint(result.checkpoint).state_dict
+    from core.models import create_model
+
+    net = create_model(cfg.student.arch, 2, 2, cfg.student.args)
+    net.load_state_dict(model)
+    cases = json.loads((cfg.output.runs_dir / "students/kd-none/fold_0/summary.json").read_text())[
+        "val_cases"
+    ]
+    dice, _ = evaluate(net, store, cases, cfg.inference, 2, torch.device("cpu"), postprocess=[1])
+    for row, case in zip(dice, cases, strict=True):
+        prediction = predict_volume(net, store.read_image(case), cfg.inference, torch.device("cpu"))[
+            "logits"
+        ].argmax(0)
+        labels, n = ndimage.label(prediction == 1, structure=np.ones((3, 3, 3)))
+        if n:
+            sizes = ndimage.sum(np.ones_like(labels), labels, range(1, n + 1))
+            prediction = np.where((prediction == 1) & (labels != 1 + int(np.argmax(sizes))), 0, prediction)
+        assert row.tolist() == dice_per_class(prediction, store.read_label(case), 2)
+
+
+def test_predict_applies_the_recorded_choice_and_can_be_told_not_to(held_out_student, tmp_path, monkeypatch):
+    import core.deploy.predict as predict_module
+
     cfg, _, _ = held_out_student
     run = cfg.output.runs_dir / "students" / "kd-none" / "fold_0"
     model = tmp_path / "student.pth"
@@ -106,10 +140,19 @@ def test_predict_applies_the_recorded_choice_and_can_be_told_not_to(held_out_stu
     add_checkpoint_meta(model, {"postprocessing": {"largest_component_classes": [1]}})
     images = tmp_path / "imagesTs"
     images.mkdir()
-    case = summary_case = json.loads((run / "summary.json").read_text())["val_cases"][0]
+    case = json.loads((run / "summary.json").read_text())["val_cases"][0]
     for channel in (0, 1):
         shutil.copy(cfg.dataset.raw_dir / "imagesTr" / f"{case}_{channel:04d}.nii.gz", images)
     shutil.copy(cfg.dataset.raw_dir / "dataset.json", tmp_path)
+
+    def two_blobs(students, image, device, amp):  # a structure and a far, smaller island of class 1
+        probs = np.zeros((2, *image.shape[1:]), dtype=np.float32)
+        probs[0] = 1.0
+        probs[:, 4:12, 4:12, 4:12] = [[[[0.0]]], [[[1.0]]]]
+        probs[:, -8:-4, -8:-4, -8:-4] = [[[[0.0]]], [[[1.0]]]]
+        return probs
+
+    monkeypatch.setattr(predict_module, "predict_probabilities", two_blobs)
     out = {}
     for flag in ("--postprocess", "--no-postprocess"):
         target = tmp_path / flag.strip("-")
@@ -119,12 +162,13 @@ def test_predict_applies_the_recorded_choice_and_can_be_told_not_to(held_out_stu
         assert result.exit_code == 0, result.output
         summary = json.loads((target / "prediction.json").read_text())
         assert summary["largest_component_classes"] == ([1] if flag == "--postprocess" else [])
-        out[flag] = np.asarray(nib.load(target / f"{summary_case}.nii.gz").dataobj)
-    kept, raw = out["--postprocess"] == 1, out["--no-postprocess"] == 1
-    assert not (kept & ~raw).any(), "postprocessing only removes voxels"
-    _, components = ndimage.label(raw, structure=np.ones((3, 3, 3)))
-    if components > 1:
-        assert kept.sum() < raw.sum()
+        out[flag] = np.asarray(nib.load(target / f"{case}.nii.gz").dataobj) == 1
+    kept, raw = out["--postprocess"], out["--no-postprocess"]
+    assert ndimage.label(raw, structure=np.ones((3, 3, 3)))[1] == 2, (
+        "the island reaches the written label map"
+    )
+    assert ndimage.label(kept, structure=np.ones((3, 3, 3)))[1] == 1, "predict removed it"
+    assert not (kept & ~raw).any() and 0 < kept.sum() < raw.sum()
 
 
 def test_the_cv_report_shows_each_row_with_and_without_its_postprocessing():

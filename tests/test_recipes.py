@@ -457,3 +457,59 @@ class _Keys:
 
     def __init__(self, keys: list[str]):
         self.keys, self.fold = keys, 0
+
+
+def test_confidence_weighted_pwd_is_bit_for_bit_the_formula_it_always_was():
+    """Per-voxel teacher weights alone keep their old arithmetic exactly (weighted sum, then over the voxel count),
+    on a patch whose voxel count is not a power of two (where reordering the division would change the bits)."""
+    student, teachers, label = _case(13, k=3, shape=(2, 5, 6, 7))
+    probs = _tempered(teachers)
+    out = _objective("pwd", combine="sum", teacher_weights="confidence")(
+        student.float(), label, None, {"softmax": probs}
+    )
+    scores = [torch.exp((p * torch.log(p.clamp_min(1e-12))).sum(1, keepdim=True)) for p in probs.values()]
+    total = torch.stack(scores).sum(0)
+    expected = torch.zeros(())
+    for score, target in zip(scores, probs.values(), strict=True):
+        log_ps = torch.log_softmax(student.float() / T, dim=1)
+        kl = (target * (torch.log(target.clamp_min(1e-12)) - log_ps)).sum(1, keepdim=True)
+        expected = expected + (T * T) * ((score / total) * kl).sum() / kl[:, 0].numel()
+    assert torch.equal(out["pwd"], expected)
+
+
+def test_a_measurement_is_scale_free_and_skips_what_is_not_finite():
+    model = _tiny_student()
+    objective = _objective("pwd", weight=3.0)
+    health = TermHealth(objective, model, steps_per_epoch=4)
+    values = _step_values(model, objective)
+    health.measure(values)
+    plain = health.epoch_columns()
+    health.measure(values, lambda v: v * 65536.0)  # the fp16 gradient scaler's factor
+    scaled = health.epoch_columns()
+    assert scaled["grad_ratio_pwd"] == pytest.approx(plain["grad_ratio_pwd"], rel=1e-4)
+    assert scaled["grad_cosine_pwd"] == pytest.approx(plain["grad_cosine_pwd"], abs=1e-5)
+    health.measure(values, lambda v: v * float("inf"))
+    assert health.epoch_columns() == {}, "a non-finite measurement is left out"
+    assert not TermHealth(objective, model, 4, measure=False).measures(0), (
+        "nothing is measured under torchrun"
+    )
+
+
+def test_a_ramp_alone_keys_its_runs_without_the_measurement_interval():
+    plain = DistillationConfig()
+    a = plain.model_copy(update={"balance": BalanceConfig(warmup_epochs=2, every=5)})
+    b = plain.model_copy(update={"balance": BalanceConfig(warmup_epochs=2, every=25)})
+    assert a.key_fields() == b.key_fields() and "every" not in a.key_fields()["balance"]
+    c = plain.model_copy(update={"balance": BalanceConfig(grad_fraction=0.5, every=5)})
+    d = plain.model_copy(update={"balance": BalanceConfig(grad_fraction=0.5, every=25)})
+    assert c.key_fields() != d.key_fields(), "the balance is re-measured every `every` steps: part of the run"
+
+
+def test_per_class_dice_of_another_task_is_refused():
+    from train_student.fold import TeacherDice, refuse_unknown_dice
+
+    cfg = DistillationConfig(terms=[TermConfig(name="pwd", teacher_weights="class_dice")])
+    dice = TeacherDice(mean={"a/fold_0": 0.8}, per_class={"a/fold_0": [0.8, 0.7]})
+    refuse_unknown_dice(cfg, _Keys(["a/fold_0"]), dice, num_classes=3)
+    with pytest.raises(ConfigError, match=r"a/fold_0 recorded 2 classes where this dataset has 4 foreground"):
+        refuse_unknown_dice(cfg, _Keys(["a/fold_0"]), dice, num_classes=5)

@@ -135,6 +135,11 @@ def test_checkpoints_keep_their_meta_fields_in_the_order_they_always_had(random_
         name: list(load_checkpoint(run_dir / name).meta)[-6:]
         for name in ("checkpoint_final.pth", "checkpoint_selected.pth", "checkpoint_best.pth")
     }
+    # issue 24 added two fields to the held-out-selected checkpoint, after the ones it always had: the per-class
+    # held-out Dice (teacher_weights: class_dice) and the postprocessing chosen on those cases
+    selected = list(load_checkpoint(run_dir / "checkpoint_selected.pth").meta)
+    assert selected[-2:] == ["holdout_dice_per_class", "postprocessing"]
+    tails["checkpoint_selected.pth"] = selected[-8:-2]
     assert tails["checkpoint_final.pth"] == [
         "epoch",
         "val_mean_dice",

@@ -129,3 +129,15 @@ def test_two_recipe_files_of_one_kind_are_refused(screened, tmp_path):
         ["cv", "-c", str(path), "--recipe", str(ROOT / "configs/recipes/cb-pwd.yaml"), "--recipe", str(twin)],
     )
     assert result.exit_code == 2 and "distillation.kind cb-pwd" in result.output, result.output
+
+
+def test_a_bad_recipe_is_refused_before_anything_trains(screened, tmp_path):
+    cfg, path, _ = screened
+    bad = tmp_path / "bad-recipe.yaml"
+    recipe = yaml.safe_load((ROOT / "configs" / "recipes" / "cb-pwd.yaml").read_text())
+    recipe["distillation"]["kind"] = "bad"
+    recipe["distillation"]["terms"][0]["args"] = {"balance": "klass"}
+    bad.write_text(yaml.safe_dump(recipe))
+    result = runner.invoke(app, ["cv", "-c", str(path), "--screen", "--recipe", str(bad), "-q"])
+    assert result.exit_code == 2 and "bad-recipe.yaml" in result.output and "balance" in result.output
+    assert not (cfg.output.runs_dir / "screening" / "students" / "kd-bad").exists()

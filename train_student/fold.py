@@ -269,9 +269,11 @@ class TeacherDice:
         self.per_class[key] = [float(d) for d in per_class] if per_class else None
 
 
-def refuse_unknown_dice(dcfg: DistillationConfig, teachers: FoldTeachers, dice: TeacherDice) -> None:
+def refuse_unknown_dice(
+    dcfg: DistillationConfig, teachers: FoldTeachers, dice: TeacherDice, num_classes: int | None = None
+) -> None:
     """``teacher_weights: dice`` (``class_dice``) needs each teacher's (per-class) Dice on cases held out of its own
-    training."""
+    training — for ``class_dice``, one per foreground class of the ``num_classes``."""
     for term in dcfg.terms:
         if term.weight == 0 or term.teacher_weights not in ("dice", "class_dice"):
             continue
@@ -286,6 +288,17 @@ def refuse_unknown_dice(dcfg: DistillationConfig, teachers: FoldTeachers, dice: 
                 "training.holdout > 0 (`make teachers`, then `make cache`), or use teacher_weights 'uniform' or "
                 "'confidence'"
             )
+        if term.teacher_weights == "class_dice" and num_classes is not None:
+            wrong = {
+                t: len(d) for t, d in dice.per_class.items() if d is not None and len(d) != num_classes - 1
+            }
+            if wrong:
+                raise ConfigError(
+                    f"distillation term '{term.name}' weighs teachers by their per-class Dice, but "
+                    + ", ".join(f"{t} recorded {n}" for t, n in wrong.items())
+                    + f" classes where this dataset has {num_classes - 1} foreground classes; those teachers were "
+                    "trained on another task: re-train them on this dataset"
+                )
 
 
 def cached_alignment(run: StudentFold, needed: TargetsNeeded) -> int | TargetRequest | None:

@@ -188,7 +188,7 @@ def cache_reads(
         for t in teachers.teachers
     }
     leakage = {key: leaked for key, (leaked, _) in checked.items()}
-    refuse_unknown_dice(recipe.config, teachers, teacher_dice)
+    refuse_unknown_dice(recipe.config, teachers, teacher_dice, len(run.class_names))
     if needed.sketches or needed.features:
         lacking = [t for t in teachers.keys if not store.has_sketch(t, run.train[0], "fine")]
         if lacking:

@@ -116,7 +116,7 @@ def online_reads(run: StudentFold, recipe: Recipe, live: LiveTeachers, allow_lea
         key: entry_key(run.cfg, configs[key], sha, run.store) for key, sha in live.checkpoints.items()
     }
     if recipe.needed.any:
-        refuse_unknown_dice(recipe.config, run.teachers, live.dice)
+        refuse_unknown_dice(recipe.config, run.teachers, live.dice, len(run.class_names))
         for key, leaked in live.leakage.items():
             refuse_leakage(key, leaked, f"fold {run.fold}", allow_leakage)
         reads.request = TargetRequest.for_recipe(run.teachers.keys, recipe.config.temperature, recipe.needed)

@@ -32,15 +32,14 @@ from core.config import Config
 from core.errors import ConfigError, TeachCacheError
 from core.evaluation.cv_report_markdown import cv_report_markdown
 from core.evaluation.provenance import RunRecord, check_pooling
+from core.evaluation.scoring import HOLDOUT_CSV, VALIDATION_CSV
 from core.evaluation.statistics import ComparisonError, FoldComparison, compare_folds, equivalence, holm
-from core.training.checkpoints import HOLDOUT_CSV
-from core.training.health import MOST as HEALTH_MOST
 
 __all__ = ["build_cv_report", "paired_tests"]
 
 BASELINE = "student kd-none"
 # which cases a report compares: the validation cases (the CV report) or the held-out training cases (a screening)
-SCORES_FILES = {"validation": "validation_per_case.csv", "holdout": HOLDOUT_CSV}
+SCORES_FILES = {"validation": VALIDATION_CSV, "holdout": HOLDOUT_CSV}
 REPORT_STEMS = {"validation": "report", "holdout": "screening"}
 _SCORES: ContextVar[str] = ContextVar("per-case scores file", default=SCORES_FILES["validation"])
 
@@ -237,9 +236,11 @@ def _build(cfg: Config, allow_mixed: bool, on: str) -> dict[str, Any]:
     if ensemble:
         rows.append(_ensemble_row(ensemble))
         cases_of[ENSEMBLE] = ensemble
+    if on == "holdout":  # a screening shows nothing scored on the validation cases
+        for row in rows:
+            row["postprocessing"] = None
     report = {
         "experiment": cfg.experiment,
-        "cases": on,
         "provenance": pooling.as_json(),
         "fold_level": _fold_level(cfg, scores_of, arm, baseline)
         | dict(zip(("per_class", "harm_flags"), _per_class_vs_baseline(cfg, runs, baseline), strict=True)),
@@ -249,6 +250,7 @@ def _build(cfg: Config, allow_mixed: bool, on: str) -> dict[str, Any]:
         "against_teacher_ensemble": _against_ensemble(cases_of),
         "cache_seconds": _cache_seconds(cfg, sorted({fold for found in runs.values() for fold, _ in found})),
         "health_warnings": health_warnings(rows),
+        "cases": on,
     }
     _write(cfg.output.runs_dir, report, cases_of, REPORT_STEMS[on])
     return report
@@ -430,11 +432,13 @@ def _health(summaries: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     how many of them the term dominated or opposed L_SEG in, and the median over runs of its median ratio and cosine."""
     terms: dict[str, dict[str, Any]] = {}
     for s in summaries:
-        for term, t in ((s.get("kd_health") or {}).get("terms") or {}).items():
+        health = s.get("kd_health") or {}
+        most = (health.get("thresholds") or {}).get("most", 0.5)  # what the run's own check called "most"
+        for term, t in (health.get("terms") or {}).items():
             e = terms.setdefault(term, {"runs": 0, "dominates": 0, "opposes": 0, "ratio": [], "cosine": []})
             e["runs"] += 1
-            e["dominates"] += int(t["dominant_epochs"] > HEALTH_MOST)
-            e["opposes"] += int(t["opposing_epochs"] > HEALTH_MOST)
+            e["dominates"] += int(t["dominant_epochs"] > most)
+            e["opposes"] += int(t["opposing_epochs"] > most)
             e["ratio"].append(t["ratio_median"])
             e["cosine"].append(t["cosine_median"])
     return {

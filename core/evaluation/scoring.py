@@ -19,10 +19,16 @@ from core.errors import DatasetError
 from core.evaluation.geometry import original_spacing
 from core.evaluation.metrics import dice_per_class, hd95_per_class
 
-__all__ = ["PREDICTION_SUMMARY", "evaluate_folder"]
+__all__ = ["HOLDOUT_CSV", "POSTPROCESSED_CSV", "PREDICTION_SUMMARY", "VALIDATION_CSV", "evaluate_folder"]
 
 # the record `teachcache predict` writes beside its labels (core.deploy.predict); read here for the class names
 PREDICTION_SUMMARY = "prediction.json"
+# a run folder's per-case scores (core.training.validation writes them, the CV report reads them): the headline on
+# the validation cases, the same with the postprocessing chosen on the held-out cases, and the final model on the
+# held-out training cases (what a screening compares; docs/recipes.md)
+VALIDATION_CSV = "validation_per_case.csv"
+POSTPROCESSED_CSV = "validation_per_case_postprocessed.csv"
+HOLDOUT_CSV = "holdout_per_case.csv"
 
 
 def _by_case(folder: Path, what: str) -> dict[str, Path]:

@@ -156,10 +156,14 @@ class DistributionTerm(DistillationTerm):
 
     @abstractmethod
     def loss(
-        self, logits: torch.Tensor, target: torch.Tensor, voxel_weights: torch.Tensor | None = None
+        self,
+        logits: torch.Tensor,
+        target: torch.Tensor,
+        voxel_weights: torch.Tensor | None = None,
+        divisor: float = 1,
     ) -> torch.Tensor:
-        """The term against one distribution (B, K, X, Y, Z); ``voxel_weights`` (B, 1, X, Y, Z) summing to 1 over the
-        batch's voxels (``None``: the voxel mean) for per-voxel terms."""
+        """The term against one distribution (B, K, X, Y, Z); for per-voxel terms ``Σ_x voxel_weights(x) ℓ(x) / divisor``
+        with ``voxel_weights`` (B, 1, X, Y, Z) (``None``: the voxel mean)."""
 
     def forward(
         self, logits: torch.Tensor, taps: dict[str, torch.Tensor] | None, targets: DistillationTargets
@@ -205,8 +209,9 @@ class DistributionTerm(DistillationTerm):
     ) -> torch.Tensor:
         """``weight · loss``, or the loss with per-voxel weights inside when ``weight`` is a (B, 1, X, Y, Z) map."""
         if isinstance(weight, torch.Tensor):
-            inside = weight / weight[:, 0].numel() if spatial is None else weight * spatial
-            return self.loss(logits, target, inside)
+            if spatial is None:  # per-voxel teacher weights alone: their weighted sum over the voxel count
+                return self.loss(logits, target, weight, weight[:, 0].numel())
+            return self.loss(logits, target, weight * spatial)
         return weight * self.loss(logits, target, spatial)
 
 
@@ -235,14 +240,18 @@ class PixelwiseDistillation(DistributionTerm):
         self.kd = PixelwiseKDLoss(settings.temperature)
 
     def loss(
-        self, logits: torch.Tensor, target: torch.Tensor, voxel_weights: torch.Tensor | None = None
+        self,
+        logits: torch.Tensor,
+        target: torch.Tensor,
+        voxel_weights: torch.Tensor | None = None,
+        divisor: float = 1,
     ) -> torch.Tensor:
         if voxel_weights is None:
             return self.kd(logits, target)
         t = self.temperature
         log_ps = torch.log_softmax(logits.float() / t, dim=1)
         kl = (target * (torch.log(target.clamp_min(1e-12)) - log_ps)).sum(1, keepdim=True)
-        return (t * t) * (voxel_weights * kl).sum()
+        return (t * t) * (voxel_weights * kl).sum() / divisor
 
 
 @register_term("cwd")
@@ -269,7 +278,11 @@ class ChannelWiseDistillation(DistributionTerm):
         return super().forward(logits, taps, untempered(targets, self._untemper))
 
     def loss(
-        self, logits: torch.Tensor, target: torch.Tensor, voxel_weights: torch.Tensor | None = None
+        self,
+        logits: torch.Tensor,
+        target: torch.Tensor,
+        voxel_weights: torch.Tensor | None = None,
+        divisor: float = 1,
     ) -> torch.Tensor:
         return self.cwd(logits, target)
 
@@ -290,7 +303,11 @@ class DISTDistillation(DistributionTerm):
         self.dist = DISTLoss(settings.temperature, beta, gamma)
 
     def loss(
-        self, logits: torch.Tensor, target: torch.Tensor, voxel_weights: torch.Tensor | None = None
+        self,
+        logits: torch.Tensor,
+        target: torch.Tensor,
+        voxel_weights: torch.Tensor | None = None,
+        divisor: float = 1,
     ) -> torch.Tensor:
         return self.dist(logits, target)
 
@@ -380,11 +397,15 @@ class DecoupledDistillation(DistributionTerm):
             self._label = None
 
     def loss(
-        self, logits: torch.Tensor, target: torch.Tensor, voxel_weights: torch.Tensor | None = None
+        self,
+        logits: torch.Tensor,
+        target: torch.Tensor,
+        voxel_weights: torch.Tensor | None = None,
+        divisor: float = 1,
     ) -> torch.Tensor:
         assert self._label is not None
         per_voxel = self.dkd.per_voxel(logits, target, self._label)
-        return per_voxel.mean() if voxel_weights is None else (voxel_weights * per_voxel).sum()
+        return per_voxel.mean() if voxel_weights is None else (voxel_weights * per_voxel).sum() / divisor
 
 
 @register_term("region")
@@ -410,6 +431,10 @@ class RegionDistillation(DistributionTerm):
         return super().forward(logits, taps, untempered(targets, self._untemper))
 
     def loss(
-        self, logits: torch.Tensor, target: torch.Tensor, voxel_weights: torch.Tensor | None = None
+        self,
+        logits: torch.Tensor,
+        target: torch.Tensor,
+        voxel_weights: torch.Tensor | None = None,
+        divisor: float = 1,
     ) -> torch.Tensor:
         return self.dice(logits.float(), target.float())

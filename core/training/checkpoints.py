@@ -28,10 +28,8 @@ from core.training.state import RunState, Scores
 __all__ = [
     "BEST_CHECKPOINT",
     "FINAL_CHECKPOINT",
-    "HOLDOUT_CSV",
     "LATEST_CHECKPOINT",
     "OWN_CHECKPOINTS",
-    "POSTPROCESSED_CSV",
     "SELECTED_CHECKPOINT",
     "ResumeDiscardedWarning",
     "finished_run",
@@ -50,10 +48,6 @@ FINAL_CHECKPOINT = "checkpoint_final.pth"
 SELECTED_CHECKPOINT = "checkpoint_selected.pth"
 BEST_CHECKPOINT = "checkpoint_best.pth"
 OWN_CHECKPOINTS = (FINAL_CHECKPOINT, SELECTED_CHECKPOINT, BEST_CHECKPOINT, LATEST_CHECKPOINT)
-# the headline's validation scores with the postprocessing chosen on the held-out cases (core.evaluation.postprocess)
-POSTPROCESSED_CSV = "validation_per_case_postprocessed.csv"
-# the final model's scores on the held-out training cases (a screening's per-case scores; docs/recipes.md)
-HOLDOUT_CSV = "holdout_per_case.csv"
 
 
 def staging_dir(out_dir: Path) -> Path:

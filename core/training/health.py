@@ -22,6 +22,7 @@ The same measurement drives the weights (``docs/losses.md``, "Term balancing and
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -68,10 +69,14 @@ class TermHealth:
         objective: the run's loss (its :attr:`~DistillationObjective.multipliers` are set before every step).
         model: the student (its trainable weights are measured).
         steps_per_epoch: ``training.iterations_per_epoch``.
+        measure: take the gradient measurements (``False`` under ``torchrun``, where DDP reduces gradients in its own
+            backward hooks: the ramp still applies; the balance, which needs the measurements, is refused).
     """
 
-    def __init__(self, objective: DistillationObjective, model: nn.Module, steps_per_epoch: int):
-        self.objective, self.model = objective, model
+    def __init__(
+        self, objective: DistillationObjective, model: nn.Module, steps_per_epoch: int, measure: bool = True
+    ):
+        self.objective, self.model, self.measuring = objective, model, measure
         self.cfg = objective.balance
         self.ramp_steps = self.cfg.warmup_epochs * steps_per_epoch
         self.active = [
@@ -82,10 +87,12 @@ class TermHealth:
         self._epoch: dict[str, list[tuple[float, float]]] = {}
 
     @classmethod
-    def of(cls, loss_fn: Any, model: nn.Module, steps_per_epoch: int) -> TermHealth | None:
-        """The health check of a distilling objective; ``None`` for a loss without KD terms."""
+    def of(
+        cls, loss_fn: Any, model: nn.Module, steps_per_epoch: int, measure: bool = True
+    ) -> TermHealth | None:
+        """The weights and health check of a distilling objective; ``None`` for a loss without KD terms."""
         if isinstance(loss_fn, DistillationObjective) and loss_fn.uses_teachers:
-            return cls(loss_fn, model, steps_per_epoch)
+            return cls(loss_fn, model, steps_per_epoch, measure)
         return None
 
     def ramp(self, step: int) -> float:
@@ -101,25 +108,36 @@ class TermHealth:
             self.objective.multipliers[i] = r * a
 
     def measures(self, step: int) -> bool:
-        return self.cfg.every > 0 and step % self.cfg.every == 0
+        return self.measuring and self.cfg.every > 0 and step % self.cfg.every == 0
 
-    def measure(self, values: dict[str, torch.Tensor]) -> None:
+    def measure(
+        self, values: dict[str, torch.Tensor], scale: Callable[[torch.Tensor], torch.Tensor] | None = None
+    ) -> None:
         """Measure this step's gradients (``values``: the objective's output, still attached to the graph), record
-        each term's weighted ratio and cosine, and re-scale the terms when balancing."""
+        each term's weighted ratio and cosine, and re-scale the terms when balancing.
+
+        ``scale`` multiplies every loss before its gradient is taken (the step's fp16 gradient scaler, so small
+        gradients do not underflow; ratios and cosines do not depend on it). A measurement whose gradient norms are
+        zero or not finite is left out.
+        """
         params = [p for p in self.model.parameters() if p.requires_grad]
         names = ["seg", *(n for _, n in self.active)]
-        grads = term_gradients(values, names, params)
+        scaled = {n: scale(values[n]) if scale is not None else values[n] for n in names}
+        grads = term_gradients(scaled, names, params)
         seg = grads["seg"]
         seg_norm = float(seg.norm())
+        if not math.isfinite(seg_norm) or seg_norm == 0:
+            return
         scales = getattr(self.objective, "balance_scales", None)
         for i, name in self.active:
             g = grads[name]
             norm = float(g.norm())
-            weighted = self.objective.effective_weight(i) * norm
-            ratio = weighted / seg_norm if seg_norm > 0 else math.inf
+            if not math.isfinite(norm):
+                continue
+            ratio = self.objective.effective_weight(i) * norm / seg_norm
             cosine = float(torch.nn.functional.cosine_similarity(g, seg, dim=0))
             self._epoch.setdefault(name, []).append((ratio, cosine))
-            if scales is not None and norm > 0 and seg_norm > 0:
+            if scales is not None and norm > 0:
                 target = self.cfg.grad_fraction * seg_norm / (self.objective.term_weights[i] * norm)
                 scales[i] = min(max(target, SCALE_RANGE[0]), SCALE_RANGE[1])
 

@@ -48,6 +48,7 @@ from torch.utils.data import DataLoader
 from core.config import InferenceConfig
 from core.data.patches import EpochSampler
 from core.errors import TrainingError
+from core.evaluation.scoring import HOLDOUT_CSV, POSTPROCESSED_CSV, VALIDATION_CSV
 from core.inference import autocast
 from core.losses.distillation import STAT_PREFIX
 from core.models.checkpoint import add_checkpoint_meta
@@ -56,10 +57,8 @@ from core.progress import ProgressBar
 from core.training import distributed
 from core.training.checkpoints import (
     FINAL_CHECKPOINT,
-    HOLDOUT_CSV,
     LATEST_CHECKPOINT,
     OWN_CHECKPOINTS,
-    POSTPROCESSED_CSV,
     finished_run,
     publish_run_dir,
     recover_run_dir,
@@ -157,7 +156,7 @@ def train_step(
         terms = loss_fn(logits, label, taps, targets)
     _check_finite(terms, *where)
     if health is not None and health.measures(step):
-        health.measure(terms)
+        health.measure(terms, opt.scaler.scale if opt.scaler.is_enabled() else None)
     opt.scaler.scale(terms["total"]).backward()
     distributed.average_gradients(opt.extra, ctx or Distributed())  # DDP averages the model's own
     opt.scaler.step(opt.optimizer)
@@ -255,7 +254,7 @@ def _write_summary(
             "checkpoint": str(exported if exported is not None else out_dir / trained.checkpoint),
             "metrics_csv": str(out_dir / "metrics.csv"),
             "checkpoint_final": str(out_dir / FINAL_CHECKPOINT),
-            "per_case_csv": str(out_dir / "validation_per_case.csv"),
+            "per_case_csv": str(out_dir / VALIDATION_CSV),
         }
     )
     (staging / LATEST_CHECKPOINT).unlink(missing_ok=True)  # the optimizer state is for resuming only
@@ -294,8 +293,8 @@ class _Stepper:
         kill_at: the training step after which the process SIGKILLs itself (``TEACHCACHE_TEST_KILL_AT_STEP``);
             0: never.
         health: the KD terms' weights and gradient health check (:mod:`core.training.health`); ``None`` without KD
-            terms, and under ``torchrun`` (DDP reduces gradients in its own backward hooks, which a second
-            measurement pass would disturb).
+            terms. Under ``torchrun`` the warm-up ramp applies but nothing is measured (DDP reduces gradients in its
+            own backward hooks, which a second measurement pass would disturb), so the balance is refused there.
     """
 
     module: nn.Module
@@ -344,7 +343,13 @@ def _start(
     )
     recorder = TapRecorder(run.model, run.spec.taps) if run.capture_taps else None
     kill_at = int(os.environ.get(KILL_AT_STEP_ENV, "0") or 0)
-    health = None if ctx.active else TermHealth.of(run.loss_fn, run.model, run.cfg.iterations_per_epoch)
+    health = TermHealth.of(run.loss_fn, run.model, run.cfg.iterations_per_epoch, measure=not ctx.active)
+    if ctx.active and health is not None and health.cfg.grad_fraction is not None:
+        raise TrainingError(
+            f"{run.name}: distillation.balance.grad_fraction measures each term's gradient beside the step's own "
+            "backward pass, which DDP's gradient reduction does not allow under torchrun; train on one process "
+            "(make distil without GPUS=), or use warmup_epochs alone"
+        )
     return state, _Stepper(module, loader, sampler, recorder, ctx, kill_at, health)
 
 
@@ -470,7 +475,7 @@ def _finish(
     if final_holdout is not None:  # the final model on the held-out cases: what a screening compares
         write_per_case_csv(staging / HOLDOUT_CSV, run, final_holdout, list(run.holdout_cases))
     headline = choose_headline(run, state, staging)
-    write_per_case_csv(staging / "validation_per_case.csv", run, headline.scores)
+    write_per_case_csv(staging / VALIDATION_CSV, run, headline.scores)
     postprocessing = _postprocessing(run, headline, staging)
     result = _result(run, state, headline, staging, world, identical, verdict or None, postprocessing)
     if final_holdout is None:
@@ -525,7 +530,7 @@ def _result(
         final_epoch=last.epoch,
         final_hd95_per_class=last.case_hd95.mean(axis=0).tolist() if len(last.case_hd95) else [],
         checkpoint_final=str(staging / FINAL_CHECKPOINT),
-        per_case_csv=str(staging / "validation_per_case.csv"),
+        per_case_csv=str(staging / VALIDATION_CSV),
         headline=headline.kind,
         headline_epoch=chosen.epoch,
         headline_mean_dice=chosen.mean_dice,

@@ -177,10 +177,11 @@ def validate_epoch(run: TrainingRun, state: RunState, epoch: int, row: dict[str,
             scores,
             {
                 "holdout_mean_dice": held_dice,
-                # per foreground class: what teacher_weights 'class_dice' weighs a teacher by
-                "holdout_dice_per_class": held.mean(axis=0).tolist(),
                 "holdout_cases": list(run.holdout_cases),
                 "selection": "best on the held-out training cases",
+                # per foreground class: what teacher_weights 'class_dice' weighs a teacher by (after the fields
+                # older checkpoints have, which keep their order)
+                "holdout_dice_per_class": held.mean(axis=0).tolist(),
             },
         )
     state.stale = epoch - state.selected.epoch

@@ -265,7 +265,8 @@ def cv(
     killed."""
     from teachcache.cv import run_cv
 
-    cfg, recipes = _with_recipes(load_experiment(config), recipe or [], screen)
+    base = load_experiment(config)
+    cfg, recipes = _with_recipes(base, recipe or [], screen)
     with one_line_warnings():
         run_cv(
             cfg,
@@ -277,19 +278,31 @@ def cv(
             allow_mixed=allow_mixed,
             recipes=recipes,
             screen=screen,
+            teachers_from=base,
         )
     out.print(f"report: {cfg.output.runs_dir / ('screening.md' if screen else 'report.md')}")
 
 
 def _with_recipes(cfg: Config, paths: list[Path], screen: bool) -> tuple[Config, list[Config]]:
-    """The experiment (as a screening runs it, with ``screen``) and each recipe file applied to it; two recipes of
-    one kind would share a run folder and are refused."""
+    """The experiment (as a screening runs it, with ``screen``) and each recipe file applied to it, each recipe's
+    terms built once here so a bad argument is refused before anything trains; two recipes of one kind would share a
+    run folder and are refused."""
     from core.config import apply_recipe
+    from core.losses.distillation import build_objective
+    from core.terms import builds_with_channels
     from teachcache.cv import screening_config
 
     if screen:
         cfg = screening_config(cfg)
     recipes = [apply_recipe(cfg, p) for p in paths]
+    for path, r in zip(paths, recipes, strict=True):
+        if not builds_with_channels(
+            t.name for t in r.distillation.terms
+        ):  # those need the networks' tap widths
+            try:
+                build_objective(r.distillation, r.training.focal_gamma)
+            except TeachCacheError as exc:
+                raise TeachCacheError(f"{path}: {exc}") from None
     kinds = [r.distillation.kind for r in recipes]
     repeated = sorted({k for k in kinds if kinds.count(k) > 1})
     if repeated:
