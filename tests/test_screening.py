@@ -88,9 +88,13 @@ def test_the_screening_compares_recipes_on_held_out_cases_in_its_own_folder(scre
     report = json.loads((screening / "screening.json").read_text())
     assert report["cases"] == "holdout"
     rows = {r["run"] for r in report["runs"]}
-    assert rows == {"student kd-none", "student kd-teachformer", "student kd-cb-pwd"}, (
-        "the paper's recipe file is the config's own recipe: trained once, under the config's kind"
-    )
+    assert rows == {
+        "student kd-none",
+        "student kd-teachformer",
+        "student kd-cb-pwd",
+        "teacher ensemble (cached, equal weights)",
+    }, "the paper's recipe file is the config's own recipe: trained once, under the config's kind"
+    per_fold: dict[int, list[str]] = {}
     for kind in ("none", "teachformer", "cb-pwd"):
         for fold in (0, 1):
             run = screening / "students" / f"kd-{kind}" / f"fold_{fold}"
@@ -101,6 +105,7 @@ def test_the_screening_compares_recipes_on_held_out_cases_in_its_own_folder(scre
                 line.split(",")[0] for line in (run / "holdout_per_case.csv").read_text().splitlines()[1:]
             ]
             assert cases == held and not set(held) & set(summary["val_cases"])
+            assert per_fold.setdefault(fold, held) == held, "every arm of a fold holds out the same cases"
             assert summary["final_holdout_mean_dice"] is not None
     text = (screening / "screening.md").read_text()
     assert "screening on the held-out training cases" in text and "kd-cb-pwd" in text

@@ -84,11 +84,15 @@ def _cache_seconds(cfg: Config, folds: list[int]) -> dict[str, float]:
     return out
 
 
-def _ensemble(cfg: Config, folds: list[int]) -> dict[str, tuple[float, float]]:
+def _ensemble(
+    cfg: Config, folds: list[int], held_out: dict[int, list[str]] | None = None
+) -> dict[str, tuple[float, float]]:
     """Per validation case (``"<fold>/<case>"``), the Dice and HD95 of the teachers' ensemble: the argmax of their
     cached class distributions averaged with equal weights, read from the store (the teachers distilled on each fold,
     as stage 2 reads them). Scored like the runs' headlines: in the original geometry when the raw dataset the store
-    was made from is at hand, else on the preprocessed grid. Folds whose teachers are not all cached are left out."""
+    was made from is at hand, else on the preprocessed grid. Folds whose teachers are not all cached are left out.
+    With ``held_out`` (a screening), each fold's held-out training cases instead, on the preprocessed grid as
+    ``holdout_per_case.csv`` scores them."""
     from core.data.layouts import read_dataset
     from core.evaluation.geometry import original_label, original_spacing, to_original_geometry
     from core.evaluation.metrics import dice_per_class, hd95_per_class
@@ -106,9 +110,13 @@ def _ensemble(cfg: Config, folds: list[int]) -> dict[str, tuple[float, float]]:
     cached = set(store.teacher_keys())
     num_classes = len(store.metadata["dataset"]["class_names"])
     out: dict[str, tuple[float, float]] = {}
+    if held_out is not None:
+        original = False
     for fold in folds:
         keys = [t.store_key(fold) for t in teachers]
         _, val = fold_split(cfg, store, fold)
+        if held_out is not None:
+            val = held_out.get(fold, [])
         if not keys or not set(keys) <= cached or not all(store.has_entry(k, c) for k in keys for c in val):
             continue
         for case in val:
@@ -232,7 +240,7 @@ def _build(cfg: Config, allow_mixed: bool, on: str) -> dict[str, Any]:
         row, cases_of[name], scores_of[name] = _run_row(name, found)
         rows.append(row)
     folds = sorted({fold for found in runs.values() for fold, _ in found})
-    ensemble = _ensemble(cfg, folds) if on == "validation" else {}
+    ensemble = _ensemble(cfg, folds, None if on == "validation" else _held_out_cases(runs))
     if ensemble:
         rows.append(_ensemble_row(ensemble))
         cases_of[ENSEMBLE] = ensemble
@@ -254,6 +262,17 @@ def _build(cfg: Config, allow_mixed: bool, on: str) -> dict[str, Any]:
     }
     _write(cfg.output.runs_dir, report, cases_of, REPORT_STEMS[on])
     return report
+
+
+def _held_out_cases(runs: dict[str, dict[tuple[int, int | None], Path]]) -> dict[int, list[str]]:
+    """Per fold, the training cases the screening's baseline run held out (every arm of a fold holds out the same:
+    the split depends on the fold's cases and the experiment's seed)."""
+    baseline = runs.get(BASELINE, {})
+    return {
+        fold: json.loads((folder / "summary.json").read_text()).get("holdout_cases") or []
+        for (fold, seed), folder in sorted(baseline.items(), key=lambda kv: (kv[0][0], kv[0][1] or -1))
+        if seed is None
+    }
 
 
 def _write(
