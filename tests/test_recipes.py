@@ -513,3 +513,22 @@ def test_per_class_dice_of_another_task_is_refused():
     refuse_unknown_dice(cfg, _Keys(["a/fold_0"]), dice, num_classes=3)
     with pytest.raises(ConfigError, match=r"a/fold_0 recorded 2 classes where this dataset has 4 foreground"):
         refuse_unknown_dice(cfg, _Keys(["a/fold_0"]), dice, num_classes=5)
+
+
+def test_metrics_keep_every_column_when_rows_differ_and_the_curves_show_the_health_check(tmp_path):
+    """A run resumed from a partial run of an older version, or an epoch without a measurement, has rows with fewer
+    columns: every column is kept, a missing value left empty."""
+    from core.training.metrics_log import plot_curves, write_metrics_csv
+
+    rows = [
+        {"epoch": 0, "loss_seg": 1.0, "val_mean_dice": 0.1},
+        {"epoch": 1, "loss_seg": 0.8, "val_mean_dice": 0.2, "grad_ratio_pwd": 2.0, "grad_cosine_pwd": 0.1},
+        {"epoch": 2, "loss_seg": 0.7, "val_mean_dice": 0.3},
+    ]
+    write_metrics_csv(tmp_path / "metrics.csv", rows)
+    with open(tmp_path / "metrics.csv") as f:
+        read = list(csv.DictReader(f))
+    assert list(read[0]) == ["epoch", "loss_seg", "val_mean_dice", "grad_ratio_pwd", "grad_cosine_pwd"]
+    assert [r["grad_ratio_pwd"] for r in read] == ["", "2.0", ""]
+    plot_curves(rows, tmp_path / "curves.png", "run")
+    assert (tmp_path / "curves.png").stat().st_size > 0
