@@ -1,0 +1,159 @@
+"""docs/recipes.md's recipes × datasets table, generated from each dataset's screening (or cross-validation) report.
+
+    .venv/bin/python scripts/recipes_doc.py -c configs/demo.yaml -c configs/demo-thin.yaml \\
+        -c configs/demo-organ.yaml -c configs/demo-mri.yaml [--doc docs/recipes.md] [--final]
+
+Reads ``<runs_dir>/screening/screening.json`` (``--final``: ``<runs_dir>/report.json``) of each config, and writes
+between ``<!-- recipes:start -->`` and ``<!-- recipes:end -->`` (``recipes-final`` with ``--final``): per recipe and
+dataset, the fold-level mean difference to no-KD in Dice points with its 95 % t-interval (and the number of folds),
+a mark for a class harm flag or a health-check warning, the teachers' ensemble margin over the student alone (the
+dataset check), and the recipe the rule chooses (docs/recipes.md): among recipes with no harm flag on any dataset,
+the highest worst-dataset mean difference, ties broken by the mean over datasets. A dataset without a report is
+listed as not run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+from core.config import load_config
+
+BASELINE = "student kd-none"
+ENSEMBLE_PREFIX = "teacher ensemble"
+
+
+def _points(v: float) -> str:
+    return f"{100 * v:+.1f}"
+
+
+def comparisons(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Each student run's fold-level comparison against no-KD (the primary endpoint and the secondary ones)."""
+    fold = report.get("fold_level") or {}
+    entries = [fold.get("primary") or {}, *(fold.get("secondary") or [])]
+    return {
+        e["run"].removeprefix("student kd-"): e
+        for e in entries
+        if e.get("against") == BASELINE and e.get("run", "").startswith("student kd-")
+    }
+
+
+def flagged(report: dict[str, Any]) -> dict[str, list[str]]:
+    """Per recipe, its harm flags and health-check warnings."""
+    out: dict[str, list[str]] = {}
+    for flag in (report.get("fold_level") or {}).get("harm_flags") or []:
+        out.setdefault(flag.split(" hurts class ")[0].removeprefix("kd-"), []).append("harm: " + flag)
+    for warning in report.get("health_warnings") or []:
+        run = warning.split(":")[0].removeprefix("student ").removeprefix("kd-")
+        out.setdefault(run, []).append("health: " + warning)
+    return out
+
+
+def ensemble_margin(report: dict[str, Any]) -> float | None:
+    """The teachers' ensemble's mean Dice minus the student alone's (over the cases each scored)."""
+    rows = {r["run"]: r for r in report.get("runs") or []}
+    ensemble = next((r for name, r in rows.items() if name.startswith(ENSEMBLE_PREFIX)), None)
+    if ensemble is None or BASELINE not in rows:
+        return None
+    return ensemble["dice_mean_over_cases"] - rows[BASELINE]["dice_mean_over_cases"]
+
+
+def choose(reports: dict[str, dict[str, Any]]) -> tuple[str | None, str]:
+    """The rule of docs/recipes.md over the datasets' reports: the recipe, and why."""
+    by_dataset = {name: comparisons(r) for name, r in reports.items()}
+    flags = {name: flagged(r) for name, r in reports.items()}
+    recipes = sorted(set().union(*(set(c) for c in by_dataset.values()))) if by_dataset else []
+    scored = []
+    for recipe in recipes:
+        if any(f.startswith("harm") for d in flags.values() for f in d.get(recipe, [])):
+            continue
+        diffs = [c[recipe].get("mean_difference") for c in by_dataset.values() if recipe in c]
+        if len(diffs) < len(reports) or any(d is None or not math.isfinite(d) for d in diffs):
+            continue
+        scored.append((min(diffs), sum(diffs) / len(diffs), recipe))
+    if not scored:
+        return None, "no recipe was run on every dataset without a harm flag"
+    worst, mean, recipe = max(scored)
+    return recipe, f"worst dataset {_points(worst)} points, mean over datasets {_points(mean)} points"
+
+
+def table(reports: dict[str, dict[str, Any] | None]) -> list[str]:
+    """The markdown table and the rule's choice."""
+    names = list(reports)
+    done = {n: r for n, r in reports.items() if r is not None}
+    by_dataset = {n: comparisons(r) for n, r in done.items()}
+    flags = {n: flagged(r) for n, r in done.items()}
+    recipes = sorted(set().union(*(set(c) for c in by_dataset.values()))) if by_dataset else []
+    lines = [
+        "| recipe | " + " | ".join(names) + " |",
+        "|---|" + "---:|" * len(names),
+    ]
+    margins = [ensemble_margin(done[n]) if n in done else None for n in names]
+    lines.append(
+        "| *teachers' ensemble − no KD* | "
+        + " | ".join("not run" if m is None else f"{_points(m)}" for m in margins)
+        + " |"
+    )
+    for recipe in recipes:
+        cells = []
+        for n in names:
+            if n not in done:
+                cells.append("not run")
+                continue
+            c = by_dataset[n].get(recipe)
+            if c is None or c.get("unavailable"):
+                cells.append("—")
+                continue
+            low, high = c["t_interval"]
+            mark = " ⚑" if any(f.startswith("harm") for f in flags[n].get(recipe, [])) else ""
+            mark += " ⚠" if any(f.startswith("health") for f in flags[n].get(recipe, [])) else ""
+            cells.append(
+                f"{_points(c['mean_difference'])} [{_points(low)}, {_points(high)}] ({c['n_folds']}){mark}"
+            )
+        lines.append(f"| `{recipe}` | " + " | ".join(cells) + " |")
+    chosen, why = choose(done) if len(done) == len(reports) else (None, "not every dataset has been run")
+    lines += [
+        "",
+        "Each cell: the recipe's mean difference to the student without KD over folds, in Dice points, its 95 % "
+        "t-interval and the number of folds; ⚑ a class whose interval lies wholly below zero (harm flag), ⚠ a KD "
+        "term that dominated or opposed L_SEG in most runs (health check).",
+        "",
+        f"The rule's choice: **{chosen}** ({why})." if chosen else f"The rule's choice: none yet ({why}).",
+    ]
+    return lines
+
+
+def rewrite(doc: Path, marker: str, lines: list[str]) -> None:
+    """Replace what lies between the ``<!-- marker:start -->`` and ``<!-- marker:end -->`` lines of ``doc``."""
+    text = doc.read_text()
+    pattern = re.compile(rf"(<!-- {marker}:start -->\n).*?(<!-- {marker}:end -->)", re.S)
+    if not pattern.search(text):
+        raise SystemExit(f"{doc} has no <!-- {marker}:start --> … <!-- {marker}:end --> markers")
+    doc.write_text(pattern.sub(lambda m: m.group(1) + "\n".join(lines) + "\n" + m.group(2), text))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("-c", "--config", action="append", required=True)
+    parser.add_argument("--doc", default="docs/recipes.md")
+    parser.add_argument(
+        "--final", action="store_true", help="the cross-validation reports, not the screenings"
+    )
+    args = parser.parse_args()
+    reports: dict[str, dict[str, Any] | None] = {}
+    for path in args.config:
+        cfg = load_config(path)
+        file = cfg.output.runs_dir / ("report.json" if args.final else "screening/screening.json")
+        reports[cfg.experiment] = json.loads(file.read_text()) if file.is_file() else None
+    rewrite(Path(args.doc), "recipes-final" if args.final else "recipes", table(reports))
+    print(
+        f"{args.doc}: {'final' if args.final else 'screening'} table of {len(reports)} dataset(s) rewritten"
+    )
+
+
+if __name__ == "__main__":
+    main()

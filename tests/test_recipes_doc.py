@@ -1,0 +1,62 @@
+"""scripts/recipes_doc.py: the recipes × datasets table and the rule that picks the default, from reports."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+spec = importlib.util.spec_from_file_location("recipes_doc", ROOT / "scripts" / "recipes_doc.py")
+recipes_doc = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(recipes_doc)
+
+
+def _report(diffs: dict[str, float], harm: str | None = None, ensemble: float = 0.8) -> dict:
+    entries = [
+        {
+            "run": f"student kd-{k}",
+            "against": "student kd-none",
+            "mean_difference": d,
+            "t_interval": [d - 0.02, d + 0.02],
+            "n_folds": 5,
+        }
+        for k, d in diffs.items()
+    ]
+    return {
+        "fold_level": {
+            "primary": entries[0],
+            "secondary": entries[1:],
+            "harm_flags": [f"{harm} hurts class vessel: -8.0 points against none, 95 % CI [-12.0, -4.0]"]
+            if harm
+            else [],
+        },
+        "health_warnings": [],
+        "runs": [
+            {"run": "student kd-none", "dice_mean_over_cases": 0.7},
+            {"run": "teacher ensemble (cached, equal weights)", "dice_mean_over_cases": ensemble},
+        ],
+    }
+
+
+def test_the_rule_takes_the_best_worst_dataset_among_recipes_that_never_harm():
+    reports = {
+        "a": _report({"paper": 0.05, "cb": 0.02, "dkd": 0.04}),
+        "b": _report({"paper": -0.03, "cb": 0.01, "dkd": 0.03}, harm="kd-dkd"),
+    }
+    assert recipes_doc.choose(reports)[0] == "cb", "dkd harms a class; the paper's worst dataset is −3"
+    lines = recipes_doc.table({**reports, "c": None})
+    text = "\n".join(lines)
+    assert "| `cb` | +2.0 [+0.0, +4.0] (5) | +1.0 [-1.0, +3.0] (5) | not run |" in text
+    assert "⚑" in text and "| *teachers' ensemble − no KD* | +10.0 | +10.0 | not run |" in text
+    assert "none yet (not every dataset has been run)" in text
+
+
+def test_the_table_is_written_between_its_markers(tmp_path):
+    doc = tmp_path / "recipes.md"
+    doc.write_text("before\n<!-- recipes:start -->\nold\n<!-- recipes:end -->\nafter\n")
+    recipes_doc.rewrite(doc, "recipes", ["new", "lines"])
+    assert doc.read_text() == "before\n<!-- recipes:start -->\nnew\nlines\n<!-- recipes:end -->\nafter\n"
+    with pytest.raises(SystemExit, match="no <!-- recipes-final:start -->"):
+        recipes_doc.rewrite(doc, "recipes-final", ["x"])
