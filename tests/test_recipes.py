@@ -344,7 +344,7 @@ def test_the_verdict_warns_of_a_dominating_or_opposing_term_and_not_otherwise():
             "grad_ratio_dkd": 0.5,
             "grad_cosine_dkd": 0.1,
         }
-        for r, c in [(3.0, -0.2), (2.0, -0.1), (0.5, 0.3), (1.5, -0.4)]
+        for r, c in [(3.0, -0.2), (2.0, -0.15), (0.5, 0.3), (1.5, -0.4)]
     ]
     verdict = health.verdict(rows)
     said = " | ".join(verdict["warnings"])
@@ -395,26 +395,29 @@ def test_the_health_check_alone_leaves_the_recipes_key_as_it_was():
     assert ramped.key_fields()["balance"]["warmup_epochs"] == 2
 
 
-def test_the_cv_report_lists_a_term_flagged_in_most_of_a_rows_runs():
+def test_the_cv_report_judges_every_run_from_its_metrics_by_the_same_thresholds(tmp_path):
     from core.evaluation.cv_report import _health, health_warnings
+    from core.training.metrics_log import write_metrics_csv
 
-    def summary(dominant: float, opposing: float) -> dict:
-        term = {
-            "ratio_median": 2.0,
-            "cosine_median": -0.1,
-            "dominant_epochs": dominant,
-            "opposing_epochs": opposing,
-        }
-        return {"kd_health": {"terms": {"pwd": term}}}
+    def run(name: str, ratios: list[float], cosine: float):
+        folder = tmp_path / name
+        folder.mkdir()
+        rows = [
+            {"epoch": i, "loss_seg": 1.0, "grad_ratio_pwd": r, "grad_cosine_pwd": cosine}
+            for i, r in enumerate(ratios)
+        ]
+        write_metrics_csv(folder / "metrics.csv", rows)
+        return folder
 
-    row = {"run": "kd-x", "kd_health": _health([summary(0.9, 0.1), summary(0.8, 0.2), summary(0.1, 0.9)])}
+    folders = [run("a", [2, 3, 0.5], -0.05), run("b", [2, 2, 2], -0.3), run("c", [0.1, 0.2, 3], 0.4)]
+    row = {"run": "kd-x", "kd_health": _health(folders)}
     assert row["kd_health"]["pwd"] == {
         "runs": 3,
         "dominates": 2,
         "opposes": 1,
         "ratio_median": 2.0,
-        "cosine_median": -0.1,
-    }
+        "cosine_median": -0.05,
+    }, "a near-orthogonal term (cosine -0.05) does not oppose"
     assert health_warnings([row, {"run": "kd-none", "kd_health": {}}]) == [
         "kd-x: KD term 'pwd' dominates L_SEG in 2 of 3 runs (median ratio 2.00)"
     ]

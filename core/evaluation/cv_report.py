@@ -31,6 +31,8 @@ import numpy as np
 from core.config import Config
 from core.errors import ConfigError, TeachCacheError
 from core.evaluation.cv_report_markdown import cv_report_markdown
+from core.evaluation.kd_health import MOST as HEALTH_MOST
+from core.evaluation.kd_health import verdict as kd_verdict
 from core.evaluation.provenance import RunRecord, check_pooling
 from core.evaluation.scoring import HOLDOUT_CSV, VALIDATION_CSV
 from core.evaluation.statistics import ComparisonError, FoldComparison, compare_folds, equivalence, holm
@@ -422,7 +424,7 @@ def _run_row(
         "seeds": len(seed_fold_dice),
         "training_runs": len(scores),  # (fold, seed) runs
         "dice_std_over_seeds": float(np.std(complete, ddof=1)) if len(complete) > 1 else math.nan,
-        "kd_health": _health(summaries),
+        "kd_health": _health(list(found.values())),
         "postprocessing": _postprocessing(summaries),
     }
     return row, per_case, scores
@@ -446,18 +448,26 @@ def _postprocessing(summaries: list[dict[str, Any]]) -> dict[str, Any] | None:
     }
 
 
-def _health(summaries: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Per KD term of a row, what its runs' health checks said (``summary.json``'s ``kd_health``): the runs measured,
-    how many of them the term dominated or opposed L_SEG in, and the median over runs of its median ratio and cosine."""
+def _health(folders: list[Path]) -> dict[str, dict[str, Any]]:
+    """Per KD term of a row, what the health check says of its runs, judged now from each run's ``metrics.csv``
+    (:func:`core.evaluation.kd_health.verdict`, so every run of the report meets the same thresholds): the runs
+    measured, how many of them the term dominated or opposed L_SEG in, and the median over runs of its median ratio
+    and cosine."""
     terms: dict[str, dict[str, Any]] = {}
-    for s in summaries:
-        health = s.get("kd_health") or {}
-        most = (health.get("thresholds") or {}).get("most", 0.5)  # what the run's own check called "most"
-        for term, t in (health.get("terms") or {}).items():
+    for folder in folders:
+        metrics = folder / "metrics.csv"
+        if not metrics.is_file():
+            continue
+        with open(metrics) as f:
+            rows = list(csv.DictReader(f))
+        names = sorted(
+            {k.removeprefix("grad_ratio_") for r in rows for k in r if k.startswith("grad_ratio_")}
+        )
+        for term, t in (kd_verdict(rows, names).get("terms") or {}).items():
             e = terms.setdefault(term, {"runs": 0, "dominates": 0, "opposes": 0, "ratio": [], "cosine": []})
             e["runs"] += 1
-            e["dominates"] += int(t["dominant_epochs"] > most)
-            e["opposes"] += int(t["opposing_epochs"] > most)
+            e["dominates"] += int(t["dominant_epochs"] > HEALTH_MOST)
+            e["opposes"] += int(t["opposing_epochs"] > HEALTH_MOST)
             e["ratio"].append(t["ratio_median"])
             e["cosine"].append(t["cosine_median"])
     return {

@@ -4,8 +4,9 @@ Every ``distillation.balance.every`` training steps, :class:`TermHealth` measure
 term on all of the student's weights (:func:`term_gradients`, the measurement ``scripts/term_gradients.py`` reports
 offline) and records, per term, the ratio of its *weighted* gradient norm to L_SEG's and the cosine between the two.
 The epoch's means go to ``metrics.csv`` (``grad_ratio_<term>``, ``grad_cosine_<term>``); at the end of the run
-:meth:`TermHealth.verdict` says whether a term dominated L_SEG (ratio above :data:`DOMINANT_RATIO` in most epochs)
-or opposed it (cosine below :data:`OPPOSING_COSINE` in most epochs) — written to ``summary.json`` (``kd_health``),
+:meth:`TermHealth.verdict` says whether a term dominated L_SEG (ratio above ``DOMINANT_RATIO`` in most epochs)
+or opposed it (cosine below ``OPPOSING_COSINE`` in most epochs; :mod:`core.evaluation.kd_health`, which the CV
+report applies to the same columns) — written to ``summary.json`` (``kd_health``),
 warned once in the run's log, and listed by the cross-validation report. Measuring changes no step: the gradients
 are taken beside the step's own backward pass, which is unchanged.
 
@@ -29,15 +30,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from core.evaluation.kd_health import DOMINANT_RATIO, OPPOSING_COSINE, verdict
 from core.losses.distillation import DistillationObjective
 
 __all__ = ["DOMINANT_RATIO", "OPPOSING_COSINE", "KDHealthWarning", "TermHealth", "term_gradients"]
 
-# a term "dominates" when its weighted gradient norm exceeds L_SEG's (ratio > 1) in more than half the epochs
-DOMINANT_RATIO = 1.0
-# a term "opposes" L_SEG when the cosine between their gradients is below 0 in more than half the epochs
-OPPOSING_COSINE = 0.0
-MOST = 0.5
 SCALE_RANGE = (1e-3, 1e3)
 
 
@@ -154,48 +151,7 @@ class TermHealth:
         return row
 
     def verdict(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
-        """What the run's epochs say of each term (``summary.json``'s ``kd_health``) and the warnings to print.
-
-        Returns:
-            ``{"terms": {term: {"ratio_median", "cosine_median", "dominant_epochs", "opposing_epochs",
-            "epochs"}}, "warnings": [...], "every", "thresholds"}``; ``{}`` when nothing was measured.
-        """
-        terms, warnings = {}, []
-        for _, name in self.active:
-            ratios = [r[f"grad_ratio_{name}"] for r in rows if f"grad_ratio_{name}" in r]
-            cosines = [r[f"grad_cosine_{name}"] for r in rows if f"grad_cosine_{name}" in r]
-            if not ratios:
-                continue
-            dominant = float(np.mean([x > DOMINANT_RATIO for x in ratios]))
-            opposing = float(np.mean([x < OPPOSING_COSINE for x in cosines]))
-            terms[name] = {
-                "ratio_median": float(np.median(ratios)),
-                "cosine_median": float(np.median(cosines)),
-                "dominant_epochs": dominant,
-                "opposing_epochs": opposing,
-                "epochs": len(ratios),
-            }
-            if dominant > MOST:
-                warnings.append(
-                    f"KD term '{name}' dominates L_SEG: its weighted gradient norm was above {DOMINANT_RATIO:g}× "
-                    f"L_SEG's in {dominant:.0%} of the epochs (median ratio {np.median(ratios):.2f}); consider a "
-                    "lower weight, distillation.balance.grad_fraction, or a class-balanced term (docs/recipes.md)"
-                )
-            if opposing > MOST:
-                warnings.append(
-                    f"KD term '{name}' opposes L_SEG: the cosine between their gradients was below "
-                    f"{OPPOSING_COSINE:g} in {opposing:.0%} of the epochs (median {np.median(cosines):+.2f}); it pulls "
-                    "the student away from the labels (docs/recipes.md)"
-                )
-        if not terms:
-            return {}
-        return {
-            "terms": terms,
-            "warnings": warnings,
-            "every": self.cfg.every,
-            "thresholds": {
-                "dominant_ratio": DOMINANT_RATIO,
-                "opposing_cosine": OPPOSING_COSINE,
-                "most": MOST,
-            },
-        }
+        """What the run's epochs say of each term (``summary.json``'s ``kd_health``) and the warnings to print
+        (:func:`core.evaluation.kd_health.verdict` over the run's KD terms)."""
+        found = verdict(rows, [name for _, name in self.active])
+        return {**found, "every": self.cfg.every} if found else {}
