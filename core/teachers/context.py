@@ -36,10 +36,7 @@ from core.store.teacher_store import TeacherStore
 from core.teachers.online import unit_rms
 from core.terms import ATTENTION_KINDS, ONLINE_KINDS
 
-__all__ = ["CONTEXT_BATCH", "ContextTargets", "ContextTeacher", "window_starts"]
-
-# windows of one patch run together (whatever the teacher's sw_batch_size, unless it is larger)
-CONTEXT_BATCH = 8
+__all__ = ["ContextTargets", "ContextTeacher", "window_starts"]
 
 
 @dataclass(frozen=True)
@@ -120,18 +117,6 @@ class ContextTargets:
         return tuple(slice(a, b) for a, b in zip(lo, hi, strict=True)), count  # type: ignore[return-value]
 
     @staticmethod
-    def batched(inference: InferenceConfig, windows: int) -> InferenceConfig:
-        """The teacher's sliding window with a patch's windows run in batches of up to :data:`CONTEXT_BATCH` (or its
-        own ``sw_batch_size`` when larger): batching windows changes no output beyond float rounding (1e-7–1e-5 of
-        the logits on the demo's teachers), and runs each patch's windows faster."""
-        batch = max(inference.sw_batch_size, min(windows, CONTEXT_BATCH))
-        return (
-            inference
-            if batch == inference.sw_batch_size
-            else inference.model_copy(update={"sw_batch_size": batch})
-        )
-
-    @staticmethod
     def _sampled(teacher: ContextTeacher, extent: int, start: int, size: int) -> tuple[int, int]:
         """The part of one axis the patch's targets read: the patch, widened by a tap's stride each side where its
         map is interpolated rather than cut (:func:`~core.data.patches.crop_map` then samples neighbouring cells,
@@ -156,7 +141,7 @@ class ContextTargets:
             out = predict_volume(
                 teacher.model,
                 image,
-                self.batched(teacher.inference, count),
+                teacher.inference,
                 self.device,
                 spec=teacher.spec,
                 p=self.p,
