@@ -146,3 +146,28 @@ def test_a_bad_recipe_is_refused_before_anything_trains(screened, tmp_path):
     result = runner.invoke(app, ["cv", "-c", str(path), "--screen", "--recipe", str(bad), "-q"])
     assert result.exit_code == 2 and "bad-recipe.yaml" in result.output and "balance" in result.output
     assert not (cfg.output.runs_dir / "screening" / "students" / "kd-bad").exists()
+
+
+def test_a_screening_trains_missing_teachers_in_the_experiments_own_runs_folder(tmp_path):
+    from cache_teachers import preprocess_dataset
+    from core.data.synthetic import write_synthetic_dataset
+    from tests.conftest import write_config
+
+    data = tiny_config_dict(tmp_path)
+    teacher = next(t for t in data["teachers"] if t["name"] == "dynunet")
+    teacher["checkpoint"] = str(tmp_path / "runs" / "teachers" / "dynunet" / "fold_{fold}" / "teacher.pth")
+    teacher["training"] = {**teacher["training"], "epochs": 1, "iterations_per_epoch": 2}
+    data["teachers"] = [teacher]
+    data["training"].update({"epochs": 1, "iterations_per_epoch": 2})
+    path = write_config(tmp_path, data)
+    cfg = load_config(path)
+    write_synthetic_dataset(cfg.dataset.synthetic, cfg.dataset.raw_dir, progress=False)
+    preprocess_dataset(cfg, progress=False)
+    result = runner.invoke(app, ["cv", "-c", str(path), "--screen", "--fold", "0", "-q"])
+    assert result.exit_code == 0, result.output
+    runs = cfg.output.runs_dir
+    assert (runs / "teachers" / "dynunet" / "fold_0" / "summary.json").is_file(), (
+        "the experiment's teacher run"
+    )
+    assert not (runs / "screening" / "teachers").exists(), "a screening leaves teacher runs to the experiment"
+    assert (runs / "screening" / "students" / "kd-none" / "fold_0" / "holdout_per_case.csv").is_file()
