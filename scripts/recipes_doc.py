@@ -6,10 +6,11 @@
 Reads ``<runs_dir>/screening/screening.json`` (``--final``: ``<runs_dir>/report.json``) of each config, and writes
 between ``<!-- recipes:start -->`` and ``<!-- recipes:end -->`` (``recipes-final`` with ``--final``): per recipe and
 dataset, the fold-level mean difference to no-KD in Dice points with its 95 % t-interval (and the number of folds),
-a mark for a class harm flag or a health-check warning, the teachers' ensemble margin over the student alone (the
-dataset check), and the recipe the rule chooses (docs/recipes.md): among recipes with no harm flag on any dataset,
-the highest worst-dataset mean difference, ties broken by the mean over datasets. A dataset without a report is
-listed as not run.
+a mark for a class harm flag or a health-check warning, the teachers' ensemble margin over the student alone on the
+validation cases of the experiment's own ``report.json`` (the dataset check, not a choice), and — for the screening
+only — the recipe the rule chooses (docs/recipes.md): among recipes with no harm flag on any dataset, the highest
+worst-dataset mean difference, ties broken by the mean over datasets. A dataset without a report is listed as not
+run.
 """
 
 from __future__ import annotations
@@ -53,13 +54,13 @@ def flagged(report: dict[str, Any]) -> dict[str, list[str]]:
     return out
 
 
-def ensemble_margin(report: dict[str, Any]) -> float | None:
-    """The teachers' ensemble's mean Dice minus the student alone's (over the cases each scored)."""
-    rows = {r["run"]: r for r in report.get("runs") or []}
-    ensemble = next((r for name, r in rows.items() if name.startswith(ENSEMBLE_PREFIX)), None)
-    if ensemble is None or BASELINE not in rows:
-        return None
-    return ensemble["dice_mean_over_cases"] - rows[BASELINE]["dice_mean_over_cases"]
+def ensemble_margin(report: dict[str, Any] | None) -> float | None:
+    """The teachers' ensemble's mean Dice minus the student alone's, on the cases both scored (the report's
+    ``against_teacher_ensemble`` entry of no-KD); ``None`` without one."""
+    for entry in (report or {}).get("against_teacher_ensemble") or []:
+        if entry.get("run") == BASELINE:
+            return entry["ensemble_dice"] - entry["dice"]
+    return None
 
 
 def choose(reports: dict[str, dict[str, Any]]) -> tuple[str | None, str]:
@@ -81,8 +82,13 @@ def choose(reports: dict[str, dict[str, Any]]) -> tuple[str | None, str]:
     return recipe, f"worst dataset {_points(worst)} points, mean over datasets {_points(mean)} points"
 
 
-def table(reports: dict[str, dict[str, Any] | None]) -> list[str]:
-    """The markdown table and the rule's choice."""
+def table(
+    reports: dict[str, dict[str, Any] | None],
+    checks: dict[str, dict[str, Any] | None] | None = None,
+    rule: bool = True,
+) -> list[str]:
+    """The markdown table and (``rule``: the screening's) the rule's choice; ``checks`` are the reports the teachers'
+    ensemble margin is read from (the experiments' validation reports; default ``reports``)."""
     names = list(reports)
     done = {n: r for n, r in reports.items() if r is not None}
     by_dataset = {n: comparisons(r) for n, r in done.items()}
@@ -92,9 +98,10 @@ def table(reports: dict[str, dict[str, Any] | None]) -> list[str]:
         "| recipe | " + " | ".join(names) + " |",
         "|---|" + "---:|" * len(names),
     ]
-    margins = [ensemble_margin(done[n]) if n in done else None for n in names]
+    checks = reports if checks is None else checks
+    margins = [ensemble_margin(checks.get(n)) for n in names]
     lines.append(
-        "| *teachers' ensemble − no KD* | "
+        "| *teachers' ensemble − no KD (validation cases)* | "
         + " | ".join("not run" if m is None else f"{_points(m)}" for m in margins)
         + " |"
     )
@@ -115,12 +122,17 @@ def table(reports: dict[str, dict[str, Any] | None]) -> list[str]:
                 f"{_points(c['mean_difference'])} [{_points(low)}, {_points(high)}] ({c['n_folds']}){mark}"
             )
         lines.append(f"| `{recipe}` | " + " | ".join(cells) + " |")
-    chosen, why = choose(done) if len(done) == len(reports) else (None, "not every dataset has been run")
     lines += [
         "",
         "Each cell: the recipe's mean difference to the student without KD over folds, in Dice points, its 95 % "
         "t-interval and the number of folds; ⚑ a class whose interval lies wholly below zero (harm flag), ⚠ a KD "
-        "term that dominated or opposed L_SEG in most runs (health check).",
+        "term that dominated or opposed L_SEG in most runs (health check). The first row is the dataset check: the "
+        "teachers' ensemble against the student alone on the validation cases of the experiment's own report.",
+    ]
+    if not rule:  # the final evaluation reports; the choice was made on the screening's held-out cases
+        return lines
+    chosen, why = choose(done) if len(done) == len(reports) else (None, "not every dataset has been run")
+    lines += [
         "",
         f"The rule's choice: **{chosen}** ({why})." if chosen else f"The rule's choice: none yet ({why}).",
     ]
@@ -145,11 +157,18 @@ def main() -> None:
     )
     args = parser.parse_args()
     reports: dict[str, dict[str, Any] | None] = {}
+    checks: dict[str, dict[str, Any] | None] = {}
     for path in args.config:
         cfg = load_config(path)
         file = cfg.output.runs_dir / ("report.json" if args.final else "screening/screening.json")
         reports[cfg.experiment] = json.loads(file.read_text()) if file.is_file() else None
-    rewrite(Path(args.doc), "recipes-final" if args.final else "recipes", table(reports))
+        own = cfg.output.runs_dir / "report.json"
+        checks[cfg.experiment] = json.loads(own.read_text()) if own.is_file() else None
+    rewrite(
+        Path(args.doc),
+        "recipes-final" if args.final else "recipes",
+        table(reports, checks, rule=not args.final),
+    )
     print(
         f"{args.doc}: {'final' if args.final else 'screening'} table of {len(reports)} dataset(s) rewritten"
     )

@@ -33,9 +33,14 @@ def _report(diffs: dict[str, float], harm: str | None = None, ensemble: float = 
             else [],
         },
         "health_warnings": [],
-        "runs": [
-            {"run": "student kd-none", "dice_mean_over_cases": 0.7},
-            {"run": "teacher ensemble (cached, equal weights)", "dice_mean_over_cases": ensemble},
+        "against_teacher_ensemble": [
+            {
+                "run": "student kd-none",
+                "dice": 0.7,
+                "ensemble_dice": ensemble,
+                "ratio": 0.7 / ensemble,
+                "n": 20,
+            }
         ],
     }
 
@@ -49,8 +54,13 @@ def test_the_rule_takes_the_best_worst_dataset_among_recipes_that_never_harm():
     lines = recipes_doc.table({**reports, "c": None})
     text = "\n".join(lines)
     assert "| `cb` | +2.0 [+0.0, +4.0] (5) | +1.0 [-1.0, +3.0] (5) | not run |" in text
-    assert "⚑" in text and "| *teachers' ensemble − no KD* | +10.0 | +10.0 | not run |" in text
+    assert (
+        "⚑" in text
+        and "| *teachers' ensemble − no KD (validation cases)* | +10.0 | +10.0 | not run |" in text
+    )
     assert "none yet (not every dataset has been run)" in text
+    final = "\n".join(recipes_doc.table(reports, rule=False))
+    assert "rule's choice" not in final, "the final evaluation chooses nothing: the screening did"
 
 
 def test_the_table_is_written_between_its_markers(tmp_path):

@@ -94,7 +94,8 @@ def _ensemble(
     as stage 2 reads them). Scored like the runs' headlines: in the original geometry when the raw dataset the store
     was made from is at hand, else on the preprocessed grid. Folds whose teachers are not all cached are left out.
     With ``held_out`` (a screening), each fold's held-out training cases instead, on the preprocessed grid as
-    ``holdout_per_case.csv`` scores them."""
+    ``holdout_per_case.csv`` scores them — only those every teacher held out of its own training too (its store
+    provenance's ``holdout_cases``): an ensemble scored on its teachers' training cases would flatter them."""
     from core.data.layouts import read_dataset
     from core.evaluation.geometry import original_label, original_spacing, to_original_geometry
     from core.evaluation.metrics import dice_per_class, hd95_per_class
@@ -118,7 +119,11 @@ def _ensemble(
         keys = [t.store_key(fold) for t in teachers]
         _, val = fold_split(cfg, store, fold)
         if held_out is not None:
-            val = held_out.get(fold, [])
+            unseen = [
+                set(store.teacher_metadata(k).get("holdout_cases") or []) if k in cached else set()
+                for k in keys
+            ]
+            val = [c for c in held_out.get(fold, []) if all(c in u for u in unseen)]
         if not keys or not set(keys) <= cached or not all(store.has_entry(k, c) for k in keys for c in val):
             continue
         for case in val:
