@@ -11,12 +11,14 @@ inference settings, attention power, sketch width, softmax encoding, preprocessi
 entry is skipped only when it is complete and its ``entry_hash`` is the one the current config and checkpoint give.
 
 Testing hook: with ``TEACHCACHE_TEST_KILL_AFTER_ENTRIES=N`` in the environment, a process that has written N entries
-SIGKILLs itself midway through the next one (after its ``softmax`` array, before ``complete``), so the
+SIGKILLs itself midway through the next one (after its ``softmax`` array, before ``complete``; with
+``TEACHCACHE_TEST_KILL_AT=chunk_digests``, after its last array, as its chunk digests are being recorded), so the
 kill-and-resume test interrupts the store at a known point. Each dask worker process counts its own entries.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -54,6 +56,7 @@ from core.teachers.base import (
 
 __all__ = [
     "KILL_AFTER_ENTRIES_ENV",
+    "KILL_AT_ENV",
     "CacheSummary",
     "EntryJob",
     "cache_teachers",
@@ -62,6 +65,7 @@ __all__ = [
 ]
 
 KILL_AFTER_ENTRIES_ENV = "TEACHCACHE_TEST_KILL_AFTER_ENTRIES"
+KILL_AT_ENV = "TEACHCACHE_TEST_KILL_AT"
 
 
 @dataclass
@@ -97,9 +101,10 @@ def _kill_hook() -> Callable[[str], None] | None:
         raise ConfigError(f"{KILL_AFTER_ENTRIES_ENV}={value!r} must be a whole number of entries") from None
     if _ENTRIES_WRITTEN[0] != after:
         return None
+    at = os.environ.get(KILL_AT_ENV) or "softmax"
 
     def kill(array: str) -> None:
-        if array == "softmax":  # some arrays written, not all, and `complete` not yet set
+        if array == at:  # some arrays written (or all, before their digests), and `complete` not yet set
             os.kill(os.getpid(), signal.SIGKILL)
 
     return kill
@@ -489,15 +494,20 @@ def _plan_copy(
     sha = file_sha256(teacher.checkpoint)
     job = EntryJob(teacher.name, fold, teacher.store_key(fold or 0), sha, entry_key(cfg, teacher, sha, store))
     key, wanted = job.store_key, entry_hash(job.entry_key)
-    todo = [
-        c
-        for c in case_ids
-        if overwrite
-        or not store.has_entry(key, c)
-        or store.entry_attrs(key, c).get("entry_hash") != wanted
-        or bool(store.missing_chunks(f"teachers/{key}/{c}"))  # a lost chunk file: recompute
-    ]
+    todo = [c for c in case_ids if overwrite or _stale_entry(store, key, c, wanted)]
     return _CopyPlan(teacher, job, loaded.meta, todo, _describe(teacher, loaded, run.inference))
+
+
+def _stale_entry(store: TeacherStore, key: str, case_id: str, wanted: str) -> bool:
+    """An entry to (re)compute: absent, incomplete, computed from another entry key, with a lost chunk file, or with
+    metadata that cannot be read (a truncated ``zarr.json``: rewritten whole, like a missing one)."""
+    path = f"teachers/{key}/{case_id}"
+    if store.group_state(path) != "complete":
+        return True
+    try:
+        return store.entry_attrs(key, case_id).get("entry_hash") != wanted or bool(store.missing_chunks(path))
+    except StoreError:  # an array's metadata is damaged
+        return True
 
 
 def _run_here(cfg: Config, plan: _CopyPlan, label: str, progress: bool) -> None:
@@ -536,12 +546,19 @@ def _cache_copy(cfg: Config, store: TeacherStore, plan: _CopyPlan, client: Any, 
         previous = store.teacher_metadata(plan.key).get("cache_seconds")
         if previous is not None:
             provenance["cache_seconds"] = previous
+    existed = plan.key in store.teacher_keys()
     store.write_teacher_metadata(plan.key, provenance)
     label = f"caching {plan.key}"
-    if client is None:
-        _run_here(cfg, plan, label, progress)
-    else:
-        _run_on_cluster(client, cfg, plan, label, progress)
+    try:
+        if client is None:
+            _run_here(cfg, plan, label, progress)
+        else:
+            _run_on_cluster(client, cfg, plan, label, progress)
+    except BaseException:
+        if not existed:  # a copy this run began and not one entry finished: nothing is left behind
+            with contextlib.suppress(Exception):  # never hide the error that stopped the run
+                store.remove_empty_teacher_copy(plan.key)
+        raise
     seconds = round(time.perf_counter() - started, 2)
     if plan.todo:
         prov = store.teacher_metadata(plan.key)

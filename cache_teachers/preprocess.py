@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,10 +13,10 @@ from core.data.layout import RawDataset
 from core.data.layouts import read_dataset
 from core.data.preprocessing import build_preprocessing, foreground_locations, preprocess_case
 from core.data.splits import load_splits, make_splits, splits_difference, write_splits
-from core.errors import StoreError, TeachCacheError
+from core.errors import DatasetError, StoreError, TeachCacheError
 from core.experiment import splits_path
 from core.progress import track
-from core.store.locking import store_write_lock
+from core.store.locking import inside_store, store_write_lock
 from core.store.teacher_store import TeacherStore
 
 __all__ = ["PreprocessSummary", "preprocess_dataset"]
@@ -90,6 +92,12 @@ def _preprocess_locked(
         # (an existing store keeps its complete cases: re-running resumes)
         if created and _exists(store_path):
             _remove(store_path)
+        if (
+            isinstance(exc, OSError)
+            and exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS)
+            and inside_store(exc.filename, store_path)
+        ):
+            raise  # the write lock names the read-only store
         if isinstance(exc, OSError):
             raise StoreError(
                 f"cannot write the store at {store_path}: {exc.strerror or exc}"
@@ -173,10 +181,21 @@ def _write_cases(cfg: Config, ds: RawDataset, store: TeacherStore, progress: boo
     files = len(ds.cases[0].images) if ds.cases else len(ds.channel_names)
     pipeline = build_preprocessing(cfg.preprocessing, ds.channel_names, files, ds.binarise_label)
     written = 0
+    empty: list[str] = []
     for index, case in enumerate(track(ds.cases, "preprocessing", enabled=progress)):
-        if store.has_case(case.case_id) and not store.missing_chunks(f"cases/{case.case_id}"):
+        if _whole_case(store, case.case_id):
             continue
         pc = preprocess_case(pipeline, case, ds.num_classes, ds.binarise_label, ds.allow_empty_labels)
+        if not pc.label.any():
+            empty.append(case.case_id)
+        if not pc.label.any() and len(empty) <= _EMPTY_NAMED:
+            warnings.warn(
+                EmptyLabelWarning(
+                    f"case '{case.case_id}': {case.label} holds no foreground (every voxel is background); the "
+                    "student sees only background there. Fine for a negative case; otherwise fix the label file"
+                ),
+                stacklevel=2,
+            )
         store.write_case(
             case.case_id,
             pc.image,
@@ -191,4 +210,42 @@ def _write_cases(cfg: Config, ds: RawDataset, store: TeacherStore, progress: boo
             },
         )
         written += 1
+    if len(empty) > _EMPTY_NAMED:  # a lesion-free cohort (PI-CAI) would otherwise print hundreds of lines
+        warnings.warn(
+            EmptyLabelWarning(
+                f"{len(empty)} cases written in all hold no foreground (the first {_EMPTY_NAMED} named above; the "
+                f"others: {', '.join(empty[_EMPTY_NAMED : _EMPTY_NAMED + 5])}…)"
+            ),
+            stacklevel=2,
+        )
+    _refuse_all_empty(store, ds)
     return written
+
+
+def _whole_case(store: TeacherStore, case_id: str) -> bool:
+    """A case already written whole: complete, no chunk file lost, its metadata readable (else it is rewritten)."""
+    if store.group_state(f"cases/{case_id}") != "complete":
+        return False
+    try:
+        return not store.missing_chunks(f"cases/{case_id}")
+    except StoreError:  # an array's metadata is damaged
+        return False
+
+
+def _refuse_all_empty(store: TeacherStore, ds: RawDataset) -> None:
+    """A dataset whose every label is background has nothing to segment: refuse it (the store this run created is
+    removed by the caller)."""
+    cases = store.case_ids()
+    if cases and all(store.read_foreground(c).shape[0] == 0 for c in cases):
+        example = next((c.label for c in ds.cases), None)
+        raise DatasetError(
+            f"every one of the {len(cases)} cases' labels is background only (e.g. {example}): there is nothing to "
+            f"segment. Check the label files and the class labels the dataset under {ds.root} declares"
+        )
+
+
+_EMPTY_NAMED = 10  # empty cases warned about one by one; the rest in one line
+
+
+class EmptyLabelWarning(UserWarning):
+    """A case's label holds no foreground voxel."""

@@ -21,6 +21,7 @@ from core.losses.distillation import DistillationObjective
 from core.losses.segmentation import SegmentationLoss
 from core.models import create_model, get_spec
 from core.models.checkpoint import load_checkpoint
+from core.paths import require_writable
 from core.store.teacher_store import TeacherStore
 from core.training.loop import fit
 from core.training.run import FitResult, TrainingRun, run_seed
@@ -85,6 +86,17 @@ def train_teachers(
     train, val = fold_split(cfg, store, fold)
     cases = _Fold(fold, store, train, val, raw_dataset_status(cfg, store) == "matches")
     teachers = _teachers_to_train(cfg, fold, names)
+    for teacher in teachers:  # before the first epoch: a teacher trained for nothing is an hour lost
+        require_writable(
+            teacher.checkpoint.parent,
+            f"the checkpoint of teacher '{teacher.name}'",
+            "point teachers[].checkpoint at a writable place",
+        )
+        require_writable(
+            teacher_dir(cfg, teacher.name, fold).parent,
+            f"the run folder of teacher '{teacher.name}'",
+            "point output.runs_dir at a writable place",
+        )
     # each run is built just before it trains: its seeded initialisation follows the previous teacher's training
     return [fit(_teacher_run(cfg, teacher, cases, skip_done), progress=progress) for teacher in teachers]
 

@@ -19,12 +19,13 @@ from typing import Any
 from core.config import Config, TeacherConfig
 from core.data.layouts import read_dataset
 from core.data.splits import check_splits, fold_cases, load_splits, splits_difference
-from core.errors import DatasetError, StoreError
+from core.errors import DatasetError, StoreError, TeachCacheError
 from core.store.teacher_store import TeacherStore
 from core.teachers.base import teacher_entry_fields
 
 __all__ = [
     "RawDataChangedWarning",
+    "SplitsCopyWarning",
     "entry_key",
     "fold_split",
     "open_store_for",
@@ -94,6 +95,8 @@ def store_splits(cfg: Config, store: TeacherStore) -> list[dict[str, list[str]]]
             "to finish the store, or rebuild it with --overwrite"
         ) from None
     configured = cfg.splits.file
+    if configured is None:
+        _warn_edited_copy(cfg.output.runs_dir / "splits_final.json", splits, store.location)
     if configured is not None and configured.is_file():
         difference = splits_difference(load_splits(configured), splits, ("the file", "the store"))
         if difference:
@@ -104,6 +107,35 @@ def store_splits(cfg: Config, store: TeacherStore) -> list[dict[str, list[str]]]
                 "store from this file with `make cache ARGS=--overwrite`"
             )
     return splits
+
+
+class SplitsCopyWarning(UserWarning):
+    """The runs folder's ``splits_final.json`` holds other folds than the store it is a copy of."""
+
+
+_WARNED_COPIES: set[tuple[str, str]] = set()
+
+
+def _warn_edited_copy(copy: Path, splits: list[dict[str, list[str]]], location: str) -> None:
+    """Warn, once per process and difference, when the runs folder's nnU-Net copy of the folds was edited."""
+    if not copy.is_file():
+        return
+    try:
+        difference = splits_difference(load_splits(copy), splits, ("the copy", "the store"))
+    except (ValueError, TeachCacheError) as exc:
+        difference = f"it cannot be read: {exc}"
+    if not difference or (str(copy), difference) in _WARNED_COPIES:
+        return
+    _WARNED_COPIES.add((str(copy), difference))
+    warnings.warn(
+        SplitsCopyWarning(
+            f"{copy} differs from the folds recorded in {location} ({difference}); it is only a copy for tools "
+            "that read nnU-Net's file and is not used: every stage trains on the store's folds. To train on the "
+            "edited folds, set splits.file to it and rebuild the store (`make cache ARGS=--overwrite`); otherwise "
+            "delete it and `teachcache preprocess` writes the store's folds there again"
+        ),
+        stacklevel=3,
+    )
 
 
 def fold_split(cfg: Config, store: TeacherStore, fold: int) -> tuple[list[str], list[str]]:

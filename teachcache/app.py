@@ -104,12 +104,22 @@ def one_line_warnings() -> Iterator[None]:
     """TeachCache's own warnings as one line each, printed as they happen; others as Python prints them."""
     import warnings
 
-    from core.experiment import RawDataChangedWarning
+    from cache_teachers.preprocess import EmptyLabelWarning
+    from core.experiment import RawDataChangedWarning, SplitsCopyWarning
     from core.training.checkpoints import ResumeDiscardedWarning
     from core.training.health import KDHealthWarning
     from train_student.from_cache import TapGridWarning
+    from train_student.integrity import IntegrityWarning
 
-    ours = (RawDataChangedWarning, TapGridWarning, ResumeDiscardedWarning, KDHealthWarning)
+    ours = (
+        RawDataChangedWarning,
+        TapGridWarning,
+        ResumeDiscardedWarning,
+        KDHealthWarning,
+        IntegrityWarning,
+        SplitsCopyWarning,
+        EmptyLabelWarning,
+    )
     shown = warnings.showwarning
 
     def show(message, category, filename, lineno, file=None, line=None) -> None:  # type: ignore[no-untyped-def]

@@ -14,6 +14,9 @@ One run measures, for a preset (``cpu``: the demo's sizes; ``gpu``: the paper's)
    inference over the same cases, with the writer's phases timed one by one (taps, sketches, encode + write).
 5. **The patch loader at the paper's sizes**: a store of 144³ cases with three teachers' every array (written
    directly, no teacher run), patches of 128³ and 96³, batch 2, 0/2/4 workers: patches per second.
+6. **Integrity**: the loader's patches per second on that store with its chunks' CRC-32C checked against a copy
+   without the codec (interleaved rounds, 0 workers), and the digest check ``distil`` runs before training: its
+   seconds on that store, on the demo's fold 0, and extrapolated to a HECKTOR-sized store.
 
 Results go to ``bench/results-<preset>.json`` and ``bench/results-<preset>.md`` (the machine in the header), and a
 chart ``bench/results-<preset>.png``.
@@ -40,9 +43,11 @@ from typing import Any
 import numpy as np
 
 __all__ = [
+    "BENCH_PARTS",
     "HECKTOR",
     "PRESETS",
     "bench_cache_stage",
+    "bench_integrity",
     "bench_loader",
     "bench_steps",
     "bench_store",
@@ -50,6 +55,9 @@ __all__ = [
     "run_bench",
     "write_paper_store",
 ]
+
+# what one run measures, in order (``--part`` picks some; the others are carried from the last results)
+BENCH_PARTS = ("steps", "store", "cache", "loader", "integrity")
 
 # A HECKTOR-sized dataset, for extrapolating the store's size: 224 training cases of 144³ after cropping, 3 teachers
 HECKTOR = {"cases": 224, "shape": (144, 144, 144), "teachers": 3}
@@ -549,6 +557,125 @@ def bench_loader(settings: dict[str, Any], progress: Callable[[str], None] = pri
     }
 
 
+# --- 6: integrity ------------------------------------------------------------------------------------------------
+
+
+def _strip_checksums(path: Path) -> None:
+    """Rewrite every array of a store without its CRC-32C codec (as format 2.1 stored them), values unchanged."""
+    import zarr
+
+    from core.store.format import NUMCODECS_WARNING
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=NUMCODECS_WARNING)
+        root = zarr.open_group(str(path), mode="r+", use_consolidated=False)
+        for _, arr in list(root.arrays()) + [
+            (None, a)
+            for _, g in root.groups()
+            for _, a in g.members(max_depth=None)
+            if isinstance(a, zarr.Array)
+        ]:
+            group = zarr.open_group(str(path / arr.path.rsplit("/", 1)[0]), mode="r+", use_consolidated=False)
+            name = arr.path.rsplit("/", 1)[-1]
+            data, attrs = arr[...], dict(arr.attrs)
+            group.create_array(
+                name,
+                data=data,
+                chunks=arr.chunks,
+                filters=arr.filters,
+                compressors=[c for c in arr.compressors if type(c).__name__ != "Crc32cCodec"],
+                dimension_names=arr.metadata.dimension_names,
+                overwrite=True,
+                config={"write_empty_chunks": True},
+            )
+            group[name].attrs.update(attrs)
+
+
+def _check_seconds(store: Any, groups: list[str], rounds: int = 3) -> float:
+    """Median seconds of the pre-training digest check over ``groups``."""
+    times = []
+    for _ in range(rounds):
+        started = time.perf_counter()
+        found = store.check_groups(groups)
+        times.append(time.perf_counter() - started)
+        bad = [f.path for f in found if not f.ok]
+        if bad:
+            raise RuntimeError(f"the bench's store failed its own digest check: {bad[:3]}")
+    return statistics.median(times)
+
+
+def _demo_check(config: str, fold: int = 0) -> dict[str, Any] | None:
+    """The digest check of what the demo's fold-``fold`` student reads (its cases, its teachers' entries)."""
+    from core.config import load_config
+    from core.experiment import open_store_for
+    from core.store.format import FORMAT_VERSION
+
+    cfg = load_config(config)
+    try:
+        store = open_store_for(cfg)
+    except Exception:  # no demo store yet: `make demo` first
+        return None
+    if store.metadata.get("format_version") != FORMAT_VERSION:
+        return None  # an older store records no digests: `teachcache verify --rehash` first
+    split = store.metadata["splits"][fold]
+    keys = [t.store_key(fold) for t in cfg.distilled_teachers()]
+    groups = [f"cases/{c}" for c in split["train"] + split["val"]]
+    groups += [f"teachers/{k}/{c}" for k in keys for c in split["train"] if store.has_entry(k, c)]
+    found = store.check_groups(groups)
+    return {
+        "groups": len(groups),
+        "bytes": sum(f.nbytes for f in found),
+        "seconds": _check_seconds(store, groups),
+    }
+
+
+def bench_integrity(
+    settings: dict[str, Any], config: str | None = None, progress: Callable[[str], None] = print
+) -> dict[str, Any]:
+    """What integrity costs: CRC-32C on the loader's reads, and the digest check before training."""
+    from core.store.teacher_store import TeacherStore
+
+    patch = settings["patches"][-1]
+    with tempfile.TemporaryDirectory() as tmp:
+        checked = Path(tmp) / "crc.zarr"
+        cases = write_paper_store(checked, settings["cases"], tuple(settings["shape"]))
+        plain = Path(tmp) / "plain.zarr"
+        shutil.copytree(checked, plain)
+        _strip_checksums(plain)
+        rates: dict[str, list[float]] = {"crc32c": [], "none": []}
+        for _ in range(settings.get("rounds", 3)):  # interleaved, so drift in the machine hits both alike
+            for name, path in (("crc32c", checked), ("none", plain)):
+                rates[name].append(_loader_rate(str(path), cases, patch, 0, settings["batches"], 2))
+        with_crc, without = statistics.median(rates["crc32c"]), statistics.median(rates["none"])
+        progress(
+            f"  loader {patch}³, 0 workers: {with_crc:.2f} patches/s with CRC-32C, {without:.2f} without"
+        )
+        store = TeacherStore.open(checked)
+        groups = [f"cases/{c}" for c in cases]
+        groups += [f"teachers/{t}/all_folds/{c}" for t in PAPER_TEACHERS for c in cases]
+        found = store.check_groups(groups)
+        seconds = _check_seconds(store, groups)
+        nbytes = sum(f.nbytes for f in found)
+    per_case = seconds / len(cases)
+    progress(f"  digest check: {seconds:.2f} s for {len(cases)} cases × {len(PAPER_TEACHERS)} teachers")
+    return {
+        "patch": patch,
+        "cases": len(cases),
+        "shape": list(settings["shape"]),
+        "patches_per_s": {"crc32c": with_crc, "none": without},
+        "rounds": rates,
+        "crc_cost": 1.0 - with_crc / without,
+        "check": {
+            "groups": len(groups),
+            "bytes": nbytes,
+            "seconds": seconds,
+            "mb_per_s": nbytes / seconds / 1e6,
+        },
+        "hecktor": {**HECKTOR, "check_seconds": per_case * HECKTOR["cases"]},
+        "demo": _demo_check(config) if config else None,
+    }
+
+
 # --- the run -----------------------------------------------------------------------------------------------------
 
 
@@ -560,7 +687,7 @@ def run_bench(
 ) -> dict[str, Any]:
     """Measure every part of ``preset_name`` and write ``results-<preset>.json``, ``.md`` and ``.png`` to ``out_dir``."""
     preset = PRESETS[preset_name]
-    parts = parts or ["steps", "store", "cache", "loader"]
+    parts = parts or list(BENCH_PARTS)
     started = time.perf_counter()
     results: dict[str, Any] = {"preset": preset_name, "machine": machine(), "config": preset["config"]}
     if "steps" in parts:
@@ -573,6 +700,10 @@ def run_bench(
         results["cache"] = bench_cache_stage(preset["config"])
     if "loader" in parts:
         results["loader"] = bench_loader(preset["loader"], progress=progress)
+    if "integrity" in parts:
+        progress("integrity: CRC-32C on the loader's reads, the digest check before training")
+        results["integrity"] = bench_integrity(preset["loader"], preset["config"], progress=progress)
+    _carry_over(results, out_dir / f"results-{preset_name}.json", parts)
     previous_gpu = out_dir / "results-gpu.json"
     if "loader" in results:
         results["loader"]["student_consumption"] = _consumption(results, previous_gpu)
@@ -581,6 +712,19 @@ def run_bench(
 
     write_results(results, out_dir)
     return results
+
+
+def _carry_over(results: dict[str, Any], previous: Path, parts: list[str]) -> None:
+    """A run of some parts keeps the other parts of the preset's last results, with the date they were measured."""
+    if set(parts) == set(BENCH_PARTS) or not previous.exists():
+        return
+    old = json.loads(previous.read_text())
+    for part in BENCH_PARTS:
+        if part not in parts and old.get(part):
+            results[part] = old[part]
+            results.setdefault("carried", {})[part] = (old.get("carried") or {}).get(part) or old.get(
+                "date", "?"
+            )
 
 
 def _consumption(results: dict[str, Any], previous_gpu: Path) -> dict[str, Any]:

@@ -6,8 +6,10 @@ Add a row for every new kind of bad input: (what is broken, how to break it, a f
 from __future__ import annotations
 
 import gzip
+import json
 import shutil
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import nibabel as nib
@@ -204,3 +206,308 @@ def test_a_removed_case_gets_a_fix_not_just_a_complaint(pristine, tmp_path):
     result = runner.invoke(app, ["preprocess", "-c", config, "-q"])
     assert result.exit_code == 2, result.output
     assert "SYNPETCT_005" in result.output and "delete the file" in result.output
+
+
+# ------------------------------------------------------------------ a cached store, damaged or misused
+# Each row of the integrity issue's table (a store, checkpoint or split changed under a student; a teacher that
+# fails; an all-background dataset; a read-only store or checkpoint folder; a damaged zarr.json): one command the
+# way a user types it, its exit code, what the message must say, and what must (not) be left behind.
+
+
+@dataclass
+class Cached:
+    """A private copy of a store with the dynunet teacher cached, its config and checkpoint."""
+
+    root: Path
+    config: Path
+    store: Path
+    checkpoint: Path
+    data: dict
+    train: list[str]
+    val: list[str]
+
+    def entry(self, case: str) -> Path:
+        return self.store / "teachers" / "dynunet" / "all_folds" / case
+
+    def chunk(self, case: str, array: str = "softmax") -> Path:
+        return sorted(p for p in (self.entry(case) / array / "c").rglob("*") if p.is_file())[0]
+
+    def rewrite_config(self, **changes) -> None:
+        import yaml
+
+        for dotted, value in changes.items():
+            node = self.data
+            *parents, leaf = dotted.split(".")
+            for key in parents:
+                node = node[int(key)] if isinstance(node, list) else node[key]
+            node[leaf] = value
+        self.config.write_text(yaml.safe_dump(self.data, sort_keys=False))
+
+    def no_run_written(self) -> bool:
+        students = self.root / "runs" / "students"
+        return not students.exists() or not any(p.is_file() for p in students.rglob("*"))
+
+
+@pytest.fixture(scope="module")
+def cached_pristine(trained):
+    """The dynunet teacher (all folds) cached into a store, once for this module."""
+    from cache_teachers import cache_teachers, preprocess_dataset
+    from tests.conftest import derived_config
+
+    root, data = trained
+    cfg, path = derived_config(root, data, "bad_inputs", teachers=[data["teachers"][2]])
+    preprocess_dataset(cfg, progress=False)
+    cache_teachers(cfg, names=["dynunet"], progress=False)
+    return cfg, path
+
+
+@pytest.fixture
+def cached(cached_pristine, tmp_path) -> Cached:
+    import copy as copying
+
+    import yaml
+
+    from core.store.teacher_store import TeacherStore
+
+    cfg, path = cached_pristine
+    store = tmp_path / "store.zarr"
+    shutil.copytree(cfg.store.path, store)
+    checkpoint = tmp_path / "dynunet.pth"
+    shutil.copyfile(cfg.teachers[0].checkpoint, checkpoint)
+    data = copying.deepcopy(yaml.safe_load(Path(path).read_text()))
+    data["store"]["path"] = str(store)
+    data["output"]["runs_dir"] = str(tmp_path / "runs")
+    data["teachers"][0]["checkpoint"] = str(checkpoint)
+    data["splits"].pop("file", None)
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(data, sort_keys=False))
+    split = TeacherStore.open(store).metadata["splits"][0]
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "splits_final.json").write_text(
+        json.dumps(TeacherStore.open(store).metadata["splits"])
+    )
+    return Cached(tmp_path, config, store, checkpoint, data, split["train"], split["val"])
+
+
+def _deleted_chunk(c: Cached):
+    case = c.train[0]
+    c.chunk(case).unlink()
+    yield ["distil", "-c", str(c.config), "--fold", "0", "-q"], 2
+    yield f"teacher dynunet/all_folds, case {case}: array 'softmax' has lost chunk(s)", "make cache"
+    assert c.no_run_written(), "nothing of the run is written"
+
+
+def _random_bytes(c: Cached):
+    case = c.train[1]
+    chunk = c.chunk(case)
+    chunk.write_bytes(
+        np.random.default_rng(0).integers(0, 256, chunk.stat().st_size, dtype=np.uint8).tobytes()
+    )
+    yield ["distil", "-c", str(c.config), "--fold", "0", "-q"], 2
+    yield (
+        f"teacher dynunet/all_folds, case {case}: array 'softmax' chunk(s) {chunk.relative_to(c.entry(case) / 'softmax').as_posix()}",
+        str(chunk.relative_to(c.root).as_posix()),
+    )
+    assert c.no_run_written()
+
+
+def _chunk_from_another_case(c: Cached):
+    target, source = c.train[0], c.train[1]
+    dst = c.chunk(target)
+    shutil.copyfile(c.entry(source) / dst.relative_to(c.entry(target)), dst)  # valid bytes, wrong place
+    yield ["verify", str(c.store)], 1
+    yield (
+        f"teacher dynunet/all_folds, case {target}: array 'softmax' has 1 chunk or metadata file(s) that are not the ones",
+    )
+    result = runner.invoke(app, ["distil", "-c", str(c.config), "--fold", "0", "-q"])
+    assert result.exit_code == 2 and f"case {target}: array 'softmax' chunk(s)" in " ".join(
+        result.output.split()
+    )
+    assert c.no_run_written()
+
+
+def _checkpoint_replaced(c: Cached):
+    import torch
+
+    state = torch.load(c.checkpoint, weights_only=True)
+    state["note"] = "retrained after caching"
+    torch.save(state, c.checkpoint)
+    yield ["verify", str(c.store), "-c", str(c.config)], 1
+    yield (f"teacher dynunet/all_folds: {c.checkpoint} changed since it was cached",)
+
+
+def _splits_copy_edited(c: Cached):
+    copy = c.root / "runs" / "splits_final.json"
+    folds = json.loads(copy.read_text())
+    moved = folds[0]["val"][0]
+    folds[0]["val"].remove(moved)
+    folds[0]["train"].append(moved)
+    copy.write_text(json.dumps(folds))
+    yield ["distil", "-c", str(c.config), "--fold", "0", "--kd", "none", "-q"], 0
+    yield (f"{copy} differs from the folds recorded in {c.store}", moved, "is not used")
+
+
+def _nan_teacher(c: Cached):
+    import copy as copying
+
+    from core.models import create_model
+    from core.models.checkpoint import load_checkpoint, save_checkpoint
+
+    ckpt = load_checkpoint(c.checkpoint)
+    model = create_model(ckpt.arch, ckpt.in_channels, ckpt.out_channels, ckpt.args)
+    model.load_state_dict(
+        {k: v.fill_(float("nan")) if v.is_floating_point() else v for k, v in ckpt.state_dict.items()}
+    )
+    diverged = c.root / "diverged.pth"
+    save_checkpoint(diverged, model, ckpt.arch, ckpt.in_channels, ckpt.out_channels, ckpt.args, ckpt.meta)
+    teacher = {**copying.deepcopy(c.data["teachers"][0]), "name": "diverged", "checkpoint": str(diverged)}
+    c.rewrite_config(teachers=[*c.data["teachers"], teacher])
+    yield ["cache", "-c", str(c.config), "-t", "diverged", "-q"], 2
+    yield ("teacher 'diverged' produced NaN or Inf on case",)
+    assert not (c.store / "teachers" / "diverged").exists(), "no empty teacher group is left behind"
+
+
+def _read_only_store(c: Cached, monkeypatch):
+    _refuse_writes_inside(monkeypatch, c.store)
+    yield ["cache", "-c", str(c.config), "-t", "dynunet", "-q"], 2
+    yield (f"{c.store} is read-only", "`teachcache cache` writes into the store")
+
+
+def _truncated_entry_metadata(c: Cached):
+    case = c.train[0]
+    meta = c.entry(case) / "zarr.json"
+    meta.write_bytes(meta.read_bytes()[:100])
+    for command in (["ls", str(c.store)], ["inspect", str(c.store)]):
+        result = runner.invoke(app, command)
+        assert result.exit_code == 2 and str(meta) in " ".join(result.output.split()), (
+            command,
+            result.output,
+        )
+        assert "Traceback" not in result.output
+    yield ["verify", str(c.store)], 1
+    yield (str(meta), "is damaged", "make cache")
+    result = runner.invoke(app, ["cache", "-c", str(c.config), "-t", "dynunet", "-q"])
+    assert result.exit_code == 0 and "1 written" in result.output, result.output
+    assert runner.invoke(app, ["verify", str(c.store)]).exit_code == 0, "cache rewrote the damaged entry"
+
+
+def _unwritable_checkpoint_folder(c: Cached):
+    import os
+
+    if (
+        os.geteuid() == 0
+    ):  # root writes through permission bits: a folder under a regular file refuses everyone
+        (c.root / "not_a_folder").write_text("")
+        folder = c.root / "not_a_folder" / "teachers"
+    else:
+        folder = c.root / "ro"
+        folder.mkdir(mode=0o555)
+    c.rewrite_config(**{"teachers.0.checkpoint": str(folder / "dynunet_{fold}.pth")})
+    yield ["teachers", "-c", str(c.config), "--fold", "0", "-q"], 2
+    yield (f"{folder} is not writable", "the checkpoint of teacher 'dynunet'", "nothing was done")
+    assert not (c.root / "runs" / "teachers" / "dynunet" / "fold_0").exists(), (
+        "no run folder made or replaced"
+    )
+
+
+def _refuse_writes_inside(monkeypatch, store: Path) -> None:
+    """Make every zarr write or delete under ``store`` fail as on a read-only file system (root ignores chmod)."""
+    import errno as errnos
+    import os
+
+    from zarr.storage import LocalStore
+
+    def refuse(path) -> None:
+        if Path(path).resolve().is_relative_to(store.resolve()):
+            raise OSError(errnos.EROFS, os.strerror(errnos.EROFS), str(path))
+
+    original_set, original_delete = LocalStore._set, LocalStore.delete
+
+    async def _set(self, key, value, exclusive=False):
+        refuse(self.root / key)
+        return await original_set(self, key, value, exclusive)
+
+    async def delete(self, key):
+        refuse(self.root / key)
+        return await original_delete(self, key)
+
+    monkeypatch.setattr(LocalStore, "_set", _set)
+    monkeypatch.setattr(LocalStore, "delete", delete)
+
+
+STORE_ROWS = {
+    "softmax chunk deleted, then distil": _deleted_chunk,
+    "random bytes over a chunk, then distil": _random_bytes,
+    "a valid chunk copied from another case": _chunk_from_another_case,
+    "checkpoint replaced after caching, then verify -c": _checkpoint_replaced,
+    "splits_final.json edited after preprocessing": _splits_copy_edited,
+    "cache of a teacher that emits NaN": _nan_teacher,
+    "cache on a read-only store": _read_only_store,
+    "an entry's zarr.json truncated": _truncated_entry_metadata,
+    "teacher checkpoint folder not writable, then teachers": _unwritable_checkpoint_folder,
+}
+
+
+@pytest.mark.parametrize("what", list(STORE_ROWS))
+def test_a_damaged_or_misused_store_gets_one_clear_message(what, cached, monkeypatch):
+    import inspect
+
+    row = STORE_ROWS[what]
+    steps = row(cached, monkeypatch) if "monkeypatch" in inspect.signature(row).parameters else row(cached)
+    command, code = next(steps)
+    result = runner.invoke(app, command)
+    output = " ".join(result.output.split())
+    assert result.exit_code == code, output
+    assert "Traceback" not in result.output, result.output
+    for fragment in next(steps):
+        assert fragment in output, (fragment, output)
+    next(steps, None)  # what must (not) be left behind
+
+
+def test_an_all_background_dataset_is_refused_and_an_empty_case_warned(pristine, tmp_path):
+    data = tiny_config_dict(tmp_path)
+    raw = Path(data["dataset"]["raw_dir"])
+    shutil.copytree(pristine, raw)
+    _rewrite(raw / "labelsTr" / "SYNPETCT_002.nii.gz", lambda d, a: (np.zeros_like(d), a))
+    config = str(write_config(tmp_path, data))
+    result = runner.invoke(app, ["preprocess", "-c", config, "-q"])
+    assert result.exit_code == 0, result.output
+    output = " ".join(result.output.split())
+    assert "case 'SYNPETCT_002':" in output and "holds no foreground" in output
+    assert output.count("holds no foreground") == 1, "one warning per empty case"
+    for label in (raw / "labelsTr").glob("*.nii.gz"):
+        _rewrite(label, lambda d, a: (np.zeros_like(d), a))
+    shutil.rmtree(tmp_path / "store.zarr")
+    (tmp_path / "runs" / "splits_final.json").unlink()
+    result = runner.invoke(app, ["preprocess", "-c", config, "-q"])
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    assert "labels is background only" in " ".join(result.output.split())
+    assert not (tmp_path / "store.zarr").exists(), "nothing half-written"
+
+
+def test_read_commands_never_write_to_the_store(cached, monkeypatch, tmp_path):
+    """ls, inspect, show, export, verify, stats (-o elsewhere) and distil on a store that refuses every write."""
+    _refuse_writes_inside(monkeypatch, cached.store)
+    case = cached.val[0]
+    commands = [
+        ["ls", str(cached.store)],
+        ["inspect", str(cached.store)],
+        ["show", str(cached.store), case, "-o", str(tmp_path / "show.png")],
+        ["export", str(cached.store), case, "-t", "dynunet", "-w", "probs", "-o", str(tmp_path / "p.nii.gz")],
+        ["verify", str(cached.store), "-c", str(cached.config)],
+        ["stats", str(cached.store), "-o", str(tmp_path / "stats"), "-q"],
+        ["distil", "-c", str(cached.config), "--fold", "0", "-q"],
+    ]
+    for command in commands:
+        result = runner.invoke(app, command)
+        assert result.exit_code == 0 and "Traceback" not in result.output, (command, result.output)
+
+
+@pytest.mark.skipif(
+    __import__("os").geteuid() == 0, reason="root writes through permission bits (chmod variant)"
+)
+def test_stats_into_a_read_only_folder_is_refused_before_the_work(cached, tmp_path):
+    folder = tmp_path / "ro"
+    folder.mkdir(mode=0o555)
+    result = runner.invoke(app, ["stats", str(cached.store), "-o", str(folder / "stats"), "-q"])
+    assert result.exit_code == 2 and "choose another folder with -o" in " ".join(result.output.split())

@@ -9,7 +9,15 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from teachcache.bench import PAPER_TEACHERS, _time_steps, bench_loader, machine, write_paper_store
+from teachcache.bench import (
+    PAPER_TEACHERS,
+    _strip_checksums,
+    _time_steps,
+    bench_integrity,
+    bench_loader,
+    machine,
+    write_paper_store,
+)
 from teachcache.bench_report import write_results
 from teachcache.cli import app
 from tests.conftest import derived_config
@@ -46,6 +54,35 @@ def test_the_loader_is_measured_per_patch_size_and_workers(tmp_path):
     assert result["files"] > 0 and result["store_bytes_per_voxel"] > 0
 
 
+def test_integrity_compares_the_loader_with_and_without_checksums_on_the_same_values(tmp_path):
+    import shutil
+
+    import numpy as np
+    import zarr
+
+    settings = {
+        "cases": 1,
+        "shape": (64, 64, 64),
+        "patches": (32,),
+        "workers": (0,),
+        "batches": 2,
+        "rounds": 1,
+    }
+    result = bench_integrity(settings, progress=lambda _: None)
+    assert result["patches_per_s"]["crc32c"] > 0 and result["patches_per_s"]["none"] > 0
+    assert result["check"]["groups"] == 1 + len(PAPER_TEACHERS) and result["check"]["bytes"] > 0
+    assert result["hecktor"]["check_seconds"] == pytest.approx(result["check"]["seconds"] * 224)
+    # the arm without checksums holds the same values, only without the codec
+    write_paper_store(tmp_path / "a.zarr", 1, (64, 64, 64))
+    shutil.copytree(tmp_path / "a.zarr", tmp_path / "b.zarr")
+    _strip_checksums(tmp_path / "b.zarr")
+    a = zarr.open_group(str(tmp_path / "a.zarr"), mode="r")["teachers/unetr/all_folds/PAPER_000/softmax"]
+    b = zarr.open_group(str(tmp_path / "b.zarr"), mode="r")["teachers/unetr/all_folds/PAPER_000/softmax"]
+    assert type(a.compressors[-1]).__name__ == "Crc32cCodec"
+    assert all(type(c).__name__ != "Crc32cCodec" for c in b.compressors)
+    np.testing.assert_array_equal(a[...], b[...])
+
+
 @pytest.mark.parametrize("kd,source", [("none", "cache"), (None, "cache"), (None, "online")])
 def test_a_training_step_is_timed_as_training_runs_it(trained, kd, source):
     """The step timer builds the run as `make distil` does (cached or online targets) and times train_step."""
@@ -75,6 +112,7 @@ def test_results_replace_only_their_preset_block(tmp_path):
         "machine": machine(),
         "config": "configs/demo.yaml",
         "loader": bench_loader(settings, progress=lambda _: None),
+        "integrity": bench_integrity({**settings, "rounds": 1}, progress=lambda _: None),
         "seconds": 1.0,
     }
     results["loader"]["student_consumption"] = {"patches_per_s": None, "from": "no GPU run yet"}
@@ -87,6 +125,7 @@ def test_results_replace_only_their_preset_block(tmp_path):
     text = benchmarks.read_text()
     assert "hand-written analysis" in text and "old gpu" in text
     assert text.count("<!-- bench:cpu -->") == 1 and "Patch loader at the paper's sizes" in text
+    assert "with every chunk's CRC-32C checked" in text and "HECKTOR-sized" in text
     stored = json.loads((tmp_path / "bench" / "results-cpu.json").read_text())
     assert stored["loader"]["patches_per_s"]["32"]["0"] == pytest.approx(
         results["loader"]["patches_per_s"]["32"]["0"]

@@ -165,7 +165,7 @@ def test_inspect_filters_by_teacher_and_case_with_provenance(store):
     assert not any("big" in p or "CASE_A" in p for p in paths)
     softmax = next(a for a in data["arrays"] if a["path"] == "teachers/seg/fold_1/CASE_B/softmax")
     assert softmax["shards"] is None and softmax["raw_bytes"] == 2 * 19 * 21 * 13  # K−1 int8 margins
-    assert softmax["codecs"] == "Delta, Blosc"
+    assert softmax["codecs"] == "Delta, Blosc, Crc32c"  # the checksum last (format 2.2)
     text = _ok(["inspect", store.location, "--teacher", "big/all_folds"]).output
     assert "provenance of big/all_folds" in text and "swin_unetr" in text
 

@@ -88,7 +88,8 @@ def test_every_problem_is_printed_beside_the_notes(trained):
     cfg, _ = _cached(trained, "problems_and_notes")
     first, second = TeacherStore.open(cfg.store.path).case_ids()[:2]
     root = zarr.open_group(cfg.store.path, mode="a")
-    del root[f"teachers/dynunet/all_folds/{first}"].attrs["all_chunks"]  # as an older TeachCache wrote it
+    for key in ("all_chunks", "chunk_digests", "attrs_digest"):  # as a TeachCache older than format 1.3 wrote it
+        del root[f"teachers/dynunet/all_folds/{first}"].attrs[key]
     _chunk(cfg.store.path, f"teachers/dynunet/all_folds/{second}/coarse").unlink()
     root.require_group(
         "teachers/ghost/fold_1"
@@ -96,7 +97,8 @@ def test_every_problem_is_printed_beside_the_notes(trained):
     code, out = _verify(cfg.store.path)
     assert code == 1, out
     assert f"teacher dynunet/all_folds, case {second}: array 'coarse' has lost 1 chunk file(s)" in out
-    assert "teacher ghost/fold_1: records no provenance" in out and "2 problem(s)" in out
+    assert "teacher ghost/fold_1: records no provenance" in out and "3 problem(s)" in out
+    assert f"teacher dynunet/all_folds, case {first}: records no chunk digests" in out
     assert "note: 1 case(s)/entries were written before every chunk was stored" in out
 
 

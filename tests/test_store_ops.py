@@ -16,7 +16,7 @@ import zarr
 from typer.testing import CliRunner
 
 from cache_teachers import cache_teachers, preprocess_dataset
-from cache_teachers.cache import KILL_AFTER_ENTRIES_ENV
+from cache_teachers.cache import KILL_AFTER_ENTRIES_ENV, KILL_AT_ENV
 from core.errors import StoreError
 from core.models import create_model
 from core.models.checkpoint import load_checkpoint, save_checkpoint
@@ -77,12 +77,16 @@ def test_two_workers_write_the_same_bits_as_one(trained):
     assert TeacherStore.open(two.store.path).teacher_keys() == ["dynunet/all_folds", "unetr/all_folds"]
 
 
-def _cache_cli(config, *extra, kill_after: int | None = None):
-    """``teachcache cache`` as a real process; with ``kill_after``, it SIGKILLs itself inside the next entry."""
+def _cache_cli(config, *extra, kill_after: int | None = None, kill_at: str | None = None):
+    """``teachcache cache`` as a real process; with ``kill_after``, it SIGKILLs itself inside the next entry (after
+    its softmax array, or at ``kill_at``: ``"chunk_digests"``, once every array is written)."""
     env = {**os.environ, "OMP_NUM_THREADS": "2"}
     env.pop(KILL_AFTER_ENTRIES_ENV, None)
+    env.pop(KILL_AT_ENV, None)
     if kill_after is not None:
         env[KILL_AFTER_ENTRIES_ENV] = str(kill_after)
+    if kill_at is not None:
+        env[KILL_AT_ENV] = kill_at
     cmd = [
         sys.executable,
         "-m",
@@ -138,6 +142,27 @@ def test_sigkill_and_resume_is_bit_identical(trained):
     assert all(
         store.has_entry(t, c) for t in ("dynunet/all_folds", "unetr/all_folds") for c in store.case_ids()
     )
+
+
+def test_sigkill_while_recording_digests_resumes_bit_identical_and_verifies_clean(trained):
+    reference, ref_path = _cached(trained, "digest_reference")
+    assert _cache_cli(ref_path).wait() == 0
+    killed, path = _cached(trained, "digest_killed")
+    proc = _cache_cli(path, kill_after=3, kill_at="chunk_digests")
+    assert proc.wait() == -signal.SIGKILL, proc.stderr.read().decode()
+    done, partial = _entry_states(killed.store.path)
+    assert done == 3 and len(partial) == 1, (done, partial)
+    entry = zarr.open_group(killed.store.path, mode="r", use_consolidated=False)[f"teachers/{partial[0]}"]
+    assert sorted(entry.array_keys()) == ["coarse", "fine", "softmax"], "every array written"
+    assert "chunk_digests" not in entry.attrs, "the kill landed before the digests were recorded"
+    proc = _cache_cli(path)
+    assert proc.wait() == 0, proc.stderr.read().decode()
+    a, b = _arrays(reference.store.path), _arrays(killed.store.path)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert np.array_equal(a[key], b[key]), key
+    result = CliRunner().invoke(app, ["verify", killed.store.path])
+    assert result.exit_code == 0, result.output
 
 
 def test_file_url_store(trained):

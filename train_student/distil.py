@@ -27,6 +27,7 @@ from core.training.loop import fit
 from core.training.run import FitResult, TargetSource, TrainingRun
 from train_student.fold import Recipe, StudentFold, TeacherDice, TeacherReads, cached_alignment
 from train_student.from_cache import cache_reads, cached_teacher_dice, tap_channels
+from train_student.integrity import check_chunks
 from train_student.online import LiveTeachers, load_live_teachers, online_reads
 
 __all__ = ["distil", "student_run"]
@@ -41,13 +42,14 @@ def distil(
     skip_done: bool = False,
     seed: int | None = None,
     source: str | None = None,
+    skip_integrity_check: bool = False,
 ) -> FitResult:
     """Train ``cfg.student`` on ``fold``'s training cases, reading only the store.
 
     The run is :func:`student_run`'s (every argument but ``progress`` is its), trained by :func:`core.training.loop.fit`.
     """
     return fit(
-        student_run(cfg, fold, kd, allow_leakage, skip_done, seed, source),
+        student_run(cfg, fold, kd, allow_leakage, skip_done, seed, source, skip_integrity_check),
         progress=progress,
     )
 
@@ -60,6 +62,7 @@ def student_run(
     skip_done: bool = False,
     seed: int | None = None,
     source: str | None = None,
+    skip_integrity_check: bool = False,
 ) -> TrainingRun:
     """Everything a student's training needs, checked and built: model, loss, patches, target source, run folder.
 
@@ -76,6 +79,8 @@ def student_run(
             ``"online"``: the fold's teachers in memory compute them on each augmented batch; runs go to
             ``kd-<kind>-online-patch/``) or ``"online-context"`` (the teachers run the cache's windows around each
             patch; ``kd-<kind>-online-context/``).
+        skip_integrity_check: do not check, before training, the digests of the chunks the run reads
+            (:func:`train_student.integrity.check_chunks`); a warning says so.
 
     Returns:
         The :class:`~core.training.run.TrainingRun`; its files go to ``runs_dir/students/kd-<kind>/fold_<k>/``.
@@ -83,7 +88,8 @@ def student_run(
     Raises:
         StoreError: no store, a stale store or checkpoint, teachers not (fully) cached or cached from other
             settings — each says to run ``make cache`` — teachers trained on validation cases (leakage) without
-            ``allow_leakage``, or a ``splits.file`` that disagrees with the store's folds.
+            ``allow_leakage``, a ``splits.file`` that disagrees with the store's folds, or a chunk the run would
+            read that is lost, moved from another case or teacher, or damaged.
     """
     recipe = Recipe.of(cfg.distillation, kd, source)
     run = StudentFold.open(cfg, fold, seed)
@@ -94,10 +100,16 @@ def student_run(
         reads = online_reads(run, recipe, live, allow_leakage)
     else:
         reads = cache_reads(run, recipe, teacher_dice, allow_leakage)
+    read_entries = list(reads.checkpoints) if reads.request is not None and live is None else []
+    store_check = check_chunks(
+        run.store, [*run.train, *run.val], run.fit_cases, read_entries, skip=skip_integrity_check
+    )
     spec, inference = run.student_spec, run.cfg.inference
     for case_id in run.val:  # the student's window fits every validation case, checked before training
         check_window(spec, inference, run.store.case_shape(case_id), run.cfg.student.args, taps=False)
-    return _training_run(run, recipe, model, loss, reads, live, allow_leakage, skip_done)
+    training = _training_run(run, recipe, model, loss, reads, live, allow_leakage, skip_done)
+    training.recorded["store_check"] = store_check.to_dict() if store_check is not None else None
+    return training
 
 
 def _student_and_objective(

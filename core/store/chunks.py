@@ -76,11 +76,11 @@ class StoreChunks(StoreRoot):
             ``{array name: number of chunk files missing}`` (empty when whole), or ``None`` for a group written
             before every chunk was stored (format < 1.3), where a missing chunk cannot be told from a skipped one.
         """
-        group = self._root[group_path]
+        group = self._node(group_path)
         if not group.attrs.get("all_chunks"):
             return None
         missing = {}
-        for name, arr in group.arrays():
+        for name, arr in self._arrays_of(group_path):
             lost = arr.nchunks - arr.nchunks_initialized
             if lost:
                 missing[name] = int(lost)
@@ -97,7 +97,7 @@ class StoreChunks(StoreRoot):
             every stored chunk decodes (a missing chunk reads as fill values here: see :meth:`missing_chunks`).
         """
         damaged = {}
-        for name, arr in self._root[group_path].arrays():
+        for name, arr in self._arrays_of(group_path):
             bad = []
             for coords in itertools.product(*(range(n) for n in arr.cdata_shape)):
                 try:

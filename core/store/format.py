@@ -11,7 +11,7 @@ import warnings
 from collections.abc import Sequence
 
 import numpy as np
-from zarr.codecs import BloscCodec
+from zarr.codecs import BloscCodec, Crc32cCodec
 
 __all__ = [
     "ATTRS_KEY",
@@ -26,7 +26,7 @@ __all__ = [
 ]
 
 FORMAT_NAME = "teachcache-store"
-FORMAT_VERSION = "2.1"
+FORMAT_VERSION = "2.2"
 # the attribute holding TeachCache's metadata: the root's description, each teacher copy's provenance
 ATTRS_KEY = "teachcache"
 # a teacher key: "<name>/fold_<k>" or "<name>/all_folds"
@@ -42,11 +42,12 @@ warnings.filterwarnings("ignore", message=NUMCODECS_WARNING, category=UserWarnin
 Box = tuple[slice, slice, slice]
 
 
-def compressor_for(dtype: np.dtype) -> BloscCodec:
-    """Blosc/zstd level 5; bit-shuffle for 1- and 2-byte types, byte-shuffle for wider ones."""
+def compressor_for(dtype: np.dtype) -> tuple[BloscCodec, Crc32cCodec]:
+    """Blosc/zstd level 5 (bit-shuffle for 1- and 2-byte types, byte-shuffle for wider ones), then a CRC-32C
+    checksum of the compressed bytes (format ≥ 2.2): a torn or overwritten chunk fails when it is decoded."""
     # bitshuffle suits low-entropy floats (smooth maps); byte shuffle suits wider types
     shuffle = "bitshuffle" if np.dtype(dtype).itemsize <= 2 else "shuffle"
-    return BloscCodec(cname="zstd", clevel=5, shuffle=shuffle)
+    return BloscCodec(cname="zstd", clevel=5, shuffle=shuffle), Crc32cCodec()
 
 
 def chunk_shape(shape: Sequence[int], spatial_chunk: Sequence[int]) -> tuple[int, ...]:

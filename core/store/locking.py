@@ -3,6 +3,7 @@ dies."""
 
 from __future__ import annotations
 
+import errno
 import getpass
 import hashlib
 import json
@@ -18,7 +19,7 @@ from filelock import FileLock, Timeout
 from core.errors import StoreError
 from core.user_cache import default_hash_cache
 
-__all__ = ["store_write_lock"]
+__all__ = ["inside_store", "store_write_lock"]
 
 
 def _is_remote(location: str) -> bool:
@@ -104,7 +105,8 @@ def store_write_lock(location: str | Path, command: str) -> Iterator[None]:
         command: the teachcache command taking the lock (``"preprocess"``, ``"cache"``), named to a second writer.
 
     Raises:
-        StoreError: another process is writing the store, or the lock file cannot be created or locked.
+        StoreError: another process is writing the store, the lock file cannot be created or locked, or the block
+            was refused writing inside the store (a read-only store: one message, not an ``OSError`` traceback).
     """
     path = _lock_path(str(location))
     info = path.with_name(f"{path.name}.json")
@@ -122,7 +124,30 @@ def store_write_lock(location: str | Path, command: str) -> Iterator[None]:
                     }
                 )
             )
-        yield
+        try:
+            yield
+        except OSError as exc:
+            if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS) and inside_store(exc.filename, location):
+                raise StoreError(
+                    f"{location} is read-only ({exc.strerror}: {exc.filename}); `teachcache {command}` writes into "
+                    "the store. Make it writable, or copy it to a writable place and point store.path there"
+                ) from None
+            raise
     finally:
         info.unlink(missing_ok=True)
         lock.release()
+
+
+def inside_store(filename: str | bytes | None, location: str | Path) -> bool:
+    """True when a file named by an ``OSError`` lies inside the store at ``location``: under its folder for a local
+    path or ``file://`` URL, or naming its bucket path for a remote URL (``s3://bucket/store.zarr``)."""
+    if not filename:
+        return False
+    name = os.fsdecode(filename)
+    if _is_remote(str(location)):
+        return str(location).split("://", 1)[1].rstrip("/") in name
+    store = Path(str(location).removeprefix("file://")).resolve()
+    try:
+        return Path(name).resolve().is_relative_to(store)
+    except (OSError, ValueError):
+        return False

@@ -41,6 +41,22 @@ class StoreProvenance(StoreRoot):
         group = self._root.require_group(f"teachers/{teacher}")
         group.attrs[ATTRS_KEY] = provenance
 
+    def remove_empty_teacher_copy(self, teacher: str) -> bool:
+        """Delete a teacher copy's group when it holds no complete entry (a caching run that failed on its first
+        case), and its name's group when no other copy is left; returns whether anything was removed."""
+        name, slot = teacher.split("/")
+        try:
+            group = self._root[f"teachers/{teacher}"]
+        except KeyError:
+            return False
+        if any(bool(g.attrs.get("complete")) for _, g in group.groups()):
+            return False
+        parent = self._root[f"teachers/{name}"]
+        del parent[slot]
+        if not list(parent.group_keys()):
+            del self._root["teachers"][name]
+        return True
+
     def teacher_metadata(self, teacher: str) -> dict[str, Any]:
         try:
             return dict(self._root[f"teachers/{teacher}"].attrs[ATTRS_KEY])

@@ -22,9 +22,16 @@ class StoreReading(StoreRoot):
 
     # ------------------------------------------------------------------ cases
     def case_ids(self) -> list[str]:
-        """Identifiers of complete cases, sorted."""
-        cases = self._root["cases"]
-        return sorted(k for k in cases.group_keys() if self._complete(f"cases/{k}"))
+        """Identifiers of complete cases, sorted.
+
+        Raises:
+            StoreError: a case's ``zarr.json`` is damaged, naming the file.
+        """
+        return [k for k in self._child_names("cases") if self._complete(f"cases/{k}")]
+
+    def damaged_cases(self) -> list[str]:
+        """Cases whose group metadata cannot be read (``case_ids`` raises on them; ``verify`` lists them)."""
+        return [k for k in self._child_names("cases") if self.group_state(f"cases/{k}") == "damaged"]
 
     def has_case(self, case_id: str) -> bool:
         return self._complete(f"cases/{case_id}")

@@ -58,18 +58,71 @@ class StoreRoot:
             try:
                 with warnings.catch_warnings():  # the numcodecs Delta filter: see core.store.format
                     warnings.filterwarnings("ignore", message=NUMCODECS_WARNING)
-                    arr = self._root[path]
+                    arr = self._node(path)
             except KeyError:
                 raise StoreError(f"{self.location}: missing array '{path}'") from None
             self._arrays[path] = arr
         return arr
 
     def _complete(self, path: str) -> bool:
-        """True when the group at ``path`` exists and its ``complete`` attribute is set."""
+        """True when the group at ``path`` exists and its ``complete`` attribute is set.
+
+        Raises:
+            StoreError: its ``zarr.json`` is damaged (truncated, edited), naming the file.
+        """
+        state = self.group_state(path)
+        if state == "damaged":
+            self._node(path)  # raises the StoreError naming the file
+        return state == "complete"
+
+    def _child_names(self, path: str) -> list[str]:
+        """Names of the nodes directly under ``path``, listed from the storage without reading their metadata (so
+        one damaged ``zarr.json`` does not hide its siblings)."""
+        from zarr.core.sync import sync
+
+        async def listed() -> list[str]:
+            return [name async for name in self._root.store.list_dir(path)]
+
+        return sorted(n for n in sync(listed()) if n != "zarr.json" and not n.startswith("."))
+
+    def _arrays_of(self, group_path: str) -> list[tuple[str, zarr.Array]]:
+        """The arrays of a group, each opened on its own.
+
+        Raises:
+            StoreError: an array's ``zarr.json`` is damaged, naming the file.
+        """
+        nodes = [(name, self._node(f"{group_path}/{name}")) for name in self._child_names(group_path)]
+        return [(name, node) for name, node in nodes if isinstance(node, zarr.Array)]
+
+    def group_state(self, path: str) -> str:
+        """``"complete"``, ``"incomplete"``, ``"absent"``, or ``"damaged"`` (its metadata cannot be read)."""
         try:
-            return bool(self._root[path].attrs.get("complete", False))
+            return "complete" if self._node(path).attrs.get("complete", False) else "incomplete"
         except KeyError:
-            return False
+            return "absent"
+        except StoreError:
+            return "damaged"
+
+    def _node(self, path: str) -> Any:
+        """The group or array at ``path``.
+
+        Raises:
+            KeyError: nothing there.
+            StoreError: its ``zarr.json`` cannot be parsed, naming the file and how to repair it.
+        """
+        try:
+            return self._root[path]
+        except KeyError:
+            raise
+        except (ValueError, TypeError) as exc:  # json.JSONDecodeError, zarr's metadata validation
+            fix = (
+                "re-run `make cache` (its `teachcache preprocess` rewrites the case)"
+                if path.startswith("cases/")
+                else "re-run `make cache`, which rewrites it"
+            )
+            raise StoreError(
+                f"{self.location}/{path}/zarr.json is damaged and cannot be read ({type(exc).__name__}: {exc}); {fix}"
+            ) from None
 
     def _forget_entry(self, teacher: str, case_id: str) -> None:
         """Drop this object's cached array handles and encoding of an entry about to be rewritten."""

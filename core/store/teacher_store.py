@@ -25,8 +25,8 @@ after every array, so an interrupted write is never read.
 
 :class:`TeacherStore` is the one class the rest of TeachCache calls. This module opens and creates stores; its
 other methods come from the parts named after what they do: :mod:`core.store.reading`,
-:mod:`core.store.writing`, :mod:`core.store.provenance`, :mod:`core.store.consolidation` and
-:mod:`core.store.chunks`, over the shared root of :mod:`core.store.root`.
+:mod:`core.store.writing` (with :mod:`core.store.integrity`'s chunk digests), :mod:`core.store.provenance`,
+:mod:`core.store.consolidation` and :mod:`core.store.chunks`, over the shared root of :mod:`core.store.root`.
 """
 
 from __future__ import annotations
@@ -53,8 +53,8 @@ __all__ = ["TeacherStore"]
 class TeacherStore(StoreWriting, StoreProvenance, StoreConsolidation, StoreChunks):
     """Typed access to one store. Open with :meth:`create` (stage 1) or :meth:`open`.
 
-    Reads cases and entries (:class:`~core.store.reading.StoreReading`), writes them
-    (:class:`~core.store.writing.StoreWriting`), keeps the store's and its teachers' metadata
+    Reads cases and entries (:class:`~core.store.reading.StoreReading`), writes them with their chunk digests and
+    checks those (:class:`~core.store.writing.StoreWriting`, :class:`~core.store.integrity.StoreIntegrity`), keeps the store's and its teachers' metadata
     (:class:`~core.store.provenance.StoreProvenance`), drops and rebuilds consolidated metadata
     (:class:`~core.store.consolidation.StoreConsolidation`) and looks at chunks
     (:class:`~core.store.chunks.StoreChunks`); constructed with :class:`~core.store.root.StoreRoot`'s arguments.

@@ -11,6 +11,7 @@ import numpy as np
 import zarr
 
 from core.store.format import NUMCODECS_WARNING, SPATIAL_DIMS, chunk_shape, compressor_for
+from core.store.integrity import StoreIntegrity
 from core.store.reading import StoreReading
 from core.terms import ATTENTION_KINDS
 
@@ -24,24 +25,34 @@ def _no_progress(name: str) -> None:
     """The default ``on_array``: nothing to report."""
 
 
-class StoreWriting(StoreReading):
+class StoreWriting(StoreReading, StoreIntegrity):
     """The writing half of :class:`~core.store.teacher_store.TeacherStore` (it reads a case's grid to check an
     entry against it)."""
 
     def _write_array(
-        self, group: zarr.Group, name: str, data: np.ndarray, dims: Sequence[str], filters: Sequence[Any] = ()
+        self,
+        group: zarr.Group,
+        name: str,
+        data: np.ndarray,
+        dims: Sequence[str],
+        filters: Sequence[Any] = (),
+        chunks: Sequence[int] | None = None,
+        fill_value: Any = None,
     ) -> None:
-        """One array, chunked by :func:`~core.store.format.chunk_shape` (spatial arrays) or whole, every chunk
-        stored, even one equal to the fill value, so a lost chunk file is detectable."""
+        """One array, chunked by :func:`~core.store.format.chunk_shape` (spatial arrays) or whole unless ``chunks``
+        says otherwise, every chunk stored, even one equal to the fill value, so a lost chunk file is detectable."""
+        if chunks is None:
+            chunks = chunk_shape(data.shape, self.chunk_size) if data.ndim >= 3 else data.shape
         with warnings.catch_warnings():  # zarr notes that numcodecs filters are outside the v3 spec
             warnings.filterwarnings("ignore", message=NUMCODECS_WARNING)
             group.create_array(
                 name,
                 data=data,
-                chunks=chunk_shape(data.shape, self.chunk_size) if data.ndim >= 3 else data.shape,
+                chunks=tuple(chunks),
                 filters=list(filters),
                 compressors=compressor_for(data.dtype),
-                dimension_names=list(dims),
+                dimension_names=list(dims) or None,
+                fill_value=fill_value,
                 overwrite=True,
                 config={"write_empty_chunks": True},
             )
@@ -66,12 +77,15 @@ class StoreWriting(StoreReading):
             raise ValueError(f"image {image.shape} must be (C, X, Y, Z) on the label's grid {label.shape}")
         if foreground.ndim != 2 or foreground.shape[1] != 4:
             raise ValueError(f"foreground must be (N, 4) rows of (class, x, y, z), got {foreground.shape}")
+        if self.group_state(f"cases/{case_id}") == "damaged":  # unreadable metadata: replaced whole
+            del self._root["cases"][case_id]
         group = self._root.require_group(f"cases/{case_id}")
         group.attrs["complete"] = False
         self._write_array(group, "image", image.astype(np.float32, copy=False), ("channel", *SPATIAL_DIMS))
         self._write_array(group, "label", label.astype(np.uint8, copy=False), SPATIAL_DIMS)
         self._write_array(group, "foreground", foreground.astype(np.int32, copy=False), ("point", "coord"))
         group.attrs.update({**attrs, "shape": list(label.shape), "all_chunks": True})
+        self.record_digests(group, f"cases/{case_id}")
         group.attrs["complete"] = True
 
     def write_entry(
@@ -97,8 +111,9 @@ class StoreWriting(StoreReading):
             coarse: (x, y, z) float32 coarse attention map on the teacher's En grid (any scale).
             fine: (x, y, z) float32 fine attention map on the teacher's Dn-1 grid (any scale).
             sketches: optional ``{"coarse" | "fine": ((k, x, y, z) sketch, (C, k) basis, its attributes)}``.
-            on_array: called with each array's name right after it is written (progress reporting; the
-                kill-and-resume test uses it to die midway through an entry).
+            on_array: called with each array's name right after it is written, and with ``"chunk_digests"`` before
+                the digests are recorded (progress reporting; the kill-and-resume test uses it to die midway
+                through an entry).
             sketch_dtype: ``"int8"`` (each channel quantised with its own scale, kept in the array's ``scale``
                 attribute) or ``"float16"``.
             attrs: JSON-serialisable entry attributes (e.g. ``checkpoint_sha256``, ``entry_key``,
@@ -127,6 +142,8 @@ class StoreWriting(StoreReading):
         if sketch_attrs:
             attrs = {**attrs, "sketch": sketch_attrs}
         group.attrs.update({"softmax_encoding": self.encoding.name, **strides, **attrs, "all_chunks": True})
+        written("chunk_digests")
+        self.record_digests(group, f"teachers/{teacher}/{case_id}")
         group.attrs["complete"] = True
 
     def _new_entry_group(self, teacher: str, case_id: str) -> zarr.Group:

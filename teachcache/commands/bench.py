@@ -33,8 +33,6 @@ __all__ = ["bench", "bench_store", "commands"]
 commands = typer.Typer()
 """This module\'s commands; :mod:`teachcache.cli` adds them to the app."""
 
-BENCH_PARTS = ("steps", "store", "cache", "loader")
-
 
 @commands.command()
 @user_errors
@@ -47,7 +45,11 @@ def bench(
     ] = "cpu",
     part: Annotated[
         list[str] | None,
-        typer.Option("--part", help="Only these measurements (repeatable): steps, store, cache, loader."),
+        typer.Option(
+            "--part",
+            help="Only these measurements (repeatable): steps, store, cache, loader, integrity; the others are "
+            "carried from the preset's last results.",
+        ),
     ] = None,
     out_dir: Annotated[Path, typer.Option("--out", help="Where results-<preset>.json/.md/.png go.")] = Path(
         "bench"
@@ -61,7 +63,7 @@ def bench(
     .png and the preset's block in BENCHMARKS.md.
     """
     from core.errors import ConfigError
-    from teachcache.bench import PRESETS, run_bench
+    from teachcache.bench import BENCH_PARTS, PRESETS, run_bench
 
     if preset not in PRESETS:
         raise ConfigError(f"unknown bench preset '{preset}'; choose one of: {', '.join(PRESETS)}")

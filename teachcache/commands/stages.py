@@ -113,7 +113,8 @@ def preprocess(
     from cache_teachers import preprocess_dataset
 
     cfg = load_experiment(config)
-    s = preprocess_dataset(cfg, overwrite=overwrite, progress=not quiet)
+    with one_line_warnings():
+        s = preprocess_dataset(cfg, overwrite=overwrite, progress=not quiet)
     out.print(
         f"{s.written} case(s) preprocessed, {s.skipped} already in {cfg.store.path}; splits: {s.splits_file}"
     )
@@ -214,6 +215,13 @@ def distil(
             "windows around each patch, into kd-<kind>-online-context/); default: distillation.source."
         ),
     ] = None,
+    skip_integrity_check: Annotated[
+        bool,
+        typer.Option(
+            help="Do not check, before training, that every chunk the run reads is present and is the one written "
+            "there (the check reads the stored bytes once; a warning says it was skipped)."
+        ),
+    ] = False,
     quiet: QuietOption = False,
 ) -> None:
     """Train the student for one fold from the store (no teacher in memory)."""
@@ -230,7 +238,16 @@ def distil(
     with one_line_warnings():
         if source not in (None, *SOURCES):
             raise TeachCacheError(f"--source {source}: use one of {', '.join(SOURCES)}")
-        r = run(cfg, fold, kd, progress=not quiet, allow_leakage=allow_leakage, seed=seed, source=source)
+        r = run(
+            cfg,
+            fold,
+            kd,
+            progress=not quiet,
+            allow_leakage=allow_leakage,
+            seed=seed,
+            source=source,
+            skip_integrity_check=skip_integrity_check,
+        )
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun (make distil GPUS=n), process 0 speaks
         out.print(_fit_line(r), highlight=False, soft_wrap=True)
 

@@ -323,9 +323,12 @@ def stats(
         raise TeachCacheError(
             f"output folder {folder}: {folder.parent} does not exist; create it or choose another -o"
         )
+    from core.paths import require_writable
+
+    # stats/ beside the store by default: a store on a read-only share needs -o (said before the work starts)
+    require_writable(folder, "the statistics", "choose another folder with -o")
     with progress_bar("teacher stats", not quiet and not as_json) as (on_total, advance):
         result = store_stats(s, fold=fold, workers=workers, progress=advance, on_total=on_total)
-    folder.mkdir(exist_ok=True)
     stem = "stats" if fold is None else f"stats-fold{fold}"
     (folder / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
     stats_chart(result, folder / f"{stem}.png")
@@ -410,20 +413,51 @@ def verify(
             "--config", "-c", help="Also check that every teacher this experiment configures is cached."
         ),
     ] = None,
+    rehash: Annotated[
+        bool,
+        typer.Option(
+            "--rehash",
+            help="First bring a store written before format 2.2 up to it in place: every case and entry without "
+            "chunk checksums or digests is re-encoded with them (values unchanged; a damaged one is left alone and "
+            "named). Takes the store's write lock.",
+        ),
+    ] = False,
     as_json: JsonOption = False,
+    quiet: QuietBarOption = False,
 ) -> None:
-    """Check every case and teacher entry: complete, no lost or corrupt chunk, right shapes, finite, softmax sums to
-    1, provenance.
+    """Check every case and teacher entry: complete, no lost, corrupt or moved chunk, right shapes, finite, softmax
+    sums to 1, provenance.
 
     Exit codes: 0 the store is sound; 1 problems found (listed); 2 not a store, or a bad argument; 3 the check
     itself could not finish (the message says why) — so scripts can tell a bad store from a failed check.
     """
     from core.store.verify import verify_store
 
-    expected = [t.name for t in load_experiment(config).teachers] if config is not None else None
+    configured = load_experiment(config).teachers if config is not None else None
+    expected = [t.name for t in configured] if configured is not None else None
+    if rehash:
+        from core.store.rehash import rehash_store
+
+        _open(store)  # a StoreError for a missing or foreign store, before the lock file is made
+        with progress_bar("rehash", not quiet and not as_json) as (on_total, advance):
+            started: list[int] = []
+
+            def on_group(done: int, total: int) -> None:
+                if not started:
+                    on_total(total)
+                    started.append(total)
+                advance(1)
+
+            done = rehash_store(store, on_group)
+        if not as_json:
+            out.print(
+                f"rehash: {done.rewritten} case(s)/entries given checksums and digests, {done.current} already had "
+                f"them, {len(done.damaged)} damaged left alone",
+                highlight=False,
+            )
     opened = _open(store)
     try:
-        result = verify_store(opened, expected_teachers=expected)
+        result = verify_store(opened, expected_teachers=expected, teachers=configured)
     except TeachCacheError:
         raise
     except Exception as exc:  # the check crashed: not the same as a store with problems
