@@ -88,7 +88,11 @@ def test_every_problem_is_printed_beside_the_notes(trained):
     cfg, _ = _cached(trained, "problems_and_notes")
     first, second = TeacherStore.open(cfg.store.path).case_ids()[:2]
     root = zarr.open_group(cfg.store.path, mode="a")
-    for key in ("all_chunks", "chunk_digests", "attrs_digest"):  # as a TeachCache older than format 1.3 wrote it
+    for key in (
+        "all_chunks",
+        "chunk_digests",
+        "attrs_digest",
+    ):  # as a TeachCache older than format 1.3 wrote it
         del root[f"teachers/dynunet/all_folds/{first}"].attrs[key]
     _chunk(cfg.store.path, f"teachers/dynunet/all_folds/{second}/coarse").unlink()
     root.require_group(
