@@ -117,18 +117,21 @@ def test_nnunet_teacher_matches_nnunets_own_inference_on_the_store_grid(trained,
         dst = MetaTensor(
             torch.zeros(1, *store.case_shape(case)), affine=torch.as_tensor(store.case_attrs(case)["affine"])
         )
+        # the reference resampled in log-probability space, as the cache resamples logits (the two differ by a
+        # per-voxel constant, which the softmax removes): comparing interpolated probabilities instead made the
+        # bound depend on which model nnU-Net happened to train (0.013-0.026 over four training seeds: flaky)
+        logprobs = np.log(np.clip(probs, 1e-8, None)).astype(np.float32)
         moved = ResampleToMatch(mode="bilinear", padding_mode="border")(
-            MetaTensor(torch.from_numpy(probs.astype(np.float32)), affine=torch.as_tensor(affine)), dst
+            MetaTensor(torch.from_numpy(logprobs), affine=torch.as_tensor(affine)), dst
         )
         encoding = store.entry_encoding("nnunet/all_folds", case)  # the same int8 margins as the cache
-        logits = np.log(np.clip(np.asarray(moved.numpy(), dtype=np.float32), 1e-8, None))
+        logits = np.asarray(moved.numpy(), dtype=np.float32)
         expected = encoding.decode(encoding.encode(logits), 1.0)
         cached = store.read_softmax("nnunet/all_folds", case)
-        # the routes differ in where the softmax is taken: the cache interpolates logits, this reference nnU-Net's
-        # probabilities (4 mm slices onto 2 mm here); measured 0.013 mean and 99 % argmax agreement, where the
-        # same comparison one voxel off gives 0.16–0.20
-        assert np.abs(cached - expected).mean() < 0.02, np.abs(cached - expected).mean()
-        assert (cached.argmax(0) == expected.argmax(0)).mean() > 0.97
+        # measured 0.0006-0.0009 mean and >= 99.8 % argmax agreement over four trained models; the same comparison
+        # one voxel off gives 0.11 (83 %)
+        assert np.abs(cached - expected).mean() < 5e-3, np.abs(cached - expected).mean()
+        assert (cached.argmax(0) == expected.argmax(0)).mean() > 0.99
 
         # on nnU-Net's own grid (this dataset needs no resampling there): the same probabilities as its predictor
         loaded = load_teacher(cfg.teacher("nnunet"), ServedDataset(["CT", "PET"], 2))
