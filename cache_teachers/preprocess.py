@@ -17,7 +17,7 @@ from core.errors import DatasetError, StoreError, TeachCacheError
 from core.experiment import splits_path
 from core.progress import track
 from core.store.locking import inside_store, store_write_lock
-from core.store.teacher_store import TeacherStore
+from core.store.teacher_store import TeacherStore, unreachable_store
 
 __all__ = ["PreprocessSummary", "preprocess_dataset"]
 
@@ -110,10 +110,16 @@ def _preprocess_locked(
 
 
 def _exists(location: str) -> bool:
+    """Anything at ``location``; an object store that cannot be reached is one message, not a client traceback."""
     import fsspec
 
-    fs, root = fsspec.core.url_to_fs(location)
-    return bool(fs.exists(root))
+    try:
+        fs, root = fsspec.core.url_to_fs(location)
+        return bool(fs.exists(root))
+    except Exception as exc:  # an object store's client errors (credentials, endpoint) come in many types
+        if "://" in location and not location.startswith("file://"):
+            raise unreachable_store(location, exc) from None
+        raise
 
 
 def _remove(location: str) -> None:

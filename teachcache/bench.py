@@ -545,6 +545,7 @@ def bench_loader(settings: dict[str, Any], progress: Callable[[str], None] = pri
                 rate = _loader_rate(str(path), cases, patch, workers, settings["batches"], 2)
                 rates[str(patch)][str(workers)] = rate
                 progress(f"  loader {patch}³, {workers} workers: {rate:.2f} patches/s")
+        sharding = _sharding_ab(path, Path(tmp) / "per_chunk.zarr", cases, settings, progress)
     voxels = len(cases) * int(np.prod(settings["shape"]))
     return {
         "cases": len(cases),
@@ -554,14 +555,46 @@ def bench_loader(settings: dict[str, Any], progress: Callable[[str], None] = pri
         "patches_per_s": rates,
         "store_bytes_per_voxel": stored / voxels,
         "files": files,
+        "sharding": sharding,
+    }
+
+
+def _sharding_ab(
+    sharded: Path,
+    per_chunk: Path,
+    cases: list[str],
+    settings: dict[str, Any],
+    progress: Callable[[str], None],
+) -> dict[str, Any]:
+    """The loader and the file count with one shard per array (format 2.3) against one file per chunk (2.2), on
+    the same values: the largest patch, 0 workers, interleaved rounds."""
+    from core.inspection.stats import entry_files
+
+    shutil.copytree(sharded, per_chunk)
+    _unshard(per_chunk)
+    patch = settings["patches"][0]
+    rates: dict[str, list[float]] = {"sharded": [], "per_chunk": []}
+    for _ in range(settings.get("rounds", 2)):
+        for name, path in (("sharded", sharded), ("per_chunk", per_chunk)):
+            rates[name].append(_loader_rate(str(path), cases, patch, 0, settings["batches"], 2))
+    found = {name: statistics.median(r) for name, r in rates.items()}
+    progress(
+        f"  loader {patch}³, 0 workers: {found['sharded']:.2f} patches/s sharded, {found['per_chunk']:.2f} per chunk"
+    )
+    return {
+        "patch": patch,
+        "patches_per_s": found,
+        "rounds": rates,
+        "files": {"sharded": entry_files(sharded), "per_chunk": entry_files(per_chunk)},
     }
 
 
 # --- 6: integrity ------------------------------------------------------------------------------------------------
 
 
-def _strip_checksums(path: Path) -> None:
-    """Rewrite every array of a store without its CRC-32C codec (as format 2.1 stored them), values unchanged."""
+def _rewrite_arrays(path: Path, checksums: bool, shards: bool) -> None:
+    """Rewrite every array of a store, values unchanged, with or without its CRC-32C codec and its shard (to measure
+    what each costs against the same data)."""
     import zarr
 
     from core.store.format import NUMCODECS_WARNING
@@ -569,26 +602,36 @@ def _strip_checksums(path: Path) -> None:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=NUMCODECS_WARNING)
         root = zarr.open_group(str(path), mode="r+", use_consolidated=False)
-        for _, arr in list(root.arrays()) + [
-            (None, a)
-            for _, g in root.groups()
-            for _, a in g.members(max_depth=None)
-            if isinstance(a, zarr.Array)
-        ]:
+        arrays = [
+            a for _, g in root.groups() for _, a in g.members(max_depth=None) if isinstance(a, zarr.Array)
+        ]
+        for arr in arrays:
             group = zarr.open_group(str(path / arr.path.rsplit("/", 1)[0]), mode="r+", use_consolidated=False)
             name = arr.path.rsplit("/", 1)[-1]
             data, attrs = arr[...], dict(arr.attrs)
+            compressors = [c for c in arr.compressors if checksums or type(c).__name__ != "Crc32cCodec"]
             group.create_array(
                 name,
                 data=data,
                 chunks=arr.chunks,
+                shards=arr.shards if shards else None,
                 filters=arr.filters,
-                compressors=[c for c in arr.compressors if type(c).__name__ != "Crc32cCodec"],
+                compressors=compressors,
                 dimension_names=arr.metadata.dimension_names,
                 overwrite=True,
                 config={"write_empty_chunks": True},
             )
             group[name].attrs.update(attrs)
+
+
+def _strip_checksums(path: Path) -> None:
+    """Every array of a store without its CRC-32C codec (as format 2.1 stored them), shards kept."""
+    _rewrite_arrays(path, checksums=False, shards=True)
+
+
+def _unshard(path: Path) -> None:
+    """Every array of a store as one file per chunk (as format 2.2 stored them), checksums kept."""
+    _rewrite_arrays(path, checksums=True, shards=False)
 
 
 def _check_seconds(store: Any, groups: list[str], rounds: int = 3) -> float:

@@ -200,6 +200,32 @@ def _loader_section(loader: dict[str, Any], preset: str) -> list[str]:
         f"Student consumption at that size: {consumed} Target: the loader ≥ 3× the consumption with the default "
         "workers.",
         "",
+        *_sharding_lines(loader.get("sharding")),
+    ]
+
+
+def _sharding_lines(found: dict[str, Any] | None) -> list[str]:
+    """Files per entry and the loader's rate with one shard per array against one file per chunk."""
+    if not found:
+        return []
+    sharded, per_chunk = found["files"]["sharded"], found["files"]["per_chunk"]
+    rate = found["patches_per_s"]
+    ratio = rate["sharded"] / rate["per_chunk"]
+    goal = 2 * sharded["arrays_per_entry"] + 1
+    return [
+        "| store layout (same values) | files per entry | data files per array | loader "
+        f"{found['patch']}³, 0 workers (patches/s) |",
+        "|---|---:|---:|---:|",
+        f"| one shard per array (format 2.3) | {sharded['files_per_entry']:.0f} | "
+        f"{sharded['data_files_per_array']:.2f} | {rate['sharded']:.2f} |",
+        f"| one file per chunk (format ≤ 2.2) | {per_chunk['files_per_entry']:.0f} | "
+        f"{per_chunk['data_files_per_array']:.2f} | {rate['per_chunk']:.2f} |",
+        "",
+        f"Sharded: {sharded['files_per_entry']:.0f} files per entry against a goal of arrays × 2 + 1 = {goal:.0f} "
+        f"({_met(sharded['files_per_entry'], '<=', goal)}); loader sharded / per chunk {ratio:.2f} "
+        f"(goal ≥ 1 within noise: {_met(ratio, '>=', 0.95)}; median of {len(found['rounds']['sharded'])} "
+        "interleaved rounds).",
+        "",
     ]
 
 

@@ -48,10 +48,16 @@ def test_the_paper_store_carries_every_array_the_recipes_read(tmp_path):
 
 
 def test_the_loader_is_measured_per_patch_size_and_workers(tmp_path):
-    settings = {"cases": 1, "shape": (64, 64, 64), "patches": (32,), "workers": (0,), "batches": 2}
+    settings = {"cases": 1, "shape": (96, 96, 96), "patches": (32,), "workers": (0,), "batches": 2}
     result = bench_loader(settings, progress=lambda _: None)
     assert set(result["patches_per_s"]) == {"32"} and result["patches_per_s"]["32"]["0"] > 0
     assert result["files"] > 0 and result["store_bytes_per_voxel"] > 0
+    files = result["sharding"]["files"]
+    # one data file per array per entry when sharded; the per-chunk copy of the same store has more
+    assert files["sharded"]["data_files_per_array"] == 1.0
+    assert files["sharded"]["files_per_entry"] == 2 * files["sharded"]["arrays_per_entry"] + 1
+    assert files["per_chunk"]["data_files_per_array"] > 1.0
+    assert all(r > 0 for r in result["sharding"]["patches_per_s"].values())
 
 
 def test_integrity_compares_the_loader_with_and_without_checksums_on_the_same_values(tmp_path):
@@ -126,6 +132,7 @@ def test_results_replace_only_their_preset_block(tmp_path):
     assert "hand-written analysis" in text and "old gpu" in text
     assert text.count("<!-- bench:cpu -->") == 1 and "Patch loader at the paper's sizes" in text
     assert "with every chunk's CRC-32C checked" in text and "HECKTOR-sized" in text
+    assert "one shard per array (format 2.3)" in text
     stored = json.loads((tmp_path / "bench" / "results-cpu.json").read_text())
     assert stored["loader"]["patches_per_s"]["32"]["0"] == pytest.approx(
         results["loader"]["patches_per_s"]["32"]["0"]

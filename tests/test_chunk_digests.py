@@ -15,6 +15,7 @@ import zarr
 from typer.testing import CliRunner
 
 from cache_teachers import cache_teachers, preprocess_dataset
+from core.store.format import FORMAT_VERSION
 from core.store.integrity import chunk_digest
 from core.store.teacher_store import TeacherStore
 from teachcache.cli import app
@@ -86,6 +87,46 @@ def test_every_array_carries_a_crc32c_codec_and_every_chunk_a_digest_bound_to_it
     )
     case_group = zarr.open_group(str(store / "cases" / cases[0]), mode="r")
     assert set(case_group.attrs["chunk_digests"]) == {"image", "label", "foreground"}
+
+
+def test_each_array_of_an_entry_is_one_shard_file_and_reads_back_by_region(tmp_path):
+    rng = np.random.default_rng(0)
+    store = TeacherStore.create(
+        tmp_path / "s.zarr",
+        dataset={"channel_names": ["CT"], "class_names": ["bg", "a", "b"], "manifest_hash": "x"},
+        preprocessing={},
+        preprocessing_hash="x",
+        splits=[],
+        chunk_size=(16, 16, 16),
+    )
+    shape = (40, 33, 20)  # not a multiple of the chunks on any axis
+    label = rng.integers(0, 3, shape).astype(np.uint8)
+    store.write_case(
+        "A", rng.standard_normal((1, *shape)).astype(np.float32), label, np.zeros((0, 4), np.int32), {}
+    )
+    logits = rng.standard_normal((3, *shape)).astype(np.float32)
+    store.write_entry("t/all_folds", "A", logits, rng.random((5, 4, 2)), rng.random((20, 16, 10)))
+    entry = tmp_path / "s.zarr" / "teachers" / "t" / "all_folds" / "A"
+    group = zarr.open_group(str(entry), mode="r")
+    files = sorted(p.relative_to(entry).as_posix() for p in entry.rglob("*") if p.is_file())
+    assert len(files) == 2 * len(list(group.array_keys())) + 1, files  # per array: zarr.json + one data file
+    softmax = group["softmax"]
+    assert softmax.nchunks == 3 * 3 * 2 and softmax.shards is not None, "18 chunks held in one shard"
+    box = (slice(3, 29), slice(10, 33), slice(5, 19))  # across chunk borders
+    whole = store.read_softmax("t/all_folds", "A", temperature=2.0)
+    np.testing.assert_array_equal(
+        store.read_softmax("t/all_folds", "A", box, temperature=2.0), whole[(slice(None), *box)]
+    )
+    np.testing.assert_array_equal(store.read_label("A", box), label[box])
+    assert all(f.ok for f in store.check_groups(["cases/A", "teachers/t/all_folds/A"]))
+    shard = next((entry / "fine" / "c").rglob("*"), None)
+    while shard is not None and shard.is_dir():
+        shard = next(shard.iterdir())
+    shard.unlink()
+    found = store.check_digests("teachers/t/all_folds/A")
+    assert found.missing == {"fine": ["c/0/0/0"]} and store.missing_chunks("teachers/t/all_folds/A") == {
+        "fine": 1
+    }
 
 
 def test_a_case_chunk_swapped_between_cases_is_caught(copy):
@@ -171,10 +212,14 @@ def test_rehash_brings_an_older_store_to_checksums_and_digests_without_changing_
         f"rehash: {len(cases) * 2} case(s)/entries given checksums and digests, 0 already had them" in out
     ), out
     opened = TeacherStore.open(store)
-    assert opened.metadata["format_version"] == "2.2"
+    assert opened.metadata["format_version"] == FORMAT_VERSION
     np.testing.assert_array_equal(opened.read_softmax("dynunet/all_folds", cases[0], temperature=2.0), before)
     group = zarr.open_group(str(store / "teachers/dynunet/all_folds" / cases[0]), mode="r")
     assert type(group["softmax"].compressors[-1]).__name__ == "Crc32cCodec"
+    image = zarr.open_group(str(store / "cases" / cases[0]), mode="r")["image"]
+    assert all(a.shards is not None or a.nchunks == 1 for a in (group["softmax"], image)), (
+        "one file per array (2.3)"
+    )
     code, out = _cli("verify", str(store), "--rehash", "-q")
     assert (
         code == 0

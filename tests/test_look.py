@@ -164,7 +164,9 @@ def test_inspect_filters_by_teacher_and_case_with_provenance(store):
     assert "teachers/seg/fold_1/CASE_B/softmax" in paths and "cases/CASE_B/image" in paths
     assert not any("big" in p or "CASE_A" in p for p in paths)
     softmax = next(a for a in data["arrays"] if a["path"] == "teachers/seg/fold_1/CASE_B/softmax")
-    assert softmax["shards"] is None and softmax["raw_bytes"] == 2 * 19 * 21 * 13  # K−1 int8 margins
+    # one shard holding the whole array: its 16³ chunk grid rounded up to whole chunks (format 2.3)
+    assert softmax["shards"] == [2, 32, 32, 13] and softmax["chunks"] == [2, 16, 16, 13]
+    assert softmax["raw_bytes"] == 2 * 19 * 21 * 13  # K−1 int8 margins
     assert softmax["codecs"] == "Delta, Blosc, Crc32c"  # the checksum last (format 2.2)
     text = _ok(["inspect", store.location, "--teacher", "big/all_folds"]).output
     assert "provenance of big/all_folds" in text and "swin_unetr" in text
@@ -335,6 +337,14 @@ def test_stats_match_a_direct_numpy_computation(store, tmp_path):
         assert row["agreement"] == pytest.approx(agreement, abs=1e-6)
     seg = next(r for r in data["teachers"] if r["teacher"] == "seg")
     assert seg["copies"] == ["seg/fold_0", "seg/fold_1"]
+    # what an inode quota counts, per (teacher, case) entry: each array one data file beside its zarr.json
+    entries = [p for p in Path(store.location).glob("teachers/*/*/*") if p.is_dir()]
+    files = data["files"]
+    assert files["entries"] == len(entries)
+    assert files["files_per_entry"] == pytest.approx(
+        sum(1 for e in entries for p in e.rglob("*") if p.is_file()) / len(entries)
+    )
+    assert files["data_files_per_array"] == 1.0
 
     one = json.loads(
         _ok(["stats", store.location, "--fold", "1", "--json", "-o", str(tmp_path / "s")]).output

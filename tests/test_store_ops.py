@@ -119,9 +119,12 @@ def _entry_states(path: str) -> tuple[int, list[str]]:
 
 
 def test_sigkill_and_resume_is_bit_identical(trained):
-    reference, ref_path = _cached(trained, "reference")
+    sharded = {
+        "store.chunk_size": [16, 16, 16]
+    }  # every spatial array several chunks in one shard (format 2.3)
+    reference, ref_path = _cached(trained, "reference", **sharded)
     assert _cache_cli(ref_path).wait() == 0
-    killed, path = _cached(trained, "killed")
+    killed, path = _cached(trained, "killed", **sharded)
     # 2 teachers x 6 cases. The hook counts the entries each process writes: the first run dies inside entry 3;
     # the second resumes (rewriting that partial entry) and dies inside entry 9, unetr's third
     for kill_after, complete in ((2, 2), (6, 8)):
@@ -142,12 +145,17 @@ def test_sigkill_and_resume_is_bit_identical(trained):
     assert all(
         store.has_entry(t, c) for t in ("dynunet/all_folds", "unetr/all_folds") for c in store.case_ids()
     )
+    softmax = zarr.open_group(killed.store.path, mode="r")[
+        f"teachers/unetr/all_folds/{store.case_ids()[0]}/softmax"
+    ]
+    assert softmax.shards is not None and softmax.nchunks > 1, "the kills landed in sharded writes"
 
 
 def test_sigkill_while_recording_digests_resumes_bit_identical_and_verifies_clean(trained):
-    reference, ref_path = _cached(trained, "digest_reference")
+    sharded = {"store.chunk_size": [16, 16, 16]}
+    reference, ref_path = _cached(trained, "digest_reference", **sharded)
     assert _cache_cli(ref_path).wait() == 0
-    killed, path = _cached(trained, "digest_killed")
+    killed, path = _cached(trained, "digest_killed", **sharded)
     proc = _cache_cli(path, kill_after=3, kill_at="chunk_digests")
     assert proc.wait() == -signal.SIGKILL, proc.stderr.read().decode()
     done, partial = _entry_states(killed.store.path)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -144,6 +145,26 @@ def _teacher_row(name: str, acc: dict[str, Any], pairs: dict[tuple[str, str], li
     }
 
 
+def entry_files(location: str | Path) -> dict[str, float] | None:
+    """Files per (teacher, case) entry of a local store and data files per array (beside each array's
+    ``zarr.json``): what an HPC inode quota counts. ``None`` for a remote store (object counts are not files)."""
+    if "://" in str(location) and not str(location).startswith("file://"):
+        return None
+    root = Path(str(location).removeprefix("file://"))
+    entries = [p for p in root.glob("teachers/*/*/*") if p.is_dir()]
+    if not entries:
+        return {"entries": 0, "files_per_entry": 0.0, "data_files_per_array": 0.0, "arrays_per_entry": 0.0}
+    files = sum(1 for e in entries for p in e.rglob("*") if p.is_file())
+    arrays = sum(1 for e in entries for p in e.iterdir() if p.is_dir())
+    data = sum(1 for e in entries for p in e.rglob("*") if p.is_file() and "/c/" in p.as_posix())
+    return {
+        "entries": len(entries),
+        "files_per_entry": files / len(entries),
+        "arrays_per_entry": arrays / len(entries),
+        "data_files_per_array": data / arrays if arrays else 0.0,
+    }
+
+
 def store_stats(
     store: TeacherStore,
     fold: int | None = None,
@@ -161,7 +182,8 @@ def store_stats(
 
     Returns:
         ``{"fold", "cases", "teachers": [{"teacher", "copies", "cases", "dice", "entropy", "ece", "agreement"}],
-        "pairs": [{"a", "b", "cases", "dice"}]}``; teachers are named without their fold slot.
+        "pairs": [{"a", "b", "cases", "dice"}], "files": entry_files(...)}``; teachers are named without their fold
+        slot.
     """
     import dask
 
@@ -180,6 +202,7 @@ def store_stats(
             {"a": a, "b": b, "cases": len(v), "dice": float(np.mean(v))}
             for (a, b), v in sorted(pairs.items())
         ],
+        "files": entry_files(store.location),
     }
 
 

@@ -55,6 +55,13 @@ class ArrayInfo:
         }
 
 
+def _object_key(arr: zarr.Array, coords: tuple[int, ...]) -> str:
+    """The storage key of the file holding chunk ``coords``: the chunk's own, or its shard's."""
+    if arr.shards:
+        coords = tuple(c * k // s for c, k, s in zip(coords, arr.chunks, arr.shards, strict=True))
+    return arr.metadata.encode_chunk_key(coords)
+
+
 class StoreChunks(StoreRoot):
     """The chunk-level part of :class:`~core.store.teacher_store.TeacherStore`."""
 
@@ -73,7 +80,7 @@ class StoreChunks(StoreRoot):
         """Chunks lost from the arrays of a case (``cases/<case>``) or entry (``teachers/<key>/<case>``) group.
 
         Returns:
-            ``{array name: number of chunk files missing}`` (empty when whole), or ``None`` for a group written
+            ``{array name: number of chunk (or shard) files missing}`` (empty when whole), or ``None`` for a group written
             before every chunk was stored (format < 1.3), where a missing chunk cannot be told from a skipped one.
         """
         group = self._node(group_path)
@@ -81,9 +88,9 @@ class StoreChunks(StoreRoot):
             return None
         missing = {}
         for name, arr in self._arrays_of(group_path):
-            lost = arr.nchunks - arr.nchunks_initialized
+            lost = self._missing_objects(group_path, arr)
             if lost:
-                missing[name] = int(lost)
+                missing[name] = len(lost)
         return missing
 
     def undecodable_chunks(self, group_path: str) -> dict[str, list[str]]:
@@ -93,7 +100,8 @@ class StoreChunks(StoreRoot):
         whole-array read of the group has failed.
 
         Returns:
-            ``{array name: [store keys of its undecodable chunks, e.g. "teachers/t/c/fine/c/0/0/0"]}``; empty when
+            ``{array name: [store keys of the files holding its undecodable chunks (the chunk's file, or the shard
+            holding it), e.g. "teachers/t/c/fine/c/0/0/0"]}``; empty when
             every stored chunk decodes (a missing chunk reads as fill values here: see :meth:`missing_chunks`).
         """
         damaged = {}
@@ -103,7 +111,7 @@ class StoreChunks(StoreRoot):
                 try:
                     arr.get_block_selection(coords)
                 except Exception:  # codec errors come from blosc, numcodecs and zarr in many types
-                    bad.append(f"{arr.path}/{arr.metadata.encode_chunk_key(coords)}")
+                    bad.append(f"{arr.path}/{_object_key(arr, coords)}")
             if bad:
-                damaged[name] = bad
+                damaged[name] = sorted(set(bad))  # the shard once, however many of its chunks fail
         return damaged

@@ -23,10 +23,12 @@ __all__ = [
     "Box",
     "chunk_shape",
     "compressor_for",
+    "shard_shape",
+    "storage_grid",
 ]
 
 FORMAT_NAME = "teachcache-store"
-FORMAT_VERSION = "2.2"
+FORMAT_VERSION = "2.3"
 # the attribute holding TeachCache's metadata: the root's description, each teacher copy's provenance
 ATTRS_KEY = "teachcache"
 # a teacher key: "<name>/fold_<k>" or "<name>/all_folds"
@@ -48,6 +50,20 @@ def compressor_for(dtype: np.dtype) -> tuple[BloscCodec, Crc32cCodec]:
     # bitshuffle suits low-entropy floats (smooth maps); byte shuffle suits wider types
     shuffle = "bitshuffle" if np.dtype(dtype).itemsize <= 2 else "shuffle"
     return BloscCodec(cname="zstd", clevel=5, shuffle=shuffle), Crc32cCodec()
+
+
+def shard_shape(shape: Sequence[int], chunks: Sequence[int]) -> tuple[int, ...]:
+    """The one shard that holds a whole array: its chunk grid rounded up to whole chunks (zarr requires a shard to
+    be a multiple of its chunks; the part past the array's edge is never stored)."""
+    return tuple(c * -(-s // c) for s, c in zip(shape, chunks, strict=True))
+
+
+def storage_grid(
+    shape: Sequence[int], chunks: Sequence[int], shards: Sequence[int] | None
+) -> tuple[int, ...]:
+    """How many stored objects an array has along each axis: its shards (format ≥ 2.3), else its chunks."""
+    unit = shards or chunks
+    return tuple(-(-s // u) if s else 0 for s, u in zip(shape, unit, strict=True))  # an empty axis: no object
 
 
 def chunk_shape(shape: Sequence[int], spatial_chunk: Sequence[int]) -> tuple[int, ...]:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import itertools
 import json
 from dataclasses import dataclass, field
 from typing import Any
@@ -82,12 +81,9 @@ class GroupIntegrity:
 
 def _chunk_keys(arr: zarr.Array) -> list[str]:
     """Every stored object of an array a digest covers: its ``zarr.json`` (shape, dtype, codecs, fill value and
-    attributes such as a sketch's ``scale`` or the softmax encoding's) and each chunk key (``"c/0/0/0"``, …), whether
-    or not its file exists."""
-    return [METADATA_KEY] + [
-        arr.metadata.encode_chunk_key(coords)
-        for coords in itertools.product(*(range(n) for n in arr.cdata_shape))
-    ]
+    attributes such as a sketch's ``scale`` or the softmax encoding's) and each data object — a shard (format ≥
+    2.3: one per array) or a chunk (``"c/0/0/0"``, …) — whether or not its file exists."""
+    return [METADATA_KEY, *StoreRoot._storage_keys(arr)]
 
 
 def _canonical_attrs(attrs: dict[str, Any]) -> bytes:

@@ -1,8 +1,9 @@
-"""``teachcache verify --rehash``: bring a store written before format 2.2 to it in place, without re-caching.
+"""``teachcache verify --rehash``: bring an older store to the current format in place, without re-caching.
 
-Each case and complete entry whose chunks carry no CRC-32C or that records no digests is read whole (every chunk
+Each case and complete entry whose chunks carry no CRC-32C (format < 2.2), that records no digests, or whose
+spatial arrays are not sharded (format < 2.3) is read whole (every chunk
 must be present and decode: a damaged group is left alone and named), written back with the same values, chunks,
-filters, fill value and attributes and the CRC-32C codec, and its digests recorded. The values are unchanged (the
+filters, fill value and attributes, the CRC-32C codec and one shard per array, and its digests recorded. The values are unchanged (the
 stored integers and floats are rewritten as they are), so entry keys, hashes and every student trained from the
 store stay valid.
 
@@ -65,7 +66,9 @@ def _current(store: TeacherStore, path: str) -> bool:
         isinstance(attrs.get("chunk_digests"), dict)
         and "rehash" not in attrs
         and all(
-            bool(arr.compressors) and type(arr.compressors[-1]).__name__ == "Crc32cCodec"
+            bool(arr.compressors)
+            and type(arr.compressors[-1]).__name__ == "Crc32cCodec"
+            and (arr.shards is not None or arr.ndim < 3 or tuple(arr.chunks) == tuple(arr.shape))
             for _, arr in store._arrays_of(path)
         )
     )

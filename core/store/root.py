@@ -3,6 +3,8 @@ was opened from, and the handles to its arrays read so far."""
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -11,7 +13,7 @@ import zarr
 
 from core.errors import StoreError
 from core.store.encoding import DEFAULT_ENCODING, SoftmaxEncoding, get_encoding
-from core.store.format import NUMCODECS_WARNING
+from core.store.format import NUMCODECS_WARNING, storage_grid
 
 __all__ = ["StoreRoot", "open_group"]
 
@@ -84,6 +86,25 @@ class StoreRoot:
             return [name async for name in self._root.store.list_dir(path)]
 
         return sorted(n for n in sync(listed()) if n != "zarr.json" and not n.startswith("."))
+
+    @staticmethod
+    def _storage_keys(arr: zarr.Array) -> list[str]:
+        """Every stored object of an array's data, whether or not it exists: one per shard (format ≥ 2.3: one per
+        array), else one per chunk (``"c/0/0/0"``, …)."""
+        grid = storage_grid(arr.shape, arr.chunks, arr.shards)
+        return [arr.metadata.encode_chunk_key(c) for c in itertools.product(*(range(n) for n in grid))]
+
+    def _missing_objects(self, group_path: str, arr: zarr.Array) -> list[str]:
+        """The storage keys of an array's data objects that do not exist."""
+        from zarr.core.sync import sync
+
+        keys = self._storage_keys(arr)
+        store = self._root.store
+
+        async def exist() -> list[bool]:
+            return await asyncio.gather(*(store.exists(f"{group_path}/{arr.basename}/{k}") for k in keys))
+
+        return [k for k, here in zip(keys, sync(exist()), strict=True) if not here]
 
     def _arrays_of(self, group_path: str) -> list[tuple[str, zarr.Array]]:
         """The arrays of a group, each opened on its own.

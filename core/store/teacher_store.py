@@ -47,7 +47,7 @@ from core.store.provenance import StoreProvenance
 from core.store.root import open_group
 from core.store.writing import StoreWriting
 
-__all__ = ["TeacherStore"]
+__all__ = ["TeacherStore", "unreachable_store"]
 
 
 class TeacherStore(StoreWriting, StoreProvenance, StoreConsolidation, StoreChunks):
@@ -110,13 +110,21 @@ class TeacherStore(StoreWriting, StoreProvenance, StoreConsolidation, StoreChunk
 
     @staticmethod
     def exists(path: str | Path) -> bool:
-        """True when ``path`` holds a Zarr group (TeachCache's or not)."""
+        """True when ``path`` holds a Zarr group (TeachCache's or not).
+
+        Raises:
+            StoreError: a remote location that cannot be reached (bucket, endpoint, credentials).
+        """
         try:
             open_group(str(path), mode="r", use_consolidated=False)
         except (FileNotFoundError, zarr.errors.GroupNotFoundError, zarr.errors.NodeTypeValidationError):
             return False
         except (OSError, ValueError, json.JSONDecodeError):
             return True
+        except Exception as exc:  # an object store's client errors (credentials, endpoint) come in many types
+            if _is_remote(str(path)):
+                raise unreachable_store(str(path), exc) from None
+            raise
         return True
 
     @classmethod
@@ -137,6 +145,10 @@ class TeacherStore(StoreWriting, StoreProvenance, StoreConsolidation, StoreChunk
             raise _no_store_error(location) from None
         except (zarr.errors.NodeTypeValidationError, ValueError, json.JSONDecodeError) as exc:
             raise StoreError(f"{location} is not a readable Zarr v3 group ({exc})") from None
+        except Exception as exc:  # an object store's client errors (credentials, endpoint) come in many types
+            if _is_remote(location):
+                raise unreachable_store(location, exc) from None
+            raise
         _check_format(location, group.attrs.get(ATTRS_KEY))
         return cls(group, location, chunk_size)
 
@@ -167,8 +179,44 @@ def _check_same_source(
         )
 
 
+def _is_remote(location: str) -> bool:
+    return "://" in location and not location.startswith("file://")
+
+
+def unreachable_store(location: str, exc: Exception) -> StoreError:
+    """An object store that did not answer as a store: the client's reason, and where its settings come from."""
+    reason = f"{type(exc).__name__}: {exc}".strip()
+    return StoreError(
+        f"cannot reach {location} ({reason}); check the bucket name in store.path, the endpoint (AWS_ENDPOINT_URL "
+        "for an S3-compatible service) and the credentials (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or "
+        "~/.aws/credentials; docs/configuration.md)"
+    )
+
+
+def _missing_bucket(location: str) -> StoreError | None:
+    """A remote store whose bucket does not exist (a misspelt name), or ``None``."""
+    import fsspec
+
+    try:
+        fs, root = fsspec.core.url_to_fs(location)
+        bucket = root.split("/", 1)[0]
+        if fs.exists(bucket):
+            return None
+    except Exception as exc:  # the client's errors come in many types
+        return unreachable_store(location, exc)
+    return StoreError(
+        f"{location}: the bucket '{bucket}' does not exist (or these credentials cannot see it); check its name in "
+        "store.path, or create it"
+    )
+
+
 def _no_store_error(location: str) -> StoreError:
-    """Why nothing opened at ``location``: a folder that is not a Zarr group, or nothing there at all."""
+    """Why nothing opened at ``location``: a folder that is not a Zarr group, a bucket that does not exist, or
+    nothing there at all."""
+    if _is_remote(location):
+        missing = _missing_bucket(location)
+        if missing is not None:
+            return missing
     local = (
         None
         if "://" in location and not location.startswith("file://")

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import zarr
 
-from core.store.format import NUMCODECS_WARNING, SPATIAL_DIMS, chunk_shape, compressor_for
+from core.store.format import NUMCODECS_WARNING, SPATIAL_DIMS, chunk_shape, compressor_for, shard_shape
 from core.store.integrity import StoreIntegrity
 from core.store.reading import StoreReading
 from core.terms import ATTENTION_KINDS
@@ -40,15 +40,21 @@ class StoreWriting(StoreReading, StoreIntegrity):
         fill_value: Any = None,
     ) -> None:
         """One array, chunked by :func:`~core.store.format.chunk_shape` (spatial arrays) or whole unless ``chunks``
-        says otherwise, every chunk stored, even one equal to the fill value, so a lost chunk file is detectable."""
+        says otherwise, every chunk stored, even one equal to the fill value, so a lost chunk file is detectable.
+        A spatial array of more than one chunk is one shard (its chunks in one file, with an index)."""
         if chunks is None:
             chunks = chunk_shape(data.shape, self.chunk_size) if data.ndim >= 3 else data.shape
+        # one shard per spatial array (format ≥ 2.3): one data file per array per entry, its chunks inside
+        shards = (
+            shard_shape(data.shape, chunks) if data.ndim >= 3 and tuple(chunks) != tuple(data.shape) else None
+        )
         with warnings.catch_warnings():  # zarr notes that numcodecs filters are outside the v3 spec
             warnings.filterwarnings("ignore", message=NUMCODECS_WARNING)
             group.create_array(
                 name,
                 data=data,
                 chunks=tuple(chunks),
+                shards=shards,
                 filters=list(filters),
                 compressors=compressor_for(data.dtype),
                 dimension_names=list(dims) or None,

@@ -345,6 +345,13 @@ def stats(
         t.add_row(r["teacher"], copies, str(r["cases"]), f"{r['dice']:.3f}", f"{r['entropy']:.4f}",
                   f"{r['ece']:.4f}", agreement)  # fmt: skip
     out.print(t)
+    files = result.get("files")
+    if files and files["entries"]:
+        out.print(
+            f"files: {files['files_per_entry']:.1f} per (teacher, case) entry, {files['data_files_per_array']:.2f} "
+            f"data file(s) per array, over {files['entries']} entries",
+            highlight=False,
+        )
     out.print(f"written: {folder / stem}.json, {folder / stem}.png", highlight=False)
 
 
