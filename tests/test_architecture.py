@@ -29,7 +29,7 @@ LAYERS: list[tuple[str, ...]] = [
         "core.source_code",
         "core.user_cache",
     ),  # `core` itself: its __init__ (the version)
-    ("core.terms",),
+    ("core.terms", "core.paths"),
     ("core.config",),
     ("core.models",),
     ("core.store",),
