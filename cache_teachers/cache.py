@@ -41,7 +41,7 @@ from core.experiment import entry_key, open_store_for, store_splits
 from core.inference import aligned_overlap, resolve_device
 from core.models.checkpoint import file_sha256
 from core.progress import track
-from core.store.locking import store_write_lock
+from core.store.locking import read_only_store, store_write_lock
 from core.store.provenance import entry_hash
 from core.store.sketch import relation_errors, sketch_features
 from core.store.teacher_store import TeacherStore
@@ -236,6 +236,9 @@ def _write_entry(
             entry_hash=entry_hash(job.entry_key),
         )
     except OSError as exc:
+        refused = read_only_store(exc, cfg.store.path, "cache")
+        if refused:
+            raise refused from None
         raise StoreError(
             f"cannot write teacher '{job.store_key}', case '{case_id}' to {cfg.store.path}: "
             f"{exc.strerror or exc}. Free space or fix permissions, then re-run `make cache` to resume; "

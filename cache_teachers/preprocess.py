@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import errno
 import time
 import warnings
 from dataclasses import dataclass
@@ -16,7 +15,7 @@ from core.data.splits import load_splits, make_splits, splits_difference, write_
 from core.errors import DatasetError, StoreError, TeachCacheError
 from core.experiment import splits_path
 from core.progress import track
-from core.store.locking import inside_store, store_write_lock
+from core.store.locking import read_only_store, store_write_lock
 from core.store.teacher_store import TeacherStore, unreachable_store
 
 __all__ = ["PreprocessSummary", "preprocess_dataset"]
@@ -92,12 +91,8 @@ def _preprocess_locked(
         # (an existing store keeps its complete cases: re-running resumes)
         if created and _exists(store_path):
             _remove(store_path)
-        if (
-            isinstance(exc, OSError)
-            and exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS)
-            and inside_store(exc.filename, store_path)
-        ):
-            raise  # the write lock names the read-only store
+        if isinstance(exc, OSError) and read_only_store(exc, store_path, "preprocess"):
+            raise  # the write lock names the read-only store or bucket
         if isinstance(exc, OSError):
             raise StoreError(
                 f"cannot write the store at {store_path}: {exc.strerror or exc}"

@@ -133,3 +133,30 @@ def test_a_bucket_that_cannot_be_used_is_one_message(s3, trained, tmp_path, monk
         assert result.exit_code == 2 and "Traceback" not in result.output, (command, result.output)
         assert expected in output or "cannot create a store" in output, (command, output)
     s3fs.S3FileSystem.clear_instance_cache()
+
+
+def test_a_bucket_these_credentials_may_only_read_is_one_message(s3, trained, monkeypatch):
+    """S3 answers a write without permission with AccessDenied, which s3fs raises as a PermissionError: `cache`
+    and `preprocess` say the bucket cannot be written with these credentials; reading commands still work."""
+    root, data = trained
+    location = "s3://bucket/read_only.zarr"
+    cfg, path = derived_config(root, data, "s3_read_only", **{"store.path": location})
+    _cli("preprocess", "-c", str(path), "-q")
+
+    async def denied(self, path, data, *args, **kwargs):  # what s3fs raises for S3's AccessDenied
+        raise PermissionError("Access Denied")
+
+    monkeypatch.setattr(s3fs.S3FileSystem, "_pipe_file", denied)
+    s3fs.S3FileSystem.clear_instance_cache()
+    _, new_path = derived_config(root, data, "s3_read_only_new", **{"store.path": "s3://bucket/new.zarr"})
+    for command, where in (
+        (["cache", "-c", str(path), "-q"], location),
+        (["preprocess", "-c", str(new_path), "-q"], "s3://bucket/new.zarr"),
+    ):
+        result = runner.invoke(app, command)
+        output = " ".join(result.output.split())
+        assert result.exit_code == 2 and "Traceback" not in result.output, (command, result.output)
+        assert f"{where} cannot be written with these credentials (Access Denied)" in output, output
+    assert not s3.exists("bucket/new.zarr/zarr.json"), "nothing half-written"
+    listing = runner.invoke(app, ["ls", location])
+    assert listing.exit_code == 0, listing.output

@@ -19,7 +19,7 @@ from filelock import FileLock, Timeout
 from core.errors import StoreError
 from core.user_cache import default_hash_cache
 
-__all__ = ["inside_store", "store_write_lock"]
+__all__ = ["inside_store", "read_only_store", "store_write_lock"]
 
 
 def _is_remote(location: str) -> bool:
@@ -127,15 +127,31 @@ def store_write_lock(location: str | Path, command: str) -> Iterator[None]:
         try:
             yield
         except OSError as exc:
-            if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS) and inside_store(exc.filename, location):
-                raise StoreError(
-                    f"{location} is read-only ({exc.strerror}: {exc.filename}); `teachcache {command}` writes into "
-                    "the store. Make it writable, or copy it to a writable place and point store.path there"
-                ) from None
+            refused = read_only_store(exc, location, command)
+            if refused:
+                raise refused from None
             raise
     finally:
         info.unlink(missing_ok=True)
         lock.release()
+
+
+def read_only_store(exc: OSError, location: str | Path, command: str) -> StoreError | None:
+    """The one message for a write the store refused — a read-only folder or file system (``EACCES``, ``EPERM``,
+    ``EROFS`` on a file inside it) or a bucket these credentials may read but not write (s3fs turns S3's
+    ``AccessDenied`` into a ``PermissionError``) — or ``None`` when ``exc`` is something else."""
+    if _is_remote(str(location)) and isinstance(exc, PermissionError):
+        return StoreError(
+            f"{location} cannot be written with these credentials ({exc}); `teachcache {command}` writes into the "
+            "store. Use credentials allowed to write the bucket (AWS_PROFILE, AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY"
+            " or your provider's equivalent), or point store.path at a bucket you may write"
+        )
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS) and inside_store(exc.filename, location):
+        return StoreError(
+            f"{location} is read-only ({exc.strerror}: {exc.filename}); `teachcache {command}` writes into "
+            "the store. Make it writable, or copy it to a writable place and point store.path there"
+        )
+    return None
 
 
 def inside_store(filename: str | bytes | None, location: str | Path) -> bool:

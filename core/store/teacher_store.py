@@ -43,6 +43,7 @@ from core.errors import StoreError
 from core.store.chunks import StoreChunks
 from core.store.consolidation import StoreConsolidation
 from core.store.format import ATTRS_KEY, FORMAT_NAME, FORMAT_VERSION
+from core.store.locking import read_only_store
 from core.store.provenance import StoreProvenance
 from core.store.root import open_group
 from core.store.writing import StoreWriting
@@ -95,7 +96,10 @@ class TeacherStore(StoreWriting, StoreProvenance, StoreConsolidation, StoreChunk
                 f"{location} exists but is not a TeachCache store; choose another store.path or remove it"
             ) from None
         except OSError as exc:
-            raise StoreError(f"cannot create a store at {location}: {exc.strerror or exc}") from None
+            refused = read_only_store(exc, location, "preprocess")  # a bucket we may read but not write
+            raise refused or StoreError(
+                f"cannot create a store at {location}: {exc.strerror or exc}"
+            ) from None
         group.attrs[ATTRS_KEY] = {
             "format": FORMAT_NAME,
             "format_version": FORMAT_VERSION,
