@@ -83,9 +83,10 @@ demo: setup
 	$(MAKE) --no-print-directory distil CONFIG=$(CONFIG) FOLD=0
 	$(TC) report --config $(CONFIG) --fold 0
 
-# Step time (no KD / cached / online), memory, store bytes, cache-stage overhead, paper-size loader → BENCHMARKS.md.
-# BENCH=cpu (demo sizes, under 15 min on 2 cores once fold 0's demo teachers exist) or BENCH=gpu (the paper's sizes)
-BENCH_CONFIG = $(if $(filter gpu,$(BENCH)),configs/bench-gpu.yaml,configs/demo.yaml)
+# Step time (no KD / cached / online) with loading, memory, store bytes, cache-stage overhead, what the cache saves
+# over k students, paper-size loader → BENCHMARKS.md. BENCH=cpu (demo sizes, under 15 min on 2 cores once fold 0's
+# demo teachers exist), BENCH=gpu (the paper's sizes) or BENCH=gpu-smoke (the GPU preset's path, small, on a CPU)
+BENCH_CONFIG = $(if $(filter cpu,$(BENCH)),configs/demo.yaml,configs/bench-$(BENCH).yaml)
 bench: setup
 	$(TC) synth --config $(BENCH_CONFIG)
 	$(TC) preprocess --config $(BENCH_CONFIG)

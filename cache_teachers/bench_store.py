@@ -24,7 +24,7 @@ from core.models.checkpoint import build_from_checkpoint
 from core.store.encoding import ENCODINGS, kl_per_voxel, softmax
 from core.store.format import compressor_for
 
-__all__ = ["EncodingResult", "bench_encodings", "bench_patch_read"]
+__all__ = ["STORE_PIPELINE", "EncodingResult", "bench_encodings", "bench_patch_read", "bench_softmax_codecs"]
 
 TEMPERATURES = (1.0, 2.0, 4.0)
 
@@ -177,3 +177,112 @@ def sketch_fidelity(cfg: Config) -> list[dict[str, object]]:
                     row[f"{key}_mean"], row[f"{key}_max"] = float(np.mean(values)), float(np.max(values))
             rows.append(row)
     return rows
+
+
+# --- the softmax's lossless pipeline: what else any zarr v3 reader can decode ------------------------------------
+
+
+STORE_PIPELINE = "the store's: delta(z) + blosc zstd 5 no shuffle"
+
+
+def _codec_variants() -> dict[str, dict[str, object]]:
+    """Lossless pipelines for the stored int8 margins (the KL is the encoding's, the same for all): the store's
+    own first, then Blosc's shuffles and levels, plain zstd up to level 22, and the delta filter's placement (none,
+    along z as stored, along x after a transpose)."""
+    import warnings
+
+    from zarr.codecs import BloscCodec, TransposeCodec, ZstdCodec
+
+    with warnings.catch_warnings():  # numcodecs flags its zarr3 wrappers as experimental
+        warnings.simplefilter("ignore")
+        from numcodecs.zarr3 import Delta
+
+    def delta() -> list[object]:
+        return [Delta(dtype="|i1")]
+
+    def blosc(level: int, shuffle: str = "bitshuffle", cname: str = "zstd") -> list[object]:
+        return [BloscCodec(cname=cname, clevel=level, shuffle=shuffle)]
+
+    along_x = [TransposeCodec(order=(0, 3, 2, 1))]
+    own = compressor_for(np.dtype("int8"))[0]  # what the store writes now (before its CRC-32C)
+    return {
+        STORE_PIPELINE: {"filters": delta(), "compressors": [own]},
+        "delta(z) + blosc zstd 5 bitshuffle (the store's before 2026-12-07)": {
+            "filters": delta(),
+            "compressors": blosc(5),
+        },
+        "no delta + blosc zstd 5 bitshuffle": {"filters": [], "compressors": blosc(5)},
+        "delta(z) + blosc zstd 5 byte shuffle": {"filters": delta(), "compressors": blosc(5, "shuffle")},
+        "delta(z) + blosc zstd 1 bitshuffle": {"filters": delta(), "compressors": blosc(1)},
+        "delta(z) + blosc zstd 9 bitshuffle": {"filters": delta(), "compressors": blosc(9)},
+        "delta(z) + blosc lz4hc 9 bitshuffle": {"filters": delta(), "compressors": blosc(9, cname="lz4hc")},
+        "delta(z) + zstd 5": {"filters": delta(), "compressors": [ZstdCodec(level=5)]},
+        "delta(z) + zstd 9": {"filters": delta(), "compressors": [ZstdCodec(level=9)]},
+        "delta(z) + zstd 15": {"filters": delta(), "compressors": [ZstdCodec(level=15)]},
+        "delta(z) + zstd 22": {"filters": delta(), "compressors": [ZstdCodec(level=22)]},
+        "no delta + zstd 22": {"filters": [], "compressors": [ZstdCodec(level=22)]},
+        "delta(x) + blosc zstd 5 bitshuffle": {"filters": along_x + delta(), "compressors": blosc(5)},
+        "delta(x) + zstd 22": {"filters": along_x + delta(), "compressors": [ZstdCodec(level=22)]},
+    }
+
+
+def bench_softmax_codecs(cfg: Config, fold: int = 0) -> dict[str, object]:
+    """Stored bytes per voxel of the cached softmax under each lossless pipeline of :func:`_codec_variants`.
+
+    Reads the stored (encoded) margins of fold ``fold``'s teachers on every cached case and writes them again into
+    an in-memory store with the store's chunks and one shard per array; each pipeline's round trip is checked to be
+    exact (``None``: it did not give the margins back). The encoding, and so its KL, is the store's own.
+    """
+    from zarr.codecs import Crc32cCodec
+    from zarr.storage import MemoryStore
+
+    from core.store.format import shard_shape
+
+    store = open_store_for(cfg)
+    keys = [t.store_key(fold) for t in cfg.distilled_teachers()]
+    root = zarr.open_group(store.location, mode="r", use_consolidated=False)
+    arrays = []
+    for key in keys:
+        for case in store.case_ids():
+            if store.has_entry(key, case):
+                arrays.append(np.asarray(root[f"teachers/{key}/{case}/softmax"][...]))
+    if not arrays:
+        raise RuntimeError(
+            f"no cached softmax of fold {fold}'s teachers in {store.location}: run `make cache` first"
+        )
+    voxels = sum(int(np.prod(a.shape[1:])) for a in arrays)
+    found: dict[str, float | None] = {}
+    for name, pipeline in _codec_variants().items():
+        scratch = zarr.open_group(MemoryStore(), mode="w")
+        stored = 0
+        for i, data in enumerate(arrays):
+            chunks = (
+                data.shape[0],
+                *(min(s, c) for s, c in zip(data.shape[1:], cfg.store.chunk_size, strict=True)),
+            )
+            arr = scratch.create_array(
+                str(i),
+                shape=data.shape,
+                dtype=data.dtype,
+                chunks=chunks,
+                shards=shard_shape(data.shape, chunks),
+                filters=pipeline["filters"],
+                compressors=[*pipeline["compressors"], Crc32cCodec()],  # as the store's, checksummed
+            )
+            arr[...] = data
+            if not np.array_equal(
+                arr[...], data
+            ):  # not lossless here: out of the running (the table says so)
+                stored = None
+                break
+            stored += int(arr.nbytes_stored())
+        # each array is one teacher's entry of one case: B / voxel / teacher
+        found[name] = stored / voxels if stored is not None else None
+    return {
+        "encoding": store.entry_attrs(
+            keys[0], next(c for c in store.case_ids() if store.has_entry(keys[0], c))
+        )["softmax_encoding"],
+        "entries": len(arrays),
+        "voxels_per_entry": voxels / len(arrays),
+        "bytes_per_voxel": found,
+    }

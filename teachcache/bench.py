@@ -1,20 +1,26 @@
 """``make bench``: what the cache buys, measured as ratios taken side by side in one run.
 
-One run measures, for a preset (``cpu``: the demo's sizes; ``gpu``: the paper's):
+One run measures, for a preset (``cpu``: the demo's sizes; ``gpu``: the paper's; ``gpu-smoke``: the GPU preset's
+code path at a reduced size, for the test suite):
 
 1. **Training steps** of the same student, batch and patch (median over many steps after warm-up), each
-   configuration in its own fresh process: (a) plain supervised, (b) distilled from the cache (TeachFormer's
-   terms; also the relation and MSKD recipes), (c) distilled online with the fold's teachers in memory. Each step
-   is :func:`core.training.loop.train_step`, the training loop's own; timed once with the batch already in memory
-   (compute) and once including the wait for the loader (what a run pays with the configured workers).
+   configuration in its own fresh process with PyTorch's threads fixed: (a) plain supervised, (b) distilled from
+   the cache (TeachFormer's terms; also the relation and MSKD recipes), (c) distilled online with the fold's
+   teachers in memory on the bare patch, and (c_context) online with the cache's own windows around each patch.
+   Each step is :func:`core.training.loop.train_step`, the training loop's own; timed once with the batch already
+   in memory (compute) and once including the wait for the loader, with each loader worker count of the preset
+   (cpu: 0, 1, 2). The verdicts use the step with loading, each arm at its fastest worker count.
 2. **Peak memory** of each: CUDA peak allocated on a GPU, peak RSS of the process on a CPU.
 3. **The store**: stored bytes per case voxel per teacher of every array kind, files per case, the softmax
    encoding's KL at T = 1, 2, 4, and the whole store extrapolated to a HECKTOR-sized dataset.
 4. **The cache stage**: ``cache_teachers`` into a scratch store against the same teachers' bare sliding-window
    inference over the same cases, with the writer's phases timed one by one (taps, sketches, encode + write).
-5. **The patch loader at the paper's sizes**: a store of 144³ cases with three teachers' every array (written
+5. **Amortisation**: "cache once + k students" against "k online students" for k = 1, 3, 10 — the cache stage
+   and one whole cached and one whole online-patch student run measured, k = 3 and 10 from those per-run costs,
+   the online-context run from its step time — and the break-even k.
+6. **The patch loader at the paper's sizes**: a store of 144³ cases with three teachers' every array (written
    directly, no teacher run), patches of 128³ and 96³, batch 2, 0/2/4 workers: patches per second.
-6. **Integrity**: the loader's patches per second on that store with its chunks' CRC-32C checked against a copy
+7. **Integrity**: the loader's patches per second on that store with its chunks' CRC-32C checked against a copy
    without the codec (interleaved rounds, 0 workers), and the digest check ``distil`` runs before training: its
    seconds on that store, on the demo's fold 0, and extrapolated to a HECKTOR-sized store.
 
@@ -25,6 +31,7 @@ chart ``bench/results-<preset>.png``.
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import resource
@@ -46,18 +53,20 @@ __all__ = [
     "BENCH_PARTS",
     "HECKTOR",
     "PRESETS",
+    "bench_amortise",
     "bench_cache_stage",
     "bench_integrity",
     "bench_loader",
     "bench_steps",
     "bench_store",
+    "break_even",
     "machine",
     "run_bench",
     "write_paper_store",
 ]
 
 # what one run measures, in order (``--part`` picks some; the others are carried from the last results)
-BENCH_PARTS = ("steps", "store", "cache", "loader", "integrity")
+BENCH_PARTS = ("steps", "store", "cache", "amortise", "loader", "integrity")
 
 # A HECKTOR-sized dataset, for extrapolating the store's size: 224 training cases of 144³ after cropping, 3 teachers
 HECKTOR = {"cases": 224, "shape": (144, 144, 144), "teachers": 3}
@@ -65,13 +74,20 @@ HECKTOR = {"cases": 224, "shape": (144, 144, 144), "teachers": 3}
 # the paper-size loader's sizes, the same in both presets (they differ in how many cases and batches)
 PAPER_LOADER: dict[str, Any] = {"shape": (144, 144, 144), "patches": (128, 96), "workers": (0, 2, 4)}
 
-# the presets: the experiment whose student and teachers are timed, how long, and the paper-size loader's settings
+# how many students "cache once + k students" is weighed against "k online students" for
+AMORTISE_K = (1, 3, 10)
+
+# the presets: the experiment whose student and teachers are timed, how long, the loader workers the steps are
+# timed with (PyTorch's threads fixed at ``threads``, None: the machine's cores), and the paper-size loader's settings
 PRESETS: dict[str, dict[str, Any]] = {
     "cpu": {
         "config": "configs/demo.yaml",
         "recipes": {"relation": "configs/ablations/relation.yaml", "mskd": "configs/ablations/mskd.yaml"},
         "steps": 40,
         "warmup": 8,
+        "step_workers": (0, 1, 2),
+        "context_steps": 8,  # online-context runs up to 27 windows per teacher per patch: fewer steps, same median
+        "threads": None,
         "loader": {"cases": 4, **PAPER_LOADER, "batches": 6},
     },
     "gpu": {
@@ -79,9 +95,35 @@ PRESETS: dict[str, dict[str, Any]] = {
         "recipes": {},
         "steps": 60,
         "warmup": 10,
+        "step_workers": (0, 2, 4),
+        "context_steps": 10,
+        "threads": None,
         "loader": {"cases": 6, **PAPER_LOADER, "batches": 10},
     },
+    # the GPU preset's code path on a CPU in under a minute (tests/test_bench.py): the paper's architectures at a
+    # reduced size (configs/bench-gpu-smoke.yaml), every part, a few steps; its numbers mean nothing
+    "gpu-smoke": {
+        "config": "configs/bench-gpu-smoke.yaml",
+        "recipes": {},
+        "steps": 2,
+        "warmup": 1,
+        "step_workers": (0,),  # a worker process costs seconds to start; the cpu preset times 0, 1 and 2
+        "context_steps": 1,
+        "threads": 1,
+        "isolate": False,  # every arm in one spawned process: its peak memory is not its own
+        "loader": {
+            "cases": 1,
+            "shape": (64, 64, 64),
+            "patches": (32,),
+            "workers": (0,),
+            "batches": 1,
+            "rounds": 1,
+        },
+    },
 }
+
+# presets whose teachers are randomly initialised when missing (speed does not depend on the weights)
+RANDOM_TEACHER_PRESETS = ("gpu", "gpu-smoke")
 
 
 def _rss_mb() -> float:
@@ -121,32 +163,53 @@ def machine() -> dict[str, Any]:
 
 
 def _time_steps(
-    config: str, fold: int, kd: str | None, source: str, steps: int, warmup: int
+    config: str,
+    fold: int,
+    kd: str | None,
+    source: str,
+    steps: int,
+    warmup: int,
+    workers: tuple[int, ...] | None = None,
+    threads: int | None = None,
 ) -> dict[str, Any]:
-    """In a fresh process: build the run as ``make distil`` does, then time ``warmup + steps`` training steps."""
+    """In a fresh process: build the run as ``make distil`` does, then time ``warmup + steps`` training steps with
+    each loader worker count of ``workers`` (``None``: the run's configured workers), PyTorch's threads fixed."""
     import torch
 
     from core.config import load_config
+    from core.training.run import resolve_num_workers
     from train_student.distil import student_run
 
+    torch.set_num_threads(threads or os.cpu_count() or 1)
     torch.manual_seed(0)
     cfg = load_config(config)
     rss_before = _rss_mb()
     with warnings.catch_warnings():  # the same warnings `make distil` prints; not the benchmark's business
         warnings.simplefilter("ignore")
         run = student_run(cfg, fold, kd=kd, source=source)
-    compute, total, workers = _timed_steps(run, steps, warmup)
+    counts = workers if workers is not None else (resolve_num_workers(run.cfg.num_workers, run.device),)
+    compute_by: dict[int, list[float]] = {}
+    with_loading: dict[int, float] = {}
+    for count in counts:
+        compute_by[count], total = _timed_steps(run, steps, warmup, count)
+        with_loading[count] = statistics.median(total)
+    # the step alone: with no loader worker beside it (workers share the cores with the step on a CPU)
+    compute = compute_by[min(counts)]
+    best = min(with_loading, key=with_loading.__getitem__)
     return {
         "kd": run.name.removeprefix("student "),
         "source": source,
         "config": config,
         "device": str(run.device),
-        "workers": workers,
+        "torch_threads": torch.get_num_threads(),
+        "workers": best,
         "batch_size": run.cfg.batch_size,
         "patch_size": list(run.cfg.patch_size),
         "steps": steps,
         "step_s": statistics.median(compute),
-        "step_with_loading_s": statistics.median(total),
+        "step_with_loading_s": with_loading[best],
+        "step_with_loading_by_workers_s": {str(k): v for k, v in with_loading.items()},
+        "step_by_workers_s": {str(k): statistics.median(v) for k, v in compute_by.items()},
         "step_s_iqr": [float(np.percentile(compute, 25)), float(np.percentile(compute, 75))],
         "peak_rss_mb": _rss_mb(),
         "rss_before_run_mb": rss_before,
@@ -170,27 +233,28 @@ def _epoch_loader(dataset: Any, batch_size: int, workers: int, pin_memory: bool 
     )
 
 
-def _timed_steps(run: Any, steps: int, warmup: int) -> tuple[list[float], list[float], int]:
-    """Run ``warmup + steps`` of ``run``'s training steps (:func:`train_step`, the loop's own).
+def _timed_steps(run: Any, steps: int, warmup: int, workers: int) -> tuple[list[float], list[float]]:
+    """Run ``warmup + steps`` of ``run``'s training steps (:func:`train_step`, the loop's own), its batches from a
+    loader with ``workers`` worker processes, on a fresh copy of the model and optimiser.
 
     Returns:
-        ``(compute, total, workers)``: the seconds of each step after warm-up with its batch in memory, the same
-        including the wait for the loader, and the loader's worker processes.
+        ``(compute, total)``: the seconds of each step after warm-up with its batch in memory, and the same
+        including the wait for the loader.
     """
+    import copy
+
     import torch
 
     from core.models.taps import TapRecorder
     from core.training.loop import train_step
-    from core.training.run import resolve_num_workers
     from core.training.state import Optimisation
 
     device = run.device
-    model = run.model.to(device)
+    model = copy.deepcopy(run.model).to(device)
     model.train()
     opt = Optimisation.build(model, run.loss_fn, run.cfg, device)
     recorder = TapRecorder(model, run.spec.taps) if run.capture_taps else None
     run.dataset.length = (warmup + steps) * run.cfg.batch_size
-    workers = resolve_num_workers(run.cfg.num_workers, device)
     loader = _epoch_loader(run.dataset, run.cfg.batch_size, workers, pin_memory=device.type == "cuda")
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -208,49 +272,86 @@ def _timed_steps(run: Any, steps: int, warmup: int) -> tuple[list[float], list[f
         if i >= warmup:
             compute.append(done - loaded)
             total.append(done - started)
-    return compute, total, workers
+    del batches
+    return compute, total
 
 
-def _in_fresh_process(fn: Callable[..., dict[str, Any]], *args: Any) -> dict[str, Any]:
-    """Run ``fn(*args)`` in a new spawned process, so its peak memory is its own."""
-    with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
-        return pool.submit(fn, *args).result()
+_SHARED_POOL: list[
+    ProcessPoolExecutor
+] = []  # the one spawned process of a preset that does not isolate its arms
+
+
+def _in_fresh_process(fn: Callable[..., dict[str, Any]], *args: Any, isolate: bool = True) -> dict[str, Any]:
+    """Run ``fn(*args)`` in a new spawned process, so its peak memory is its own; with ``isolate=False`` (the
+    gpu-smoke preset, whose numbers mean nothing) in one spawned process kept for the whole bench run, which saves
+    each arm the seconds of importing PyTorch."""
+    if isolate:
+        with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
+            return pool.submit(fn, *args).result()
+    if not _SHARED_POOL:
+        _SHARED_POOL.append(ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")))
+    return _SHARED_POOL[0].submit(fn, *args).result()
+
+
+def _close_shared_pool() -> None:
+    while _SHARED_POOL:
+        _SHARED_POOL.pop().shutdown()
 
 
 def bench_steps(
-    preset: dict[str, Any], fold: int = 0, progress: Callable[[str], None] = print
+    preset: dict[str, Any], fold: int = 0, progress: Callable[[str], None] = print, config: str | None = None
 ) -> dict[str, Any]:
-    """(a) no KD, (b) cached TeachFormer (and the other recipes), (c) online TeachFormer; ratios b/a and c/b."""
-    config, steps, warmup = preset["config"], preset["steps"], preset["warmup"]
+    """(a) no KD, (b) cached TeachFormer (and the other recipes), (c) online TeachFormer on the bare patch and
+    (c_context) with the cache's windows; ratios b/a and c/b, the verdicts with loading counted.
+
+    Each arm is timed with every loader worker count of the preset; "with loading" is each arm at its fastest
+    count (what a user tunes ``training.num_workers`` to), and every count is kept in the results.
+    """
+    config = config or preset["config"]
+    steps, warmup = preset["steps"], preset["warmup"]
+    context_steps = preset.get("context_steps") or steps
     plan = [
-        ("a", config, "none", "cache"),
-        ("b", config, None, "cache"),
-        ("c", config, None, "online"),
-        *((f"b_{name}", path, None, "cache") for name, path in preset["recipes"].items()),
+        ("a", config, "none", "cache", steps, warmup),
+        ("b", config, None, "cache", steps, warmup),
+        ("c", config, None, "online-patch", steps, warmup),
+        ("c_context", config, None, "online-context", context_steps, min(warmup, 2)),
+        *((f"b_{name}", path, None, "cache", steps, warmup) for name, path in preset["recipes"].items()),
     ]
+    workers = tuple(preset.get("step_workers") or (0,))
     runs: dict[str, dict[str, Any]] = {}
-    for label, path, kd, source in plan:
-        progress(f"steps ({label}): {path} kd={kd or 'configured'} source={source}")
-        runs[label] = _in_fresh_process(_time_steps, path, fold, kd, source, steps, warmup)
+    for label, path, kd, source, n, warm in plan:
+        progress(f"steps ({label}): {path} kd={kd or 'configured'} source={source}, workers {workers}")
+        runs[label] = _in_fresh_process(
+            _time_steps,
+            path,
+            fold,
+            kd,
+            source,
+            n,
+            min(warm, n),
+            workers,
+            preset.get("threads"),
+            isolate=preset.get("isolate", True),
+        )
         progress(
             f"  {runs[label]['kd']}: {runs[label]['step_s'] * 1e3:.1f} ms/step, "
-            f"{runs[label]['step_with_loading_s'] * 1e3:.1f} ms with loading"
+            f"{runs[label]['step_with_loading_s'] * 1e3:.1f} ms with loading ({runs[label]['workers']} workers)"
         )
     memory = "cuda_peak_mb" if runs["a"]["cuda_peak_mb"] is not None else "peak_rss_mb"
 
     measures = (("{}", "step_s"), ("{} with loading", "step_with_loading_s"), ("memory {}", memory))
-    pairs = [("b", "a"), ("c", "b")]
+    pairs = [("b", "a"), ("c", "b"), ("c_context", "b")]
     ratios = {
         name.format(f"{x}/{y}"): runs[x][key] / runs[y][key] for name, key in measures for x, y in pairs
     }
     ratios.update(
         {
-            f"{label}/a": runs[label]["step_s"] / runs["a"]["step_s"]
+            f"{label}/a with loading": runs[label]["step_with_loading_s"] / runs["a"]["step_with_loading_s"]
             for label in runs
             if label.startswith("b_")
         }
     )
-    return {"runs": runs, "ratios": ratios, "memory": memory}
+    return {"runs": runs, "ratios": ratios, "memory": memory, "workers": list(workers)}
 
 
 # --- 3: the store ------------------------------------------------------------------------------------------------
@@ -404,6 +505,103 @@ def _cache_phases(cfg: Any, store: Any, scratch: Path, teachers: list[Any], devi
                 write_store.write_entry(f"bench/{teacher.name}", case, *entry)
         del model
     return phases
+
+
+# --- 4b: amortisation: "cache once + k students" against "k online students" ------------------------------------
+
+
+def _whole_run(
+    config: str, fold: int, kd: str | None, source: str, runs_dir: str, threads: int | None
+) -> dict:
+    """In a fresh process: one whole student run as ``make distil`` trains it (the digest check, every epoch and
+    validation, the checkpoints), into a scratch ``runs_dir``; its wall time."""
+    import torch
+
+    from core.config import load_config
+    from train_student.distil import distil
+
+    torch.set_num_threads(threads or os.cpu_count() or 1)
+    cfg = load_config(config)
+    cfg = cfg.model_copy(update={"output": cfg.output.model_copy(update={"runs_dir": Path(runs_dir)})})
+    started = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = distil(cfg, fold, kd=kd, source=source, progress=False)
+    return {
+        "kd": result.name.removeprefix("student "),
+        "source": source,
+        "seconds": time.perf_counter() - started,
+        "steps": cfg.training.epochs * cfg.training.iterations_per_epoch,
+        "epochs": cfg.training.epochs,
+    }
+
+
+def break_even(cache_s: float, cached_run_s: float, online_run_s: float) -> int | None:
+    """The least number of students k with ``cache_s + k · cached_run_s ≤ k · online_run_s`` (None: never, an
+    online run being no dearer than a cached one)."""
+    saved = online_run_s - cached_run_s
+    if saved <= 0:
+        return None
+    return max(1, math.ceil(cache_s / saved - 1e-9))
+
+
+def bench_amortise(
+    preset: dict[str, Any],
+    results: dict[str, Any],
+    fold: int = 0,
+    progress: Callable[[str], None] = print,
+    config: str | None = None,
+) -> dict[str, Any]:
+    """Wall time of "cache once + k students" against "k online students", k = 1, 3, 10, and the break-even k.
+
+    k = 1 is measured: the cache stage (this run's ``cache`` part, every case with fold ``fold``'s teachers) and
+    one whole cached and one whole online-patch student run, each in its own process. k = 3 and 10 follow from those
+    per-run costs (k students of one fold — seeds, recipes — share one cache). The online-context run is not run
+    whole (it is the dearest by design): its cost is the cached run's plus, per step, the difference of their
+    with-loading step times from the ``steps`` part.
+    """
+    config = config or preset["config"]
+    cache = results.get("cache")
+    steps = results.get("steps")
+    if not cache or not steps:
+        raise RuntimeError("the amortisation needs the cache and steps parts (this run's or carried ones)")
+    threads = preset.get("threads")
+    whole: dict[str, dict[str, Any]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for label, source in (("cached", "cache"), ("online-patch", "online-patch")):
+            progress(f"amortisation: one whole {label} student run (fold {fold})")
+            whole[label] = _in_fresh_process(
+                _whole_run, config, fold, None, source, tmp, threads, isolate=preset.get("isolate", True)
+            )
+            progress(f"  {whole[label]['seconds']:.1f} s")
+    per_step = {
+        k: steps["runs"][k]["step_with_loading_s"] for k in ("b", "c", "c_context") if k in steps["runs"]
+    }
+    cached_s = whole["cached"]["seconds"]
+    runs = {"cached": cached_s, "online-patch": whole["online-patch"]["seconds"]}
+    if "c_context" in per_step:
+        runs["online-context"] = cached_s + whole["cached"]["steps"] * (per_step["c_context"] - per_step["b"])
+    cache_s = cache["cache_s"]
+    table = {
+        str(k): {
+            "cache_then_students_s": cache_s + k * cached_s,
+            **{f"{mode}_s": k * runs[mode] for mode in runs if mode != "cached"},
+        }
+        for k in AMORTISE_K
+    }
+    return {
+        "fold": fold,
+        "cache_s": cache_s,
+        "cache_cases": cache["cases"],
+        "cache_teachers": cache["teachers"],
+        "run_s": runs,
+        "measured": {k: v for k, v in whole.items()},
+        "extrapolated": ["online-context"] if "online-context" in runs else [],
+        "table": table,
+        "break_even_k": {
+            mode: break_even(cache_s, cached_s, runs[mode]) for mode in runs if mode != "cached"
+        },
+    }
 
 
 # --- 5: the patch loader at the paper's sizes --------------------------------------------------------------------
@@ -686,7 +884,7 @@ def bench_integrity(
         shutil.copytree(checked, plain)
         _strip_checksums(plain)
         rates: dict[str, list[float]] = {"crc32c": [], "none": []}
-        for _ in range(settings.get("rounds", 3)):  # interleaved, so drift in the machine hits both alike
+        for _ in range(settings.get("rounds", 7)):  # interleaved, so drift in the machine hits both alike
             for name, path in (("crc32c", checked), ("none", plain)):
                 rates[name].append(_loader_rate(str(path), cases, patch, 0, settings["batches"], 2))
         with_crc, without = statistics.median(rates["crc32c"]), statistics.median(rates["none"])
@@ -707,7 +905,9 @@ def bench_integrity(
         "shape": list(settings["shape"]),
         "patches_per_s": {"crc32c": with_crc, "none": without},
         "rounds": rates,
-        "crc_cost": 1.0 - with_crc / without,
+        # paired by round (each pair read back to back), so the machine's drift between rounds cancels
+        "crc_cost": 1.0
+        - statistics.median(c / n for c, n in zip(rates["crc32c"], rates["none"], strict=True)),
         "check": {
             "groups": len(groups),
             "bytes": nbytes,
@@ -727,33 +927,55 @@ def run_bench(
     out_dir: Path = Path("bench"),
     parts: list[str] | None = None,
     progress: Callable[[str], None] = print,
+    config: str | None = None,
+    benchmarks: Path | None = Path("BENCHMARKS.md"),
 ) -> dict[str, Any]:
-    """Measure every part of ``preset_name`` and write ``results-<preset>.json``, ``.md`` and ``.png`` to ``out_dir``."""
+    """Measure every part of ``preset_name`` and write ``results-<preset>.json``, ``.md`` and ``.png`` to ``out_dir``
+    and the preset's block of ``benchmarks`` (None: no BENCHMARKS.md); ``config`` replaces the preset's experiment."""
+    try:
+        return _run_bench(preset_name, out_dir, parts, progress, config, benchmarks)
+    finally:
+        _close_shared_pool()
+
+
+def _run_bench(
+    preset_name: str,
+    out_dir: Path,
+    parts: list[str] | None,
+    progress: Callable[[str], None],
+    config: str | None,
+    benchmarks: Path | None,
+) -> dict[str, Any]:
     preset = PRESETS[preset_name]
+    config = config or preset["config"]
     parts = parts or list(BENCH_PARTS)
     started = time.perf_counter()
-    results: dict[str, Any] = {"preset": preset_name, "machine": machine(), "config": preset["config"]}
+    results: dict[str, Any] = {"preset": preset_name, "machine": machine(), "config": config}
     if "steps" in parts:
-        results["steps"] = bench_steps(preset, progress=progress)
+        results["steps"] = bench_steps(preset, progress=progress, config=config)
     if "store" in parts:
         progress("store: bytes per voxel, files, encoding KL")
-        results["store"] = bench_store(preset["config"])
+        results["store"] = bench_store(config)
     if "cache" in parts:
         progress("cache stage: cache against bare inference, every case")
-        results["cache"] = bench_cache_stage(preset["config"])
+        results["cache"] = bench_cache_stage(config)
     if "loader" in parts:
         results["loader"] = bench_loader(preset["loader"], progress=progress)
     if "integrity" in parts:
         progress("integrity: CRC-32C on the loader's reads, the digest check before training")
-        results["integrity"] = bench_integrity(preset["loader"], preset["config"], progress=progress)
+        results["integrity"] = bench_integrity(preset["loader"], config, progress=progress)
     _carry_over(results, out_dir / f"results-{preset_name}.json", parts)
+    if (
+        "amortise" in parts
+    ):  # after the carry-over: it weighs this run's (or the carried) cache and step parts
+        results["amortise"] = bench_amortise(preset, results, progress=progress, config=config)
     previous_gpu = out_dir / "results-gpu.json"
     if "loader" in results:
         results["loader"]["student_consumption"] = _consumption(results, previous_gpu)
     results["seconds"] = time.perf_counter() - started
     from teachcache.bench_report import write_results
 
-    write_results(results, out_dir)
+    write_results(results, out_dir, benchmarks)
     return results
 
 

@@ -148,3 +148,67 @@ def test_results_replace_only_their_preset_block(tmp_path):
 def test_bad_bench_arguments_are_one_message(args, needle):
     result = runner.invoke(app, ["bench", *args])
     assert result.exit_code == 2 and needle in result.output and "Traceback" not in result.output
+
+
+def test_break_even_is_the_fewest_students_for_which_caching_is_cheaper():
+    from teachcache.bench import break_even
+
+    # cache 100 s; a cached run 10 s, an online run 60 s: 50 s saved per student, so 2 students pay for the cache
+    assert break_even(100.0, 10.0, 60.0) == 2
+    assert 100 + 2 * 10 <= 2 * 60 and 100 + 1 * 10 > 1 * 60
+    assert break_even(30.0, 40.0, 120.0) == 1, "a cache cheaper than one run's saving pays at once"
+    assert break_even(100.0, 60.0, 60.0) is None, "an online run no dearer than a cached one never pays back"
+
+
+def test_the_gpu_preset_runs_end_to_end_as_a_smoke_test(tmp_path):
+    """`make bench BENCH=gpu-smoke`: the GPU preset's code path — the paper's architectures (small), randomly
+    initialised teachers, AMP asked for, every part including the online-context steps and the amortisation — on
+    this CPU, through the CLI, writing its results and its BENCHMARKS block."""
+    from pathlib import Path
+
+    import yaml
+
+    repo = Path(__file__).resolve().parent.parent
+    data = yaml.safe_load((repo / "configs" / "bench-gpu-smoke.yaml").read_text())
+    data["dataset"]["raw_dir"] = str(tmp_path / "raw")
+    data["store"]["path"] = str(tmp_path / "store.zarr")
+    data["output"]["runs_dir"] = str(tmp_path / "runs")
+    for t in data["teachers"]:
+        t["checkpoint"] = str(tmp_path / "teachers" / t["name"] / "teacher.pth")
+    config = tmp_path / "smoke.yaml"
+    config.write_text(yaml.safe_dump(data, sort_keys=False))
+    for command in (["synth"], ["preprocess"]):
+        result = runner.invoke(app, [*command, "-c", str(config), "-q"])
+        assert result.exit_code == 0, result.output
+    benchmarks = tmp_path / "BENCHMARKS.md"
+    result = runner.invoke(
+        app,
+        [
+            "bench",
+            "--preset",
+            "gpu-smoke",
+            "-c",
+            str(config),
+            "--out",
+            str(tmp_path / "bench"),
+            "--benchmarks",
+            str(benchmarks),
+            "-q",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    found = json.loads((tmp_path / "bench" / "results-gpu-smoke.json").read_text())
+    assert set(found) >= {"steps", "store", "cache", "amortise", "loader", "integrity"}
+    runs = found["steps"]["runs"]
+    assert set(runs) == {"a", "b", "c", "c_context"}
+    assert (
+        runs["c_context"]["kd"] == "kd-teachformer-online-context" and runs["c"]["source"] == "online-patch"
+    )
+    assert all(set(r["step_with_loading_by_workers_s"]) == {"0"} for r in runs.values())
+    assert all(r["torch_threads"] == 1 for r in runs.values())
+    assert "c/b with loading" in found["steps"]["ratios"]
+    amortise = found["amortise"]
+    assert set(amortise["table"]) == {"1", "3", "10"} and amortise["extrapolated"] == ["online-context"]
+    assert amortise["measured"]["cached"]["kd"] == "kd-teachformer"
+    text = benchmarks.read_text()
+    assert "<!-- bench:gpu-smoke -->" in text and "Break-even k" in text and "with loading, 0 workers" in text

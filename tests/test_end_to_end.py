@@ -206,6 +206,13 @@ def test_bench_store_measures_every_encoding(cached):
         assert r["bytes_per_voxel"] > 0 and r["write_mb_s"] > 0 and set(r["kl"]) == {"T=1", "T=2", "T=4"}
     assert report["patch_read"]["mean_s"] > 0 and report["patch_read"]["teachers"] == 3
     assert report["store_bytes_per_voxel"]["teacher softmax"] > 0
+    codecs = report["softmax_codecs"]["bytes_per_voxel"]
+    from cache_teachers.bench_store import STORE_PIPELINE
+
+    store_own = codecs[STORE_PIPELINE]
+    # the store's own pipeline, rewritten, costs what the store's softmax costs (same chunks, shards and codecs)
+    assert store_own == pytest.approx(report["store_bytes_per_voxel"]["teacher softmax"], rel=0.05)
+    assert codecs["delta(z) + zstd 22"] > 0
 
 
 def test_three_modality_mri_through_both_stages(tmp_path):

@@ -140,7 +140,7 @@ def test_a_bucket_these_credentials_may_only_read_is_one_message(s3, trained, mo
     and `preprocess` say the bucket cannot be written with these credentials; reading commands still work."""
     root, data = trained
     location = "s3://bucket/read_only.zarr"
-    cfg, path = derived_config(root, data, "s3_read_only", **{"store.path": location})
+    _, path = derived_config(root, data, "s3_read_only", **{"store.path": location})
     _cli("preprocess", "-c", str(path), "-q")
 
     async def denied(self, path, data, *args, **kwargs):  # what s3fs raises for S3's AccessDenied
