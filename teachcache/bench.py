@@ -126,6 +126,11 @@ PRESETS: dict[str, dict[str, Any]] = {
 RANDOM_TEACHER_PRESETS = ("gpu", "gpu-smoke")
 
 
+def _cores() -> int:
+    """The cores this process may run on (affinity and cpusets, not the machine's count)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def _rss_mb() -> float:
     """Peak resident set size of this process so far, MB (Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -180,7 +185,7 @@ def _time_steps(
     from core.training.run import resolve_num_workers
     from train_student.distil import student_run
 
-    torch.set_num_threads(threads or os.cpu_count() or 1)
+    torch.set_num_threads(threads or _cores())
     torch.manual_seed(0)
     cfg = load_config(config)
     rss_before = _rss_mb()
@@ -342,7 +347,11 @@ def bench_steps(
     measures = (("{}", "step_s"), ("{} with loading", "step_with_loading_s"), ("memory {}", memory))
     pairs = [("b", "a"), ("c", "b"), ("c_context", "b")]
     ratios = {
-        name.format(f"{x}/{y}"): runs[x][key] / runs[y][key] for name, key in measures for x, y in pairs
+        name.format(f"{x}/{y}"): runs[x][key] / runs[y][key]
+        for name, key in measures
+        for x, y in pairs
+        # online-context's teachers run in the loader: its step "in memory" leaves them out, only loading counts
+        if not (x == "c_context" and key == "step_s")
     }
     ratios.update(
         {
@@ -518,11 +527,14 @@ def _whole_run(
     import torch
 
     from core.config import load_config
+    from core.inference import resolve_device
+    from core.training.run import resolve_num_workers
     from train_student.distil import distil
 
-    torch.set_num_threads(threads or os.cpu_count() or 1)
+    torch.set_num_threads(threads or _cores())
     cfg = load_config(config)
     cfg = cfg.model_copy(update={"output": cfg.output.model_copy(update={"runs_dir": Path(runs_dir)})})
+    workers = resolve_num_workers(cfg.training.num_workers, resolve_device(cfg.training.device))
     started = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -533,6 +545,7 @@ def _whole_run(
         "seconds": time.perf_counter() - started,
         "steps": cfg.training.epochs * cfg.training.iterations_per_epoch,
         "epochs": cfg.training.epochs,
+        "workers": workers,
     }
 
 
@@ -560,11 +573,16 @@ def bench_amortise(
     whole (it is the dearest by design): its cost is the cached run's plus, per step, the difference of their
     with-loading step times from the ``steps`` part.
     """
+    from core.errors import ConfigError
+
     config = config or preset["config"]
     cache = results.get("cache")
     steps = results.get("steps")
     if not cache or not steps:
-        raise RuntimeError("the amortisation needs the cache and steps parts (this run's or carried ones)")
+        raise ConfigError(
+            "the amortisation weighs the cache and steps parts of the same run: run `teachcache bench` with "
+            "--part steps --part cache --part amortise (or all parts) for this preset and experiment"
+        )
     threads = preset.get("threads")
     whole: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -574,12 +592,25 @@ def bench_amortise(
                 _whole_run, config, fold, None, source, tmp, threads, isolate=preset.get("isolate", True)
             )
             progress(f"  {whole[label]['seconds']:.1f} s")
+    return amortisation(cache, steps, whole, fold)
+
+
+def amortisation(
+    cache: dict[str, Any], steps: dict[str, Any], whole: dict[str, dict[str, Any]], fold: int = 0
+) -> dict[str, Any]:
+    """The amortisation table from measured parts: the cache stage, the steps part, and the whole ``cached`` and
+    ``online-patch`` runs (:func:`_whole_run`'s results). The online-context run is the cached run plus, per step,
+    the difference of the two arms' with-loading steps at the worker count the whole runs trained with."""
+    # the context arm's steps at the worker count the whole runs trained with (the config's), not its fastest
+    workers = str(whole["cached"]["workers"])
     per_step = {
-        k: steps["runs"][k]["step_with_loading_s"] for k in ("b", "c", "c_context") if k in steps["runs"]
+        k: (steps["runs"][k].get("step_with_loading_by_workers_s") or {}).get(workers)
+        for k in ("b", "c_context")
+        if k in steps["runs"]
     }
     cached_s = whole["cached"]["seconds"]
     runs = {"cached": cached_s, "online-patch": whole["online-patch"]["seconds"]}
-    if "c_context" in per_step:
+    if per_step.get("c_context") is not None and per_step.get("b") is not None:
         runs["online-context"] = cached_s + whole["cached"]["steps"] * (per_step["c_context"] - per_step["b"])
     cache_s = cache["cache_s"]
     table = {
@@ -597,6 +628,7 @@ def bench_amortise(
         "run_s": runs,
         "measured": {k: v for k, v in whole.items()},
         "extrapolated": ["online-context"] if "online-context" in runs else [],
+        "extrapolated_at_workers": int(workers),
         "table": table,
         "break_even_k": {
             mode: break_even(cache_s, cached_s, runs[mode]) for mode in runs if mode != "cached"
@@ -980,12 +1012,20 @@ def _run_bench(
 
 
 def _carry_over(results: dict[str, Any], previous: Path, parts: list[str]) -> None:
-    """A run of some parts keeps the other parts of the preset's last results, with the date they were measured."""
+    """A run of some parts keeps the other parts of the preset's last results, with the date they were measured —
+    only when those were measured on the same experiment and CPU; a kept amortisation is dropped when the steps or
+    the cache stage it weighed are measured again."""
     if set(parts) == set(BENCH_PARTS) or not previous.exists():
         return
     old = json.loads(previous.read_text())
+    if (
+        old.get("config") != results["config"]
+        or old.get("machine", {}).get("cpu") != results["machine"]["cpu"]
+    ):
+        return
+    stale = {"amortise"} if {"steps", "cache"} & set(parts) else set()
     for part in BENCH_PARTS:
-        if part not in parts and old.get(part):
+        if part not in parts and part not in stale and old.get(part):
             results[part] = old[part]
             results.setdefault("carried", {})[part] = (old.get("carried") or {}).get(part) or old.get(
                 "date", "?"

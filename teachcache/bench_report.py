@@ -68,7 +68,8 @@ def _header(results: dict[str, Any]) -> list[str]:
             + "."
             if results.get("carried")
             else ""
-        ),
+        )
+        + (f" Re-derived: {results['recomputed']}." if results.get("recomputed") else ""),
         "",
     ]
 
@@ -125,7 +126,8 @@ def _amortise_section(found: dict[str, Any], preset: str) -> list[str]:
             + (
                 " (measured)"
                 if mode in measured
-                else " (extrapolated: the cached run plus its step difference)"
+                else " (extrapolated: the cached run plus its step difference at "
+                f"{found.get('extrapolated_at_workers', '?')} loader workers, the runs' own)"
             )
             for mode, secs in found["run_s"].items()
         )

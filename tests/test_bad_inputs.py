@@ -511,3 +511,17 @@ def test_stats_into_a_read_only_folder_is_refused_before_the_work(cached, tmp_pa
     folder.mkdir(mode=0o555)
     result = runner.invoke(app, ["stats", str(cached.store), "-o", str(folder / "stats"), "-q"])
     assert result.exit_code == 2 and "choose another folder with -o" in " ".join(result.output.split())
+
+
+def test_only_a_refusal_by_the_bucket_itself_is_called_a_read_only_bucket():
+    """s3fs raises S3's AccessDenied as a PermissionError naming no file: that is the bucket. A PermissionError on a
+    local file during a run on a remote store (the splits file, a raw image) is not, and keeps its own message."""
+    from core.errors import StoreError
+    from core.store.locking import read_only_store
+
+    bucket = read_only_store(PermissionError("Access Denied"), "s3://bucket/store.zarr", "cache")
+    assert isinstance(bucket, StoreError) and "cannot be written with these credentials" in str(bucket)
+    local = PermissionError(13, "Permission denied", "/data/raw/labelsTr/case_000.nii.gz")
+    assert read_only_store(local, "s3://bucket/store.zarr", "cache") is None
+    inside = PermissionError(13, "Permission denied", "s3://bucket/store.zarr/teachers/zarr.json")
+    assert isinstance(read_only_store(inside, "s3://bucket/store.zarr", "cache"), StoreError)

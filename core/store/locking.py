@@ -140,7 +140,12 @@ def read_only_store(exc: OSError, location: str | Path, command: str) -> StoreEr
     """The one message for a write the store refused — a read-only folder or file system (``EACCES``, ``EPERM``,
     ``EROFS`` on a file inside it) or a bucket these credentials may read but not write (s3fs turns S3's
     ``AccessDenied`` into a ``PermissionError``) — or ``None`` when ``exc`` is something else."""
-    if _is_remote(str(location)) and isinstance(exc, PermissionError):
+    # s3fs names no file; a local PermissionError (the splits file, a raw image, the lock folder) is not the bucket's
+    if (
+        _is_remote(str(location))
+        and isinstance(exc, PermissionError)
+        and (exc.filename is None or inside_store(exc.filename, location))
+    ):
         return StoreError(
             f"{location} cannot be written with these credentials ({exc}); `teachcache {command}` writes into the "
             "store. Use credentials allowed to write the bucket (AWS_PROFILE, AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY"

@@ -3,7 +3,8 @@
 Each case and complete entry whose chunks carry no CRC-32C (format < 2.2), that records no digests, or whose
 spatial arrays are not sharded (format < 2.3) is read whole (every chunk
 must be present and decode: a damaged group is left alone and named), written back with the same values, chunks,
-filters, fill value and attributes, the CRC-32C codec and one shard per array, and its digests recorded. The values are unchanged (the
+filters, fill value and attributes, today's compressor (:func:`core.store.format.compressor_for`: no shuffle for
+1-byte types since 2026-12-07), the CRC-32C codec and one shard per array, and its digests recorded. The values are unchanged (the
 stored integers and floats are rewritten as they are), so entry keys, hashes and every student trained from the
 store stay valid.
 

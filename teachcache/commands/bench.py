@@ -43,7 +43,7 @@ def bench(
             "--preset",
             "-p",
             help="cpu: the demo's sizes; gpu: the paper's (a machine with a GPU); gpu-smoke: the GPU preset's code "
-            "path at a reduced size, on any machine, in about a minute (its numbers mean nothing).",
+            "path at a reduced size, on any machine, in under a minute (its numbers mean nothing).",
         ),
     ] = "cpu",
     part: Annotated[
