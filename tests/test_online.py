@@ -96,3 +96,26 @@ def test_terms_on_cached_sketches_are_refused_online(trained):
     result = runner.invoke(app, ["distil", "-c", str(path), "--fold", "0", "--source", "online", "-q"])
     assert result.exit_code == 2, result.output
     assert "affinity read the store's feature sketches" in " ".join(result.output.split())
+
+
+@pytest.mark.parametrize("magnitude", [1.0, 1e-20, 1e-37])
+def test_online_maps_are_scaled_as_the_store_scales_them_however_small(magnitude):
+    """A deep tap's attention map can be ~1e-37 (the demo's DynUNet and SwinUNETR bottlenecks at p = 2): online and
+    context targets must scale it to unit RMS as the store's writer does, not flush it to zero (they did, through a
+    float32 norm with a 1e-12 floor: the coarse AFS term of two of three demo teachers trained on zeros)."""
+    import numpy as np
+
+    from core.store.writing import _unit_rms
+    from core.teachers.online import unit_rms
+
+    rng = np.random.default_rng(0)
+    base = rng.random((2, 4, 4, 4)).astype(np.float32) + 0.1
+    maps = torch.from_numpy(base * np.float32(magnitude))
+    assert maps.abs().min() > 0, "the map is representable in float32"
+    online = unit_rms(maps[:, None])[:, 0]
+    for i in range(2):
+        np.testing.assert_allclose(online[i].numpy(), _unit_rms(maps[i].numpy()), rtol=1e-5)
+        assert float(online[i].pow(2).mean().sqrt()) == pytest.approx(1.0, rel=1e-5)
+    assert torch.equal(unit_rms(torch.zeros(1, 1, 2, 2, 2)), torch.zeros(1, 1, 2, 2, 2)), (
+        "an all-zero map stays zero"
+    )

@@ -26,10 +26,16 @@ __all__ = ["OnlineTargets", "unit_rms"]
 
 
 def unit_rms(amap: torch.Tensor) -> torch.Tensor:
-    """Each sample's map scaled to unit root-mean-square, as the store keeps maps (the losses normalise anyway)."""
-    flat = amap.flatten(1)
-    norm = flat.norm(dim=1).clamp_min(1e-12) / flat.shape[1] ** 0.5
-    return amap / norm.view(-1, *([1] * (amap.dim() - 1)))
+    """Each sample's map scaled to unit root-mean-square, as the store keeps maps (the losses normalise anyway).
+
+    Computed in float64, as the store's writer does (:func:`core.store.writing._unit_rms`): a deep tap's attention
+    map can be as small as 1e-37 (the demo's DynUNet and SwinUNETR bottlenecks at p = 2), whose squares vanish in
+    float32 — a floor on the norm then returned zeros where the cache holds the map (an all-zero map is left zero).
+    """
+    flat = amap.flatten(1).double()
+    norm = flat.norm(dim=1)
+    scale = torch.where(norm > 0, flat.shape[1] ** 0.5 / norm, torch.ones_like(norm))
+    return (flat * scale[:, None]).view(amap.shape).to(amap.dtype)
 
 
 class OnlineTargets:
