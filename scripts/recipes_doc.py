@@ -79,7 +79,10 @@ def choose(reports: dict[str, dict[str, Any]]) -> tuple[str | None, str]:
     if not scored:
         return None, "no recipe was run on every dataset without a harm flag"
     worst, mean, recipe = max(scored)
-    return recipe, f"worst dataset {_points(worst)} points, mean over datasets {_points(mean)} points"
+    why = f"worst dataset {_points(worst)} points, mean over datasets {_points(mean)} points"
+    if worst < 0:  # the rule still names the recipe that hurts least; it must not read as one that helps
+        why += "; no recipe helps on every dataset: this one hurts least where it hurts"
+    return recipe, why
 
 
 def table(

@@ -33,10 +33,28 @@ def _trains_teacher(cfg: Config, name: str, fold: int) -> bool:
 
 
 def _same_recipe(a: Config, b: Config) -> bool:
-    """Two configs distil with the same recipe (the same kind, or every other distillation key equal): the config's
-    own recipe is not trained twice under another name."""
+    """Two configs distil with the same recipe (every distillation key but ``kind`` equal): the config's own recipe
+    is not trained twice under another name."""
     da, db = a.distillation, b.distillation
-    return da.kind == db.kind or da.model_dump(exclude={"kind"}) == db.model_dump(exclude={"kind"})
+    return da.model_dump(exclude={"kind"}) == db.model_dump(exclude={"kind"})
+
+
+def _check_recipe_kinds(cfg: Config, recipes: list[Config]) -> None:
+    """Refuse two different recipes under one ``kind``: their runs would share the folder ``kd-<kind>``, and the
+    second would be skipped as already finished or mixed into the first's row.
+
+    Raises:
+        ConfigError: naming the kind and the recipes' files (or the config) that use it.
+    """
+    seen: dict[str, Config] = {cfg.distillation.kind: cfg}
+    for recipe in recipes:
+        kind = recipe.distillation.kind
+        if kind in seen and not _same_recipe(seen[kind], recipe):
+            raise ConfigError(
+                f"two different recipes are both distillation.kind '{kind}' (the experiment's own and a recipe "
+                "file, or two recipe files): runs are kept per kind in kd-<kind>/, so give each recipe its own kind"
+            )
+        seen.setdefault(kind, recipe)
 
 
 def screening_config(cfg: Config) -> Config:
@@ -94,6 +112,7 @@ def run_cv(
         raise ConfigError(
             f"fold(s) {', '.join(map(str, bad))} do not exist: the store's splits have folds 0–{num_folds - 1}"
         )
+    _check_recipe_kinds(cfg, recipes or [])
     summary = CvSummary(folds=folds)
     for fold in folds:
         done = summary.runs.setdefault(fold, [])

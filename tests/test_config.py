@@ -186,3 +186,11 @@ def test_every_ablation_states_its_whole_recipe_and_the_paper_recipe_is_frozen()
         ("pwd", 1.0, "uniform", None, {}),
         ("afs", 1.0, "uniform", None, {}),
     ]
+    # `args: {}` takes the terms' defaults: pinned here, so a change of a default is a change of the paper's recipe
+    from core.losses.distillation import build_objective
+    from core.losses.weighting import VoxelWeighting
+
+    objective = build_objective(paper)
+    built = dict(zip(objective.names, objective.terms, strict=True))
+    assert built["pwd"].spatial == VoxelWeighting(balance="voxel", regions="label", error_weight=None)
+    assert built["pwd"].spatial.plain

@@ -34,4 +34,5 @@ def test_two_gloo_processes_train_identical_replicas_and_one_run_folder(trained)
     summary = json.loads((run / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["replicas_identical"] is True
     assert summary["epochs_run"] == 2 and (run / "checkpoint_final.pth").is_file()
+    assert "torchrun" in summary["kd_health"]["not_measured"], "a run without the health check says so"
     assert not list(run.parent.glob(".fold_0.*")), "one run folder, published once"

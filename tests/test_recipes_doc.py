@@ -51,6 +51,10 @@ def test_the_rule_takes_the_best_worst_dataset_among_recipes_that_never_harm():
         "b": _report({"paper": -0.03, "cb": 0.01, "dkd": 0.03}, harm="kd-dkd"),
     }
     assert recipes_doc.choose(reports)[0] == "cb", "dkd harms a class; the paper's worst dataset is −3"
+    assert "hurts least" not in recipes_doc.choose(reports)[1]
+    worse = {"a": _report({"paper": 0.05, "cb": -0.01}), "b": _report({"paper": -0.03, "cb": 0.01})}
+    chosen, why = recipes_doc.choose(worse)
+    assert chosen == "cb" and "worst dataset -1.0 points" in why and "no recipe helps on every dataset" in why
     lines = recipes_doc.table({**reports, "c": None})
     text = "\n".join(lines)
     assert "| `cb` | +2.0 [+0.0, +4.0] (5) | +1.0 [-1.0, +3.0] (5) | not run |" in text

@@ -169,3 +169,33 @@ def test_a_screening_trains_missing_teachers_in_the_experiments_own_runs_folder(
     )
     assert not (runs / "screening" / "teachers").exists(), "a screening leaves teacher runs to the experiment"
     assert (runs / "screening" / "students" / "kd-none" / "fold_0" / "holdout_per_case.csv").is_file()
+
+
+def test_a_recipe_file_of_the_experiments_own_kind_with_other_terms_is_refused(screened, tmp_path):
+    cfg, path, _ = screened
+    impostor = tmp_path / "impostor.yaml"
+    recipe = yaml.safe_load((ROOT / "configs" / "recipes" / "cb-pwd.yaml").read_text())
+    recipe["distillation"]["kind"] = cfg.distillation.kind  # cb-pwd's terms under the experiment's own kind
+    impostor.write_text(yaml.safe_dump(recipe))
+    result = runner.invoke(
+        app, ["cv", "-c", str(path), "--screen", "--fold", "0", "--recipe", str(impostor), "-q"]
+    )
+    assert result.exit_code == 2, result.output
+    assert "impostor.yaml" in result.output and f"'{cfg.distillation.kind}'" in result.output
+
+
+def test_a_screening_report_ignores_an_endpoint_only_the_cross_validation_trains(screened, tmp_path):
+    """The experiment may declare its primary endpoint on the online-context twin (`make cv ONLINE=1`); the screening
+    has no such run and compares its recipes with no-KD on held-out cases all the same."""
+    cfg, path, _ = screened
+    data = yaml.safe_load(Path(path).read_text())
+    data.setdefault("evaluation", {})["primary_endpoint"] = {"arm": "teachformer-online-context"}
+    declared = tmp_path / "declared.yaml"
+    declared.write_text(yaml.safe_dump(data))
+    screening = cfg.output.runs_dir / "screening" / "screening.json"
+    screening.unlink()
+    result = runner.invoke(app, ["report", "-c", str(declared), "--screen"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(screening.read_text())
+    primary = report["fold_level"]["primary"]
+    assert (primary["run"], primary["against"]) == ("student kd-teachformer", "student kd-none")

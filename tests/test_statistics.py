@@ -77,6 +77,50 @@ def test_the_hierarchical_bootstrap_is_reproducible_with_its_seed_and_contains_t
     assert 0 < hi - lo < 0.1
 
 
+def _loop_bootstrap(cases: list[np.ndarray], resamples: int, rng: np.random.Generator) -> tuple[float, float]:
+    """The hierarchical bootstrap written plainly in float64: draw n folds with replacement; within each drawn fold,
+    draw its cases with replacement; the resample's statistic is the mean over drawn folds of their case means."""
+    means = []
+    for _ in range(resamples):
+        folds = [cases[rng.integers(len(cases))] for _ in range(len(cases))]
+        means.append(np.mean([f[rng.integers(len(f), size=len(f))].mean() for f in folds]))
+    lo, hi = np.quantile(means, [0.025, 0.975])
+    return float(lo), float(hi)
+
+
+def test_the_hierarchical_bootstrap_agrees_with_a_plain_loop_and_widens_with_the_spread_within_folds():
+    a, b = _arms([0.03, -0.01, 0.02, 0.00, 0.04], cases=5, noise=0.03, rng_seed=4)
+    c = compare_folds(a, b, resamples=20_000, seed=1)
+    keys = sorted(a)
+    cases = [np.array([a[k][x] - b[k][x] for x in sorted(a[k])]) for k in keys]
+    lo, hi = _loop_bootstrap(cases, 20_000, np.random.default_rng(2))
+    width = hi - lo
+    assert c.bootstrap_interval[0] == pytest.approx(lo, abs=0.05 * width)
+    assert c.bootstrap_interval[1] == pytest.approx(hi, abs=0.05 * width)
+    # the same fold means, the cases spread around them 5× further: the folds' t-interval cannot tell, the
+    # bootstrap's second level must
+    spread = {
+        k: {x: b[k][x] + 5 * (a[k][x] - b[k][x]) - 4 * np.mean(cases[i]) for x in a[k]}
+        for i, k in enumerate(keys)
+    }
+    wide = compare_folds(spread, b, resamples=20_000, seed=1)
+    assert wide.fold_differences == pytest.approx(c.fold_differences)
+    assert wide.t_interval == pytest.approx(c.t_interval)
+    assert wide.bootstrap_interval[1] - wide.bootstrap_interval[0] > 1.5 * (
+        c.bootstrap_interval[1] - c.bootstrap_interval[0]
+    )
+
+
+def test_identical_arms_test_at_p_one_and_count_in_the_holm_family():
+    a, _ = _arms([0.0] * 5, cases=3)
+    c = compare_folds(a, a, resamples=200)
+    assert c.mean_difference == 0 and c.t_p == 1.0 and c.wilcoxon_min_p == 1.0
+    assert holm([c.t_p, 0.02]) == pytest.approx([1.0, 0.04]), "m = 2: the tie at zero is a test"
+    # two folds without a difference: Wilcoxon drops them, and so does its floor
+    half = compare_folds(*_arms([0.05, 0.04, 0.0, 0.0, 0.06]), resamples=200)
+    assert half.wilcoxon_min_p == wilcoxon_min_p(3) == 0.25
+
+
 def test_a_per_case_effect_the_folds_do_not_support_is_not_shown():
     # fold effects of both signs, mean +1 point; 20 near-identical cases per fold make the per-case test confident
     a, b = _arms([0.05, -0.03, 0.04, -0.02, 0.01], cases=20, noise=0.002)

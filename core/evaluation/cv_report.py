@@ -236,7 +236,9 @@ def _build(cfg: Config, allow_mixed: bool, on: str) -> dict[str, Any]:
         raise TeachCacheError(
             f"no finished run with {SCORES_FILES[on]} under {cfg.output.runs_dir}; run {how} first"
         )
-    arm, baseline = _primary_endpoint(cfg, list(runs))
+    # a screening compares its recipes with no-KD on held-out cases: the experiment's declared endpoint (which may
+    # name a run kind only the cross-validation trains) is not its question
+    arm, baseline = _primary_endpoint(cfg, list(runs), declared=on == "validation")
     pooling = check_pooling(
         {name: _records(name, found) for name, found in runs.items()},
         [(arm, baseline), *_secondary_pairs(list(runs), (arm, baseline))],
@@ -258,7 +260,7 @@ def _build(cfg: Config, allow_mixed: bool, on: str) -> dict[str, Any]:
         "experiment": cfg.experiment,
         "provenance": pooling.as_json(),
         "fold_level": _fold_level(cfg, scores_of, arm, baseline)
-        | dict(zip(("per_class", "harm_flags"), _per_class_vs_baseline(cfg, runs, baseline), strict=True)),
+        | dict(zip(("per_class", "harm_flags"), _per_class_vs_baseline(cfg, runs, BASELINE), strict=True)),
         "runs": rows,
         "paired_vs_no_kd": _paired_vs_no_kd(cases_of, scores_of),
         "cached_vs_online": _cached_vs_online(cases_of, scores_of),
@@ -267,6 +269,13 @@ def _build(cfg: Config, allow_mixed: bool, on: str) -> dict[str, Any]:
         "health_warnings": health_warnings(rows),
         "cases": on,
     }
+    seconds = {r["run"]: r.get("training_seconds_per_run") for r in rows}
+    fold_level = report["fold_level"]
+    for entry in [fold_level["primary"], *fold_level["secondary"], *fold_level["equivalence"]]:
+        entry["seconds_per_run"] = [
+            seconds.get(entry["run"]),
+            seconds.get(entry["against"]),
+        ]  # cost beside effect
     _write(cfg.output.runs_dir, report, cases_of, REPORT_STEMS[on])
     return report
 
@@ -507,14 +516,17 @@ def _mean_of(summaries: list[dict[str, Any]], key: str) -> float:
     return float(np.mean(values)) if values else math.nan
 
 
-def _primary_endpoint(cfg: Config, names: list[str]) -> tuple[str, str]:
-    """The primary endpoint's two runs (``"student kd-<arm>"``, ``"student kd-<baseline>"``).
+def _primary_endpoint(cfg: Config, names: list[str], declared: bool = True) -> tuple[str, str]:
+    """The primary endpoint's two runs (``"student kd-<arm>"``, ``"student kd-<baseline>"``): the declared ones, or
+    with ``declared=False`` (a screening) the default, the config's own recipe from the cache minus no-KD.
 
     Raises:
         ConfigError: ``evaluation.primary_endpoint.arm`` or ``.baseline``, set in the config, names a run kind
             with no finished run (the defaults — the config's own recipe from the cache minus no-KD — may be
             missing: the report then says so).
     """
+    if not declared:
+        return f"student kd-{cfg.distillation.kind}", BASELINE
     endpoint = cfg.evaluation.primary_endpoint
     kinds = sorted(n.removeprefix("student kd-") for n in names if n.startswith("student kd-"))
     declared = {
@@ -667,6 +679,11 @@ def _fold_level(cfg: Config, scores_of: dict[str, RunCases], arm: str, baseline:
     primary, *secondary = [_comparison_entry(*pair, results[pair]) for pair in pairs]
     for entry, p in zip(secondary, holm([c.get("t_p", math.nan) for c in secondary]), strict=True):
         entry["holm_p"] = p
+        if "verdict" in entry and not entry["verdict"].startswith("not shown") and not p <= 0.05:
+            # a secondary claim stands only after the family's adjustment: its unadjusted CI is kept beside
+            entry["verdict"] = (
+                f"not shown after Holm adjustment (Holm p {p:.3g}; unadjusted, {entry['verdict']})"
+            )
     if primary.get("unavailable") and arm not in scores_of:
         primary["unavailable"] += (
             " (the default arm is distillation.kind; evaluation.primary_endpoint.arm sets it)"

@@ -207,6 +207,8 @@ def _provenance_markdown(prov: dict[str, Any]) -> list[str]:
     if prov.get("mixed"):
         lines += ["", "**Pooled with --allow-mixed**: these runs are not the same experiment:", ""]
         lines += [f"- {m}" for m in prov["mixed"]]
+    elif prov.get("allow_mixed"):
+        lines += ["", "**Built with --allow-mixed**: no runs of mixed provenance were found to pool."]
     if prov.get("warnings"):
         lines += ["", "Provenance warnings:", ""] + [f"- {w}" for w in prov["warnings"]]
     commits = prov.get("commits") or []
@@ -236,22 +238,23 @@ def _fold_level_markdown(fold: dict[str, Any]) -> list[str]:
         f"cases within each fold; {boot['resamples']} resamples, seed {boot['seed']}). The Wilcoxon p on fold "
         "means is descriptive only: with n folds it cannot go below 2 / 2ⁿ (0.0625 for 5 folds), shown as "
         '"min". The primary endpoint is tested alone; the secondary p-values are Holm-adjusted over the '
-        f"{fold['holm_family']} secondary comparison(s) with a test.",
+        f"{fold['holm_family']} secondary comparison(s) with a test, and a secondary verdict claims an effect only "
+        "when its Holm p is at most 0.05 as well as its 95 % t-interval excluding zero.",
         "",
         f"**Primary endpoint** (`evaluation.primary_endpoint`): {_claim(fold['primary'])}",
     ]
     if fold["secondary"]:
         lines += _table(
             "Secondary comparisons:",
-            "| run | against | folds | difference, points | 95 % CI (t) | 95 % CI (bootstrap) | t p | Holm p "
-            "| Wilcoxon p (min) | verdict |",
-            "|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
+            "| run | against | s per run (run / against) | folds | difference, points | 95 % CI (t) "
+            "| 95 % CI (bootstrap) | t p | Holm p | Wilcoxon p (min) | verdict |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
             [_secondary_line(c) for c in fold["secondary"]],
         )
     if fold.get("harm_flags"):
         lines += [
             "",
-            "**Harm flags** (a class whose 95 % CI against the baseline lies wholly below zero):",
+            "**Harm flags** (a class whose 95 % CI against the student without KD lies wholly below zero):",
             "",
         ]
         lines += [f"- {f}" for f in fold["harm_flags"]]
@@ -262,13 +265,14 @@ def _fold_level_markdown(fold: dict[str, Any]) -> list[str]:
             f"±{_points(fold['equivalence_margin'])} points (`evaluation.equivalence_margin`); equivalent when "
             "the 90 % CI lies inside the margin, not equivalent when the 95 % CI lies wholly outside it, "
             "inconclusive otherwise.",
-            "| cached run | online run | folds | difference, points | 90 % CI | 95 % CI | TOST p | verdict |",
-            "|---|---|---:|---:|---:|---:|---:|---|",
+            "| cached run | online run | s per run (cached / online) | folds | difference, points | 90 % CI "
+            "| 95 % CI | TOST p | verdict |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---|",
             [_equivalence_line(c) for c in fold["equivalence"]],
         )
     if fold.get("per_class"):
         lines += _table(
-            "Per class, each student against the baseline over folds (95 % t-interval, not adjusted for "
+            "Per class, each student against the student without KD over folds (95 % t-interval, not adjusted for "
             "multiplicity: a safety check for harm, not a claim):",
             "| run | against | class | folds | difference, points | 95 % CI (t) | verdict |",
             "|---|---|---|---:|---:|---:|---|",
@@ -311,7 +315,13 @@ def _comparison_line(c: dict[str, Any], cells: Callable[[dict[str, Any]], list[s
     """A fold-level table row: the two runs, ``width`` statistics and the verdict; dashes and the reason when the
     comparison has no interval."""
     rest = ["—"] * width + [f"no interval: {c['unavailable']}"] if "unavailable" in c else cells(c)
-    return "| " + " | ".join([c["run"], c["against"], *rest]) + " |"
+    return "| " + " | ".join([c["run"], c["against"], _cost(c), *rest]) + " |"
+
+
+def _cost(c: dict[str, Any]) -> str:
+    """The two runs' mean training seconds per run (teachers' forward passes included for an online run)."""
+    seconds = c.get("seconds_per_run") or [None, None]
+    return " / ".join("—" if v is None or not math.isfinite(v) else f"{v:,.0f}" for v in seconds)
 
 
 def _secondary_line(c: dict[str, Any]) -> str:

@@ -174,11 +174,12 @@ def _hierarchical_bootstrap(
 
 
 def _t_p(d: np.ndarray) -> float:
-    """Two-sided one-sample t p-value of ``d`` against 0; 0 or NaN when ``d`` does not vary."""
+    """Two-sided one-sample t p-value of ``d`` against 0; when ``d`` does not vary, 1 if every difference is 0 (the
+    arms agree: a test that counts in a Holm family) and 0 otherwise."""
     from scipy import stats
 
     if np.ptp(d) == 0:
-        return math.nan if d[0] == 0 else 0.0
+        return 1.0 if d[0] == 0 else 0.0
     return float(stats.ttest_1samp(d, 0.0).pvalue)
 
 
@@ -246,7 +247,7 @@ def compare_folds(
         bootstrap_resamples=resamples,
         bootstrap_seed=seed,
         wilcoxon_p=_wilcoxon_p(d),
-        wilcoxon_min_p=wilcoxon_min_p(len(d)),
+        wilcoxon_min_p=wilcoxon_min_p(int(np.count_nonzero(d))),  # the test drops zero differences
         verdict_interval="t",
         verdict=_verdict(float(d.mean()), interval),
     )

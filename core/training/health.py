@@ -153,5 +153,10 @@ class TermHealth:
     def verdict(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
         """What the run's epochs say of each term (``summary.json``'s ``kd_health``) and the warnings to print
         (:func:`core.evaluation.kd_health.verdict` over the run's KD terms)."""
+        if not self.measuring:  # said in the summary, so a run without the check never reads as a healthy one
+            return {
+                "not_measured": "the health check measures each term's gradient beside the step's own backward "
+                "pass, which DDP's gradient reduction does not allow: trained under torchrun"
+            }
         found = verdict(rows, [name for _, name in self.active])
         return {**found, "every": self.cfg.every} if found else {}

@@ -320,6 +320,14 @@ def _with_recipes(cfg: Config, paths: list[Path], screen: bool) -> tuple[Config,
                 build_objective(r.distillation, r.training.focal_gamma)
             except TeachCacheError as exc:
                 raise TeachCacheError(f"{path}: {exc}") from None
+    from teachcache.cv import _same_recipe
+
+    for path, r in zip(paths, recipes, strict=True):
+        if r.distillation.kind == cfg.distillation.kind and not _same_recipe(r, cfg):
+            raise TeachCacheError(
+                f"{path}: its distillation.kind '{r.distillation.kind}' is the experiment's own recipe's, with other "
+                "terms or settings; each kind is one run folder (kd-<kind>), so give the recipe its own kind"
+            )
     kinds = [r.distillation.kind for r in recipes]
     repeated = sorted({k for k in kinds if kinds.count(k) > 1})
     if repeated:
