@@ -39,24 +39,6 @@ def _same_recipe(a: Config, b: Config) -> bool:
     return da.model_dump(exclude={"kind"}) == db.model_dump(exclude={"kind"})
 
 
-def _check_recipe_kinds(cfg: Config, recipes: list[Config]) -> None:
-    """Refuse two different recipes under one ``kind``: their runs would share the folder ``kd-<kind>``, and the
-    second would be skipped as already finished or mixed into the first's row.
-
-    Raises:
-        ConfigError: naming the kind and the recipes' files (or the config) that use it.
-    """
-    seen: dict[str, Config] = {cfg.distillation.kind: cfg}
-    for recipe in recipes:
-        kind = recipe.distillation.kind
-        if kind in seen and not _same_recipe(seen[kind], recipe):
-            raise ConfigError(
-                f"two different recipes are both distillation.kind '{kind}' (the experiment's own and a recipe "
-                "file, or two recipe files): runs are kept per kind in kd-<kind>/, so give each recipe its own kind"
-            )
-        seen.setdefault(kind, recipe)
-
-
 def screening_config(cfg: Config) -> Config:
     """The experiment as a screening runs it (``make screen``): its runs in ``<runs_dir>/screening/`` (the same store
     and teacher checkpoints), every student holding ``evaluation.screening_holdout`` of its fold's training cases out
@@ -112,7 +94,6 @@ def run_cv(
         raise ConfigError(
             f"fold(s) {', '.join(map(str, bad))} do not exist: the store's splits have folds 0–{num_folds - 1}"
         )
-    _check_recipe_kinds(cfg, recipes or [])
     summary = CvSummary(folds=folds)
     for fold in folds:
         done = summary.runs.setdefault(fold, [])
