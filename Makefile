@@ -57,7 +57,7 @@ distil: setup
 comma := ,
 # RECIPES=configs/recipes/cb-pwd.yaml,…: those recipes too, from the same cache
 cv: preprocess
-	$(TC) cv --config $(CONFIG) $(foreach k,$(subst $(comma), ,$(FOLDS)),--fold $(k)) $(foreach s,$(subst $(comma), ,$(SEEDS)),--seed $(s)) $(if $(ONLINE),--online) $(foreach r,$(subst $(comma), ,$(RECIPES)),--recipe $(r)) $(ARGS)
+	$(TC) cv --config $(CONFIG) $(foreach k,$(subst $(comma), ,$(FOLDS)),--fold $(k)) $(foreach s,$(subst $(comma), ,$(SEEDS)),--seed $(s)) $(if $(filter-out 0 no false,$(ONLINE)),--online) $(foreach r,$(subst $(comma), ,$(RECIPES)),--recipe $(r)) $(ARGS)
 
 # the recipes' screening (docs/recipes.md): every recipe of configs/recipes/ (or RECIPES=…), one seed, each student
 # holding evaluation.screening_holdout of its training cases out; compared on those → runs_dir/screening/screening.md
@@ -66,7 +66,7 @@ screen: preprocess
 
 # every fold trained, with paired tests (make report); one fold's table with stage times (make report FOLD=0)
 report: setup
-	$(TC) report --config $(CONFIG) $(if $(filter command line,$(origin FOLD)),--fold $(FOLD)) $(if $(SCREEN),--screen) $(ARGS)
+	$(TC) report --config $(CONFIG) $(if $(filter command line,$(origin FOLD)),--fold $(FOLD)) $(if $(filter-out 0 no false,$(SCREEN)),--screen) $(ARGS)
 
 # docs/demo.md's evidence (claims, fold-level comparisons, runs, cost) rewritten from the report of `make cv`
 DOC ?= docs/demo.md

@@ -444,7 +444,13 @@ class DistillationConfig(_Strict):
 
     def key_fields(self) -> dict[str, Any]:
         """The recipe as run keys hash it: every field, ``balance`` only where it changes training (so the health
-        check's interval never makes a finished run look like another, nor do runs made before it existed)."""
+        check's interval never makes a finished run look like another, nor do runs made before it existed).
+
+        The student without distillation (``kind: none``) reads none of the other fields: its key is its kind
+        alone, so changing a config's default recipe does not make its finished no-KD runs look like other runs.
+        """
+        if self.kind == "none":
+            return {"kind": "none"}
         dump = self.model_dump(mode="json")
         if not self.balance.changes_training:
             dump.pop("balance")

@@ -196,6 +196,22 @@ def test_every_arm_of_a_fold_draws_the_cached_runs_patches(context_store):
             assert torch.equal(image, images["cache"]), (i, name)
 
 
+def test_the_no_kd_runs_key_ignores_the_recipe_it_does_not_read(context_store):
+    """Changing a config's default recipe leaves its finished no-KD runs recognised (their key is the same), while
+    the distilled run's key changes with the recipe. (A recipe that reads maps of another stride would change the
+    grid every arm's patches snap to, no-KD's included: that is hashed as the run's ``align``.)"""
+    from core.config import TermConfig, load_config
+    from core.training.run import run_key
+    from train_student.distil import student_run
+
+    cfg = load_config(context_store)
+    other = cfg.model_copy(
+        update={"distillation": cfg.distillation.model_copy(update={"terms": [TermConfig(name="pwd", weight=0.5, args={"balance": "class", "regions": "label"}), TermConfig(name="afs")]})}
+    )
+    assert run_key(student_run(cfg, 0, kd="none")) == run_key(student_run(other, 0, kd="none"))
+    assert run_key(student_run(cfg, 0)) != run_key(student_run(other, 0))
+
+
 def test_runs_record_their_code_and_the_entries_their_teachers_are(context_store):
     """A cached run and its online twins record the same teacher entry keys (what the cache holds for those
     teachers), the code's commit, and what their key hashes — what the report checks before pooling them."""
