@@ -206,7 +206,16 @@ def test_the_no_kd_runs_key_ignores_the_recipe_it_does_not_read(context_store):
 
     cfg = load_config(context_store)
     other = cfg.model_copy(
-        update={"distillation": cfg.distillation.model_copy(update={"terms": [TermConfig(name="pwd", weight=0.5, args={"balance": "class", "regions": "label"}), TermConfig(name="afs")]})}
+        update={
+            "distillation": cfg.distillation.model_copy(
+                update={
+                    "terms": [
+                        TermConfig(name="pwd", weight=0.5, args={"balance": "class", "regions": "label"}),
+                        TermConfig(name="afs"),
+                    ]
+                }
+            )
+        }
     )
     assert run_key(student_run(cfg, 0, kd="none")) == run_key(student_run(other, 0, kd="none"))
     assert run_key(student_run(cfg, 0)) != run_key(student_run(other, 0))

@@ -198,6 +198,7 @@ def test_a_config_without_synthetic_or_dataset_says_which_folder(tmp_path):
 def test_make_flag_variables_read_0_as_off():
     """`make cv ONLINE=0` trains no online twins and `make report SCREEN=0` reports the experiment, not the
     screening: a flag variable is on for 1 (or any value but 0, no, false), off for 0 or empty (dry runs)."""
+
     def command(*args: str) -> str:
         result = run_make("-n", *args, timeout=60)
         assert result.returncode == 0, result.stderr
