@@ -55,9 +55,11 @@ distil: setup
 # cross-validation: every fold (or FOLDS=0,1) of teachers → cache → no-KD and distilled students → report; re-run
 # to resume (finished runs are skipped)
 comma := ,
+# a flag variable (ONLINE=1, SCREEN=1) is on unless empty, 0, no or false
+on = $(filter-out 0 no false,$(1))
 # RECIPES=configs/recipes/cb-pwd.yaml,…: those recipes too, from the same cache
 cv: preprocess
-	$(TC) cv --config $(CONFIG) $(foreach k,$(subst $(comma), ,$(FOLDS)),--fold $(k)) $(foreach s,$(subst $(comma), ,$(SEEDS)),--seed $(s)) $(if $(filter-out 0 no false,$(ONLINE)),--online) $(foreach r,$(subst $(comma), ,$(RECIPES)),--recipe $(r)) $(ARGS)
+	$(TC) cv --config $(CONFIG) $(foreach k,$(subst $(comma), ,$(FOLDS)),--fold $(k)) $(foreach s,$(subst $(comma), ,$(SEEDS)),--seed $(s)) $(if $(call on,$(ONLINE)),--online) $(foreach r,$(subst $(comma), ,$(RECIPES)),--recipe $(r)) $(ARGS)
 
 # the recipes' screening (docs/recipes.md): every recipe of configs/recipes/ (or RECIPES=…), one seed, each student
 # holding evaluation.screening_holdout of its training cases out; compared on those → runs_dir/screening/screening.md
@@ -66,7 +68,7 @@ screen: preprocess
 
 # every fold trained, with paired tests (make report); one fold's table with stage times (make report FOLD=0)
 report: setup
-	$(TC) report --config $(CONFIG) $(if $(filter command line,$(origin FOLD)),--fold $(FOLD)) $(if $(filter-out 0 no false,$(SCREEN)),--screen) $(ARGS)
+	$(TC) report --config $(CONFIG) $(if $(filter command line,$(origin FOLD)),--fold $(FOLD)) $(if $(call on,$(SCREEN)),--screen) $(ARGS)
 
 # docs/demo.md's evidence (claims, fold-level comparisons, runs, cost) rewritten from the report of `make cv`
 DOC ?= docs/demo.md
