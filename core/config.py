@@ -509,9 +509,12 @@ class EvaluationConfig(_Strict):
 
 
 class OutputConfig(_Strict):
-    """Where checkpoints, metrics and reports are written."""
+    """Where checkpoints, metrics and reports are written; ``results_dir``: the study's ledger, each finished run's
+    records (no weights) kept to commit, so ``make cv``/``make screen`` resume on another clone without retraining
+    what it holds (:mod:`core.evaluation.ledger`); unset: no ledger."""
 
     runs_dir: Path
+    results_dir: Path | None = None
 
 
 class Config(_Strict):

@@ -7,7 +7,8 @@ Reads ``<runs_dir>/screening/screening.json`` (``--final``: ``<runs_dir>/report.
 between ``<!-- recipes:start -->`` and ``<!-- recipes:end -->`` (``recipes-final`` with ``--final``): per recipe and
 dataset, the fold-level mean difference to no-KD in Dice points with its 95 % t-interval (and the number of folds),
 a mark for a class harm flag or a health-check warning, the teachers' ensemble margin over the student alone on the
-validation cases of the experiment's own ``report.json`` (the dataset check, not a choice), and — for the screening
+validation cases of the experiment's own ``report.json`` (the dataset check, not a choice; without that report, the
+screening's on its held-out cases, marked so), and — for the screening
 only — the recipe the rule chooses (docs/recipes.md): among recipes with no harm flag on any dataset, the highest
 worst-dataset mean difference, ties broken by the mean over datasets. A dataset without a report is listed as not
 run.
@@ -102,12 +103,13 @@ def table(
         "|---|" + "---:|" * len(names),
     ]
     checks = reports if checks is None else checks
-    margins = [ensemble_margin(checks.get(n)) for n in names]
-    lines.append(
-        "| *teachers' ensemble − no KD (validation cases)* | "
-        + " | ".join("not run" if m is None else f"{_points(m)}" for m in margins)
-        + " |"
-    )
+    cells = []
+    for n in names:  # the validation report's margin; without one, the screening's on its held-out cases
+        m, held = ensemble_margin(checks.get(n)), False
+        if m is None and rule:
+            m, held = ensemble_margin(reports.get(n)), True
+        cells.append("not run" if m is None else f"{_points(m)}" + (" (held-out cases)" if held else ""))
+    lines.append("| *teachers' ensemble − no KD (validation cases)* | " + " | ".join(cells) + " |")
     for recipe in recipes:
         cells = []
         for n in names:
@@ -130,7 +132,8 @@ def table(
         "Each cell: the recipe's mean difference to the student without KD over folds, in Dice points, its 95 % "
         "t-interval and the number of folds; ⚑ a class whose interval lies wholly below zero (harm flag), ⚠ a KD "
         "term that dominated or opposed L_SEG in most runs (health check). The first row is the dataset check: the "
-        "teachers' ensemble against the student alone on the validation cases of the experiment's own report.",
+        "teachers' ensemble against the student alone on the validation cases of the experiment's own report (where "
+        "that has not been run, on the screening's held-out cases, marked so).",
     ]
     if not rule:  # the final evaluation reports; the choice was made on the screening's held-out cases
         return lines

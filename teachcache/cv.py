@@ -3,7 +3,9 @@
 Each fold's teachers are trained (when the config trains them: their checkpoint for the fold is missing or was made
 by ``teachcache teachers``), cached under ``<name>/fold_<k>``, and the fold's two students trained from the store.
 Re-running skips every run already finished with the same settings (its ``run_key``) and every entry already cached,
-and resumes a killed run from its last epoch; the cross-validation report is written at the end.
+and resumes a killed run from its last epoch; the cross-validation report is written at the end. With a ledger
+(``output.results_dir``, :mod:`core.evaluation.ledger`), each finished run's records are kept there as it finishes,
+and a fold whose every planned run the ledger holds with the same settings is skipped whole, teachers included.
 """
 
 from __future__ import annotations
@@ -13,7 +15,8 @@ from dataclasses import dataclass, field
 
 from core.config import Config
 from core.errors import ConfigError
-from core.experiment import open_store_for, store_splits, teacher_dir
+from core.evaluation.ledger import Ledger, run_identity
+from core.experiment import open_store_for, store_splits, student_dir, teacher_dir
 
 __all__ = ["CvSummary", "run_cv", "screening_config"]
 
@@ -45,12 +48,26 @@ def screening_config(cfg: Config) -> Config:
     of training (unless ``training.holdout`` already does), so recipes are compared on those cases, never on the
     validation cases."""
     holdout = cfg.training.holdout or cfg.evaluation.screening_holdout
+    results = cfg.output.results_dir
     return cfg.model_copy(
         update={
-            "output": cfg.output.model_copy(update={"runs_dir": cfg.output.runs_dir / "screening"}),
+            "output": cfg.output.model_copy(
+                update={
+                    "runs_dir": cfg.output.runs_dir / "screening",
+                    "results_dir": None if results is None else results / "screening",
+                }
+            ),
             "training": cfg.training.model_copy(update={"holdout": holdout}),
         }
     )
+
+
+def planned_folder(cfg: Config, fold: int, seed: int | None, kd: str | None, source: str | None):
+    """The run folder of ``distil(cfg, fold, kd, seed=seed, source=source)``."""
+    from train_student.fold import Recipe
+
+    kind = Recipe.of(cfg.distillation, kd, source).run_kind
+    return student_dir(cfg, kind, fold, seed if seed is not None and seed != cfg.training.seed else None)
 
 
 def run_cv(
@@ -75,7 +92,9 @@ def run_cv(
     applied, :func:`core.config.apply_recipe`) are trained beside the config's own recipe, from the same cache. With
     ``screen``, ``cfg`` is already :func:`screening_config`'s and the report compares the held-out cases
     (``screening.md``); ``teachers_from`` is then the experiment as it is, whose runs folder trains the teachers (a
-    screening leaves their runs, like their checkpoints and cache, to the experiment).
+    screening leaves their runs, like their checkpoints and cache, to the experiment). With a ledger, each run's
+    records go there as it finishes (a teacher's to ``teachers_from``'s ledger), each fold's teacher-ensemble scores
+    after its runs, and a fold the ledger holds whole is not trained (:mod:`core.evaluation.ledger`).
 
     Raises:
         ConfigError: a fold the splits do not have.
@@ -84,7 +103,7 @@ def run_cv(
         StoreError, CheckpointError, TrainingError: as the stages raise them (each names its fix).
     """
     from cache_teachers import cache_teachers, train_teachers
-    from core.evaluation.cv_report import build_cv_report
+    from core.evaluation.cv_report import build_cv_report, fold_ensemble
     from train_student import distil
 
     num_folds = len(store_splits(cfg, open_store_for(cfg)))
@@ -95,19 +114,13 @@ def run_cv(
             f"fold(s) {', '.join(map(str, bad))} do not exist: the store's splits have folds 0–{num_folds - 1}"
         )
     summary = CvSummary(folds=folds)
+    home = teachers_from or cfg
+    ledger, home_ledger = Ledger.of(cfg), Ledger.of(home)
+    manifest = open_store_for(cfg).metadata["dataset"]["manifest_hash"]
+    others = [r for r in recipes or [] if not _same_recipe(r, cfg)]
     for fold in folds:
         done = summary.runs.setdefault(fold, [])
-        home = teachers_from or cfg
-        own = [t.name for t in home.teachers if _trains_teacher(home, t.name, fold)]
-        if own:
-            for r in train_teachers(home, fold, own, progress=progress, skip_done=True):
-                done.append(f"{r.name}: {r.headline_mean_dice:.4f}")
-                say(f"fold {fold}: {done[-1]}")
-        cached = cache_teachers(cfg, folds=[fold], progress=progress)
-        say(
-            f"fold {fold}: cached {sum(cached.written.values())} entries, {sum(cached.skipped.values())} already"
-        )
-        others = [r for r in recipes or [] if not _same_recipe(r, cfg)]
+        planned = []
         for seed in seeds or [cfg.training.seed]:
             runs = [(cfg, "none", None), (cfg, None, None)]
             if online:
@@ -115,14 +128,43 @@ def run_cv(
                 if seed in cfg.evaluation.context_seeds:
                     runs.append((cfg, None, "online-context"))
             runs += [(recipe, None, None) for recipe in others]
-            for run_cfg, kd, source in runs:
-                r = distil(run_cfg, fold, kd, progress=progress, skip_done=True, seed=seed, source=source)
-                score = (
-                    f"held-out Dice {r.final_holdout_mean_dice:.4f}"
-                    if screen
-                    else f"{r.headline_mean_dice:.4f}"
-                )
-                done.append(f"{r.name} (seed {seed}): {score}")
+            planned += [(run_cfg, kd, source, seed) for run_cfg, kd, source in runs]
+        identities = [
+            run_identity(run_cfg, fold, seed, kd, source, manifest, home)
+            for run_cfg, kd, source, seed in planned
+        ]
+        if ledger is not None and all(
+            ledger.holds(planned_folder(run_cfg, fold, seed, kd, source), identity)
+            for (run_cfg, kd, source, seed), identity in zip(planned, identities, strict=True)
+        ):
+            say(
+                f"fold {fold}: its {len(planned)} run(s) are in the ledger {ledger.root} with these settings; not "
+                "trained again (delete a run's folder there to retrain it)"
+            )
+            continue
+        own = [t.name for t in home.teachers if _trains_teacher(home, t.name, fold)]
+        if own:
+            for r in train_teachers(home, fold, own, progress=progress, skip_done=True):
+                done.append(f"{r.name}: {r.headline_mean_dice:.4f}")
                 say(f"fold {fold}: {done[-1]}")
+        if home_ledger is not None:
+            for t in home.teachers:
+                home_ledger.record(teacher_dir(home, t.name, fold))
+        cached = cache_teachers(cfg, folds=[fold], progress=progress)
+        say(
+            f"fold {fold}: cached {sum(cached.written.values())} entries, {sum(cached.skipped.values())} already"
+        )
+        for (run_cfg, kd, source, seed), identity in zip(planned, identities, strict=True):
+            r = distil(run_cfg, fold, kd, progress=progress, skip_done=True, seed=seed, source=source)
+            if ledger is not None:
+                ledger.record(planned_folder(run_cfg, fold, seed, kd, source), identity)
+            score = (
+                f"held-out Dice {r.final_holdout_mean_dice:.4f}" if screen else f"{r.headline_mean_dice:.4f}"
+            )
+            done.append(f"{r.name} (seed {seed}): {score}")
+            say(f"fold {fold}: {done[-1]}")
+        if ledger is not None:
+            on = "holdout" if screen else "validation"
+            ledger.record_ensemble(fold, on, fold_ensemble(cfg, fold, on))
     build_cv_report(cfg, allow_mixed, on="holdout" if screen else "validation")
     return summary

@@ -63,6 +63,9 @@ def test_the_rule_takes_the_best_worst_dataset_among_recipes_that_never_harm():
         and "| *teachers' ensemble − no KD (validation cases)* | +10.0 | +10.0 | not run |" in text
     )
     assert "none yet (not every dataset has been run)" in text
+    # a dataset screened but not yet cross-validated: its check is the screening's, on the held-out cases, said so
+    checked = "\n".join(recipes_doc.table(reports, {"a": reports["a"], "b": None}))
+    assert "| +10.0 | +10.0 (held-out cases) |" in checked
     final = "\n".join(recipes_doc.table(reports, rule=False))
     assert "rule's choice" not in final, "the final evaluation chooses nothing: the screening did"
 

@@ -33,11 +33,12 @@ from core.errors import ConfigError, TeachCacheError
 from core.evaluation.cv_report_markdown import cv_report_markdown
 from core.evaluation.kd_health import MOST as HEALTH_MOST
 from core.evaluation.kd_health import verdict as kd_verdict
+from core.evaluation.ledger import Ledger
 from core.evaluation.provenance import RunRecord, check_pooling
 from core.evaluation.scoring import HOLDOUT_CSV, VALIDATION_CSV
 from core.evaluation.statistics import ComparisonError, FoldComparison, compare_folds, equivalence, holm
 
-__all__ = ["build_cv_report", "paired_tests"]
+__all__ = ["build_cv_report", "fold_ensemble", "paired_tests"]
 
 BASELINE = "student kd-none"
 # which cases a report compares: the validation cases (the CV report) or the held-out training cases (a screening)
@@ -48,22 +49,26 @@ _SCORES: ContextVar[str] = ContextVar("per-case scores file", default=SCORES_FIL
 
 def _runs(cfg: Config) -> dict[str, dict[tuple[int, int | None], Path]]:
     """``{run name: {(fold, seed): run folder}}`` for every finished run (a summary and per-case scores); ``seed`` is
-    ``None`` for the config's own seed, else a repeat's (``kd-<kind>/seed_<s>/fold_<k>``)."""
+    ``None`` for the config's own seed, else a repeat's (``kd-<kind>/seed_<s>/fold_<k>``). Runs the ledger
+    (``output.results_dir``) keeps and ``runs_dir`` lacks are read from the ledger."""
     found: dict[str, dict[tuple[int, int | None], Path]] = {}
     patterns = (
         ("teacher", "teachers/*/fold_*"),
         ("student", "students/kd-*/fold_*"),
         ("student", "students/kd-*/seed_*/fold_*"),
     )
+    ledger = Ledger.of(cfg)
     for role, pattern in patterns:
-        for folder in sorted(cfg.output.runs_dir.glob(pattern)):
-            if not ((folder / "summary.json").is_file() and (folder / _SCORES.get()).is_file()):
+        here = [(folder, folder) for folder in sorted(cfg.output.runs_dir.glob(pattern))]
+        kept = ledger.run_folders(pattern) if ledger is not None else []
+        for folder, where in [*kept, *here]:  # a run folder under runs_dir wins over the ledger's copy
+            if not ((where / "summary.json").is_file() and (where / _SCORES.get()).is_file()):
                 continue
             repeat = folder.parent.name.startswith("seed_")
             name = f"{role} {(folder.parent.parent if repeat else folder.parent).name}"
             seed = int(folder.parent.name.removeprefix("seed_")) if repeat else None
             fold = int(folder.name.removeprefix("fold_"))
-            found.setdefault(name, {})[(fold, seed)] = folder
+            found.setdefault(name, {})[(fold, seed)] = where
     return found
 
 
@@ -140,6 +145,18 @@ def _ensemble(
                 float(np.mean(hd95_per_class(prediction, label, num_classes, spacing))),
             )
     return out
+
+
+def fold_ensemble(cfg: Config, fold: int, on: str) -> dict[str, tuple[float, float]]:
+    """One fold's teacher-ensemble scores as the report computes them, on the validation cases (``on``
+    ``"validation"``) or the screening's held-out ones (``"holdout"``), for the ledger."""
+    if on == "validation":
+        return _ensemble(cfg, [fold])
+    token = _SCORES.set(SCORES_FILES[on])
+    try:
+        return _ensemble(cfg, [fold], _held_out_cases(_runs(cfg)))
+    finally:
+        _SCORES.reset(token)
 
 
 @cache
@@ -250,6 +267,10 @@ def _build(cfg: Config, allow_mixed: bool, on: str) -> dict[str, Any]:
         rows.append(row)
     folds = sorted({fold for found in runs.values() for fold, _ in found})
     ensemble = _ensemble(cfg, folds, None if on == "validation" else _held_out_cases(runs))
+    ledger = Ledger.of(cfg)
+    for fold in folds if ledger is not None else []:  # folds whose teachers are not cached here: the ledger's
+        if not any(key.startswith(f"{fold}/") for key in ensemble):
+            ensemble |= ledger.ensemble(fold, on)
     if ensemble:
         rows.append(_ensemble_row(ensemble))
         cases_of[ENSEMBLE] = ensemble
@@ -305,6 +326,7 @@ def _write(
         runs_dir / f"{stem}_dice.png": lambda p: _plot(cases_of, p, report["experiment"]),
     }
     staged = {path: path.with_name(f".{path.name}.partial") for path in out}
+    runs_dir.mkdir(parents=True, exist_ok=True)  # a report read wholly from the ledger has no runs folder yet
     try:
         for path, write in out.items():
             write(staged[path])
