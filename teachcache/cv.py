@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 
 from core.config import Config
 from core.errors import ConfigError
-from core.evaluation.ledger import Ledger, run_identity
-from core.experiment import open_store_for, store_splits, student_dir, teacher_dir
+from core.evaluation.ledger import FoldData, Ledger, run_identity
+from core.experiment import fold_split, open_store_for, store_splits, student_dir, teacher_dir
 
 __all__ = ["CvSummary", "run_cv", "screening_config"]
 
@@ -106,7 +106,8 @@ def run_cv(
     from core.evaluation.cv_report import build_cv_report, fold_ensemble
     from train_student import distil
 
-    num_folds = len(store_splits(cfg, open_store_for(cfg)))
+    store = open_store_for(cfg)
+    num_folds = len(store_splits(cfg, store))
     folds = list(range(num_folds)) if folds is None else folds
     bad = [k for k in folds if not 0 <= k < num_folds]
     if bad:
@@ -116,10 +117,10 @@ def run_cv(
     summary = CvSummary(folds=folds)
     home = teachers_from or cfg
     ledger, home_ledger = Ledger.of(cfg), Ledger.of(home)
-    manifest = open_store_for(cfg).metadata["dataset"]["manifest_hash"]
     others = [r for r in recipes or [] if not _same_recipe(r, cfg)]
     for fold in folds:
         done = summary.runs.setdefault(fold, [])
+        data = FoldData(store.metadata["dataset"]["manifest_hash"], *map(tuple, fold_split(cfg, store, fold)))
         planned = []
         for seed in seeds or [cfg.training.seed]:
             runs = [(cfg, "none", None), (cfg, None, None)]
@@ -130,8 +131,7 @@ def run_cv(
             runs += [(recipe, None, None) for recipe in others]
             planned += [(run_cfg, kd, source, seed) for run_cfg, kd, source in runs]
         identities = [
-            run_identity(run_cfg, fold, seed, kd, source, manifest, home)
-            for run_cfg, kd, source, seed in planned
+            run_identity(run_cfg, fold, seed, kd, source, data, home) for run_cfg, kd, source, seed in planned
         ]
         if ledger is not None and all(
             ledger.holds(planned_folder(run_cfg, fold, seed, kd, source), identity)
@@ -156,8 +156,11 @@ def run_cv(
         )
         for (run_cfg, kd, source, seed), identity in zip(planned, identities, strict=True):
             r = distil(run_cfg, fold, kd, progress=progress, skip_done=True, seed=seed, source=source)
-            if ledger is not None:
-                ledger.record(planned_folder(run_cfg, fold, seed, kd, source), identity)
+            folder = planned_folder(run_cfg, fold, seed, kd, source)
+            if ledger is not None and not ledger.record(folder, identity):
+                say(
+                    f"fold {fold}: warning: {r.name} left no summary in {folder}; the ledger does not hold it"
+                )
             score = (
                 f"held-out Dice {r.final_holdout_mean_dice:.4f}" if screen else f"{r.headline_mean_dice:.4f}"
             )

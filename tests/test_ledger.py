@@ -13,7 +13,7 @@ import torch
 from typer.testing import CliRunner
 
 from core.config import load_config
-from core.evaluation.ledger import run_identity
+from core.evaluation.ledger import FoldData, Ledger, run_identity
 from teachcache.cli import app
 from tests.conftest import TINY_TEACHER_TRAINING, tiny_config_dict, write_config
 
@@ -89,32 +89,37 @@ def test_a_fresh_clone_with_the_ledger_reports_without_training_again(studied):
     )
 
 
-def test_a_runs_identity_follows_its_settings_not_its_paths(tmp_path):
-    from core.data.synthetic import write_synthetic_dataset
-
+def test_a_runs_identity_follows_its_settings_not_where_its_runs_are_kept(tmp_path):
     data = _config(tmp_path)
     cfg = load_config(write_config(tmp_path, data))
-    write_synthetic_dataset(cfg.dataset.synthetic, cfg.dataset.raw_dir, progress=False)
     same = copy.deepcopy(data)
     same["output"] = {"runs_dir": str(tmp_path / "elsewhere"), "results_dir": str(tmp_path / "kept")}
-    same["store"]["path"] = str(tmp_path / "other.zarr")
     hotter = copy.deepcopy(data)
     hotter["distillation"]["temperature"] = 4.0
-    (tmp_path / "b").mkdir()
-    (tmp_path / "c").mkdir()
-    other, warmer = (
-        load_config(write_config(tmp_path / "b", same)),
-        load_config(write_config(tmp_path / "c", hotter)),
-    )
+    sketched = copy.deepcopy(data)
+    sketched["store"]["feature_sketch_channels"] = 4
+    only_pwd = copy.deepcopy(data)
+    only_pwd["distillation"]["terms"] = [{"name": "pwd", "weight": 1.0}]
+    configs = []
+    for name, d in (("b", same), ("c", hotter), ("d", sketched), ("e", only_pwd)):
+        (tmp_path / name).mkdir()
+        configs.append(load_config(write_config(tmp_path / name, d)))
+    other, warmer, sketches, pwd = configs
+    fold_data = FoldData("m", ("a", "b"), ("c",))
 
-    def key(c, kd=None, seed=None, manifest="m"):
-        return run_identity(c, 0, seed, kd, None, manifest)
+    def key(c, kd=None, seed=None, data=fold_data, fold=0):
+        return run_identity(c, fold, seed, kd, None, data)
 
-    assert key(cfg) == key(other), "moving the runs, ledger or store changes no run"
+    assert key(cfg) == key(other), "moving the runs folder or the ledger changes no run"
     assert key(cfg) != key(warmer), "another temperature is another distilled run"
     assert key(cfg, "none") == key(warmer, "none"), "the no-KD run reads no recipe"
-    assert key(cfg) != key(cfg, seed=7) and key(cfg) != key(cfg, manifest="n")
-    assert run_identity(cfg, 0, None, None, None, "m") != run_identity(cfg, 1, None, None, None, "m")
+    assert key(cfg) != key(sketches), "the store's settings decide what the terms read"
+    assert key(cfg) != key(cfg, seed=7) and key(cfg) != key(cfg, fold=1)
+    assert key(cfg) != key(cfg, data=FoldData("n", ("a", "b"), ("c",))), "another dataset"
+    assert key(cfg) != key(cfg, data=FoldData("m", ("a", "c"), ("b",))), "other splits"
+    assert key(cfg, "none") != key(pwd, "none"), (
+        "the no-KD run draws the patches of the config's own recipe, so that recipe's targets enter its identity"
+    )
     # a pretrained teacher (a checkpoint make cv did not train) enters by its weights' digest
     checkpoint = cfg.teachers[0].for_fold(0).checkpoint
     checkpoint.parent.mkdir(parents=True)
@@ -155,3 +160,20 @@ def test_a_screening_keeps_its_runs_in_the_ledgers_screening_folder_and_resumes_
     after = json.loads((cfg.output.runs_dir / "screening" / "screening.json").read_text())
     assert json.dumps(after["runs"], sort_keys=True) == json.dumps(before["runs"], sort_keys=True)
     assert after["cases"] == "holdout"
+
+
+def test_a_stale_run_in_the_runs_folder_is_not_taken_for_the_ledgers(tmp_path):
+    runs, kept = tmp_path / "runs", tmp_path / "results"
+    ledger = Ledger(kept, runs)
+    folder = runs / "students" / "kd-none" / "fold_0"
+    folder.mkdir(parents=True)
+    (folder / "summary.json").write_text(json.dumps({"run_key": "a"}))
+    assert ledger.record(folder, "identity")
+    assert ledger.holds(folder, "identity") and not ledger.holds(folder, "other identity")
+    (folder / "summary.json").write_text(
+        json.dumps({"run_key": "b"})
+    )  # e.g. `make distil` with other settings
+    assert not ledger.holds(folder, "identity"), "the report would read the runs folder's other run first"
+    shutil.rmtree(folder)
+    assert ledger.holds(folder, "identity"), "a fresh clone: the ledger's run is the one"
+    assert not ledger.record(folder, "identity"), "no finished run, nothing recorded"

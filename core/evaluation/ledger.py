@@ -5,9 +5,10 @@ A run folder holds checkpoints of megabytes and the store gigabytes; what the re
 few kilobytes: its ``summary.json``, per-case scores and per-epoch ``metrics.csv``. ``make cv`` and ``make screen``
 copy those of every finished run into the ledger, mirroring the runs folder (``students/kd-<kind>/[seed_<s>/]fold_<k>/``,
 ``teachers/<name>/fold_<k>/``), with ``ledger.json`` naming the run's *identity*: a hash of everything that decides
-what the run trains that can be known before its teachers exist — the dataset's manifest hash, preprocessing,
-splits, the teachers' settings (and a pretrained teacher's checkpoint digest), the student, the training settings and
-seed, the inference settings, the recipe (:meth:`~core.config.DistillationConfig.key_fields`), the fold and the
+what the run trains that can be known before its teachers exist — the dataset's manifest hash, the fold's cases (the
+store's splits), preprocessing, the store's settings, the teachers' settings (and a pretrained teacher's checkpoint
+digest), the student, the training settings and seed, the inference settings, the recipe
+(:meth:`~core.config.DistillationConfig.key_fields`) and the targets whose patches every arm draws, the fold and the
 target source. Each fold's teacher-ensemble scores (read from the store) are kept beside them
 (``teacher_ensemble/fold_<k>.json``).
 
@@ -30,7 +31,7 @@ from typing import Any
 from core.config import Config
 from core.evaluation.scoring import HOLDOUT_CSV, POSTPROCESSED_CSV, VALIDATION_CSV
 
-__all__ = ["IDENTITY_FILE", "RECORDS", "Ledger", "run_identity"]
+__all__ = ["IDENTITY_FILE", "RECORDS", "FoldData", "Ledger", "run_identity"]
 
 # what the reports read of a run (metrics.csv: the health check), and the postprocessed scores beside them
 RECORDS = ("summary.json", "metrics.csv", VALIDATION_CSV, POSTPROCESSED_CSV, HOLDOUT_CSV)
@@ -59,13 +60,23 @@ def _teacher_identity(cfg: Config, teacher: Any, fold: int, home: Config) -> dic
     return out
 
 
+@dataclass(frozen=True)
+class FoldData:
+    """What a fold's runs are trained and scored on, read from the store: the dataset's manifest hash and the fold's
+    ``(train, val)`` case ids (the store's own splits, whatever file they came from)."""
+
+    manifest_hash: str
+    train: tuple[str, ...]
+    val: tuple[str, ...]
+
+
 def run_identity(
     cfg: Config,
     fold: int,
     seed: int | None,
     kd: str | None,
     source: str | None,
-    manifest_hash: str,
+    data: FoldData,
     home: Config | None = None,
 ) -> str:
     """The identity of the student run ``distil(cfg, fold, kd, seed=seed, source=source)`` would train: sha256 of
@@ -78,14 +89,19 @@ def run_identity(
     payload = {
         "experiment": cfg.experiment,
         "seed": cfg.seed,
-        "dataset_manifest": manifest_hash,
+        "dataset_manifest": data.manifest_hash,
+        "cases": [list(data.train), list(data.val)],
         "preprocessing": cfg.preprocessing.model_dump(mode="json"),
-        "splits": cfg.splits.model_dump(mode="json"),
+        # the store's path is in every run's provenance (pooled runs must agree on it); its sketch settings decide
+        # what the relation terms read
+        "store": cfg.store.model_dump(mode="json"),
         "teachers": [_teacher_identity(cfg, t, fold, home or cfg) for t in cfg.distilled_teachers()],
         "student": cfg.student.model_dump(mode="json"),
         "training": training.model_dump(mode="json"),
         "inference": cfg.inference.model_dump(mode="json"),
         "recipe": recipe.config.key_fields(),
+        # every arm of a fold draws the patches of the config's own cached recipe (no-KD too)
+        "patches_of": sorted(recipe.twin_needed.kinds),
         "run_kind": recipe.run_kind,
         "fold": fold,
     }
@@ -111,13 +127,21 @@ class Ledger:
         return self.root / run_folder.relative_to(self.runs_dir)
 
     def holds(self, run_folder: Path, identity: str) -> bool:
-        """The ledger has the finished run of ``run_folder`` under ``identity``."""
+        """The ledger has the finished run of ``run_folder`` under ``identity``, and ``run_folder`` (which the report
+        would read first) holds no other finished run."""
         kept = self.folder(run_folder)
         try:
             recorded = json.loads((kept / IDENTITY_FILE).read_text()).get("identity")
+            key = json.loads((kept / "summary.json").read_text()).get("run_key")
         except (OSError, ValueError, AttributeError):
             return False
-        return recorded == identity and (kept / "summary.json").is_file()
+        if recorded != identity:
+            return False
+        try:
+            here = json.loads((run_folder / "summary.json").read_text()).get("run_key")
+        except (OSError, ValueError, AttributeError):
+            return True  # no finished run here: the ledger's is the one
+        return here == key
 
     def record(self, run_folder: Path, identity: str | None = None) -> bool:
         """Copy the finished run's records (``summary.json`` and its per-case scores) into the ledger, whole or not at
@@ -145,9 +169,10 @@ class Ledger:
     def record_ensemble(self, fold: int, cases: str, scores: dict[str, tuple[float, float]]) -> None:
         """Keep a fold's teacher-ensemble scores on ``cases`` (``"validation"`` or ``"holdout"``):
         ``{"<fold>/<case>": (Dice, HD95)}``."""
-        if not scores:
-            return
         path = self.root / ENSEMBLE_DIR / f"fold_{fold}.json"
+        if not scores:  # none to keep now: an older fold's scores must not stand for this one's
+            path.unlink(missing_ok=True)
+            return
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp")
         tmp.write_text(json.dumps({"cases": cases, "scores": scores}, indent=2) + "\n")
