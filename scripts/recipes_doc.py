@@ -17,6 +17,7 @@ run.
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import math
 import re
@@ -64,6 +65,29 @@ def ensemble_margin(report: dict[str, Any] | None) -> float | None:
     return None
 
 
+def ledger_check(cfg: Any) -> tuple[float, int] | None:
+    """The dataset check from the ledger, where no cross-validation report exists yet: per fold, the teachers'
+    ensemble (``teacher_ensemble/fold_<k>.json``, validation cases) minus the screening's student without KD on the
+    same validation cases (its ``validation_per_case.csv``: a student trained on the fold's training cases less the
+    screening's held-out ones), averaged over the fold's cases; then over folds. ``(margin, folds)`` or ``None``."""
+    root = cfg.output.results_dir
+    if root is None:
+        return None
+    margins = []
+    for path in sorted((root / "teacher_ensemble").glob("fold_*.json")):
+        kept = json.loads(path.read_text())
+        scores = root / "screening" / "students" / "kd-none" / path.stem / "validation_per_case.csv"
+        if kept.get("cases") != "validation" or not scores.is_file():
+            continue
+        with open(scores) as f:
+            student = {r["case"]: float(r["mean_dice"]) for r in csv.DictReader(f)}
+        ensemble = {key.split("/", 1)[1]: v[0] for key, v in kept["scores"].items()}
+        common = sorted(set(student) & set(ensemble))
+        if common:
+            margins.append(sum(ensemble[c] - student[c] for c in common) / len(common))
+    return (sum(margins) / len(margins), len(margins)) if margins else None
+
+
 def choose(reports: dict[str, dict[str, Any]]) -> tuple[str | None, str]:
     """The rule of docs/recipes.md over the datasets' reports: the recipe, and why."""
     by_dataset = {name: comparisons(r) for name, r in reports.items()}
@@ -90,6 +114,7 @@ def table(
     reports: dict[str, dict[str, Any] | None],
     checks: dict[str, dict[str, Any] | None] | None = None,
     rule: bool = True,
+    ledger_checks: dict[str, tuple[float, int] | None] | None = None,
 ) -> list[str]:
     """The markdown table and (``rule``: the screening's) the rule's choice; ``checks`` are the reports the teachers'
     ensemble margin is read from (the experiments' validation reports; default ``reports``)."""
@@ -104,11 +129,14 @@ def table(
     ]
     checks = reports if checks is None else checks
     cells = []
-    for n in names:  # the validation report's margin; without one, the screening's on its held-out cases
-        m, held = ensemble_margin(checks.get(n)), False
+    for n in names:  # the validation report's; else the ledger's; else the screening's on its held-out cases
+        m, note = ensemble_margin(checks.get(n)), ""
+        kept = (ledger_checks or {}).get(n)
+        if m is None and kept is not None:
+            m, note = kept[0], f" ({kept[1]} folds, student alone from the screening)"
         if m is None and rule:
-            m, held = ensemble_margin(reports.get(n)), True
-        cells.append("not run" if m is None else f"{_points(m)}" + (" (held-out cases)" if held else ""))
+            m, note = ensemble_margin(reports.get(n)), " (held-out cases)"
+        cells.append("not run" if m is None else f"{_points(m)}{note}")
     lines.append("| *teachers' ensemble − no KD (validation cases)* | " + " | ".join(cells) + " |")
     for recipe in recipes:
         cells = []
@@ -132,8 +160,10 @@ def table(
         "Each cell: the recipe's mean difference to the student without KD over folds, in Dice points, its 95 % "
         "t-interval and the number of folds; ⚑ a class whose interval lies wholly below zero (harm flag), ⚠ a KD "
         "term that dominated or opposed L_SEG in most runs (health check). The first row is the dataset check: the "
-        "teachers' ensemble against the student alone on the validation cases of the experiment's own report (where "
-        "that has not been run, on the screening's held-out cases, marked so).",
+        "teachers' ensemble against the student alone on the validation cases of the experiment's own report; where "
+        "that has not been run, against the screening's student without KD on the same validation cases, from the "
+        "ledger (a check of the dataset, not of a recipe: no recipe is compared there), or on the screening's "
+        "held-out cases; each marked so.",
     ]
     if not rule:  # the final evaluation reports; the choice was made on the screening's held-out cases
         return lines
@@ -164,16 +194,18 @@ def main() -> None:
     args = parser.parse_args()
     reports: dict[str, dict[str, Any] | None] = {}
     checks: dict[str, dict[str, Any] | None] = {}
+    kept: dict[str, tuple[float, int] | None] = {}
     for path in args.config:
         cfg = load_config(path)
         file = cfg.output.runs_dir / ("report.json" if args.final else "screening/screening.json")
         reports[cfg.experiment] = json.loads(file.read_text()) if file.is_file() else None
         own = cfg.output.runs_dir / "report.json"
         checks[cfg.experiment] = json.loads(own.read_text()) if own.is_file() else None
+        kept[cfg.experiment] = ledger_check(cfg)
     rewrite(
         Path(args.doc),
         "recipes-final" if args.final else "recipes",
-        table(reports, checks, rule=not args.final),
+        table(reports, checks, rule=not args.final, ledger_checks=kept),
     )
     print(
         f"{args.doc}: {'final' if args.final else 'screening'} table of {len(reports)} dataset(s) rewritten"

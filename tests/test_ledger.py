@@ -20,6 +20,12 @@ from tests.conftest import TINY_TEACHER_TRAINING, tiny_config_dict, write_config
 runner = CliRunner()
 
 
+def cfg_val_cases(cfg):
+    from core.experiment import fold_split, open_store_for
+
+    return fold_split(cfg, open_store_for(cfg), 0)[1]
+
+
 def _config(root):
     data = tiny_config_dict(root)
     teacher = next(t for t in data["teachers"] if t["name"] == "dynunet")
@@ -149,6 +155,10 @@ def test_a_screening_keeps_its_runs_in_the_ledgers_screening_folder_and_resumes_
         "the teacher's records go with the experiment's, as its run does"
     )
     assert not (ledger / "screening" / "teachers").exists()
+    checked = json.loads((ledger / "teacher_ensemble" / "fold_0.json").read_text())
+    assert checked["cases"] == "validation" and len(checked["scores"]) == len(cfg_val_cases(cfg)), (
+        "the experiment's ledger keeps its teachers' ensemble on the validation cases: the dataset check"
+    )
     before = json.loads((cfg.output.runs_dir / "screening" / "screening.json").read_text())
     shutil.rmtree(cfg.output.runs_dir)
     shutil.rmtree(cfg.store.path)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
@@ -77,3 +78,30 @@ def test_the_table_is_written_between_its_markers(tmp_path):
     assert doc.read_text() == "before\n<!-- recipes:start -->\nnew\nlines\n<!-- recipes:end -->\nafter\n"
     with pytest.raises(SystemExit, match="no <!-- recipes-final:start -->"):
         recipes_doc.rewrite(doc, "recipes-final", ["x"])
+
+
+def test_the_dataset_check_comes_from_the_ledger_before_any_cross_validation(tmp_path):
+    from types import SimpleNamespace
+
+    root = tmp_path / "results"
+    (root / "teacher_ensemble").mkdir(parents=True)
+    for fold, (ens, alone) in enumerate([((0.9, 0.7), (0.6, 0.5)), ((0.8, 0.8), (0.7, 0.7))]):
+        scores = {f"{fold}/case_{i}": [d, 5.0] for i, d in enumerate(ens)}
+        (root / "teacher_ensemble" / f"fold_{fold}.json").write_text(
+            json.dumps({"cases": "validation", "scores": scores})
+        )
+        run = root / "screening" / "students" / "kd-none" / f"fold_{fold}"
+        run.mkdir(parents=True)
+        rows = "".join(f"case_{i},{d}\n" for i, d in enumerate(alone))
+        (run / "validation_per_case.csv").write_text("case,mean_dice\n" + rows)
+    # a held-out ensemble in the screening's own ledger is not the dataset check
+    (root / "screening" / "teacher_ensemble").mkdir()
+    cfg = SimpleNamespace(output=SimpleNamespace(results_dir=root))
+    margin, folds = recipes_doc.ledger_check(cfg)
+    assert folds == 2 and margin == pytest.approx(((0.3 + 0.2) / 2 + 0.1) / 2)
+    text = "\n".join(recipes_doc.table({"a": None}, {"a": None}, ledger_checks={"a": (margin, folds)}))
+    assert (
+        "| *teachers' ensemble − no KD (validation cases)* | +17.5 (2 folds, student alone from the screening) |"
+        in text
+    )
+    assert recipes_doc.ledger_check(SimpleNamespace(output=SimpleNamespace(results_dir=None))) is None
