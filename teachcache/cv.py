@@ -10,15 +10,19 @@ and a fold whose every planned run the ledger holds with the same settings is sk
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 from core.config import Config
 from core.errors import ConfigError
-from core.evaluation.ledger import FoldData, Ledger, run_identity
+from core.evaluation.ledger import FoldData, Ledger
 from core.experiment import fold_split, open_store_for, store_splits, student_dir, teacher_dir
 
-__all__ = ["CvSummary", "run_cv", "screening_config"]
+__all__ = ["CvSummary", "planned_folder", "run_cv", "run_identity", "screening_config"]
 
 
 @dataclass
@@ -60,6 +64,63 @@ def screening_config(cfg: Config) -> Config:
             "training": cfg.training.model_copy(update={"holdout": holdout}),
         }
     )
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _teacher_identity(cfg: Config, teacher: Any, fold: int, home: Config) -> dict[str, Any]:
+    """A teacher's settings without its checkpoint path; a pretrained teacher's (a checkpoint ``make cv`` did not
+    train) with the checkpoint's digest, since its weights are not decided by the config."""
+    out = teacher.model_dump(mode="json", exclude={"checkpoint"})
+    checkpoint = teacher.for_fold(fold).checkpoint
+    trained_here = (teacher_dir(home, teacher.name, fold) / "summary.json").is_file()
+    if checkpoint.is_file() and not trained_here:
+        out["weights_sha256"] = _file_sha256(checkpoint)
+    return out
+
+
+def run_identity(
+    cfg: Config,
+    fold: int,
+    seed: int | None,
+    kd: str | None,
+    source: str | None,
+    data: FoldData,
+    home: Config | None = None,
+) -> str:
+    """The identity of the student run ``distil(cfg, fold, kd, seed=seed, source=source)`` would train: sha256 of
+    what decides it, known before its teachers are trained (module docstring). ``home`` is the experiment whose runs
+    folder trains the teachers (a screening's :func:`~teachcache.cv.screening_config` keeps them there)."""
+    from train_student.fold import Recipe
+
+    recipe = Recipe.of(cfg.distillation, kd, source)
+    training = cfg.training if seed is None else cfg.training.model_copy(update={"seed": seed})
+    payload = {
+        "experiment": cfg.experiment,
+        "seed": cfg.seed,
+        "dataset_manifest": data.manifest_hash,
+        "cases": [list(data.train), list(data.val)],
+        "preprocessing": cfg.preprocessing.model_dump(mode="json"),
+        # the store's path is in every run's provenance (pooled runs must agree on it); its sketch settings decide
+        # what the relation terms read
+        "store": cfg.store.model_dump(mode="json"),
+        "teachers": [_teacher_identity(cfg, t, fold, home or cfg) for t in cfg.distilled_teachers()],
+        "student": cfg.student.model_dump(mode="json"),
+        "training": training.model_dump(mode="json"),
+        "inference": cfg.inference.model_dump(mode="json"),
+        "recipe": recipe.config.key_fields(),
+        # every arm of a fold draws the patches of the config's own cached recipe (no-KD too)
+        "patches_of": sorted(recipe.twin_needed.kinds),
+        "run_kind": recipe.run_kind,
+        "fold": fold,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def planned_folder(cfg: Config, fold: int, seed: int | None, kd: str | None, source: str | None):
@@ -169,7 +230,9 @@ def run_cv(
         if ledger is not None:
             on = "holdout" if screen else "validation"
             ledger.record_ensemble(fold, on, fold_ensemble(cfg, fold, on))
-        if screen and home_ledger is not None:  # the experiment's teachers on its validation cases: the dataset check
+        if (
+            screen and home_ledger is not None
+        ):  # the experiment's teachers on its validation cases: the dataset check
             home_ledger.record_ensemble(fold, "validation", fold_ensemble(home, fold, "validation"))
     build_cv_report(cfg, allow_mixed, on="holdout" if screen else "validation")
     return summary

@@ -13,8 +13,9 @@ import torch
 from typer.testing import CliRunner
 
 from core.config import load_config
-from core.evaluation.ledger import FoldData, Ledger, run_identity
+from core.evaluation.ledger import FoldData, Ledger
 from teachcache.cli import app
+from teachcache.cv import run_identity
 from tests.conftest import TINY_TEACHER_TRAINING, tiny_config_dict, write_config
 
 runner = CliRunner()

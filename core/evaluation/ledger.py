@@ -4,7 +4,8 @@ its checkpoints and caches, small enough to commit, so a study spans machines an
 A run folder holds checkpoints of megabytes and the store gigabytes; what the reports read of a finished run is a
 few kilobytes: its ``summary.json``, per-case scores and per-epoch ``metrics.csv``. ``make cv`` and ``make screen``
 copy those of every finished run into the ledger, mirroring the runs folder (``students/kd-<kind>/[seed_<s>/]fold_<k>/``,
-``teachers/<name>/fold_<k>/``), with ``ledger.json`` naming the run's *identity*: a hash of everything that decides
+``teachers/<name>/fold_<k>/``), with ``ledger.json`` naming the run's *identity*
+(:func:`teachcache.cv.run_identity`): a hash of everything that decides
 what the run trains that can be known before its teachers exist — the dataset's manifest hash, the fold's cases (the
 store's splits), preprocessing, the store's settings, the teachers' settings (and a pretrained teacher's checkpoint
 digest), the student, the training settings and seed, the inference settings, the recipe
@@ -20,44 +21,21 @@ run folder itself.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from core.config import Config
 from core.evaluation.scoring import HOLDOUT_CSV, POSTPROCESSED_CSV, VALIDATION_CSV
 
-__all__ = ["IDENTITY_FILE", "RECORDS", "FoldData", "Ledger", "run_identity"]
+__all__ = ["IDENTITY_FILE", "RECORDS", "FoldData", "Ledger"]
 
 # what the reports read of a run (metrics.csv: the health check), and the postprocessed scores beside them
 RECORDS = ("summary.json", "metrics.csv", VALIDATION_CSV, POSTPROCESSED_CSV, HOLDOUT_CSV)
 IDENTITY_FILE = "ledger.json"
 ENSEMBLE_DIR = "teacher_ensemble"
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _teacher_identity(cfg: Config, teacher: Any, fold: int, home: Config) -> dict[str, Any]:
-    """A teacher's settings without its checkpoint path; a pretrained teacher's (a checkpoint ``make cv`` did not
-    train) with the checkpoint's digest, since its weights are not decided by the config."""
-    from core.experiment import teacher_dir
-
-    out = teacher.model_dump(mode="json", exclude={"checkpoint"})
-    checkpoint = teacher.for_fold(fold).checkpoint
-    trained_here = (teacher_dir(home, teacher.name, fold) / "summary.json").is_file()
-    if checkpoint.is_file() and not trained_here:
-        out["weights_sha256"] = _file_sha256(checkpoint)
-    return out
 
 
 @dataclass(frozen=True)
@@ -68,44 +46,6 @@ class FoldData:
     manifest_hash: str
     train: tuple[str, ...]
     val: tuple[str, ...]
-
-
-def run_identity(
-    cfg: Config,
-    fold: int,
-    seed: int | None,
-    kd: str | None,
-    source: str | None,
-    data: FoldData,
-    home: Config | None = None,
-) -> str:
-    """The identity of the student run ``distil(cfg, fold, kd, seed=seed, source=source)`` would train: sha256 of
-    what decides it, known before its teachers are trained (module docstring). ``home`` is the experiment whose runs
-    folder trains the teachers (a screening's :func:`~teachcache.cv.screening_config` keeps them there)."""
-    from train_student.fold import Recipe
-
-    recipe = Recipe.of(cfg.distillation, kd, source)
-    training = cfg.training if seed is None else cfg.training.model_copy(update={"seed": seed})
-    payload = {
-        "experiment": cfg.experiment,
-        "seed": cfg.seed,
-        "dataset_manifest": data.manifest_hash,
-        "cases": [list(data.train), list(data.val)],
-        "preprocessing": cfg.preprocessing.model_dump(mode="json"),
-        # the store's path is in every run's provenance (pooled runs must agree on it); its sketch settings decide
-        # what the relation terms read
-        "store": cfg.store.model_dump(mode="json"),
-        "teachers": [_teacher_identity(cfg, t, fold, home or cfg) for t in cfg.distilled_teachers()],
-        "student": cfg.student.model_dump(mode="json"),
-        "training": training.model_dump(mode="json"),
-        "inference": cfg.inference.model_dump(mode="json"),
-        "recipe": recipe.config.key_fields(),
-        # every arm of a fold draws the patches of the config's own cached recipe (no-KD too)
-        "patches_of": sorted(recipe.twin_needed.kinds),
-        "run_kind": recipe.run_kind,
-        "fold": fold,
-    }
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 
 @dataclass(frozen=True)
