@@ -3,7 +3,7 @@
 Written before the reorganisation of ``core`` (issue 22) and kept after it: any change meant to move code without
 changing behaviour must reproduce these runs exactly on CPU. Students only (SwinUNETR's CPU training is not
 reproducible); the teachers are fixed random initialisations (seeded), cached by the real cache stage, so every
-recipe reads real store targets. A change that is *meant* to change a recipe's numbers updates the table below in
+recipe reads real store targets. A change that is *meant* to change a recipe's numbers updates both tables below (each CPU's) in
 the same commit and says why.
 """
 
@@ -48,6 +48,36 @@ PINNED: dict[tuple[str, str], tuple[str, float]] = {
     ),
 }
 PINNED_TORCH = "2.13.0"
+# The same runs on an AMD EPYC machine (2026-12-08): CPU float kernels differ between the machines CI and sessions
+# run on, and the code at a636d3b, which matched PINNED on CI, gave exactly these here. A run must match the numbers
+# of one of the CPUs seen; a change of behaviour moves them on every CPU.
+PINNED_ELSEWHERE: dict[tuple[str, str], tuple[str, float]] = {
+    ("none", "cache"): (
+        "3e504864fa6fca1f530d43d69dda80741ae4cb0e2036772a506ba6ec9da466e3",
+        0.02726603951305151,
+    ),
+    ("teachformer", "cache"): (
+        "cd58f826780e74cf0520f3abc47444a69aad6381da666cfd59be0b130366d40f",
+        0.02307179756462574,
+    ),
+    ("relation", "cache"): (
+        "7ac3d421d97222ea034d03bc20314a97aa9b9782ea4d4b836e04cb29b392a11f",
+        0.00047846889356151223,
+    ),
+    ("mskd", "cache"): (
+        "7bf09d0d411e6821959481c00231e54dcc96bc438ae55126826675fddbe40557",
+        0.016066851560026407,
+    ),
+    ("mixed", "cache"): ("34c1be05bd79fa7c92235518be33d814f84dfdf0b17ed8601e8d19f3d1416198", 0.0),
+    ("teachformer", "online"): (
+        "dc56f0c9e5f585be1593db0c17ef3725b508ee88ab68e0f1b4e33c5e0e37778c",
+        0.01699223043397069,
+    ),
+    ("mixed", "online"): (
+        "42cb0753b0db3f681bfcac09944a867ab29455bbb5cbfd5d2a228f24d00f0d48",
+        0.00045154870895203203,
+    ),
+}
 
 RECIPES: dict[str, list[dict]] = {
     "none": [],
@@ -112,9 +142,10 @@ def test_a_student_run_reproduces_its_recorded_weights_and_dice(random_teacher_s
     assert (kind, source) in PINNED, (
         f"no pinned numbers for {kind}/{source}: {sha} {result.final_mean_dice!r}"
     )
-    want_sha, want_dice = PINNED[(kind, source)]
-    assert result.final_mean_dice == want_dice
-    assert sha == want_sha
+    seen = {PINNED[(kind, source)], PINNED_ELSEWHERE[(kind, source)]}
+    assert (sha, result.final_mean_dice) in seen, (
+        f"{kind}/{source}: weights {sha}, Dice {result.final_mean_dice!r} match none of the CPUs' pinned numbers"
+    )
 
 
 def test_checkpoints_keep_their_meta_fields_in_the_order_they_always_had(random_teacher_store):
