@@ -21,6 +21,7 @@ from core.config import Config
 from core.errors import ConfigError
 from core.evaluation.ledger import FoldData, Ledger
 from core.experiment import fold_split, open_store_for, store_splits, student_dir, teacher_dir
+from core.user_cache import FileHashCache, default_hash_cache
 
 __all__ = ["CvSummary", "planned_folder", "run_cv", "run_identity", "screening_config"]
 
@@ -67,14 +68,15 @@ def screening_config(cfg: Config) -> Config:
 
 
 def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    """The file's sha256 from the per-user hash cache (:mod:`core.user_cache`): a study plans every arm × seed of a
+    fold, and a pretrained teacher's checkpoint can be hundreds of MB, so it is read once per size and mtime."""
+    cache = FileHashCache(default_hash_cache())
+    digest = cache.sha256(path)
+    cache.save()
+    return digest
 
 
-def _teacher_identity(cfg: Config, teacher: Any, fold: int, home: Config) -> dict[str, Any]:
+def _teacher_identity(teacher: Any, fold: int, home: Config) -> dict[str, Any]:
     """A teacher's settings without its checkpoint path; a pretrained teacher's (a checkpoint ``make cv`` did not
     train) with the checkpoint's digest, since its weights are not decided by the config."""
     out = teacher.model_dump(mode="json", exclude={"checkpoint"})
@@ -110,7 +112,7 @@ def run_identity(
         # the store's path is in every run's provenance (pooled runs must agree on it); its sketch settings decide
         # what the relation terms read
         "store": cfg.store.model_dump(mode="json"),
-        "teachers": [_teacher_identity(cfg, t, fold, home or cfg) for t in cfg.distilled_teachers()],
+        "teachers": [_teacher_identity(t, fold, home or cfg) for t in cfg.distilled_teachers()],
         "student": cfg.student.model_dump(mode="json"),
         "training": training.model_dump(mode="json"),
         "inference": cfg.inference.model_dump(mode="json"),

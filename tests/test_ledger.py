@@ -132,7 +132,8 @@ def test_a_runs_identity_follows_its_settings_not_where_its_runs_are_kept(tmp_pa
     checkpoint.parent.mkdir(parents=True)
     torch.save({"w": torch.zeros(2)}, checkpoint)
     first = key(cfg)
-    torch.save({"w": torch.ones(2)}, checkpoint)
+    assert key(cfg) == first
+    torch.save({"w": torch.ones(3)}, checkpoint)  # another size: the hash cache keys on size and mtime
     assert key(cfg) != first, "other pretrained weights, another run"
 
 
