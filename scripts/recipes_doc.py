@@ -110,14 +110,27 @@ def choose(reports: dict[str, dict[str, Any]]) -> tuple[str | None, str]:
     return recipe, why
 
 
+def unfinished(reports: dict[str, dict[str, Any] | None], folds: dict[str, int]) -> list[str]:
+    """The datasets whose screening is not complete: no report, or a recipe compared over fewer than the experiment's
+    ``folds`` (a study interrupted between folds: the rule must not choose on part of it)."""
+    out = []
+    for name, report in reports.items():
+        entries = comparisons(report) if report is not None else {}
+        if not entries or any(e.get("n_folds", 0) < folds.get(name, 0) for e in entries.values()):
+            out.append(name)
+    return out
+
+
 def table(
     reports: dict[str, dict[str, Any] | None],
     checks: dict[str, dict[str, Any] | None] | None = None,
     rule: bool = True,
     ledger_checks: dict[str, tuple[float, int] | None] | None = None,
+    folds: dict[str, int] | None = None,
 ) -> list[str]:
     """The markdown table and (``rule``: the screening's) the rule's choice; ``checks`` are the reports the teachers'
-    ensemble margin is read from (the experiments' validation reports; default ``reports``)."""
+    ensemble margin is read from (the experiments' validation reports; default ``reports``); ``folds``: each
+    dataset's number of folds, which every recipe must have been compared over before the rule chooses."""
     names = list(reports)
     done = {n: r for n, r in reports.items() if r is not None}
     by_dataset = {n: comparisons(r) for n, r in done.items()}
@@ -167,7 +180,13 @@ def table(
     ]
     if not rule:  # the final evaluation reports; the choice was made on the screening's held-out cases
         return lines
-    chosen, why = choose(done) if len(done) == len(reports) else (None, "not every dataset has been run")
+    waiting = [n for n in unfinished(reports, folds or {}) if n in done]
+    if len(done) < len(reports):
+        chosen, why = None, "not every dataset has been run"
+    elif waiting:
+        chosen, why = None, "not every fold has been run: " + ", ".join(waiting)
+    else:
+        chosen, why = choose(done)
     lines += [
         "",
         f"The rule's choice: **{chosen}** ({why})." if chosen else f"The rule's choice: none yet ({why}).",
@@ -195,6 +214,7 @@ def main() -> None:
     reports: dict[str, dict[str, Any] | None] = {}
     checks: dict[str, dict[str, Any] | None] = {}
     kept: dict[str, tuple[float, int] | None] = {}
+    folds: dict[str, int] = {}
     for path in args.config:
         cfg = load_config(path)
         file = cfg.output.runs_dir / ("report.json" if args.final else "screening/screening.json")
@@ -202,10 +222,11 @@ def main() -> None:
         own = cfg.output.runs_dir / "report.json"
         checks[cfg.experiment] = json.loads(own.read_text()) if own.is_file() else None
         kept[cfg.experiment] = ledger_check(cfg)
+        folds[cfg.experiment] = cfg.splits.num_folds
     rewrite(
         Path(args.doc),
         "recipes-final" if args.final else "recipes",
-        table(reports, checks, rule=not args.final, ledger_checks=kept),
+        table(reports, checks, rule=not args.final, ledger_checks=kept, folds=folds),
     )
     print(
         f"{args.doc}: {'final' if args.final else 'screening'} table of {len(reports)} dataset(s) rewritten"

@@ -67,6 +67,10 @@ def test_the_rule_takes_the_best_worst_dataset_among_recipes_that_never_harm():
     # a dataset screened but not yet cross-validated: its check is the screening's, on the held-out cases, said so
     checked = "\n".join(recipes_doc.table(reports, {"a": reports["a"], "b": None}))
     assert "| +10.0 | +10.0 (held-out cases) |" in checked
+    # every dataset run, but b over 5 of its 6 folds (a study stopped between folds): no choice yet
+    partial = "\n".join(recipes_doc.table(reports, folds={"a": 5, "b": 6}))
+    assert "none yet (not every fold has been run: b)" in partial
+    assert "**cb**" in "\n".join(recipes_doc.table(reports, folds={"a": 5, "b": 5}))
     final = "\n".join(recipes_doc.table(reports, rule=False))
     assert "rule's choice" not in final, "the final evaluation chooses nothing: the screening did"
 
