@@ -232,9 +232,8 @@ def run_cv(
         if ledger is not None:
             on = "holdout" if screen else "validation"
             ledger.record_ensemble(fold, on, fold_ensemble(cfg, fold, on))
-        if (
-            screen and home_ledger is not None
-        ):  # the experiment's teachers on its validation cases: the dataset check
+        # the experiment's teachers on its validation cases: the dataset check
+        if screen and home_ledger is not None:
             home_ledger.record_ensemble(fold, "validation", fold_ensemble(home, fold, "validation"))
     build_cv_report(cfg, allow_mixed, on="holdout" if screen else "validation")
     return summary

@@ -3,8 +3,8 @@
 Written before the reorganisation of ``core`` (issue 22) and kept after it: any change meant to move code without
 changing behaviour must reproduce these runs exactly on CPU. Students only (SwinUNETR's CPU training is not
 reproducible); the teachers are fixed random initialisations (seeded), cached by the real cache stage, so every
-recipe reads real store targets. A change that is *meant* to change a recipe's numbers updates both tables below (each CPU's) in
-the same commit and says why.
+recipe reads real store targets. A change that is *meant* to change a recipe's numbers updates both tables below
+(each CPU's) in the same commit and says why.
 """
 
 from __future__ import annotations
